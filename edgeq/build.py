@@ -1,0 +1,233 @@
+"""``edgeq.build``: float model + recipe -> quantized, lowered, validated program.
+
+Stages run in one direction: capture -> plan -> prepare -> QAT -> convert ->
+lower -> validate -> package. Each stage is its own module; this one only
+wires them together, times them and decides whether the result ships.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import capture as capture_mod
+from .convert import convert, prepare
+from .errors import AccuracyError, EdgeqError
+from .evaluate import Evaluation, agreement, evaluate
+from .lower import Lowered, lower
+from .plan import Plan, uniform_plan, validate_plan, weight_bytes
+from .qat import QATConfig, QATReport, run_qat, to_eval
+from .quantizer import build_quantizer
+from .recipe import Recipe, load_recipe
+from .targets import Target, load_target
+from .timing import Stages
+
+
+@dataclass
+class BuildConfig:
+    target: str | Path | Target = "android"
+    out: str | Path | None = None
+    #: an edited plan.json; None: every layer at ``precision``
+    plan: str | Path | Plan | None = None
+    #: uniform precision for every layer (default: the target's default)
+    precision: str | None = None
+    qat: QATConfig = field(default_factory=QATConfig)
+    #: fail when the .pte's metric falls more than this below float
+    max_drop: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Scores:
+    float: float
+    qat: float
+    reference: float
+    program: float
+    agreement: dict[str, float]
+
+
+@dataclass
+class BuildResult:
+    recipe: str
+    target: Target
+    plan: Plan
+    scores: Scores
+    sizes: dict[str, int]
+    lowered: Lowered
+    qat: QATReport
+    timings: dict[str, float]
+    out_dir: Path | None
+    report: dict[str, Any]
+    #: the converted PT2E reference (q/dq on floats), kept for debugging
+    reference_model: torch.nn.Module | None = None
+
+    @property
+    def drop(self) -> float:
+        return self.scores.float - self.scores.program
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def quantize(
+    recipe: Recipe,
+    target: Target,
+    plan: Plan,
+    config: QATConfig,
+    stages: Stages,
+    on_step: Callable[[int, float], None] | None = None,
+    float_model: torch.nn.Module | None = None,
+) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule, QATReport]:
+    """capture -> prepare -> QAT -> convert; returns (fake-quant, reference, qat report)."""
+    model = float_model if float_model is not None else recipe.model().eval()
+    with stages("export"):
+        graph = capture_mod.capture(model, recipe.example_inputs())
+        if config.fold_bn:
+            capture_mod.fold_batchnorm(graph)
+    with stages("prepare"):
+        prepared = prepare(graph, build_quantizer(plan, target, qat=True, ranges=config.ranges), qat=True)
+    with stages("qat"):
+        report = run_qat(prepared, recipe, config, on_step=on_step)
+    with stages("convert"):
+        # convert_pt2e rewrites the graph in place; keep the fake-quant model for scoring.
+        reference = convert(copy.deepcopy(prepared))
+    return to_eval(prepared), reference, report
+
+
+def build(
+    recipe: str | Path | Recipe | None = None,
+    config: BuildConfig | None = None,
+    progress: Any = None,
+    **overrides: Any,
+) -> BuildResult:
+    """Build, validate and package a program; see :class:`BuildConfig`.
+
+    ``progress`` may provide ``step(i, loss)``, ``eval_start(label, n)`` and
+    ``eval_advance(k)``, ``stage(name)`` (the CLI's rich display does).
+    """
+    config = config or BuildConfig()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    stages = Stages()
+    with stages("load"):
+        recipe = load_recipe(recipe)
+        target = load_target(config.target)
+    out_dir = Path(config.out) if config.out else Path("edgeq-out") / recipe.name
+    from .package import OutputDir
+
+    output = OutputDir(out_dir)  # fail early, before minutes of work, if unwritable
+    try:
+        result = _build(recipe, target, config, stages, progress, output)
+        final = output.commit()
+        result.out_dir = final
+    except BaseException:
+        output.abort()
+        raise
+    if result.drop > config.max_drop:
+        raise AccuracyError(
+            f"the program's {result.scores.program:.2f} is {result.drop:.2f} points below float "
+            f"({result.scores.float:.2f}), over --max-drop {config.max_drop}; artifacts are in {final} for inspection",
+            "train longer (--steps), keep sensitive layers wider in plan.json, or raise --max-drop",
+        )
+    return result
+
+
+def _announce(progress: Any, name: str) -> None:
+    if progress is not None and hasattr(progress, "stage"):
+        progress.stage(name)
+
+
+def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, progress: Any, output) -> BuildResult:
+    from .package import sha256, write_bytes_atomic, write_json_atomic
+    from .report import build_report, manifest, write_html
+    from .validate import run_program
+
+    seed_everything(config.seed)
+    config.qat.seed = config.seed
+    _announce(progress, "model")
+    with stages("model"):
+        try:
+            float_model = recipe.model()
+        except Exception as exc:
+            raise EdgeqError(f"recipe model() raised {type(exc).__name__}: {exc}", "fix the recipe's model()") from exc
+        if not isinstance(float_model, torch.nn.Module):
+            raise EdgeqError(f"recipe model() returned {type(float_model).__name__}", "return a torch.nn.Module")
+        float_model = float_model.eval()
+        example_inputs = recipe.example_inputs()
+    if config.plan is not None:
+        plan = config.plan if isinstance(config.plan, Plan) else Plan.load(config.plan)
+        plan = validate_plan(copy.deepcopy(plan), float_model, target)
+    else:
+        plan = uniform_plan(float_model, target, config.precision)
+    _announce(progress, "float")
+    with stages("evaluate"):
+        float_eval = _score(float_model, recipe, progress, "float model")
+    _announce(progress, "qat")
+    on_step = getattr(progress, "step", None) if progress is not None else None
+    if progress is not None and hasattr(progress, "qat_start"):
+        progress.qat_start(config.qat.steps)
+    fq_model, reference, qat_report = quantize(recipe, target, plan, config.qat, stages, on_step, float_model)
+    _announce(progress, "evaluate")
+    with stages("evaluate"):
+        qat_eval = _score(fq_model, recipe, progress, "QAT (simulated)")
+        ref_eval = _score(reference, recipe, progress, "converted reference")
+    _announce(progress, "lower")
+    with stages("lower"):
+        float_graph = capture_mod.capture(float_model, example_inputs, dynamic_batch=False)
+        lowered = lower(reference, example_inputs, target, float_graph=float_graph)
+        float_program = lower(float_model, example_inputs, target).program
+    _announce(progress, "validate")
+    with stages("validate"):
+        program_eval = _score(run_program(lowered.program), recipe, progress, "model.pte (ExecuTorch runtime)")
+    scores = Scores(
+        float=float_eval.metric,
+        qat=qat_eval.metric,
+        reference=ref_eval.metric,
+        program=program_eval.metric,
+        agreement={
+            "qat_vs_reference": agreement(qat_eval.outputs, ref_eval.outputs),
+            "reference_vs_program": agreement(ref_eval.outputs, program_eval.outputs),
+            "qat_vs_program": agreement(qat_eval.outputs, program_eval.outputs),
+            "float_vs_program": agreement(float_eval.outputs, program_eval.outputs),
+        },
+    )
+    sizes = {
+        "float_program_bytes": len(float_program),
+        "program_bytes": len(lowered.program),
+        "planned_weight_bytes": int(weight_bytes(plan, target)),
+    }
+    _announce(progress, "package")
+    with stages("package"):
+        write_bytes_atomic(output.path("model.pte"), lowered.program)
+        plan.save(output.path("plan.json"))
+        man = manifest(recipe, target, config, lowered, example_inputs, float_model, sha256(lowered.program))
+        write_json_atomic(output.path("manifest.json"), man)
+    report = build_report(recipe, target, config, plan, scores, sizes, lowered, qat_report, stages.seconds,
+                          samples=program_eval.samples)
+    write_json_atomic(output.path("report.json"), report)
+    write_html(output.path("report.html"), report)
+    return BuildResult(
+        recipe=recipe.name, target=target, plan=plan, scores=scores, sizes=sizes, lowered=lowered,
+        qat=qat_report, timings=dict(stages.seconds), out_dir=None, report=report, reference_model=reference,
+    )
+
+
+def _score(model: Callable, recipe: Recipe, progress: Any, label: str) -> Evaluation:
+    advance = None
+    if progress is not None and hasattr(progress, "eval_start"):
+        progress.eval_start(label)
+        advance = progress.eval_advance
+    try:
+        return evaluate(model, recipe.eval_data(), recipe.metric, progress=advance)
+    finally:
+        if progress is not None and hasattr(progress, "eval_end"):
+            progress.eval_end()

@@ -1,0 +1,68 @@
+"""Run a model over a recipe's evaluation data and score it.
+
+Every stage (float model, fake-quant model, converted reference, the .pte in
+ExecuTorch's runtime) is scored by this one function, so the numbers in the
+report are comparable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from .errors import EdgeqError
+from .recipe import as_tuple
+
+
+@dataclass
+class Evaluation:
+    metric: float
+    outputs: torch.Tensor
+    targets: torch.Tensor
+    samples: int
+
+
+def collect(run: Callable[..., torch.Tensor], data: Iterable, limit: int | None = None, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate the outputs of ``run(*inputs)`` and the targets over ``data``."""
+    outputs, targets = [], []
+    seen = 0
+    with torch.no_grad():
+        for inputs, target in data:
+            out = run(*as_tuple(inputs))
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            outputs.append(out.detach().float().cpu())
+            targets.append(torch.as_tensor(target).cpu())
+            seen += len(outputs[-1])
+            if progress is not None:
+                progress(len(outputs[-1]))
+            if limit is not None and seen >= limit:
+                break
+    if not outputs:
+        raise EdgeqError("eval_data() yielded no batches", "make the recipe's eval_data() yield (inputs, target) batches")
+    return torch.cat(outputs), torch.cat(targets)
+
+
+def evaluate(run: Callable[..., torch.Tensor], data: Iterable, metric: Callable, progress=None) -> Evaluation:
+    outputs, targets = collect(run, data, progress=progress)
+    return Evaluation(float(metric(outputs, targets)), outputs, targets, len(outputs))
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of samples (percent) on which two models' top-1 predictions agree."""
+    return 100.0 * float((a.argmax(-1) == b.argmax(-1)).float().mean())
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``test`` against ``reference``, in dB."""
+    noise = (reference.float() - test.float()).pow(2).mean()
+    signal = reference.float().pow(2).mean()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(signal / noise))
+
+
+def cosine(reference: torch.Tensor, test: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(reference.flatten().float(), test.flatten().float(), dim=0))

@@ -1,0 +1,234 @@
+"""``AdaptiveRangeFakeQuantize``: the voting range tracker as a PT2E fake-quant.
+
+PT2E builds it from a ``QuantizationSpec`` like any torchao fake-quant, and
+``convert_pt2e`` reads its ``calculate_qparams()``, ``dtype``, ``qscheme``,
+``quant_min``/``quant_max`` and ``ch_axis`` to emit the quantize/dequantize
+ops, so the grid the model trained against is the grid the program ships.
+
+Life cycle of the committed range:
+
+1. *calibration*: the first observations (before :meth:`start_tracking`)
+   widen the committed range to the min/max over the calibration batches;
+2. *tracking*: each observation casts a vote (:func:`edgeq.ranges.apply_vote`);
+   the grid moves only on a commit;
+3. *frozen*: ``disable_observer()``; the grid never moves again.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
+from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
+
+from .ranges import VoteConfig, VoteState, apply_vote
+
+_PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
+_SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
+_DEFAULT_RANGES = {
+    torch.int8: (-128, 127),
+    torch.uint8: (0, 255),
+    torch.int16: (-(2**15), 2**15 - 1),
+    torch.uint16: (0, 2**16 - 1),
+    torch.int32: (-(2**31), 2**31 - 1),
+}
+
+UNINITIALIZED, CALIBRATING, TRACKING = 0, 1, 2
+
+
+class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
+    """Fake-quantize against a committed range that moves only by majority vote.
+
+    Args:
+        dtype, quant_min, quant_max, qscheme, ch_axis, eps: as for torchao's
+            ``FakeQuantize``; any integer width works through quant_min/max
+            (4-bit weights: ``dtype=torch.int8, quant_min=-7, quant_max=7``).
+        up_ratio, down_ratio, min_votes, window, rule, keep, step: the
+            method's knobs, see :class:`edgeq.ranges.VoteConfig`.
+        reduce_distributed: under ``torch.distributed``, reduce each
+            observation across ranks before it votes, so that every rank
+            commits the same ranges.
+    """
+
+    def __init__(
+        self,
+        dtype: torch.dtype = torch.int8,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        qscheme: torch.qscheme = torch.per_tensor_affine,
+        ch_axis: int = 0,
+        eps: float = 2**-12,
+        is_dynamic: bool = False,
+        up_ratio: float = VoteConfig.up_ratio,
+        down_ratio: float = VoteConfig.down_ratio,
+        min_votes: int = VoteConfig.min_votes,
+        window: int = VoteConfig.window,
+        rule: str = VoteConfig.rule,
+        keep: float = VoteConfig.keep,
+        step: float = VoteConfig.step,
+        reduce_distributed: bool = True,
+        **unused,
+    ) -> None:
+        super().__init__()
+        if is_dynamic:
+            raise ValueError("AdaptiveRangeFakeQuantize tracks static ranges; use it for static specs only")
+        default_min, default_max = _DEFAULT_RANGES.get(dtype, (-128, 127))
+        self.has_customized_qrange = quant_min is not None and quant_max is not None
+        self.quant_min = int(default_min if quant_min is None else quant_min)
+        self.quant_max = int(default_max if quant_max is None else quant_max)
+        if not self.quant_min <= 0 <= self.quant_max or self.quant_min >= self.quant_max:
+            raise ValueError(f"quant range [{self.quant_min}, {self.quant_max}] must contain 0 and be non-empty")
+        self.dtype = dtype
+        self.qscheme = qscheme
+        self.ch_axis = ch_axis if qscheme in _PER_CHANNEL else -1
+        self.is_dynamic = False
+        self.reduce_distributed = reduce_distributed
+        self.config = VoteConfig(
+            up_ratio=up_ratio, down_ratio=down_ratio, min_votes=min_votes,
+            window=window, rule=rule, keep=keep, step=step,
+        )
+        self.register_buffer("eps", torch.tensor([eps], dtype=torch.float32))
+        # Rows of `committed`: [absmax] for symmetric schemes, [low, high] otherwise;
+        # one column per channel (a single column per tensor).
+        rows = 1 if qscheme in _SYMMETRIC else 2
+        for name in ("committed", "n", "g", "l", "s", "commit_count"):
+            self.register_buffer(name, torch.zeros(rows, 0 if self.ch_axis >= 0 else 1))
+        self.register_buffer("mode", torch.tensor(UNINITIALIZED, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
+
+    # ------------------------------------------------------------------ state
+    @property
+    def symmetric(self) -> bool:
+        return self.qscheme in _SYMMETRIC
+
+    @property
+    def tracking(self) -> bool:
+        return int(self.mode) == TRACKING
+
+    def start_tracking(self) -> None:
+        """End calibration: from now on observations vote instead of widening."""
+        if int(self.mode) == CALIBRATING:
+            self.mode.fill_(TRACKING)
+
+    def commits(self) -> int:
+        """How many times any of this tensor's tracked values was committed."""
+        return int(self.commit_count.sum())
+
+    def committed_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The committed (min, max), per channel or as one-element tensors."""
+        if self.symmetric:
+            return -self.committed[0], self.committed[0]
+        return self.committed[0], self.committed[1]
+
+    def _resize(self, columns: int, device: torch.device) -> None:
+        rows = self.committed.shape[0]
+        for name in ("committed", "n", "g", "l", "s", "commit_count"):
+            setattr(self, name, torch.zeros(rows, columns, device=device))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        # Per-channel buffers are sized on the first observation; take the saved size.
+        saved = state_dict.get(prefix + "committed")
+        if saved is not None and saved.shape != self.committed.shape:
+            self._resize(saved.shape[1], saved.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    # ------------------------------------------------------------ observation
+    def _observe(self, x: torch.Tensor) -> torch.Tensor:
+        """This step's observation: rows like `committed`, reduced across ranks."""
+        x = x.detach()
+        if self.ch_axis >= 0:
+            flat = x.transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1).float()
+            lo, hi = torch.aminmax(flat, dim=1)
+        else:
+            lo, hi = torch.aminmax(x.float())
+            lo, hi = lo.reshape(1), hi.reshape(1)
+        if self.symmetric:
+            obs = torch.maximum(-lo, hi).unsqueeze(0)
+        else:
+            obs = torch.stack([lo, hi])
+        if self.reduce_distributed and dist.is_available() and dist.is_initialized():
+            # Max-reduce upper bounds and absmax, min-reduce lower bounds; a
+            # rank's non-finite value drops out of the reduction.
+            signs = torch.ones_like(obs)
+            if not self.symmetric:
+                signs[0] = -1.0
+            signed = torch.where(torch.isfinite(obs), obs * signs, torch.full_like(obs, -torch.inf))
+            dist.all_reduce(signed, op=dist.ReduceOp.MAX)
+            obs = signed * signs
+        return obs
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        obs = self._observe(x)
+        if self.committed.shape != obs.shape:
+            self._resize(obs.shape[1], obs.device)
+        mode = int(self.mode)
+        if mode != TRACKING:
+            finite = torch.isfinite(obs)
+            if mode == UNINITIALIZED:
+                widened = obs
+            elif self.symmetric:
+                widened = torch.maximum(self.committed, obs)
+            else:
+                widened = torch.stack([torch.minimum(self.committed[0], obs[0]),
+                                       torch.maximum(self.committed[1], obs[1])])
+            previous = self.committed if mode == CALIBRATING else torch.zeros_like(obs)
+            self.committed.copy_(torch.where(finite, widened, previous))
+            self.mode.fill_(CALIBRATING)
+            self._refresh_qparams()
+            return
+        state = VoteState(self.n, self.g, self.l, self.s)
+        new, moved = apply_vote(self.committed, state, obs, self.config)
+        if bool(moved.any()):
+            self.committed.copy_(new)
+            self.commit_count += moved
+            self._refresh_qparams()
+
+    # ----------------------------------------------------------------- qparams
+    def _refresh_qparams(self) -> None:
+        scale, zero_point = self.calculate_qparams()
+        self.scale = scale.to(self.committed.device)
+        self.zero_point = zero_point.to(device=self.committed.device, dtype=torch.int32)
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point of the committed range (PyTorch's min/max formulas)."""
+        lo, hi = self.committed_range()
+        if self.ch_axis < 0:
+            lo, hi = lo.reshape(()), hi.reshape(())
+        # Same arithmetic as torchao's observers, so convert_pt2e reproduces
+        # exactly the grid that training saw.
+        return UniformQuantizationObserverBase._calculate_qparams(self, lo, hi)
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer_enabled[0] == 1:
+            self.observe(x)
+        if self.fake_quant_enabled[0] == 1 and int(self.mode) != UNINITIALIZED:
+            if self.ch_axis >= 0:
+                x = torch.fake_quantize_per_channel_affine(
+                    x, self.scale, self.zero_point, self.ch_axis, self.quant_min, self.quant_max
+                )
+            else:
+                x = torch.fake_quantize_per_tensor_affine(
+                    x, self.scale, self.zero_point, self.quant_min, self.quant_max
+                )
+        return x
+
+    def extra_repr(self) -> str:
+        lo, hi = self.committed_range()
+        return (
+            f"dtype={self.dtype}, qscheme={self.qscheme}, ch_axis={self.ch_axis}, "
+            f"quant=[{self.quant_min}, {self.quant_max}], mode={int(self.mode)}, "
+            f"commits={self.commits()}, {self.config}"
+        )
+
+
+def start_tracking(model: torch.nn.Module) -> int:
+    """End calibration in every adaptive fake-quant of ``model``; returns how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, AdaptiveRangeFakeQuantize):
+            module.start_tracking()
+            count += 1
+    return count

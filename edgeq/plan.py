@@ -1,0 +1,147 @@
+"""The per-layer precision plan: what each quantizable layer runs at, and why.
+
+``plan.json`` is written by every build and is meant to be edited by hand;
+``edgeq build --plan plan.json`` validates an edited plan against the model
+and the target before using it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from .errors import EdgeqError
+from .targets import Target
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class LayerPlan:
+    name: str  # qualified module name in the float model, e.g. "features.3.conv"
+    kind: str  # "conv" | "linear"
+    precision: str  # a name from the target's precision menu
+    reason: str = ""
+    params: int = 0
+
+
+@dataclass
+class Plan:
+    target: str
+    layers: list[LayerPlan] = field(default_factory=list)
+    #: QAT runs layers below 8 bits at this weight width first (0: off)
+    intermediate_bits: int = 8
+    version: int = PLAN_VERSION
+
+    def precision_of(self, layer: str) -> str:
+        for entry in self.layers:
+            if entry.name == layer:
+                return entry.precision
+        raise KeyError(layer)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "plan") -> "Plan":
+        try:
+            layers = [LayerPlan(**entry) for entry in data["layers"]]
+            return cls(
+                target=str(data["target"]),
+                layers=layers,
+                intermediate_bits=int(data.get("intermediate_bits", 8)),
+                version=int(data.get("version", PLAN_VERSION)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EdgeqError(
+                f"{where} is not a valid plan ({type(exc).__name__}: {exc})",
+                "start from a plan.json written by `edgeq build` and edit only the precision fields",
+            ) from exc
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise EdgeqError(f"plan file {path} not found", "check the path given to --plan")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise EdgeqError(f"plan file {path} is not valid JSON: {exc}", "fix its syntax") from exc
+        return cls.from_dict(data, str(path))
+
+
+_KINDS: tuple[tuple[type, str], ...] = (
+    (nn.Conv1d, "conv"),
+    (nn.Conv2d, "conv"),
+    (nn.Linear, "linear"),
+)
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, str, int]]:
+    """(name, kind, weight element count) of the layers a quantizer can take."""
+    layers = []
+    for name, module in model.named_modules():
+        for cls, kind in _KINDS:
+            if type(module) is cls:
+                layers.append((name, kind, int(module.weight.numel())))
+    return layers
+
+
+def uniform_plan(model: nn.Module, target: Target, precision: str | None = None, reason: str = "") -> Plan:
+    """Every layer at one precision (the target's default unless named)."""
+    precision = precision or target.default_precision
+    spec = target.precision(precision)
+    layers = []
+    for name, kind, params in quantizable_layers(model):
+        if kind in spec.ops:
+            layers.append(LayerPlan(name, kind, precision, reason or f"uniform {precision}", params))
+        else:
+            fallback = target.default_precision if kind in target.precision(target.default_precision).ops else "float"
+            layers.append(LayerPlan(name, kind, fallback, f"{precision} does not run {kind} layers on {target.name}", params))
+    return Plan(target=target.name, layers=layers)
+
+
+def validate_plan(plan: Plan, model: nn.Module, target: Target) -> Plan:
+    """Refuse a plan that names unknown layers or precisions the target cannot run."""
+    known = {name: (kind, params) for name, kind, params in quantizable_layers(model)}
+    unknown = [entry.name for entry in plan.layers if entry.name not in known]
+    if unknown:
+        raise EdgeqError(
+            f"plan names unknown layers: {', '.join(unknown)}",
+            f"valid layers are: {', '.join(known)}",
+        )
+    for entry in plan.layers:
+        if entry.precision not in target.precisions:
+            raise EdgeqError(
+                f"plan gives layer '{entry.name}' precision '{entry.precision}', which target '{target.name}' cannot run",
+                f"use one of: {', '.join(target.precisions)}",
+            )
+        kind = known[entry.name][0]
+        spec = target.precisions[entry.precision]
+        if kind not in spec.ops:
+            valid = [p for p, s in target.precisions.items() if kind in s.ops]
+            raise EdgeqError(
+                f"plan gives {kind} layer '{entry.name}' precision '{entry.precision}', which {target.name} runs only for {', '.join(spec.ops)} layers",
+                f"use one of: {', '.join(valid)}",
+            )
+        entry.kind, entry.params = kind, known[entry.name][1]
+    # Layers the plan leaves out keep the target's default, and say so.
+    named = {entry.name for entry in plan.layers}
+    for name, (kind, params) in known.items():
+        if name not in named:
+            plan.layers.append(LayerPlan(name, kind, target.default_precision, "not in the plan: target default", params))
+    if plan.target != target.name:
+        plan.target = target.name
+    return plan
+
+
+def weight_bytes(plan: Plan, target: Target) -> float:
+    """Bytes the plan's quantizable weights take in the program."""
+    return sum(entry.params * target.precisions[entry.precision].weight_bytes for entry in plan.layers)
+

@@ -1,0 +1,208 @@
+"""Quantization-aware training with adaptive ranges, on a PT2E-prepared graph.
+
+The schedule (all shares are of ``QATConfig.steps``):
+
+1. calibration: a few batches with BatchNorm in inference form set every
+   committed range (never the first training batch);
+2. intermediate width: layers planned below 8 bits train with 8-bit weights
+   for ``intermediate_share`` of the steps, then switch to their final width
+   keeping their committed ranges (spec claim 8);
+3. BatchNorm statistics freeze after ``freeze_bn`` (only when BatchNorm is
+   kept in the graph, ``fold_bn=False``);
+4. range observation freezes after ``freeze_ranges``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
+
+from .errors import EdgeqError
+from .fake_quant import AdaptiveRangeFakeQuantize, start_tracking
+from .quantizer import RangeConfig
+from .ranges import VoteConfig
+from .recipe import Recipe, as_tuple
+
+__all__ = ["AdaptiveRangeFakeQuantize", "QATConfig", "QATReport", "VoteConfig", "RangeConfig", "run_qat"]
+
+
+@dataclass
+class QATConfig:
+    steps: int = 300
+    lr: float = 1e-3
+    optimizer: str = "sgd"  # "sgd" (momentum 0.9) | "adam"
+    weight_decay: float = 0.0
+    calibration_batches: int = 8
+    ranges: RangeConfig = field(default_factory=RangeConfig)
+    #: fold BatchNorm into conv weights before QAT, so that the simulated
+    #: weight is exactly the weight convert quantizes
+    fold_bn: bool = True
+    freeze_bn: float = 0.5
+    freeze_ranges: float = 0.8
+    intermediate_share: float = 0.3
+    intermediate_bits: int = 8
+    seed: int = 0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["ranges"] = {"mode": self.ranges.mode, **self.ranges.vote.as_dict()}
+        return data
+
+
+@dataclass
+class QATReport:
+    steps: int
+    seconds: float
+    step_seconds: float
+    first_loss: float
+    last_loss: float
+    commits: dict[str, int]
+    losses: list[float]
+
+
+def fake_quants(model: torch.nn.Module) -> dict[str, FakeQuantizeBase]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantizeBase)}
+
+
+def set_observers(model: torch.nn.Module, enabled: bool) -> None:
+    for fq in fake_quants(model).values():
+        fq.enable_observer(enabled)
+
+
+def to_eval(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Inference numerics: BatchNorm on running statistics, ranges frozen."""
+    move_exported_model_to_eval(model)
+    set_observers(model, False)
+    return model
+
+
+def _batches(recipe: Recipe) -> Iterator:
+    """Cycle over train_data(), calling it again at the end of each epoch."""
+    while True:
+        empty = True
+        for batch in recipe.train_data():
+            empty = False
+            yield batch
+        if empty:
+            raise EdgeqError("train_data() yielded no batches", "make the recipe's train_data() yield (inputs, target) batches")
+
+
+def _set_weight_width(model: torch.nn.Module, narrow: dict[str, tuple[int, int]], bits: int | None) -> None:
+    """Widen the narrow weight fake-quants to ``bits`` (None restores them)."""
+    modules = dict(model.named_modules())
+    for name, (qmin, qmax) in narrow.items():
+        fq = modules[name]
+        if bits is not None:
+            top = 2 ** (bits - 1) - 1
+            qmin, qmax = -top, top
+        fq.quant_min, fq.quant_max = qmin, qmax
+        post = getattr(fq, "activation_post_process", None)
+        if post is not None:
+            post.quant_min, post.quant_max = qmin, qmax
+        if isinstance(fq, AdaptiveRangeFakeQuantize):
+            fq._refresh_qparams()
+
+
+def narrow_weight_quants(model: torch.nn.Module, below_bits: int = 8) -> dict[str, tuple[int, int]]:
+    """Weight fake-quants narrower than ``below_bits`` and their (qmin, qmax)."""
+    limit = 2 ** (below_bits - 1) - 1
+    found = {}
+    for name, fq in fake_quants(model).items():
+        per_channel = getattr(fq, "ch_axis", -1) is not None and fq.qscheme in (
+            torch.per_channel_symmetric, torch.per_channel_affine)
+        if per_channel and fq.quant_max < limit:
+            found[name] = (fq.quant_min, fq.quant_max)
+    return found
+
+
+def calibrate(model: torch.fx.GraphModule, recipe: Recipe, batches: int, device: str = "cpu") -> int:
+    """Set initial ranges from a few batches, with BatchNorm in inference form."""
+    move_exported_model_to_eval(model)
+    set_observers(model, True)
+    seen = 0
+    with torch.no_grad():
+        for inputs, _ in recipe.train_data():
+            model(*(t.to(device) for t in as_tuple(inputs)))
+            seen += 1
+            if seen >= batches:
+                break
+    if seen == 0:
+        raise EdgeqError("train_data() yielded no batches", "make the recipe's train_data() yield (inputs, target) batches")
+    start_tracking(model)
+    return seen
+
+
+def run_qat(
+    model: torch.fx.GraphModule,
+    recipe: Recipe,
+    config: QATConfig,
+    on_step: Callable[[int, float], None] | None = None,
+) -> QATReport:
+    """Train the prepared graph in place; returns what happened."""
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device)
+    model.to(device)
+    calibrate(model, recipe, config.calibration_batches, config.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    steps = config.steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+    narrow = narrow_weight_quants(model, 8)
+    inter_steps = int(round(config.intermediate_share * steps)) if narrow and config.intermediate_bits else 0
+    if inter_steps:
+        _set_weight_width(model, narrow, config.intermediate_bits)
+    freeze_bn_at = int(round(config.freeze_bn * steps)) if not config.fold_bn else steps + 1
+    freeze_ranges_at = int(round(config.freeze_ranges * steps))
+    move_exported_model_to_train(model)
+    set_observers(model, True)
+    losses: list[float] = []
+    batches = _batches(recipe)
+    start = time.perf_counter()
+    for step in range(steps):
+        if inter_steps and step == inter_steps:
+            _set_weight_width(model, narrow, None)
+        if step == freeze_bn_at:
+            # Inference-form BatchNorm from here on: running statistics frozen.
+            move_exported_model_to_eval(model)
+        if step == freeze_ranges_at:
+            set_observers(model, False)
+        inputs, target = next(batches)
+        inputs = tuple(t.to(device) for t in as_tuple(inputs))
+        target = target.to(device) if isinstance(target, torch.Tensor) else target
+        opt.zero_grad(set_to_none=True)
+        loss = recipe.loss(model(*inputs), target)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise EdgeqError(
+                f"QAT loss became {value} at step {step}",
+                "lower the learning rate (--lr) or check the training data for NaN/inf values",
+            )
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(value)
+        if on_step is not None:
+            on_step(step, value)
+    seconds = time.perf_counter() - start
+    to_eval(model)
+    model.to("cpu")
+    commits = {name: fq.commits() for name, fq in fake_quants(model).items() if isinstance(fq, AdaptiveRangeFakeQuantize)}
+    return QATReport(
+        steps=steps,
+        seconds=seconds,
+        step_seconds=seconds / max(steps, 1),
+        first_loss=losses[0] if losses else float("nan"),
+        last_loss=losses[-1] if losses else float("nan"),
+        commits=commits,
+        losses=losses[:: max(1, steps // 100)],
+    )

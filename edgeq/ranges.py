@@ -1,0 +1,111 @@
+"""The voting range tracker of ``shared/spec/adaptive-ranges.md`` (claims 1-6).
+
+A committed value ``P`` (one per tracked bound, vectorised over channels)
+moves only when a clear majority of the observations since the last commit
+disagree with it, then the vote starts over. :func:`apply_vote` applies one
+observation to a state and is all there is to the rule; the fake-quantize
+module in :mod:`edgeq.fake_quant` calls it once per bound per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+RULES = ("mean", "step")
+
+
+@dataclass(frozen=True)
+class VoteConfig:
+    """The method's knobs, named as in the spec (they are public API)."""
+
+    #: commit an increase when more than this share of the votes is above P
+    up_ratio: float = 0.5
+    #: commit a decrease when more than this share of the votes is below P
+    down_ratio: float = 0.7
+    #: no commit before this many observations since the last one
+    min_votes: int = 8
+    #: forget the votes after this many observations without a commit (0: never)
+    window: int = 0
+    #: "mean" (claim 4: blend P with the mean of the votes) or "step" (claim 5)
+    rule: str = "mean"
+    #: weight of the committed value in the "mean" blend
+    keep: float = 0.5
+    #: relative step of the "step" rule
+    step: float = 0.05
+    #: floor of |P| in the "step" rule, so a zero bound can still move
+    eps: float = 2**-12
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        if not (0.0 <= self.up_ratio < 1.0 and 0.0 <= self.down_ratio < 1.0):
+            raise ValueError("up_ratio and down_ratio must lie in [0, 1)")
+        if self.min_votes < 1 or self.window < 0:
+            raise ValueError("min_votes must be >= 1 and window >= 0")
+        if self.window and self.window < self.min_votes:
+            raise ValueError("window must be 0 or at least min_votes, or nothing could ever commit")
+        if not 0.0 <= self.keep <= 1.0:
+            raise ValueError("keep must lie in [0, 1]")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class VoteState:
+    """Votes since the last commit, one entry per tracked value."""
+
+    n: torch.Tensor  # observations
+    g: torch.Tensor  # observations greater than P
+    l: torch.Tensor  # observations smaller than P  # noqa: E741 (the spec's name)
+    s: torch.Tensor  # sum of observations
+
+    @classmethod
+    def zeros_like(cls, committed: torch.Tensor) -> "VoteState":
+        z = torch.zeros_like(committed, dtype=torch.float32)
+        return cls(z.clone(), z.clone(), z.clone(), z.clone())
+
+
+def apply_vote(
+    committed: torch.Tensor,
+    state: VoteState,
+    observation: torch.Tensor,
+    config: VoteConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply one observation to ``state`` (in place) and return the new P.
+
+    Returns ``(committed, commits)`` where ``commits`` is a bool mask of the
+    values that moved this step. Non-finite observations cast no vote.
+    """
+    valid = torch.isfinite(observation)
+    obs = torch.where(valid, observation, committed).to(state.s.dtype)
+    p = committed.to(state.s.dtype)
+    vf = valid.to(state.n.dtype)
+    state.n += vf
+    state.g += vf * (obs > p)
+    state.l += vf * (obs < p)
+    state.s += vf * obs
+
+    ready = state.n >= config.min_votes
+    n_safe = state.n.clamp(min=1)
+    up = ready & (state.g / n_safe > config.up_ratio)
+    down = ready & ~up & (state.l / n_safe > config.down_ratio)
+    if config.rule == "mean":
+        blend = config.keep * p + (1.0 - config.keep) * (state.s / n_safe)
+        raised, lowered = torch.maximum(p, blend), torch.minimum(p, blend)
+    else:
+        delta = config.step * p.abs().clamp(min=config.eps)
+        raised, lowered = p + delta, p - delta
+    new_p = torch.where(up, raised, torch.where(down, lowered, p))
+    commits = up | down
+    reset = commits
+    if config.window:
+        reset = reset | (state.n >= config.window)
+    keep_votes = (~reset).to(state.n.dtype)
+    state.n *= keep_votes
+    state.g *= keep_votes
+    state.l *= keep_votes
+    state.s *= keep_votes
+    return new_p.to(committed.dtype), commits

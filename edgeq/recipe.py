@@ -1,0 +1,155 @@
+"""Load a user's recipe: the float model, its data, and how to score it.
+
+A recipe is a Python file or an importable module with module-level functions
+``model``, ``example_inputs``, ``train_data``, ``eval_data`` and, optionally,
+``loss``, ``metric``, ``labels`` and ``preprocessing``. :class:`Recipe` is the
+same thing as a dataclass, for users who prefer to build one in code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .errors import EdgeqError
+
+REQUIRED = ("model", "example_inputs", "train_data", "eval_data")
+BUNDLED = "edgeq.examples.digits"
+
+
+def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(output, target)
+
+
+def top1_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * float((outputs.argmax(dim=-1) == targets).float().mean())
+
+
+@dataclass
+class Recipe:
+    """A model, its example inputs, its data and how to score it."""
+
+    name: str
+    model: Callable[[], torch.nn.Module]
+    example_inputs: Callable[[], tuple]
+    train_data: Callable[[], Iterable]
+    eval_data: Callable[[], Iterable]
+    loss: Callable[[Any, Any], torch.Tensor] = cross_entropy
+    metric: Callable[[Any, Any], float] = top1_accuracy
+    labels: list[str] | None = None
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    #: sha256 of the recipe's source, recorded so a build can be traced to it
+    fingerprint: str = ""
+
+
+def _import_file(path: Path) -> ModuleType:
+    name = f"edgeq_recipe_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise EdgeqError(f"cannot load recipe {path}", "pass a .py file or an importable module name")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's code: report where it failed
+        del sys.modules[name]
+        raise EdgeqError(
+            f"recipe {path} raised {type(exc).__name__} on import at {_user_frame(exc, str(path))}: {exc}",
+            "fix the recipe so that `python " + str(path) + "` imports cleanly",
+        ) from exc
+    return module
+
+
+def _user_frame(exc: BaseException, filename: str) -> str:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == filename]
+    frame = frames[-1] if frames else traceback.extract_tb(exc.__traceback__)[-1]
+    return f"line {frame.lineno}"
+
+
+def _import_module(spec: str) -> ModuleType:
+    try:
+        return importlib.import_module(spec)
+    except ModuleNotFoundError as exc:
+        if exc.name and spec.startswith(exc.name):
+            raise EdgeqError(
+                f"recipe '{spec}' is neither a file nor an importable module",
+                "pass a path to a .py file (e.g. --recipe my_recipe.py) or a module on PYTHONPATH",
+            ) from exc
+        raise EdgeqError(f"recipe '{spec}' failed to import: {exc}", "install what it needs") from exc
+    except Exception as exc:
+        raise EdgeqError(
+            f"recipe '{spec}' raised {type(exc).__name__} on import: {exc}",
+            "fix the recipe so that it imports cleanly",
+        ) from exc
+
+
+def load_recipe(spec: str | Path | ModuleType | Recipe | None = None) -> Recipe:
+    """Load a recipe from a file path, a module name, a module, or pass a Recipe through.
+
+    ``None`` loads the bundled digits example.
+    """
+    if isinstance(spec, Recipe):
+        return spec
+    if spec is None:
+        spec = BUNDLED
+    if isinstance(spec, ModuleType):
+        module, source = spec, spec.__name__
+    else:
+        text = str(spec)
+        path = Path(text)
+        if text.endswith(".py") or path.exists():
+            if not path.is_file():
+                raise EdgeqError(f"recipe file {text} not found", "check the path given to --recipe")
+            module, source = _import_file(path), str(path.resolve())
+        else:
+            module, source = _import_module(text), text
+    return recipe_from_module(module, source)
+
+
+def recipe_from_module(module: ModuleType, source: str = "") -> Recipe:
+    missing = [name for name in REQUIRED if not callable(getattr(module, name, None))]
+    if missing:
+        raise EdgeqError(
+            f"recipe {source or module.__name__} lacks {', '.join(f'{m}()' for m in missing)}",
+            "define " + " and ".join(f"def {m}()" for m in missing) + " at module level (see README: Recipes)",
+        )
+    labels = getattr(module, "labels", None)
+    if labels is not None:
+        labels = [str(label) for label in labels]
+    name = getattr(module, "name", None) or module.__name__.rsplit(".", 1)[-1]
+    if name.startswith("edgeq_recipe_"):
+        name = Path(source).stem
+    try:
+        text = inspect.getsource(module)
+    except (OSError, TypeError):
+        text = source
+    return Recipe(
+        name=str(name),
+        model=module.model,
+        example_inputs=module.example_inputs,
+        train_data=module.train_data,
+        eval_data=module.eval_data,
+        loss=getattr(module, "loss", cross_entropy),
+        metric=getattr(module, "metric", top1_accuracy),
+        labels=labels,
+        preprocessing=dict(getattr(module, "preprocessing", {}) or {}),
+        source=source,
+        fingerprint=hashlib.sha256(text.encode()).hexdigest(),
+    )
+
+
+def as_tuple(inputs: Any) -> tuple:
+    """Recipes may yield a bare tensor or a tuple of tensors as model inputs."""
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)

@@ -1,0 +1,169 @@
+"""The build's report (JSON and a self-contained HTML page) and its manifest."""
+
+from __future__ import annotations
+
+import html
+import platform
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .package import versions, write_bytes_atomic
+
+MANIFEST_SCHEMA = 1
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def manifest(recipe, target, config, lowered, example_inputs, float_model, program_sha256: str) -> dict[str, Any]:
+    from .validate import ProgramRunner
+
+    signature = ProgramRunner(lowered.program).signature
+    names = _input_names(float_model, len(example_inputs))
+    return {
+        "schema": MANIFEST_SCHEMA,
+        "model": "model.pte",
+        "sha256": program_sha256,
+        "recipe": {"name": recipe.name, "source": recipe.source, "sha256": recipe.fingerprint},
+        "target": {"name": target.name, "backend": target.backend, "chipset": target.chipset},
+        "inputs": [
+            {"name": name, "shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+            for name, t in zip(names, example_inputs)
+        ],
+        "outputs": [
+            {"name": f"output_{i}", "shape": list(shape), "dtype": dtype}
+            for i, (shape, dtype) in enumerate(signature.outputs)
+        ],
+        "preprocessing": recipe.preprocessing,
+        "labels": recipe.labels,
+        "versions": versions(),
+        # Everything else that determines the program's bytes.
+        "build": {
+            "seed": config.seed,
+            "precision": config.precision,
+            "plan": str(config.plan) if config.plan is not None else None,
+            "qat": config.qat.to_dict(),
+            "python": platform.python_version(),
+        },
+    }
+
+
+def _input_names(model: torch.nn.Module, count: int) -> list[str]:
+    import inspect
+
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        names = [p.name for p in params][:count]
+    except (TypeError, ValueError):
+        names = []
+    return names + [f"input_{i}" for i in range(len(names), count)]
+
+
+def build_report(recipe, target, config, plan, scores, sizes, lowered, qat_report, timings, samples: int) -> dict[str, Any]:
+    delegation = lowered.delegation
+    return {
+        "recipe": recipe.name,
+        "target": target.name,
+        "backend": target.backend,
+        "samples": samples,
+        "accuracy": {
+            "float": scores.float,
+            "qat": scores.qat,
+            "reference": scores.reference,
+            "program": scores.program,
+            "drop": scores.float - scores.program,
+            "max_drop": config.max_drop,
+        },
+        "agreement": scores.agreement,
+        "size": {
+            **sizes,
+            "ratio": sizes["program_bytes"] / sizes["float_program_bytes"] if sizes["float_program_bytes"] else None,
+        },
+        "delegation": {
+            "delegated_ops": delegation.delegated_ops,
+            "outside_ops": delegation.outside_ops,
+            "delegate_calls": delegation.delegate_calls,
+            "flops_in_delegate": delegation.flops_in_delegate,
+            "outside": delegation.outside,
+            "by_op": {op: {"delegated": d, "outside": o} for op, (d, o) in delegation.by_op.items()},
+        },
+        "plan": [asdict(layer) for layer in plan.layers],
+        "qat": {
+            "config": config.qat.to_dict(),
+            "steps": qat_report.steps,
+            "seconds": qat_report.seconds,
+            "step_seconds": qat_report.step_seconds,
+            "first_loss": qat_report.first_loss,
+            "last_loss": qat_report.last_loss,
+            "commits": qat_report.commits,
+            "losses": qat_report.losses,
+        },
+        "timings": timings,
+        "versions": versions(),
+    }
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def render_html(report: dict[str, Any]) -> str:
+    acc, agree, size, dele = report["accuracy"], report["agreement"], report["size"], report["delegation"]
+    sections = [
+        f"<h1>edgeq build: {html.escape(report['recipe'])} for {html.escape(report['target'])}</h1>",
+        "<h2>Accuracy</h2>",
+        _table([
+            ["float model", acc["float"]],
+            ["QAT, as edgeq simulates it", acc["qat"]],
+            ["converted reference (PT2E)", acc["reference"]],
+            ["model.pte in ExecuTorch's runtime", acc["program"]],
+            ["drop, float to model.pte (points)", acc["drop"]],
+        ], ["model", f"metric on {report['samples']} samples"]),
+        "<h3>Top-1 agreement (%)</h3>",
+        _table([[k.replace("_", " "), v] for k, v in agree.items()], ["pair", "agreement"]),
+        "<h2>Size</h2>",
+        _table([
+            ["float program (bytes)", size["float_program_bytes"]],
+            ["quantized program (bytes)", size["program_bytes"]],
+            ["ratio", size["ratio"]],
+        ], ["", "value"]),
+        "<h2>Delegation</h2>",
+        f"<p>{dele['delegated_ops']} ops in {dele['delegate_calls']} delegate call(s); "
+        f"{dele['outside_ops']} ops outside; {100 * dele['flops_in_delegate']:.1f}% of conv/linear compute inside the delegate.</p>",
+        _table([[op, why] for op, why in dele["outside"].items()] or [["(none)", ""]], ["op outside the delegate", "why"]),
+        "<h2>Precision plan</h2>",
+        _table([[l["name"], l["kind"], l["params"], l["precision"], l["reason"]] for l in report["plan"]],
+               ["layer", "kind", "weights", "precision", "reason"]),
+        "<h2>QAT</h2>",
+        f"<p>{report['qat']['steps']} steps in {report['qat']['seconds']:.1f} s; loss {report['qat']['first_loss']:.4f} "
+        f"to {report['qat']['last_loss']:.4f}.</p>",
+        _table([[name, count] for name, count in report["qat"]["commits"].items()] or [["(adaptive ranges off)", ""]],
+               ["tracked tensor", "range commits during training"]),
+        "<h2>Time per stage (s)</h2>",
+        _table([[k, v] for k, v in report["timings"].items()] + [["total", sum(report["timings"].values())]], ["stage", "seconds"]),
+        "<h2>Versions</h2>",
+        _table([[k, v] for k, v in report["versions"].items()], ["package", "version"]),
+    ]
+    style = ("body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}"
+             "th{background:#f3f3f3}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>edgeq report</title><style>{style}</style></head><body>{''.join(sections)}</body></html>\n"
+
+
+def write_html(path: Path, report: dict[str, Any]) -> None:
+    write_bytes_atomic(Path(path), render_html(report).encode())

@@ -1,0 +1,185 @@
+"""Deployment targets as declarative TOML files.
+
+Each file in the repository's ``targets/`` folder (shipped in the wheel as
+``edgeq._targets``) names a backend, a chipset, the precision menu the planner
+may choose from, and the delegate's known per-op limits. Users can pass their
+own file with ``--target path/to/file.toml``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import EdgeqError
+
+BACKENDS = ("xnnpack", "qnn")
+ACTIVATION_MODES = ("static", "dynamic", "float")
+OP_KINDS = ("conv", "linear")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """One entry of a target's precision menu."""
+
+    name: str
+    description: str
+    weight_bits: int
+    activation_bits: int
+    activations: str  # "static" | "dynamic" | "float"
+    ops: tuple[str, ...]
+    weight_bytes: float
+    #: backend-specific name (e.g. a QnnQuantizer QuantDtype); empty for xnnpack
+    backend_dtype: str = ""
+
+    @property
+    def is_float(self) -> bool:
+        return self.activations == "float"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    backend: str
+    chipset: str
+    default_precision: str
+    precisions: dict[str, Precision]
+    op_limits: dict[str, str] = field(default_factory=dict)
+    soc_model: str = ""
+    path: str = ""
+
+    def precision(self, name: str) -> Precision:
+        if name not in self.precisions:
+            raise EdgeqError(
+                f"target '{self.name}' cannot run precision '{name}'",
+                f"use one of: {', '.join(self.precisions)}",
+            )
+        return self.precisions[name]
+
+
+def _targets_dir() -> Path:
+    try:
+        root = resources.files("edgeq._targets")
+        path = Path(str(root))
+        if path.is_dir():
+            return path
+    except (ModuleNotFoundError, TypeError):
+        pass
+    # Running from a source checkout without installing.
+    return Path(__file__).resolve().parent.parent / "targets"
+
+
+def builtin_targets() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(_targets_dir().glob("*.toml"))}
+
+
+def _need(table: dict, key: str, kind: type | tuple, where: str) -> Any:
+    if key not in table:
+        raise EdgeqError(f"{where}: missing field '{key}'", f"add '{key}' to the target file")
+    value = table[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise EdgeqError(
+            f"{where}: field '{key}' must be {want}, got {type(value).__name__} {value!r}",
+            "fix the target file",
+        )
+    return value
+
+
+def parse_target(data: dict[str, Any], where: str) -> Target:
+    """Validate a parsed TOML table against the target schema."""
+    name = _need(data, "name", str, where)
+    backend = _need(data, "backend", str, where)
+    if backend not in BACKENDS:
+        raise EdgeqError(f"{where}: field 'backend' is '{backend}'", f"use one of: {', '.join(BACKENDS)}")
+    menu = _need(data, "precisions", dict, where)
+    if not menu:
+        raise EdgeqError(f"{where}: field 'precisions' is empty", "declare at least one precision")
+    precisions: dict[str, Precision] = {}
+    for pname, table in menu.items():
+        pwhere = f"{where}: precisions.{pname}"
+        if not isinstance(table, dict):
+            raise EdgeqError(f"{pwhere} must be a table", "write it as [precisions." + pname + "]")
+        activations = _need(table, "activations", str, pwhere)
+        if activations not in ACTIVATION_MODES:
+            raise EdgeqError(
+                f"{pwhere}: field 'activations' is '{activations}'", f"use one of: {', '.join(ACTIVATION_MODES)}"
+            )
+        ops = _need(table, "ops", list, pwhere)
+        bad = [op for op in ops if op not in OP_KINDS]
+        if bad or not ops:
+            raise EdgeqError(f"{pwhere}: field 'ops' has {bad or 'nothing'}", f"use some of: {', '.join(OP_KINDS)}")
+        wbits = _need(table, "weight_bits", int, pwhere)
+        abits = _need(table, "activation_bits", int, pwhere)
+        for key, bits in (("weight_bits", wbits), ("activation_bits", abits)):
+            if bits not in (2, 4, 8, 16, 32):
+                raise EdgeqError(f"{pwhere}: field '{key}' is {bits}", "use 2, 4, 8, 16 or 32")
+        wbytes = float(_need(table, "weight_bytes", (int, float), pwhere))
+        if wbytes <= 0:
+            raise EdgeqError(f"{pwhere}: field 'weight_bytes' must be positive", "fix the target file")
+        precisions[pname] = Precision(
+            name=pname,
+            description=str(table.get("description", "")),
+            weight_bits=wbits,
+            activation_bits=abits,
+            activations=activations,
+            ops=tuple(ops),
+            weight_bytes=wbytes,
+            backend_dtype=str(table.get("backend_dtype", "")),
+        )
+    default = _need(data, "default_precision", str, where)
+    if default not in precisions:
+        raise EdgeqError(
+            f"{where}: default_precision '{default}' is not in the menu",
+            f"use one of: {', '.join(precisions)}",
+        )
+    if backend == "qnn":
+        _need(data, "chipset", str, where)
+        missing = [p for p, spec in precisions.items() if not spec.is_float and not spec.backend_dtype]
+        if missing:
+            raise EdgeqError(
+                f"{where}: precisions {', '.join(missing)} lack 'backend_dtype'",
+                "name the QnnQuantizer QuantDtype (e.g. use_8a8w) for each",
+            )
+    limits = data.get("op_limits", {})
+    if not isinstance(limits, dict):
+        raise EdgeqError(f"{where}: field 'op_limits' must be a table", "write it as [op_limits]")
+    return Target(
+        name=name,
+        description=str(data.get("description", "")),
+        backend=backend,
+        chipset=str(data.get("chipset", "")),
+        default_precision=default,
+        precisions=precisions,
+        op_limits={str(k): str(v) for k, v in limits.items()},
+        soc_model=str(data.get("soc_model", "")),
+        path=where,
+    )
+
+
+def load_target(spec: str | Path | Target) -> Target:
+    """A built-in target by name, or a user's TOML file by path."""
+    if isinstance(spec, Target):
+        return spec
+    text = str(spec)
+    builtin = builtin_targets()
+    if text in builtin:
+        path = builtin[text]
+    elif text.endswith(".toml") or Path(text).exists():
+        path = Path(text)
+        if not path.is_file():
+            raise EdgeqError(f"target file {text} not found", "check the path given to --target")
+    else:
+        raise EdgeqError(
+            f"unknown target '{text}'",
+            f"use one of: {', '.join(builtin)} (see `edgeq targets`), or a path to a .toml file",
+        )
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise EdgeqError(f"target file {path} is not valid TOML: {exc}", "fix its syntax") from exc
+    return parse_target(data, str(path))
