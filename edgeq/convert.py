@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -31,19 +32,40 @@ def _pattern_cache_installed() -> bool:
             return tuple(sorted((k, key_of(v)) for k, v in value.items()))
         return value
 
+    def pattern_key(pattern):
+        fn = getattr(pattern, "fn", pattern)  # torchao wraps closures in WrapperModule
+        code = getattr(fn, "__code__", None)
+        if code is None:
+            return pattern
+        cells = tuple(key_of(c.cell_contents) for c in (fn.__closure__ or ()))
+        return (code, cells)
+
     @functools.wraps(original)
     def cached(pattern, example_inputs, is_cuda=False, **kwargs):
-        key = (getattr(pattern, "__code__", pattern), key_of(example_inputs), is_cuda, key_of(kwargs))
+        key = (pattern_key(pattern), key_of(example_inputs), is_cuda, key_of(kwargs))
         if key not in cache:
             cache[key] = original(pattern, example_inputs, is_cuda, **kwargs)
-        graph = cache[key]
         # Callers mutate the returned graph (they strip and rewrite nodes).
-        import copy
-
-        return copy.deepcopy(graph)
+        return copy.deepcopy(cache[key])
 
     utils._get_aten_graph_module_for_pattern = cached
     qat_utils._get_aten_graph_module_for_pattern = cached
+    try:
+        from executorch.backends.xnnpack.quantizer import xnnpack_quantizer_utils as xnn
+    except ImportError:
+        return True
+    xnn._get_aten_graph_module_for_pattern = cached
+    annotate_conv_bn = xnn._do_annotate_conv_bn
+
+    @functools.wraps(annotate_conv_bn)
+    def skip_without_bn(gm, *args, **kwargs):
+        # Matching needs the pattern graphs; a graph with no BatchNorm (edgeq
+        # folds it before QAT by default) cannot match, so skip building them.
+        if not any("batch_norm" in str(n.target) for n in gm.graph.nodes if n.op == "call_function"):
+            return []
+        return annotate_conv_bn(gm, *args, **kwargs)
+
+    xnn._do_annotate_conv_bn = skip_without_bn
     return True
 
 

@@ -131,6 +131,10 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         saved = state_dict.get(prefix + "committed")
         if saved is not None and saved.shape != self.committed.shape:
             self._resize(saved.shape[1], saved.device)
+        for name in ("scale", "zero_point"):
+            incoming = state_dict.get(prefix + name)
+            if incoming is not None and incoming.shape != getattr(self, name).shape:
+                setattr(self, name, torch.zeros_like(incoming))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     # ------------------------------------------------------------ observation

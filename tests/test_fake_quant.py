@@ -1,0 +1,186 @@
+"""AdaptiveRangeFakeQuantize as a module: calibration, voting, qparams, state, distributed."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
+from torchao.quantization.pt2e.observer import MinMaxObserver, PerChannelMinMaxObserver
+
+from edgeq.fake_quant import AdaptiveRangeFakeQuantize
+
+AFFINE = dict(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine)
+PER_CHANNEL = dict(dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric, ch_axis=0)
+
+
+def calibrated(batches, **kwargs):
+    fq = AdaptiveRangeFakeQuantize(**kwargs)
+    for b in batches:
+        fq(b)
+    fq.start_tracking()
+    return fq
+
+
+def test_is_a_torchao_fake_quant_buildable_from_with_args():
+    ctr = AdaptiveRangeFakeQuantize.with_args(up_ratio=0.6, min_votes=4)
+    fq = ctr(**AFFINE)
+    assert isinstance(fq, FakeQuantizeBase)
+    assert fq.config.up_ratio == 0.6 and fq.config.min_votes == 4
+
+
+def test_calibration_sets_the_union_range_and_qparams_match_torchao():
+    torch.manual_seed(0)
+    batches = [torch.randn(16, 8) * (i + 1) for i in range(4)]
+    fq = calibrated(batches, **AFFINE)
+    obs = MinMaxObserver(dtype=torch.qint8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine, eps=2**-12)
+    for b in batches:
+        obs(b)
+    lo, hi = fq.committed_range()
+    assert float(lo) == pytest.approx(float(obs.min_val)) and float(hi) == pytest.approx(float(obs.max_val))
+    scale, zp = fq.calculate_qparams()
+    ref_scale, ref_zp = obs.calculate_qparams()
+    assert torch.allclose(scale, ref_scale) and torch.equal(zp.int(), ref_zp.int())
+
+
+def test_per_channel_qparams_match_torchao_and_channels_vote_independently():
+    w = torch.randn(4, 3, 3, 3)
+    fq = calibrated([w], min_votes=2, **PER_CHANNEL)
+    ref = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, quant_min=-127, quant_max=127,
+                                   qscheme=torch.per_channel_symmetric, eps=2**-12)
+    ref(w)
+    assert torch.allclose(fq.calculate_qparams()[0], ref.calculate_qparams()[0])
+    before = fq.committed.clone()
+    grown = w.clone()
+    grown[1] *= 3  # only channel 1 grows
+    fq(grown)
+    fq(grown)
+    moved = (fq.committed != before)[0]
+    assert moved.tolist() == [False, True, False, False]
+    assert fq.commit_count[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_grid_stays_fixed_until_the_vote_commits():
+    x = torch.linspace(-1, 1, 100)
+    fq = calibrated([x], min_votes=3, **AFFINE)
+    scale0 = fq.scale.clone()
+    out0 = fq(x * 2)  # one wider batch: a vote, not a move
+    assert torch.equal(fq.scale, scale0)
+    assert float(out0.max()) <= 1.0 + float(scale0)  # still clipped to the committed grid
+    fq(x * 2)
+    fq(x * 2)  # third vote above: commit
+    assert float(fq.scale) > float(scale0) and fq.commits() == 2  # low and high bound both moved
+
+
+def test_non_finite_observations_are_ignored():
+    x = torch.linspace(-1, 1, 10)
+    fq = calibrated([x], min_votes=1, **AFFINE)
+    committed = fq.committed.clone()
+    fq(torch.tensor([math.nan, 0.5]))
+    fq(torch.tensor([math.inf, -math.inf]))
+    assert torch.equal(fq.committed, committed)
+    # A NaN during calibration does not poison the range either.
+    fq2 = AdaptiveRangeFakeQuantize(**AFFINE)
+    fq2(torch.tensor([1.0, 2.0]))
+    fq2(torch.tensor([math.nan, math.nan]))
+    assert fq2.committed_range()[1].item() == 2.0
+
+
+def test_range_contains_zero_and_scale_is_positive():
+    fq = calibrated([torch.full((8,), 3.0)], **AFFINE)
+    scale, zp = fq.calculate_qparams()
+    assert float(scale) > 0 and int(zp) == -128  # min clamped to 0 -> zero point at quant_min
+    fq0 = calibrated([torch.zeros(8)], **AFFINE)
+    assert float(fq0.calculate_qparams()[0]) > 0
+
+
+def test_observer_and_fake_quant_switch_off():
+    x = torch.linspace(-1, 1, 50)
+    fq = calibrated([x], min_votes=1, **AFFINE)
+    fq.disable_observer()
+    committed = fq.committed.clone()
+    fq(x * 10)
+    assert torch.equal(fq.committed, committed)
+    fq.disable_fake_quant()
+    y = torch.randn(20)
+    assert torch.equal(fq(y), y)
+
+
+@pytest.mark.parametrize("qmin,qmax", [(-7, 7), (-8, 7), (-(2**15), 2**15 - 1), (0, 255)])
+def test_any_integer_width(qmin, qmax):
+    x = torch.randn(64)
+    fq = calibrated([x], dtype=torch.int8 if qmax < 256 else torch.int16, quant_min=qmin, quant_max=qmax,
+                    qscheme=torch.per_tensor_affine)
+    y = fq(x)
+    levels = torch.unique(torch.round((y / fq.scale) + fq.zero_point))
+    assert levels.min() >= qmin and levels.max() <= qmax
+
+
+def test_gradient_is_straight_through_inside_the_range():
+    fq = calibrated([torch.linspace(-1, 1, 10)], **AFFINE)
+    x = torch.tensor([0.3, -0.2, 5.0], requires_grad=True)
+    fq(x).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0]
+
+
+def test_state_dict_round_trip_restores_every_buffer():
+    w = torch.randn(6, 4)
+    fq = calibrated([w], min_votes=2, **PER_CHANNEL)
+    fq(w * 2)
+    fq(w * 2)
+    fq(w * 3)  # one pending vote
+    state = fq.state_dict()
+    for key in ("committed", "n", "g", "l", "s", "commit_count", "mode", "scale", "zero_point"):
+        assert key in state
+    fresh = AdaptiveRangeFakeQuantize(min_votes=2, **PER_CHANNEL)
+    fresh.load_state_dict(state)
+    for key, value in fq.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    # Both continue identically.
+    assert torch.equal(fresh(w * 3), fq(w * 3))
+    assert torch.equal(fresh.committed, fq.committed)
+
+
+def _ranks(rank: int, world: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fq = AdaptiveRangeFakeQuantize(min_votes=2, **AFFINE)
+        # Each rank sees different data; rank 1 also sees a NaN batch.
+        fq(torch.tensor([-1.0 - rank, 1.0 + 2 * rank]))
+        fq.start_tracking()
+        for step in range(4):
+            data = torch.tensor([-0.5, 4.0 * (rank + 1)])
+            if rank == 1 and step == 0:
+                data = torch.tensor([math.nan, math.nan])
+            fq(data)
+        queue.put((rank, fq.committed.tolist(), fq.commits()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_observations_are_reduced_so_ranks_agree():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ranks, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r, (c, n)) for r, c, n in (queue.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    assert results[0] == results[1]
+    committed, commits = results[0]
+    # Calibration over both ranks: [-2, 3]. Step 0 (rank 1's NaN drops out): lo -0.5, hi 4;
+    # step 1: lo -0.5, hi 8 -> commit lo = (-2 - 0.5)/2 = -1.25, hi = (3 + 6)/2 = 4.5;
+    # steps 2-3: lo -0.5, hi 8 -> commit lo = (-1.25 - 0.5)/2, hi = (4.5 + 8)/2.
+    assert committed == [[-0.875], [6.25]]
+    assert commits == 4

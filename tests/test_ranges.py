@@ -1,0 +1,106 @@
+"""The voting rule, on hand-computed observation sequences (spec claims 1-6)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from edgeq.ranges import VoteConfig, VoteState, apply_vote
+
+
+def run(seq, p0, **knobs):
+    """Feed a scalar sequence; returns the committed value after each step and commit flags."""
+    cfg = VoteConfig(**knobs)
+    p = torch.tensor([p0])
+    state = VoteState.zeros_like(p)
+    history, flags = [], []
+    for o in seq:
+        p, moved = apply_vote(p, state, torch.tensor([float(o)]), cfg)
+        history.append(float(p))
+        flags.append(bool(moved))
+    return history, flags, state
+
+
+def test_increase_with_mean_rule():
+    # 3 votes, all above P=1: g/n = 1 > 0.5 at n=3; mean = 3; P = 0.5*1 + 0.5*3 = 2.
+    hist, flags, state = run([2, 3, 4], 1.0, min_votes=3, keep=0.5)
+    assert hist == [1.0, 1.0, 2.0]
+    assert flags == [False, False, True]
+    assert float(state.n) == 0 and float(state.g) == 0 and float(state.s) == 0  # claim 6: reset after commit
+
+
+def test_decrease_with_mean_rule_needs_down_ratio():
+    # P=10; votes 2, 4, 12: l/n = 2/3 = 0.667 < 0.7, g/n = 1/3 < 0.5 -> no commit at n=3.
+    hist, flags, _ = run([2, 4, 12], 10.0, min_votes=3, down_ratio=0.7)
+    assert flags == [False, False, False] and hist[-1] == 10.0
+    # A fourth vote below: l/n = 3/4 = 0.75 > 0.7 -> mean (2+4+12+6)/4 = 6; P = 0.5*10 + 0.5*6 = 8.
+    hist, flags, _ = run([2, 4, 12, 6], 10.0, min_votes=3, down_ratio=0.7)
+    assert flags == [False, False, False, True] and hist[-1] == pytest.approx(8.0)
+
+
+def test_no_change_when_vote_is_split():
+    # Alternating votes: g/n never exceeds 2/3 < up_ratio 0.7, l/n never exceeds 0.5 < 0.7.
+    hist, flags, state = run([2, 0, 2, 0, 2, 0], 1.0, min_votes=2, up_ratio=0.7)
+    assert not any(flags) and hist[-1] == 1.0
+    assert float(state.n) == 6 and float(state.g) == 3 and float(state.l) == 3
+
+
+def test_min_votes_delays_the_first_commit():
+    hist, flags, _ = run([5] * 8, 1.0, min_votes=8)
+    assert flags.index(True) == 7
+
+
+def test_mean_rule_never_moves_against_the_vote():
+    # Majority above P but the mean is below (one large negative outlier): increase = max(P, blend) keeps P.
+    hist, flags, _ = run([1.1, 1.1, -100.0, 1.1], 1.0, min_votes=4, up_ratio=0.5)
+    assert flags[-1] and hist[-1] == 1.0
+
+
+def test_step_rule():
+    # Claim 5: P + step * max(|P|, eps) on an up-vote, P - step * max(|P|, eps) on a down-vote.
+    hist, _, _ = run([5, 5], 2.0, min_votes=2, rule="step", step=0.25)
+    assert hist[-1] == pytest.approx(2.5)
+    hist, _, _ = run([0, 0], 2.0, min_votes=2, rule="step", step=0.25)
+    assert hist[-1] == pytest.approx(1.5)
+    hist, _, _ = run([1, 1], 0.0, min_votes=2, rule="step", step=0.5, eps=0.01)
+    assert hist[-1] == pytest.approx(0.005)
+
+
+def test_window_forgets_stale_votes():
+    # Split votes accumulate; with window=4 the state empties at n=4, so the
+    # later unanimous run of 4 commits on its own.
+    seq = [2, 0, 2, 0, 5, 5, 5, 5]
+    hist, flags, _ = run(seq, 1.0, min_votes=4, window=4)
+    assert flags == [False] * 7 + [True]
+    assert hist[-1] == pytest.approx(0.5 * 1 + 0.5 * 5)
+    # Without a window the old votes still count: at n=5, g/n = 3/5 > 0.5, and
+    # the stale zeros pull the mean down.
+    hist, flags, _ = run(seq, 1.0, min_votes=4, window=0)
+    assert flags.index(True) == 4
+    assert hist[4] == pytest.approx(0.5 * 1 + 0.5 * (2 + 0 + 2 + 0 + 5) / 5)
+
+
+def test_non_finite_observations_cast_no_vote():
+    hist, flags, state = run([math.nan, math.inf, -math.inf, 3.0], 1.0, min_votes=2)
+    assert not any(flags) and float(state.n) == 1
+    hist, flags, _ = run([math.nan, 3.0, math.inf, 3.0], 1.0, min_votes=2)
+    assert flags == [False, False, False, True] and hist[-1] == pytest.approx(2.0)
+
+
+def test_values_vote_independently():
+    cfg = VoteConfig(min_votes=2)
+    p = torch.tensor([1.0, 1.0, 1.0])
+    state = VoteState.zeros_like(p)
+    for obs in ([3.0, 0.0, 1.0], [3.0, 0.0, 1.0]):
+        p, moved = apply_vote(p, state, torch.tensor(obs), cfg)
+    assert moved.tolist() == [True, True, False]
+    assert p.tolist() == pytest.approx([2.0, 0.5, 1.0])
+    assert state.n.tolist() == [0.0, 0.0, 2.0]
+
+
+@pytest.mark.parametrize("bad", [dict(rule="median"), dict(up_ratio=1.0), dict(min_votes=0), dict(window=2, min_votes=4), dict(keep=2.0)])
+def test_invalid_knobs_are_refused(bad):
+    with pytest.raises(ValueError):
+        VoteConfig(**bad)
