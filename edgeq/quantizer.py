@@ -78,20 +78,88 @@ def xnnpack_config(precision: Precision, qat: bool, ranges: RangeConfig):
     return config
 
 
+# Ops that fuse into the conv/linear before them and so belong to its layer.
+_FOLLOWERS = ("batch_norm", "relu", "hardtanh", "clamp", "getitem")
+
+
+def layer_owners(graph: torch.fx.GraphModule, layers: list[str]) -> dict[torch.fx.Node, str]:
+    """Map each node to the planned layer it belongs to.
+
+    A node belongs to the innermost planned module in its ``nn_module_stack``;
+    a BatchNorm or activation without one inherits its input's layer, so a
+    conv -> BN -> ReLU chain is planned as one unit, as XNNPACK fuses it.
+    """
+    wanted = set(layers)
+    owners: dict[torch.fx.Node, str] = {}
+    for node in graph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        stack = [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+        names = [_clean(path) for path in stack]
+        owned = [name for name in names if name in wanted]
+        if owned:
+            owners[node] = owned[-1]
+        elif any(key in str(node.target) for key in _FOLLOWERS) and node.args:
+            src = node.args[0]
+            if isinstance(src, torch.fx.Node) and src in owners:
+                owners[node] = owners[src]
+    return owners
+
+
+def _clean(path: str) -> str:
+    # nn_module_stack paths look like "L['self'].features.0" or "features.0".
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    return path.replace("['", ".").replace("']", "").replace("[", ".").replace("]", "").lstrip(".")
+
+
+def _xnnpack_quantizer_class():
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+
+    class PlanXNNPACKQuantizer(XNNPACKQuantizer):
+        """XNNPACKQuantizer that assigns configs by planned layer, fused ops included.
+
+        XNNPACK's own module-name filter needs every node of a pattern inside
+        the named module, so a conv + ReLU pattern (the ReLU is a sibling
+        module) would match neither the layer's config nor the global one.
+        """
+
+        def __init__(self, global_config, layer_configs: dict[str, object]) -> None:
+            super().__init__()
+            self.set_global(global_config)
+            self.layer_configs = layer_configs
+
+        def _annotate_for_quantization_config(self, model):
+            owners = layer_owners(model, list(self.layer_configs))
+            by_config: dict[int, tuple[object, set[str]]] = {}
+            for layer, config in self.layer_configs.items():
+                by_config.setdefault(id(config), (config, set()))[1].add(layer)
+            # Weights and biases (get_attr nodes) follow the op that consumes them.
+            for config, layers in by_config.values():
+                self._annotate_all_patterns(
+                    model, config, lambda n, ls=layers: n.op != "call_function" or owners.get(n) in ls)
+            overridden = set(self.layer_configs)
+            self._annotate_all_patterns(
+                model, self.global_config, lambda n: n.op != "call_function" or owners.get(n) not in overridden)
+            return model
+
+    return PlanXNNPACKQuantizer
+
+
 def build_quantizer(plan: Plan, target: Target, qat: bool = True, ranges: RangeConfig | None = None):
     """A PT2E quantizer configured layer by layer from ``plan``."""
     ranges = ranges or RangeConfig()
     if target.backend == "xnnpack":
-        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
-
         # The global config covers ops outside the planned layers (pooling,
-        # adds, concatenations); layers that differ from it are overridden by name.
+        # adds, concatenations); layers that differ from it are overridden.
         default = target.default_precision
-        quantizer = XNNPACKQuantizer().set_global(xnnpack_config(target.precisions[default], qat, ranges))
+        configs: dict[str, object] = {}
+        made: dict[str, object] = {}
         for entry in plan.layers:
             if entry.precision != default:
-                quantizer.set_module_name(entry.name, xnnpack_config(target.precisions[entry.precision], qat, ranges))
-        return quantizer
+                if entry.precision not in made:
+                    made[entry.precision] = xnnpack_config(target.precisions[entry.precision], qat, ranges)
+                configs[entry.name] = made[entry.precision]
+        return _xnnpack_quantizer_class()(xnnpack_config(target.precisions[default], qat, ranges), configs)
     if target.backend == "qnn":
         from .qnn import build_qnn_quantizer
 
