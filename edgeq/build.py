@@ -41,6 +41,8 @@ class BuildConfig:
     #: fail when the .pte's metric falls more than this below float
     max_drop: float = 1.0
     seed: int = 0
+    #: let ExecuTorch download the Qualcomm SDK when QNN_SDK_ROOT is unset
+    allow_sdk_download: bool = False
 
 
 @dataclass
@@ -180,11 +182,23 @@ def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, 
     with stages("evaluate"):
         qat_eval = _score(fq_model, recipe, progress, "QAT (simulated)")
         ref_eval = _score(reference, recipe, progress, "converted reference")
+    if target.backend == "qnn":
+        from .errors import SdkMissingError
+        from .qnn import ensure_sdk
+
+        try:
+            ensure_sdk(config.allow_sdk_download)
+        except SdkMissingError as exc:
+            raise SdkMissingError(
+                f"quantized reference validated on the host: {ref_eval.metric:.2f} (float {float_eval.metric:.2f}, "
+                f"QAT {qat_eval.metric:.2f}); {exc.cause}", exc.fix) from None
     _announce(progress, "lower")
     with stages("lower"):
         float_graph = capture_mod.capture(float_model, example_inputs, dynamic_batch=False)
-        lowered = lower(reference, example_inputs, target, float_graph=float_graph)
-        float_program = lower(float_model, example_inputs, target).program
+        lowered = lower(reference, example_inputs, target, float_graph=float_graph,
+                        allow_download=config.allow_sdk_download)
+        # The float baseline is always the XNNPACK CPU program: HTP runs quantized graphs.
+        float_program = lower(float_model, example_inputs, load_target("android")).program
     _announce(progress, "validate")
     with stages("validate"):
         program_eval = _score(run_program(lowered.program), recipe, progress, "model.pte (ExecuTorch runtime)")

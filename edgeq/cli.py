@@ -91,6 +91,7 @@ def build(
     max_drop: float = typer.Option(1.0, help="Fail when model.pte scores more than this many points below float."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same program."),
     device: str = typer.Option("cpu", help="Device for QAT (cpu or cuda); export and lowering stay on the CPU."),
+    allow_sdk_download: bool = typer.Option(False, help="Qualcomm targets: let ExecuTorch download the QNN SDK when QNN_SDK_ROOT is unset."),
 ) -> None:
     """Quantize, train, lower and validate a model; write model.pte and its report."""
     try:
@@ -111,7 +112,7 @@ def build(
         qat = QATConfig(steps=steps, lr=lr, ranges=range_config, fold_bn=fold_bn, freeze_ranges=freeze_ranges,
                         freeze_bn=freeze_bn, device=device)
         config = BuildConfig(target=target, out=out, plan=plan, precision=precision, qat=qat,
-                             max_drop=max_drop, seed=seed)
+                             max_drop=max_drop, seed=seed, allow_sdk_download=allow_sdk_download)
         with RichProgress() as progress:
             try:
                 result = run_build(recipe, config, progress=progress)
@@ -203,7 +204,12 @@ def validate(
 
 
 def main() -> None:
-    # Users on a 2-core laptop should not pay for oversubscribed threads.
+    import logging
+
+    # ExecuTorch and torchao log deprecation chatter at WARNING; the CLI's own
+    # output is the summary, the progress and one line per error.
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     app()
 

@@ -83,7 +83,7 @@ def _reason(op: str, target: Target) -> str:
 
 
 def lower(model: torch.nn.Module, example_inputs: tuple, target: Target,
-          float_graph: torch.fx.GraphModule | None = None) -> Lowered:
+          float_graph: torch.fx.GraphModule | None = None, allow_download: bool = False) -> Lowered:
     """Export at the example shape and lower to an ExecuTorch program."""
     from executorch.exir import to_edge_transform_and_lower
 
@@ -95,7 +95,7 @@ def lower(model: torch.nn.Module, example_inputs: tuple, target: Target,
     else:
         from .qnn import qnn_partitioners
 
-        partitioners = qnn_partitioners(target)
+        partitioners = qnn_partitioners(target, allow_download)
     edge = to_edge_transform_and_lower(exported, partitioner=partitioners)
     delegation = _delegation(edge, target, float_graph)
     program = edge.to_executorch()

@@ -1,0 +1,129 @@
+"""Both promised backends: XNNPACK coverage reporting and Qualcomm without its SDK."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CUMSUM_RECIPE = '''
+"""A model with an op XNNPACK has no kernel for (cumsum) between two linear layers."""
+import torch
+from torch import nn
+from sklearn.datasets import load_iris
+
+_x, _y = load_iris(return_X_y=True)
+_x = torch.tensor((_x - _x.mean(0)) / _x.std(0), dtype=torch.float32)
+_y = torch.tensor(_y)
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 16)
+        self.b = nn.Linear(16, 3)
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(torch.cumsum(h, dim=1) / 16)
+
+def model():
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(_x), _y).backward()
+        opt.step()
+    return net.eval()
+
+def example_inputs():
+    return (torch.zeros(1, 4),)
+
+def train_data():
+    return [(_x[i::5], _y[i::5]) for i in range(5)]
+
+def eval_data():
+    return [(_x, _y)]
+'''
+
+
+def test_an_op_outside_xnnpack_is_named_and_the_program_runs(tmp_path):
+    from edgeq.build import BuildConfig, build
+    from edgeq.qat import QATConfig
+
+    recipe = tmp_path / "cumsum_recipe.py"
+    recipe.write_text(textwrap.dedent(CUMSUM_RECIPE))
+    result = build(str(recipe), BuildConfig(out=tmp_path / "out", qat=QATConfig(steps=30), max_drop=5.0))
+    outside = result.report["delegation"]["outside"]
+    assert any("cumsum" in op for op in outside), outside
+    assert all(reason for reason in outside.values())
+    assert 0.0 < result.report["delegation"]["flops_in_delegate"] <= 1.0
+    html = (result.out_dir / "report.html").read_text()
+    assert "cumsum" in html
+    # The program ran in ExecuTorch's runtime to produce this score.
+    assert result.scores.program > 80.0
+
+
+NO_NETWORK = '''
+import socket, os
+_marker = os.environ["EDGEQ_NETWORK_MARKER"]
+def _refuse(*args, **kwargs):
+    with open(_marker, "a") as f:
+        f.write(repr(args[:2]) + "\\n")
+    raise OSError("network disabled in this test")
+socket.getaddrinfo = _refuse
+socket.socket.connect = _refuse
+socket.create_connection = _refuse
+'''
+
+
+def test_qualcomm_build_quantizes_validates_and_stops_cleanly_without_the_sdk(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NO_NETWORK)
+    marker = tmp_path / "network_attempts.txt"
+    env = {k: v for k, v in os.environ.items() if k != "QNN_SDK_ROOT"}
+    env.update(PYTHONPATH=str(site), EDGEQ_NETWORK_MARKER=str(marker))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeq", "build", "--target", "qualcomm", "--steps", "20", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    error = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(error) == 1
+    assert "quantized reference validated on the host" in error[0]
+    assert "QNN_SDK_ROOT" in error[0] and "--allow-sdk-download" in error[0]
+    assert not marker.exists(), marker.read_text()
+    assert not out.exists()
+
+
+def test_qnn_quantizer_uses_adaptive_ranges_per_layer():
+    import torch
+
+    from edgeq.capture import capture
+    from edgeq.convert import prepare
+    from edgeq.fake_quant import AdaptiveRangeFakeQuantize
+    from edgeq.plan import uniform_plan
+    from edgeq.quantizer import build_quantizer
+    from edgeq.recipe import load_recipe
+    from edgeq.targets import load_target
+
+    recipe = load_recipe(None)
+    model = recipe.model()
+    target = load_target("qualcomm-sm8550")
+    plan = uniform_plan(model, target)
+    plan.layers[-1].precision = "16a4w"
+    prepared = prepare(capture(model, recipe.example_inputs()), build_quantizer(plan, target))
+    fqs = [m for m in prepared.modules() if isinstance(m, AdaptiveRangeFakeQuantize)]
+    assert fqs
+    # The head's weight is 4-bit, the stem's 8-bit.
+    ranges = {(m.quant_min, m.quant_max) for m in fqs if m.ch_axis >= 0}
+    assert (-7, 7) in ranges or (-8, 7) in ranges
+    assert any(m.quant_max >= 127 for m in fqs if m.ch_axis >= 0)
+    assert any(m.quant_max == 65535 for m in fqs if m.ch_axis < 0)  # 16-bit activations of the head
