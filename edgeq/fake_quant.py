@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
 
-from .ranges import VoteConfig, VoteState, apply_vote
+from .ranges import VoteConfig, VoteState, accumulate, apply_vote_scalar, decide
 
 _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
 _SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
@@ -96,6 +96,10 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         self.register_buffer("mode", torch.tensor(UNINITIALIZED, dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
+        # Fast-path state outside the buffers (see observe()); a plain dict so
+        # that updating it skips nn.Module.__setattr__. Flushed into the
+        # buffers before any state_dict is taken.
+        self._fast: dict = {}
 
     # ------------------------------------------------------------------ state
     @property
@@ -125,6 +129,7 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         rows = self.committed.shape[0]
         for name in ("committed", "n", "g", "l", "s", "commit_count"):
             setattr(self, name, torch.zeros(rows, columns, device=device))
+        self._fast.clear()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         # Per-channel buffers are sized on the first observation; take the saved size.
@@ -136,21 +141,23 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
             if incoming is not None and incoming.shape != getattr(self, name).shape:
                 setattr(self, name, torch.zeros_like(incoming))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        self._fast.clear()
 
     # ------------------------------------------------------------ observation
     def _observe(self, x: torch.Tensor) -> torch.Tensor:
         """This step's observation: rows like `committed`, reduced across ranks."""
         x = x.detach()
         if self.ch_axis >= 0:
-            flat = x.transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1).float()
-            lo, hi = torch.aminmax(flat, dim=1)
+            dims = [d for d in range(x.dim()) if d != self.ch_axis % x.dim()]
+            if self.symmetric:
+                obs = x.abs().amax(dim=dims).unsqueeze(0)
+            else:
+                obs = torch.stack(torch.aminmax(x.transpose(0, self.ch_axis).flatten(1), dim=1))
+        elif self.symmetric:
+            obs = x.abs().max().reshape(1, 1)
         else:
-            lo, hi = torch.aminmax(x.float())
-            lo, hi = lo.reshape(1), hi.reshape(1)
-        if self.symmetric:
-            obs = torch.maximum(-lo, hi).unsqueeze(0)
-        else:
-            obs = torch.stack([lo, hi])
+            obs = torch.stack(torch.aminmax(x)).reshape(2, 1)
+        obs = obs.float()
         if self.reduce_distributed and dist.is_available() and dist.is_initialized():
             # Max-reduce upper bounds and absmax, min-reduce lower bounds; a
             # rank's non-finite value drops out of the reduction.
@@ -182,21 +189,85 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
             self.mode.fill_(CALIBRATING)
             self._refresh_qparams()
             return
-        state = VoteState(self.n, self.g, self.l, self.s)
-        new, moved = apply_vote(self.committed, state, obs, self.config)
+        if self.ch_axis < 0 and obs.device.type == "cpu":
+            self._vote_scalars(obs)
+        else:
+            self._vote_tensors(obs)
+
+    def _vote_scalars(self, obs: torch.Tensor) -> None:
+        """Per-tensor ranges on the CPU: the rule on Python floats (a few µs a step)."""
+        fast = self._fast
+        if "p" not in fast:
+            fast["p"] = self.committed[:, 0].tolist()
+            fast["votes"] = [list(v) for v in zip(*(getattr(self, k)[:, 0].tolist() for k in "ngls"))]
+        moved_any = False
+        for row, o in enumerate(obs[:, 0].tolist()):
+            new, moved = apply_vote_scalar(fast["p"][row], fast["votes"][row], o, self.config)
+            if moved:
+                self.committed[row, 0] = new
+                fast["p"][row] = float(self.committed[row, 0])  # as stored, in float32
+                self.commit_count[row, 0] += 1
+                moved_any = True
+        if moved_any:
+            self._refresh_qparams()
+
+    def _vote_tensors(self, obs: torch.Tensor) -> None:
+        # Votes are counted in batches: until some value can reach min_votes no
+        # commit is possible, so the observations wait in a list and are
+        # counted together (exactly; they all compare against the same P).
+        fast = self._fast
+        pending = fast.setdefault("pending", [])
+        pending.append(obs)
+        if fast.get("max_n") is None:
+            fast["max_n"] = int(self.n.max())
+        if fast["max_n"] + len(pending) < self.config.min_votes:
+            return
+        self._flush()
+        new, moved = decide(self.committed, VoteState(self.n, self.g, self.l, self.s), self.config)
+        fast["max_n"] = int(self.n.max())
         if bool(moved.any()):
             self.committed.copy_(new)
             self.commit_count += moved
             self._refresh_qparams()
 
+    def _flush(self) -> None:
+        """Bring n, g, l, s up to date with the fast paths' state."""
+        fast = self._fast
+        if fast.get("pending"):
+            accumulate(self.committed, VoteState(self.n, self.g, self.l, self.s), torch.stack(fast["pending"]))
+            fast["pending"] = []
+            fast["max_n"] = None
+        if "votes" in fast:
+            votes = torch.tensor(fast["votes"], dtype=self.n.dtype, device=self.n.device)
+            for i, name in enumerate("ngls"):
+                getattr(self, name)[:, 0] = votes[:, i]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # Saved n, g, l, s always include every observation so far.
+        self._flush()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     # ----------------------------------------------------------------- qparams
     def _refresh_qparams(self) -> None:
         scale, zero_point = self.calculate_qparams()
-        self.scale = scale.to(self.committed.device)
-        self.zero_point = zero_point.to(device=self.committed.device, dtype=torch.int32)
+        if self.scale.shape == scale.shape:
+            # In place: runs on most steps for per-channel weights, and
+            # nn.Module.__setattr__ costs more than the copy.
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
+        else:
+            self.scale = scale.to(self.committed.device)
+            self.zero_point = zero_point.to(device=self.committed.device, dtype=torch.int32)
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of the committed range (PyTorch's min/max formulas)."""
+        if self.symmetric and self.ch_axis >= 0 and self.dtype not in (torch.uint8, torch.quint8, torch.uint16):
+            # torchao's symmetric branch reduced to what it computes for a
+            # signed dtype and a range [-absmax, absmax]: the same float ops,
+            # without a dozen intermediate tensors (this runs on most steps).
+            absmax = self.committed[0].clamp(min=0)
+            scale = torch.max(absmax / (float(self.quant_max - self.quant_min) / 2), self.eps)
+            return scale, torch.zeros(scale.shape, dtype=torch.int64, device=scale.device)
         lo, hi = self.committed_range()
         if self.ch_axis < 0:
             lo, hi = lo.reshape(()), hi.reshape(())

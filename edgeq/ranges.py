@@ -9,6 +9,7 @@ module in :mod:`edgeq.fake_quant` calls it once per bound per step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -68,6 +69,55 @@ class VoteState:
         return cls(z.clone(), z.clone(), z.clone(), z.clone())
 
 
+def accumulate(committed: torch.Tensor, state: VoteState, observation: torch.Tensor) -> None:
+    """Count observations' votes into ``state`` (in place); non-finite ones cast none.
+
+    ``observation`` has the shape of ``committed`` (one step) or a leading
+    axis of steps. Counting several steps at once is exact as long as no
+    commit could fall between them (fewer than ``min_votes`` votes), because
+    the votes compare against the same committed value.
+    """
+    obs = observation.to(state.s.dtype)
+    if obs.dim() == committed.dim():
+        obs = obs.unsqueeze(0)
+    p = committed.to(state.s.dtype)
+    valid = torch.isfinite(obs)
+    obs = torch.where(valid, obs, p)  # an invalid vote equals P: neither above nor below
+    state.n += valid.sum(0)
+    state.g += (obs > p).sum(0)
+    state.l += (obs < p).sum(0)
+    state.s += torch.where(valid, obs, 0.0).sum(0)
+
+
+def decide(committed: torch.Tensor, state: VoteState, config: VoteConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Commit where the votes so far call for it; reset those votes (claim 6) and stale ones."""
+    p = committed.to(state.s.dtype)
+    ready = state.n >= config.min_votes
+    # g / n > ratio, written without a division so nothing is computed twice.
+    up = ready & (state.g > config.up_ratio * state.n)
+    down = ready & ~up & (state.l > config.down_ratio * state.n)
+    commits = up | down
+    stale = (state.n >= config.window) if config.window else None
+    if not bool(commits.any()) and (stale is None or not bool(stale.any())):
+        # The usual step once the vote is split: nothing moves, nothing resets.
+        return committed, commits
+    n_safe = state.n.clamp(min=1)
+    if config.rule == "mean":
+        blend = config.keep * p + (1.0 - config.keep) * (state.s / n_safe)
+        raised, lowered = torch.maximum(p, blend), torch.minimum(p, blend)
+    else:
+        delta = config.step * p.abs().clamp(min=config.eps)
+        raised, lowered = p + delta, p - delta
+    new_p = torch.where(up, raised, torch.where(down, lowered, p))
+    reset = commits if stale is None else commits | stale
+    keep_votes = (~reset).to(state.n.dtype)
+    state.n *= keep_votes
+    state.g *= keep_votes
+    state.l *= keep_votes
+    state.s *= keep_votes
+    return new_p.to(committed.dtype), commits
+
+
 def apply_vote(
     committed: torch.Tensor,
     state: VoteState,
@@ -79,33 +129,36 @@ def apply_vote(
     Returns ``(committed, commits)`` where ``commits`` is a bool mask of the
     values that moved this step. Non-finite observations cast no vote.
     """
-    valid = torch.isfinite(observation)
-    obs = torch.where(valid, observation, committed).to(state.s.dtype)
-    p = committed.to(state.s.dtype)
-    vf = valid.to(state.n.dtype)
-    state.n += vf
-    state.g += vf * (obs > p)
-    state.l += vf * (obs < p)
-    state.s += vf * obs
+    accumulate(committed, state, observation)
+    return decide(committed, state, config)
 
-    ready = state.n >= config.min_votes
-    n_safe = state.n.clamp(min=1)
-    up = ready & (state.g / n_safe > config.up_ratio)
-    down = ready & ~up & (state.l / n_safe > config.down_ratio)
-    if config.rule == "mean":
-        blend = config.keep * p + (1.0 - config.keep) * (state.s / n_safe)
-        raised, lowered = torch.maximum(p, blend), torch.minimum(p, blend)
+
+def apply_vote_scalar(committed: float, state: list[float], observation: float, config: VoteConfig) -> tuple[float, bool]:
+    """:func:`apply_vote` for one value held in Python floats; ``state`` is [n, g, l, s].
+
+    The fake-quant uses it for per-tensor ranges on the CPU, where a handful
+    of float operations cost far less than the same rule as tensor ops. The
+    two implementations are tested to agree step by step.
+    """
+    if not math.isfinite(observation):
+        n, g, l, s = state
     else:
-        delta = config.step * p.abs().clamp(min=config.eps)
-        raised, lowered = p + delta, p - delta
-    new_p = torch.where(up, raised, torch.where(down, lowered, p))
-    commits = up | down
-    reset = commits
-    if config.window:
-        reset = reset | (state.n >= config.window)
-    keep_votes = (~reset).to(state.n.dtype)
-    state.n *= keep_votes
-    state.g *= keep_votes
-    state.l *= keep_votes
-    state.s *= keep_votes
-    return new_p.to(committed.dtype), commits
+        n, g, l, s = state[0] + 1, state[1] + (observation > committed), state[2] + (observation < committed), state[3] + observation
+    new, moved = committed, False
+    if n >= config.min_votes:
+        if g > config.up_ratio * n:
+            moved = True
+            if config.rule == "mean":
+                new = max(committed, config.keep * committed + (1.0 - config.keep) * (s / n))
+            else:
+                new = committed + config.step * max(abs(committed), config.eps)
+        elif l > config.down_ratio * n:
+            moved = True
+            if config.rule == "mean":
+                new = min(committed, config.keep * committed + (1.0 - config.keep) * (s / n))
+            else:
+                new = committed - config.step * max(abs(committed), config.eps)
+    if moved or (config.window and n >= config.window):
+        n = g = l = s = 0.0
+    state[:] = [float(n), float(g), float(l), float(s)]
+    return new, moved

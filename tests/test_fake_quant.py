@@ -184,3 +184,19 @@ def test_distributed_observations_are_reduced_so_ranks_agree():
     # steps 2-3: lo -0.5, hi 8 -> commit lo = (-1.25 - 0.5)/2, hi = (4.5 + 8)/2.
     assert committed == [[-0.875], [6.25]]
     assert commits == 4
+
+
+def test_cpu_scalar_path_matches_the_tensor_path():
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(32, generator=gen) * (1 + 0.01 * i) for i in range(200)]
+    a = calibrated(batches[:4], min_votes=4, **AFFINE)
+    b = calibrated(batches[:4], min_votes=4, **AFFINE)
+    b._vote_scalars = b._vote_tensors  # force the batched tensor path
+    for x in batches[4:]:
+        assert torch.allclose(a(x), b(x), atol=1e-6)
+    assert a.commits() == b.commits() > 0
+    assert torch.allclose(a.committed, b.committed, rtol=1e-6)
+    sa, sb = a.state_dict(), b.state_dict()
+    for key in ("n", "g", "l"):
+        assert torch.equal(sa[key], sb[key]), key
+    assert torch.allclose(sa["s"], sb["s"], rtol=1e-5)

@@ -104,3 +104,27 @@ def test_values_vote_independently():
 def test_invalid_knobs_are_refused(bad):
     with pytest.raises(ValueError):
         VoteConfig(**bad)
+
+
+@pytest.mark.parametrize("knobs", [dict(), dict(rule="step", step=0.1), dict(window=12, min_votes=4), dict(up_ratio=0.3, down_ratio=0.5, keep=0.8)])
+def test_scalar_rule_agrees_with_the_tensor_rule(knobs):
+    from edgeq.ranges import apply_vote_scalar
+
+    cfg = VoteConfig(**knobs)
+    gen = torch.Generator().manual_seed(0)
+    seq = (torch.randn(400, generator=gen) * 0.3 + torch.linspace(1, 3, 400)).tolist()
+    seq[50] = math.nan
+    seq[51] = math.inf
+    p_t = torch.tensor([1.0])
+    state_t = VoteState.zeros_like(p_t)
+    p_s, state_s = 1.0, [0.0, 0.0, 0.0, 0.0]
+    commits = 0
+    for o in seq:
+        p_t, moved_t = apply_vote(p_t, state_t, torch.tensor([o]), cfg)
+        p_s, moved_s = apply_vote_scalar(p_s, state_s, o, cfg)
+        p_s = float(torch.tensor(p_s, dtype=torch.float32))
+        assert bool(moved_t) == moved_s
+        assert float(p_t) == pytest.approx(p_s, rel=1e-6)
+        assert [float(state_t.n), float(state_t.g), float(state_t.l)] == state_s[:3]
+        commits += moved_s
+    assert commits > 5
