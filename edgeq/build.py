@@ -21,7 +21,9 @@ from .convert import convert, prepare
 from .errors import AccuracyError, EdgeqError
 from .evaluate import Evaluation, agreement, evaluate
 from .lower import Lowered, lower
+from .analyze import analyze
 from .plan import Plan, uniform_plan, validate_plan, weight_bytes
+from .planner import make_plan
 from .qat import QATConfig, QATReport, run_qat, to_eval
 from .quantizer import build_quantizer
 from .recipe import Recipe, load_recipe
@@ -35,8 +37,12 @@ class BuildConfig:
     out: str | Path | None = None
     #: an edited plan.json; None: every layer at ``precision``
     plan: str | Path | Plan | None = None
-    #: uniform precision for every layer (default: the target's default)
+    #: uniform precision for every layer; None (and no plan): planned per layer
     precision: str | None = None
+    #: planner constraint: program bytes (> 1) or a fraction of the float program (<= 1)
+    size_budget: float | None = None
+    #: planner: inputs with max |x| / p99.9 above this keep a wide precision
+    outlier_ratio: float = 8.0
     qat: QATConfig = field(default_factory=QATConfig)
     #: fail when the .pte's metric falls more than this below float
     max_drop: float = 1.0
@@ -165,12 +171,23 @@ def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, 
             raise EdgeqError(f"recipe model() returned {type(float_model).__name__}", "return a torch.nn.Module")
         float_model = float_model.eval()
         example_inputs = recipe.example_inputs()
+    _announce(progress, "float")
+    with stages("lower"):
+        float_program = lower(float_model, example_inputs, load_target("android")).program
+    analysis = planned = None
     if config.plan is not None:
         plan = config.plan if isinstance(config.plan, Plan) else Plan.load(config.plan)
         plan = validate_plan(copy.deepcopy(plan), float_model, target)
-    else:
+    elif config.precision is not None:
         plan = uniform_plan(float_model, target, config.precision)
-    _announce(progress, "float")
+    else:
+        _announce(progress, "analyze")
+        with stages("analyze"):
+            analysis = analyze(float_model, recipe, target)
+            planned = make_plan(analysis, target, len(float_program), max_drop=config.max_drop,
+                                size_budget=config.size_budget, outlier_ratio=config.outlier_ratio,
+                                intermediate_bits=config.qat.intermediate_bits)
+        plan = planned.plan
     with stages("evaluate"):
         float_eval = _score(float_model, recipe, progress, "float model")
     _announce(progress, "qat")
@@ -197,8 +214,13 @@ def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, 
         float_graph = capture_mod.capture(float_model, example_inputs, dynamic_batch=False)
         lowered = lower(reference, example_inputs, target, float_graph=float_graph,
                         allow_download=config.allow_sdk_download)
-        # The float baseline is always the XNNPACK CPU program: HTP runs quantized graphs.
-        float_program = lower(float_model, example_inputs, load_target("android")).program
+    if config.size_budget is not None:
+        budget = config.size_budget * len(float_program) if config.size_budget <= 1 else config.size_budget
+        if len(lowered.program) > budget:
+            raise EdgeqError(
+                f"model.pte is {len(lowered.program):,} bytes, over --size-budget {budget:,.0f}",
+                "lower --size-budget slightly to leave the planner a margin, or edit plan.json to narrow more layers",
+            )
     _announce(progress, "validate")
     with stages("validate"):
         program_eval = _score(run_program(lowered.program), recipe, progress, "model.pte (ExecuTorch runtime)")
@@ -225,8 +247,10 @@ def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, 
         plan.save(output.path("plan.json"))
         man = manifest(recipe, target, config, lowered, example_inputs, float_model, sha256(lowered.program))
         write_json_atomic(output.path("manifest.json"), man)
+        if analysis is not None:
+            analysis.save(output.path("analysis.json"))
     report = build_report(recipe, target, config, plan, scores, sizes, lowered, qat_report, stages.seconds,
-                          samples=program_eval.samples)
+                          samples=program_eval.samples, analysis=analysis, planned=planned)
     write_json_atomic(output.path("report.json"), report)
     write_html(output.path("report.html"), report)
     return BuildResult(

@@ -13,7 +13,7 @@ from rich.console import Console
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize a float PyTorch model with adaptive-range QAT and ship it to phones.")
 console = Console(stderr=True)
-out = Console()
+stdout = Console()
 
 
 class RichProgress:
@@ -74,7 +74,9 @@ def build(
     recipe: Optional[str] = typer.Option(None, help="Recipe .py file or importable module (default: bundled digits example)."),
     out: Optional[Path] = typer.Option(None, help="Output directory (default: ./edgeq-out/<recipe name>)."),
     plan: Optional[Path] = typer.Option(None, help="Use this (edited) plan.json instead of planning."),
-    precision: Optional[str] = typer.Option(None, help="One precision for every layer, from the target's menu."),
+    precision: Optional[str] = typer.Option(None, help="One precision for every layer, from the target's menu (default: planned per layer)."),
+    size_budget: Optional[float] = typer.Option(None, help="Planner: program size limit, in bytes (> 1) or as a fraction of the float program (<= 1)."),
+    outlier_ratio: float = typer.Option(8.0, help="Planner: layers whose input has max |x| / p99.9 above this keep a wide precision."),
     steps: int = typer.Option(300, help="QAT steps."),
     lr: float = typer.Option(1e-3, help="QAT learning rate."),
     ranges: str = typer.Option("adaptive", help="Range tracking during QAT: adaptive (edgeq's voting tracker) or ema (PT2E's default)."),
@@ -112,6 +114,7 @@ def build(
         qat = QATConfig(steps=steps, lr=lr, ranges=range_config, fold_bn=fold_bn, freeze_ranges=freeze_ranges,
                         freeze_bn=freeze_bn, device=device)
         config = BuildConfig(target=target, out=out, plan=plan, precision=precision, qat=qat,
+                             size_budget=size_budget, outlier_ratio=outlier_ratio,
                              max_drop=max_drop, seed=seed, allow_sdk_download=allow_sdk_download)
         with RichProgress() as progress:
             try:
@@ -142,15 +145,43 @@ def _summary(result) -> None:
     table.add_row("program size", f"{result.sizes['program_bytes']:,} B (float {result.sizes['float_program_bytes']:,} B)")
     d = result.lowered.delegation
     table.add_row("delegated ops / outside", f"{d.delegated_ops} / {d.outside_ops}")
-    out.print(table)
+    stdout.print(table)
     timing = Table(title="time per stage (s)")
     timing.add_column("stage")
     timing.add_column("seconds", justify="right")
     for name, secs in result.timings.items():
         timing.add_row(name, f"{secs:.2f}")
     timing.add_row("total", f"{sum(result.timings.values()):.2f}")
-    out.print(timing)
-    out.print(f"wrote {result.out_dir}")
+    stdout.print(timing)
+    stdout.print(f"wrote {result.out_dir}")
+
+
+@app.command()
+def analyze(
+    target: str = typer.Option("android", help="Target whose precision menu is measured."),
+    recipe: Optional[str] = typer.Option(None, help="Recipe .py file or importable module (default: bundled digits example)."),
+    out: Path = typer.Option(Path("analysis.json"), help="Where to write the analysis."),
+    batches: int = typer.Option(8, help="Calibration batches from train_data()."),
+) -> None:
+    """Measure every layer's ranges, SQNR and sensitivity; print a table and write analysis.json."""
+    try:
+        from .analyze import analyze as run_analyze
+        from .analyze import print_analysis
+        from .errors import EdgeqError
+        from .package import write_json_atomic
+        from .recipe import load_recipe
+        from .targets import load_target
+
+        t = load_target(target)
+        r = load_recipe(recipe)
+        if out.parent and not out.parent.exists():
+            raise EdgeqError(f"directory {out.parent} does not exist", "create it or pass --out elsewhere")
+        analysis = run_analyze(r.model(), r, t, batches=batches)
+        print_analysis(analysis, stdout)
+        write_json_atomic(out, analysis.to_dict())
+        stdout.print(f"wrote {out}")
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
 
 
 @app.command()
@@ -169,7 +200,7 @@ def targets() -> None:
         except Exception as exc:  # noqa: BLE001
             _fail(exc)
         table.add_row(t.name, t.backend, t.chipset, t.default_precision, ", ".join(t.precisions))
-    out.print(table)
+    stdout.print(table)
 
 
 @app.command()
@@ -192,7 +223,7 @@ def validate(
         prog = evaluate(run_program(program), r.eval_data(), r.metric)
         ref = evaluate(r.model().eval(), r.eval_data(), r.metric)
         agree = agreement(ref.outputs, prog.outputs)
-        out.print(f"program metric {prog.metric:.2f}  float {ref.metric:.2f}  drop {ref.metric - prog.metric:.2f}  "
+        stdout.print(f"program metric {prog.metric:.2f}  float {ref.metric:.2f}  drop {ref.metric - prog.metric:.2f}  "
                   f"top-1 agreement with float {agree:.2f}%  SQNR {sqnr_db(ref.outputs, prog.outputs):.1f} dB  "
                   f"cosine {cosine(ref.outputs, prog.outputs):.4f}  ({prog.samples} samples)")
         if max_drop is not None and ref.metric - prog.metric > max_drop:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
@@ -65,6 +65,8 @@ class QATReport:
     last_loss: float
     commits: dict[str, int]
     losses: list[float]
+    #: weight fake-quants trained at the intermediate width first, and for how many steps
+    intermediate: dict[str, Any] = field(default_factory=dict)
 
 
 def fake_quants(model: torch.nn.Module) -> dict[str, FakeQuantizeBase]:
@@ -228,4 +230,6 @@ def run_qat(
         last_loss=losses[-1] if losses else float("nan"),
         commits=commits,
         losses=losses[:: max(1, steps // 100)],
+        intermediate={"bits": config.intermediate_bits, "steps": inter_steps,
+                      "tensors": {name: list(r) for name, r in narrow.items()}} if inter_steps else {},
     )

@@ -64,7 +64,8 @@ def _input_names(model: torch.nn.Module, count: int) -> list[str]:
     return names + [f"input_{i}" for i in range(len(names), count)]
 
 
-def build_report(recipe, target, config, plan, scores, sizes, lowered, qat_report, timings, samples: int) -> dict[str, Any]:
+def build_report(recipe, target, config, plan, scores, sizes, lowered, qat_report, timings, samples: int,
+                 analysis=None, planned=None) -> dict[str, Any]:
     delegation = lowered.delegation
     return {
         "recipe": recipe.name,
@@ -101,8 +102,15 @@ def build_report(recipe, target, config, plan, scores, sizes, lowered, qat_repor
             "first_loss": qat_report.first_loss,
             "last_loss": qat_report.last_loss,
             "commits": qat_report.commits,
+            "intermediate": qat_report.intermediate,
             "losses": qat_report.losses,
         },
+        "analysis": analysis.to_dict() if analysis is not None else None,
+        "planner": {
+            "predicted_drop": planned.predicted_drop,
+            "estimated_program_bytes": planned.program_bytes,
+            "considered": [asdict(p) for p in planned.considered],
+        } if planned is not None else None,
         "timings": timings,
         "versions": versions(),
     }
@@ -149,6 +157,7 @@ def render_html(report: dict[str, Any]) -> str:
         "<h2>Precision plan</h2>",
         _table([[l["name"], l["kind"], l["params"], l["precision"], l["reason"]] for l in report["plan"]],
                ["layer", "kind", "weights", "precision", "reason"]),
+        *_layer_sections(report),
         "<h2>QAT</h2>",
         f"<p>{report['qat']['steps']} steps in {report['qat']['seconds']:.1f} s; loss {report['qat']['first_loss']:.4f} "
         f"to {report['qat']['last_loss']:.4f}.</p>",
@@ -163,6 +172,37 @@ def render_html(report: dict[str, Any]) -> str:
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}"
              "th{background:#f3f3f3}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>edgeq report</title><style>{style}</style></head><body>{''.join(sections)}</body></html>\n"
+
+
+def _layer_sections(report: dict[str, Any]) -> list[str]:
+    analysis = report.get("analysis")
+    if not analysis:
+        return []
+    from . import plots
+
+    chosen = {l["name"]: l for l in report["plan"]}
+    rows = []
+    for l in analysis["layers"]:
+        plan = chosen.get(l["name"], {})
+        rows.append([
+            l["name"], l["kind"], f"[{l['weight_min']:.3f}, {l['weight_max']:.3f}]", l["channel_spread"],
+            f"[{l['act_min']:.3f}, {l['act_max']:.3f}]", l["act_p999"], l["act_p9999"], l["outlier_ratio"],
+            ", ".join(f"{k} {v:.1f}" for k, v in l["weight_sqnr"].items()),
+            ", ".join(f"{k} {v:.1f}" for k, v in l["act_sqnr"].items()),
+            ", ".join(f"{k} {v:+.4f}" for k, v in l["loss_delta"].items()),
+            plan.get("precision", ""), plan.get("reason", ""),
+        ])
+    figures = [plots.ranges_figure(analysis["layers"]), plots.sensitivity_figure(analysis["layers"])]
+    if report.get("planner"):
+        figures.append(plots.tradeoff_figure(report["planner"]["considered"], analysis["float_metric"]))
+    return [
+        "<h2>Per-layer analysis</h2>",
+        f"<p>Measured on {analysis['batches']} calibration batches; sensitivity is the change in task loss with only "
+        "that layer quantized.</p>",
+        _table(rows, ["layer", "kind", "weight range", "channel spread", "input range", "p99.9 |x|", "p99.99 |x|",
+                      "outlier ratio", "weight SQNR dB", "input SQNR dB", "sensitivity (Δloss)", "precision", "reason"]),
+        "".join(f"<img alt='figure' src='{src}'>" for src in figures),
+    ]
 
 
 def write_html(path: Path, report: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ def digits_build(tmp_path_factory):
     from edgeq.qat import QATConfig
 
     out = tmp_path_factory.mktemp("build") / "digits"
-    result = build(None, BuildConfig(target="android", out=out, qat=QATConfig(steps=120)))
+    result = build(None, BuildConfig(target="android", out=out, qat=QATConfig(steps=120), size_budget=0.9))
     return result
 
 

@@ -73,6 +73,36 @@ def test_host_validation_equals_a_direct_runtime_run(digits_build):
     assert torch.equal(ours, direct)
 
 
+def test_default_build_plans_per_layer_within_the_size_budget(digits_build):
+    report = digits_build.report
+    assert report["size"]["program_bytes"] <= 0.9 * report["size"]["float_program_bytes"]
+    assert (digits_build.out_dir / "analysis.json").is_file()
+    assert report["planner"]["considered"][-1]["chosen"]
+    assert all(layer["reason"] for layer in report["plan"])
+    html = (digits_build.out_dir / "report.html").read_text()
+    assert "Per-layer analysis" in html and html.count("data:image/png;base64,") == 3
+
+
+def test_edited_plan_builds_with_an_intermediate_width(tmp_path, digits_build):
+    plan = json.loads((digits_build.out_dir / "plan.json").read_text())
+    for layer in plan["layers"]:
+        if layer["name"] in ("pw.0", "head"):
+            layer["precision"], layer["reason"] = "w4a8", "edited: 4-bit weights"
+    edited = tmp_path / "plan.json"
+    edited.write_text(json.dumps(plan))
+    out = tmp_path / "out"
+    code, output = _run_cli(["build", "--plan", str(edited), "--out", str(out), "--steps", "40", "--max-drop", "5"])
+    assert code == 0, output
+    report = json.loads((out / "report.json").read_text())
+    used = {l["name"]: (l["precision"], l["reason"]) for l in report["plan"]}
+    assert used["head"] == ("w4a8", "edited: 4-bit weights") and used["stem.0"][0] == "int8"
+    # Claim 8: the two 4-bit layers trained at 8-bit weights first (30% of the steps), then at 4 bits.
+    inter = report["qat"]["intermediate"]
+    assert inter["bits"] == 8 and inter["steps"] == 12
+    assert sorted(inter["tensors"].values()) == [[-7, 7], [-7, 7]]
+    assert json.loads((out / "plan.json").read_text())["layers"] == plan["layers"]
+
+
 def test_plan_json_round_trips(digits_build):
     from edgeq.plan import Plan
 

@@ -1,0 +1,223 @@
+"""Per-layer range analysis (spec claims 7 and 9): what each layer's numbers look like.
+
+For every quantizable layer (conv, linear) of the float model, on a few
+calibration batches:
+
+- weight range per output channel and the spread between channels;
+- the range of the activation feeding the layer: min, max, 99.9 / 99.99
+  percentiles of |x|, and an outlier ratio (max |x| over the 99.9 percentile);
+- SQNR (dB) of the weights and of that activation at each precision the
+  target offers;
+- sensitivity: the change in task loss and metric when only that layer is
+  quantized at each candidate precision.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import EdgeqError
+from .plan import quantizable_layers
+from .recipe import Recipe, as_tuple
+from .targets import Precision, Target
+
+#: activation samples kept per layer for percentiles
+_SAMPLE = 200_000
+
+
+@dataclass
+class LayerAnalysis:
+    name: str
+    kind: str
+    params: int
+    weight_min: float
+    weight_max: float
+    weight_absmax: float
+    #: largest channel absmax over the median channel absmax
+    channel_spread: float
+    channel_absmax: list[float]
+    act_min: float
+    act_max: float
+    act_p999: float
+    act_p9999: float
+    #: max |x| over the 99.9th percentile of |x|
+    outlier_ratio: float
+    weight_sqnr: dict[str, float] = field(default_factory=dict)
+    act_sqnr: dict[str, float] = field(default_factory=dict)
+    #: precision -> increase of the task loss when only this layer is quantized
+    loss_delta: dict[str, float] = field(default_factory=dict)
+    #: precision -> drop of the task metric (points) when only this layer is quantized
+    metric_drop: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Analysis:
+    target: str
+    float_loss: float
+    float_metric: float
+    batches: int
+    layers: list[LayerAnalysis]
+
+    def layer(self, name: str) -> LayerAnalysis:
+        for entry in self.layers:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _sqnr(x: torch.Tensor, q: torch.Tensor) -> float:
+    noise = (x - q).double().pow(2).mean()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(x.double().pow(2).mean() / noise))
+
+
+def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel symmetric fake-quantization, as the targets' quantizers do."""
+    top = 2 ** (bits - 1) - 1
+    absmax = w.detach().flatten(1).abs().amax(1).clamp(min=2**-12)
+    scale = absmax / top
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    return torch.clamp(torch.round(w / scale.view(shape)), -top, top) * scale.view(shape)
+
+
+def fake_quant_act(x: torch.Tensor, lo: float, hi: float, bits: int) -> torch.Tensor:
+    """Per-tensor affine fake-quantization over [lo, hi] (widened to contain 0)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    levels = 2**bits - 1
+    scale = max((hi - lo) / levels, 2**-12)
+    zero = round(-lo / scale)
+    return (torch.clamp(torch.round(x / scale) + zero, 0, levels) - zero) * scale
+
+
+def _quantized_variants(target: Target, kind: str) -> dict[str, Precision]:
+    return {name: p for name, p in target.precisions.items() if kind in p.ops and not p.is_float}
+
+
+def _batches(recipe: Recipe, count: int) -> list:
+    batches = []
+    for batch in recipe.train_data():
+        batches.append(batch)
+        if len(batches) >= count:
+            break
+    if not batches:
+        raise EdgeqError("train_data() yielded no batches", "make the recipe's train_data() yield (inputs, target) batches")
+    return batches
+
+
+def _score(model: nn.Module, recipe: Recipe, batches: list) -> tuple[float, float]:
+    losses, outputs, targets = [], [], []
+    with torch.no_grad():
+        for inputs, target in batches:
+            out = model(*as_tuple(inputs))
+            losses.append(float(recipe.loss(out, target)) * len(out))
+            outputs.append(out)
+            targets.append(target)
+    outs, tgts = torch.cat(outputs), torch.cat(targets)
+    return sum(losses) / len(outs), float(recipe.metric(outs, tgts))
+
+
+def analyze(model: nn.Module, recipe: Recipe, target: Target, batches: int = 8) -> Analysis:
+    """Measure every quantizable layer of ``model`` on ``batches`` calibration batches."""
+    model = model.eval()
+    data = _batches(recipe, batches)
+    layers = quantizable_layers(model)
+    modules = dict(model.named_modules())
+    samples: dict[str, list[torch.Tensor]] = {name: [] for name, _, _ in layers}
+    extremes: dict[str, list[float]] = {name: [math.inf, -math.inf] for name, _, _ in layers}
+
+    def record(name):
+        def hook(module, args):
+            x = args[0].detach().float()
+            extremes[name][0] = min(extremes[name][0], float(x.min()))
+            extremes[name][1] = max(extremes[name][1], float(x.max()))
+            flat = x.flatten()
+            if flat.numel() > _SAMPLE // batches:
+                idx = torch.randint(0, flat.numel(), (_SAMPLE // batches,), generator=torch.Generator().manual_seed(0))
+                flat = flat[idx]
+            samples[name].append(flat)
+        return hook
+
+    handles = [modules[name].register_forward_pre_hook(record(name)) for name, _, _ in layers]
+    try:
+        float_loss, float_metric = _score(model, recipe, data)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    results = []
+    for name, kind, params in layers:
+        module = modules[name]
+        w = module.weight.detach().float()
+        ch_absmax = w.flatten(1).abs().amax(1)
+        lo, hi = extremes[name]
+        acts = torch.cat(samples[name])
+        mags = acts.abs()
+        p999 = float(torch.quantile(mags, 0.999)) if mags.numel() else 0.0
+        p9999 = float(torch.quantile(mags, 0.9999)) if mags.numel() else 0.0
+        entry = LayerAnalysis(
+            name=name, kind=kind, params=params,
+            weight_min=float(w.min()), weight_max=float(w.max()), weight_absmax=float(ch_absmax.max()),
+            channel_spread=float(ch_absmax.max() / ch_absmax.median().clamp(min=1e-12)),
+            channel_absmax=[round(float(v), 6) for v in ch_absmax],
+            act_min=lo, act_max=hi, act_p999=p999, act_p9999=p9999,
+            outlier_ratio=float(max(abs(lo), abs(hi)) / p999) if p999 > 0 else 1.0,
+        )
+        for pname, spec in _quantized_variants(target, kind).items():
+            entry.weight_sqnr[pname] = round(_sqnr(w, fake_quant_weight(w, spec.weight_bits)), 3)
+            if spec.activations == "static":
+                entry.act_sqnr[pname] = round(_sqnr(acts, fake_quant_act(acts, lo, hi, spec.activation_bits)), 3)
+            loss, metric = _layer_alone(model, module, recipe, data, spec, lo, hi)
+            entry.loss_delta[pname] = round(loss - float_loss, 6)
+            entry.metric_drop[pname] = round(float_metric - metric, 4)
+        results.append(entry)
+    return Analysis(target=target.name, float_loss=float_loss, float_metric=float_metric, batches=len(data), layers=results)
+
+
+def _layer_alone(model, module, recipe, data, spec: Precision, lo: float, hi: float) -> tuple[float, float]:
+    """Loss and metric with only ``module`` quantized (weights and its input)."""
+    original = module.weight.data.clone()
+    module.weight.data = fake_quant_weight(original, spec.weight_bits)
+
+    def quantize_input(mod, args):
+        x = args[0]
+        if spec.activations == "dynamic":
+            return (fake_quant_act(x, float(x.min()), float(x.max()), spec.activation_bits),) + tuple(args[1:])
+        return (fake_quant_act(x, lo, hi, spec.activation_bits),) + tuple(args[1:])
+
+    handle = module.register_forward_pre_hook(quantize_input)
+    try:
+        return _score(model, recipe, data)
+    finally:
+        handle.remove()
+        module.weight.data = original
+
+
+def print_analysis(analysis: Analysis, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"edgeq analyze ({analysis.target}): float loss {analysis.float_loss:.4f}, metric {analysis.float_metric:.2f}")
+    for col in ("layer", "kind", "weights", "w absmax", "spread", "input range", "p99.9", "outlier", "w SQNR dB", "Δloss"):
+        table.add_column(col, overflow="fold")
+    for l in analysis.layers:
+        table.add_row(
+            l.name, l.kind, f"{l.params:,}", f"{l.weight_absmax:.3f}", f"{l.channel_spread:.1f}",
+            f"[{l.act_min:.2f}, {l.act_max:.2f}]", f"{l.act_p999:.2f}", f"{l.outlier_ratio:.1f}",
+            "\n".join(f"{k} {v:.1f}" for k, v in l.weight_sqnr.items()),
+            "\n".join(f"{k} {v:+.4f}" for k, v in l.loss_delta.items()),
+        )
+    console.print(table)

@@ -1,0 +1,170 @@
+"""Choose one precision per layer from the target's menu (spec claim 9).
+
+Greedy on measured sensitivity: start every layer at the target's default
+precision, keep outlier-heavy layers there, then narrow the layer that costs
+the least predicted metric per byte saved (static precisions only), while the prediction stays within
+``max_drop`` (or until the program fits ``size_budget``). If even the default
+costs more than ``max_drop``, the most sensitive layers go back to float
+where the target offers it. Every layer gets a one-line reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .analyze import Analysis, LayerAnalysis
+from .errors import EdgeqError
+from .plan import LayerPlan, Plan
+from .targets import Target
+
+#: max |x| over the 99.9th percentile of |x| above which an input is outlier-heavy
+OUTLIER_RATIO = 8.0
+#: largest over median channel absmax above which a weight is outlier-heavy
+CHANNEL_SPREAD = 20.0
+
+
+@dataclass
+class PlanPoint:
+    """One plan the greedy search passed through, for the accuracy-vs-size plot."""
+
+    program_bytes: int
+    predicted_drop: float
+    precisions: dict[str, str]
+    chosen: bool = False
+
+
+@dataclass
+class Planned:
+    plan: Plan
+    predicted_drop: float
+    program_bytes: int
+    considered: list[PlanPoint] = field(default_factory=list)
+
+
+def _drop(layer: LayerAnalysis, precision: str) -> float:
+    return max(0.0, layer.metric_drop.get(precision, 0.0))
+
+
+def _options(layer: LayerAnalysis, target: Target) -> list[str]:
+    # Dynamic precisions cannot sit beside static ones (see plan.check_activation_modes),
+    # so a per-layer search leaves them to --precision and edited plans.
+    return [name for name, p in target.precisions.items() if layer.kind in p.ops and p.activations != "dynamic"]
+
+
+def _outlier(layer: LayerAnalysis, outlier_ratio: float, channel_spread: float) -> str:
+    if layer.outlier_ratio > outlier_ratio:
+        return f"outlier-heavy input (max |x| / p99.9 = {layer.outlier_ratio:.1f} > {outlier_ratio:g})"
+    if layer.channel_spread > channel_spread:
+        return f"outlier weight channel (max / median channel range = {layer.channel_spread:.1f} > {channel_spread:g})"
+    return ""
+
+
+def make_plan(
+    analysis: Analysis,
+    target: Target,
+    float_program_bytes: int,
+    max_drop: float = 1.0,
+    size_budget: float | None = None,
+    outlier_ratio: float = OUTLIER_RATIO,
+    channel_spread: float = CHANNEL_SPREAD,
+    intermediate_bits: int = 8,
+) -> Planned:
+    """The smallest plan predicted within ``max_drop``, or the best that fits ``size_budget``.
+
+    ``size_budget`` is bytes (> 1) or a fraction of the float program (<= 1).
+    """
+    layers = analysis.layers
+    float_weight_bytes = sum(4.0 * l.params for l in layers)
+    overhead = max(0.0, float_program_bytes - float_weight_bytes)
+    budget = None
+    if size_budget is not None:
+        budget = size_budget * float_program_bytes if size_budget <= 1 else size_budget
+
+    def size(choice: dict[str, str]) -> int:
+        return int(overhead + sum(l.params * target.precisions[choice[l.name]].weight_bytes for l in layers))
+
+    def drop(choice: dict[str, str]) -> float:
+        return sum(_drop(l, choice[l.name]) for l in layers if not target.precisions[choice[l.name]].is_float)
+
+    default = target.default_precision
+    choice: dict[str, str] = {}
+    reason: dict[str, str] = {}
+    locked: set[str] = set()
+    for l in layers:
+        opts = _options(l, target)
+        choice[l.name] = default if default in opts else max(opts, key=lambda p: target.precisions[p].weight_bytes)
+        reason[l.name] = f"{choice[l.name]}: target default"
+        why = _outlier(l, outlier_ratio, channel_spread)
+        if why:
+            locked.add(l.name)
+            reason[l.name] = f"{choice[l.name]}: kept wide, {why}"
+    considered = [PlanPoint(size(choice), drop(choice), dict(choice))]
+
+    # Too damaging even at the default: send the most sensitive layers to float.
+    floatable = [l for l in layers if any(target.precisions[p].is_float for p in _options(l, target))]
+    while drop(choice) > max_drop and budget is None:
+        worst = max((l for l in floatable if not target.precisions[choice[l.name]].is_float),
+                    key=lambda l: _drop(l, choice[l.name]), default=None)
+        if worst is None or _drop(worst, choice[worst.name]) == 0:
+            break
+        cost = _drop(worst, choice[worst.name])
+        choice[worst.name] = next(p for p in _options(worst, target) if target.precisions[p].is_float)
+        reason[worst.name] = f"float: quantizing it alone is predicted to cost {cost:.2f} points, over --max-drop"
+        locked.add(worst.name)
+        considered.append(PlanPoint(size(choice), drop(choice), dict(choice)))
+
+    while True:
+        current_size, current_drop = size(choice), drop(choice)
+        if budget is not None and current_size <= budget:
+            break
+        best = None
+        for l in layers:
+            if l.name in locked:
+                continue
+            here = target.precisions[choice[l.name]]
+            for p in _options(l, target):
+                spec = target.precisions[p]
+                saved = l.params * (here.weight_bytes - spec.weight_bytes)
+                if spec.is_float or saved <= 0:
+                    continue
+                cost = _drop(l, p) - _drop(l, choice[l.name])
+                if budget is None and current_drop + cost > max_drop:
+                    continue
+                key = (cost / saved, -saved)
+                if best is None or key < best[0]:
+                    best = (key, l, p, saved, cost)
+        if best is None:
+            break
+        _, l, p, saved, cost = best
+        choice[l.name] = p
+        reason[l.name] = (f"{p}: saves {saved:,.0f} bytes for a predicted {cost:+.2f} points "
+                          f"(Δloss {l.loss_delta.get(p, 0.0):+.4f} with this layer alone quantized)")
+        considered.append(PlanPoint(size(choice), drop(choice), dict(choice)))
+
+    final_size = size(choice)
+    if budget is not None and final_size > budget:
+        raise EdgeqError(
+            f"no plan fits --size-budget {budget:,.0f} bytes on {target.name}: the smallest reaches {final_size:,} bytes",
+            "raise --size-budget, or pick a target with narrower precisions",
+        )
+    for l in layers:
+        if l.name in locked or reason[l.name].startswith(choice[l.name] + ": saves"):
+            continue
+        narrower = [p for p in _options(l, target)
+                    if target.precisions[p].weight_bytes < target.precisions[choice[l.name]].weight_bytes
+                    and not target.precisions[p].is_float]
+        if not narrower:
+            reason[l.name] = f"{choice[l.name]}: no narrower precision saves bytes for a {l.kind} layer on {target.name}"
+        elif budget is None:
+            worst = min(narrower, key=lambda p: _drop(l, p))
+            reason[l.name] = (f"{choice[l.name]}: {worst} would push the predicted drop to "
+                              f"{drop(choice) + _drop(l, worst) - _drop(l, choice[l.name]):.2f} points, over --max-drop {max_drop:g}")
+        else:
+            reason[l.name] = f"{choice[l.name]}: the budget was met without narrowing it"
+    considered[-1].chosen = True
+    plan = Plan(
+        target=target.name,
+        layers=[LayerPlan(l.name, l.kind, choice[l.name], reason[l.name], l.params) for l in layers],
+        intermediate_bits=intermediate_bits,
+    )
+    return Planned(plan=plan, predicted_drop=drop(choice), program_bytes=final_size, considered=considered)
