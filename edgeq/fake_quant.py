@@ -16,12 +16,13 @@ Life cycle of the committed range:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
 
-from .ranges import VoteConfig, VoteState, accumulate, apply_vote_scalar, decide
+from .ranges import VoteConfig, VoteState, accumulate, decide
 
 _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
 _SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
@@ -114,6 +115,24 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         """End calibration: from now on observations vote instead of widening."""
         if int(self.mode) == CALIBRATING:
             self.mode.fill_(TRACKING)
+            self._fast.pop("flags", None)
+
+    def enable_observer(self, enabled: bool = True) -> None:
+        super().enable_observer(enabled)
+        self._fast.pop("flags", None)
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        super().enable_fake_quant(enabled)
+        self._fast.pop("flags", None)
+
+    def _flags(self) -> tuple[bool, bool, int]:
+        """(observing, fake-quantizing, mode) as Python values, cached: reading
+        the buffers costs more than the rest of a per-tensor step's voting."""
+        flags = self._fast.get("flags")
+        if flags is None:
+            flags = (bool(self.observer_enabled[0] == 1), bool(self.fake_quant_enabled[0] == 1), int(self.mode))
+            self._fast["flags"] = flags
+        return flags
 
     def commits(self) -> int:
         """How many times any of this tensor's tracked values was committed."""
@@ -174,7 +193,7 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         obs = self._observe(x)
         if self.committed.shape != obs.shape:
             self._resize(obs.shape[1], obs.device)
-        mode = int(self.mode)
+        mode = self._flags()[2]
         if mode != TRACKING:
             finite = torch.isfinite(obs)
             if mode == UNINITIALIZED:
@@ -187,28 +206,27 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
             previous = self.committed if mode == CALIBRATING else torch.zeros_like(obs)
             self.committed.copy_(torch.where(finite, widened, previous))
             self.mode.fill_(CALIBRATING)
+            self._fast.pop("flags", None)
             self._refresh_qparams()
             return
-        if self.ch_axis < 0 and obs.device.type == "cpu":
-            self._vote_scalars(obs)
+        if obs.device.type == "cpu":
+            self._vote_numpy(obs)
         else:
             self._vote_tensors(obs)
 
-    def _vote_scalars(self, obs: torch.Tensor) -> None:
-        """Per-tensor ranges on the CPU: the rule on Python floats (a few µs a step)."""
+    def _vote_numpy(self, obs: torch.Tensor) -> None:
+        """On the CPU the rule runs in NumPy on views of the buffers themselves
+        (same memory, so the buffers are always current): small-array NumPy
+        operations cost about a microsecond, torch's a few."""
         fast = self._fast
-        if "p" not in fast:
-            fast["p"] = self.committed[:, 0].tolist()
-            fast["votes"] = [list(v) for v in zip(*(getattr(self, k)[:, 0].tolist() for k in "ngls"))]
-        moved_any = False
-        for row, o in enumerate(obs[:, 0].tolist()):
-            new, moved = apply_vote_scalar(fast["p"][row], fast["votes"][row], o, self.config)
-            if moved:
-                self.committed[row, 0] = new
-                fast["p"][row] = float(self.committed[row, 0])  # as stored, in float32
-                self.commit_count[row, 0] += 1
-                moved_any = True
-        if moved_any:
+        if "np" not in fast:
+            fast["np"] = (self.committed.numpy(), VoteState(*(getattr(self, k).numpy() for k in "ngls")))
+        committed, state = fast["np"]
+        accumulate(committed, state, obs.numpy())
+        new, moved = decide(committed, state, self.config)
+        if moved.any():
+            np.copyto(committed, new)
+            self.commit_count += torch.from_numpy(moved)
             self._refresh_qparams()
 
     def _vote_tensors(self, obs: torch.Tensor) -> None:
@@ -237,10 +255,11 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
             accumulate(self.committed, VoteState(self.n, self.g, self.l, self.s), torch.stack(fast["pending"]))
             fast["pending"] = []
             fast["max_n"] = None
-        if "votes" in fast:
-            votes = torch.tensor(fast["votes"], dtype=self.n.dtype, device=self.n.device)
-            for i, name in enumerate("ngls"):
-                getattr(self, name)[:, 0] = votes[:, i]
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() replace the buffers: drop views and caches of the old ones.
+        self._fast.clear()
+        return super()._apply(fn, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # Saved n, g, l, s always include every observation so far.
@@ -277,9 +296,10 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer_enabled[0] == 1:
+        observing, fake_quantizing, _ = self._flags()
+        if observing:
             self.observe(x)
-        if self.fake_quant_enabled[0] == 1 and int(self.mode) != UNINITIALIZED:
+        if fake_quantizing and self._flags()[2] != UNINITIALIZED:
             if self.ch_axis >= 0:
                 x = torch.fake_quantize_per_channel_affine(
                     x, self.scale, self.zero_point, self.ch_axis, self.quant_min, self.quant_max

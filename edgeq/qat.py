@@ -79,33 +79,10 @@ def set_observers(model: torch.nn.Module, enabled: bool) -> None:
 
 
 def to_eval(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Inference numerics: BatchNorm on running statistics, ranges frozen, and
-    every fake-quant on the grid that convert_pt2e will emit."""
+    """Inference numerics: BatchNorm on running statistics, ranges frozen."""
     move_exported_model_to_eval(model)
     set_observers(model, False)
-    sync_qparams(model)
     return model
-
-
-def sync_qparams(model: torch.nn.Module) -> int:
-    """Make each fake-quant simulate the qparams convert_pt2e will use.
-
-    Measured on PT2E's default ``FusedMovingAvgObsFakeQuantize``: for
-    per-channel weights the scale the fused kernel trains with differs from
-    ``calculate_qparams()`` (what convert reads) by up to 100% on some
-    channels, which cost 4 points between simulated and converted accuracy at
-    4-bit weights on the digits example. Returns how many were changed.
-    """
-    changed = 0
-    for fq in fake_quants(model).values():
-        if isinstance(fq, AdaptiveRangeFakeQuantize) or not hasattr(fq, "scale"):
-            continue  # the adaptive tracker fake-quantizes with calculate_qparams() already
-        scale, zero_point = fq.calculate_qparams()
-        if fq.scale.shape != scale.shape or not torch.equal(fq.scale, scale.to(fq.scale)):
-            changed += 1
-        fq.scale.resize_(scale.shape).copy_(scale)
-        fq.zero_point.resize_(zero_point.shape).copy_(zero_point)
-    return changed
 
 
 def _batches(recipe: Recipe) -> Iterator:

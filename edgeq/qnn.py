@@ -9,14 +9,13 @@ a Qualcomm target, and only lets it download when the user opts in
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
 
 from .errors import SdkMissingError
 from .plan import Plan
-from .quantizer import RangeConfig, _adaptive, layer_owners
+from .quantizer import RangeConfig, layer_owners, swap_fake_quants
 from .targets import Target
 
 SDK_HELP = (
@@ -76,20 +75,10 @@ def _quant_dtype(name: str):
 
 
 def _adapt(module_qconfig, ranges: RangeConfig):
-    """Swap the QAT fake-quants of a ModuleQConfig for edgeq's adaptive tracker."""
-    if ranges.mode != "adaptive":
-        return module_qconfig
-
-    def swap(config):
-        return dataclasses.replace(
-            config,
-            input_activation=_adaptive(config.input_activation, ranges.vote),
-            output_activation=_adaptive(config.output_activation, ranges.vote),
-            weight=_adaptive(config.weight, ranges.vote),
-        )
-
-    module_qconfig.quant_config = swap(module_qconfig.quant_config)
-    module_qconfig.per_channel_quant_config_list = [swap(c) for c in module_qconfig.per_channel_quant_config_list]
+    """Put edgeq's chosen QAT fake-quant into a ModuleQConfig's configs."""
+    module_qconfig.quant_config = swap_fake_quants(module_qconfig.quant_config, True, ranges)
+    module_qconfig.per_channel_quant_config_list = [
+        swap_fake_quants(c, True, ranges) for c in module_qconfig.per_channel_quant_config_list]
     return module_qconfig
 
 

@@ -9,10 +9,12 @@ module in :mod:`edgeq.fake_quant` calls it once per bound per step.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
+
+Array = torch.Tensor | np.ndarray
 
 RULES = ("mean", "step")
 
@@ -56,20 +58,33 @@ class VoteConfig:
 
 @dataclass
 class VoteState:
-    """Votes since the last commit, one entry per tracked value."""
+    """Votes since the last commit, one entry per tracked value.
 
-    n: torch.Tensor  # observations
-    g: torch.Tensor  # observations greater than P
-    l: torch.Tensor  # observations smaller than P  # noqa: E741 (the spec's name)
-    s: torch.Tensor  # sum of observations
+    The arrays are torch tensors or NumPy arrays; the rule below works on
+    either, so the fake-quant can vote in NumPy on the CPU (small arrays cost
+    a microsecond an operation there, a few in torch) and in torch on a GPU.
+    """
+
+    n: Array  # observations
+    g: Array  # observations greater than P
+    l: Array  # observations smaller than P  # noqa: E741 (the spec's name)
+    s: Array  # sum of observations
 
     @classmethod
-    def zeros_like(cls, committed: torch.Tensor) -> "VoteState":
-        z = torch.zeros_like(committed, dtype=torch.float32)
-        return cls(z.clone(), z.clone(), z.clone(), z.clone())
+    def zeros_like(cls, committed: Array) -> "VoteState":
+        def zero() -> Array:
+            if isinstance(committed, torch.Tensor):
+                return torch.zeros_like(committed, dtype=torch.float32)
+            return np.zeros_like(committed, dtype=np.float32)
+
+        return cls(zero(), zero(), zero(), zero())
 
 
-def accumulate(committed: torch.Tensor, state: VoteState, observation: torch.Tensor) -> None:
+def _xp(array: Array):
+    return torch if isinstance(array, torch.Tensor) else np
+
+
+def accumulate(committed: Array, state: VoteState, observation: Array) -> None:
     """Count observations' votes into ``state`` (in place); non-finite ones cast none.
 
     ``observation`` has the shape of ``committed`` (one step) or a leading
@@ -77,21 +92,22 @@ def accumulate(committed: torch.Tensor, state: VoteState, observation: torch.Ten
     commit could fall between them (fewer than ``min_votes`` votes), because
     the votes compare against the same committed value.
     """
-    obs = observation.to(state.s.dtype)
-    if obs.dim() == committed.dim():
-        obs = obs.unsqueeze(0)
-    p = committed.to(state.s.dtype)
-    valid = torch.isfinite(obs)
-    obs = torch.where(valid, obs, p)  # an invalid vote equals P: neither above nor below
+    xp = _xp(committed)
+    obs = observation
+    if obs.ndim == committed.ndim:
+        obs = obs[None]
+    valid = xp.isfinite(obs)
+    obs = xp.where(valid, obs, committed)  # an invalid vote equals P: neither above nor below
     state.n += valid.sum(0)
-    state.g += (obs > p).sum(0)
-    state.l += (obs < p).sum(0)
-    state.s += torch.where(valid, obs, 0.0).sum(0)
+    state.g += (obs > committed).sum(0)
+    state.l += (obs < committed).sum(0)
+    state.s += xp.where(valid, obs, 0.0).sum(0)
 
 
-def decide(committed: torch.Tensor, state: VoteState, config: VoteConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def decide(committed: Array, state: VoteState, config: VoteConfig) -> tuple[Array, Array]:
     """Commit where the votes so far call for it; reset those votes (claim 6) and stale ones."""
-    p = committed.to(state.s.dtype)
+    xp = _xp(committed)
+    p = committed
     ready = state.n >= config.min_votes
     # g / n > ratio, written without a division so nothing is computed twice.
     up = ready & (state.g > config.up_ratio * state.n)
@@ -101,64 +117,34 @@ def decide(committed: torch.Tensor, state: VoteState, config: VoteConfig) -> tup
     if not bool(commits.any()) and (stale is None or not bool(stale.any())):
         # The usual step once the vote is split: nothing moves, nothing resets.
         return committed, commits
-    n_safe = state.n.clamp(min=1)
+    n_safe = xp.clip(state.n, 1.0, None)
     if config.rule == "mean":
         blend = config.keep * p + (1.0 - config.keep) * (state.s / n_safe)
-        raised, lowered = torch.maximum(p, blend), torch.minimum(p, blend)
+        raised, lowered = xp.maximum(p, blend), xp.minimum(p, blend)
     else:
-        delta = config.step * p.abs().clamp(min=config.eps)
+        delta = config.step * xp.clip(abs(p), config.eps, None)
         raised, lowered = p + delta, p - delta
-    new_p = torch.where(up, raised, torch.where(down, lowered, p))
+    new_p = xp.where(up, raised, xp.where(down, lowered, p))
     reset = commits if stale is None else commits | stale
-    keep_votes = (~reset).to(state.n.dtype)
+    keep_votes = ~reset
     state.n *= keep_votes
     state.g *= keep_votes
     state.l *= keep_votes
     state.s *= keep_votes
-    return new_p.to(committed.dtype), commits
+    return new_p.astype(committed.dtype) if xp is np else new_p.to(committed.dtype), commits
 
 
 def apply_vote(
-    committed: torch.Tensor,
+    committed: Array,
     state: VoteState,
-    observation: torch.Tensor,
+    observation: Array,
     config: VoteConfig,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[Array, Array]:
     """Apply one observation to ``state`` (in place) and return the new P.
 
     Returns ``(committed, commits)`` where ``commits`` is a bool mask of the
     values that moved this step. Non-finite observations cast no vote.
+    Works on torch tensors and NumPy arrays alike.
     """
     accumulate(committed, state, observation)
     return decide(committed, state, config)
-
-
-def apply_vote_scalar(committed: float, state: list[float], observation: float, config: VoteConfig) -> tuple[float, bool]:
-    """:func:`apply_vote` for one value held in Python floats; ``state`` is [n, g, l, s].
-
-    The fake-quant uses it for per-tensor ranges on the CPU, where a handful
-    of float operations cost far less than the same rule as tensor ops. The
-    two implementations are tested to agree step by step.
-    """
-    if not math.isfinite(observation):
-        n, g, l, s = state
-    else:
-        n, g, l, s = state[0] + 1, state[1] + (observation > committed), state[2] + (observation < committed), state[3] + observation
-    new, moved = committed, False
-    if n >= config.min_votes:
-        if g > config.up_ratio * n:
-            moved = True
-            if config.rule == "mean":
-                new = max(committed, config.keep * committed + (1.0 - config.keep) * (s / n))
-            else:
-                new = committed + config.step * max(abs(committed), config.eps)
-        elif l > config.down_ratio * n:
-            moved = True
-            if config.rule == "mean":
-                new = min(committed, config.keep * committed + (1.0 - config.keep) * (s / n))
-            else:
-                new = committed - config.step * max(abs(committed), config.eps)
-    if moved or (config.window and n >= config.window):
-        n = g = l = s = 0.0
-    state[:] = [float(n), float(g), float(l), float(s)]
-    return new, moved

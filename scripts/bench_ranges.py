@@ -35,7 +35,7 @@ from bench_tasks import tasks  # noqa: E402
 from edgeq.build import seed_everything  # noqa: E402
 from edgeq.capture import capture, fold_batchnorm  # noqa: E402
 from edgeq.convert import convert, prepare  # noqa: E402
-from edgeq.evaluate import evaluate  # noqa: E402
+from edgeq.evaluate import agreement, evaluate  # noqa: E402
 from edgeq.lower import lower  # noqa: E402
 from edgeq.plan import uniform_plan  # noqa: E402
 from edgeq.qat import QATConfig, calibrate, fake_quants, run_qat, to_eval  # noqa: E402
@@ -47,6 +47,8 @@ from edgeq.validate import run_program  # noqa: E402
 
 TARGET = load_target("android")
 PRECISIONS = {"W8A8": "int8", "W4A8": "w4a8"}
+#: ema-fused: PT2E's default as shipped; ema: the same observers, unfused (exact grid); adaptive: edgeq
+MODES = ("ema-fused", "ema", "adaptive")
 
 
 class GridWatcher:
@@ -69,9 +71,13 @@ class GridWatcher:
             self.last[name] = grid
 
 
-def pte_accuracy(reference, recipe) -> float:
+def pte_eval(reference, recipe):
     program = lower(reference, recipe.example_inputs(), TARGET).program
-    return evaluate(run_program(program), recipe.eval_data(), recipe.metric).metric
+    return evaluate(run_program(program), recipe.eval_data(), recipe.metric)
+
+
+def pte_accuracy(reference, recipe) -> float:
+    return pte_eval(reference, recipe).metric
 
 
 def ptq(model, recipe, precision: str, batches: int = 8) -> float:
@@ -105,24 +111,27 @@ def float_finetune(model, recipe, config: QATConfig) -> torch.nn.Module:
     return model.eval()
 
 
-def qat(model, recipe, precision: str, config: QATConfig) -> tuple[float, float, dict, float]:
+def qat(model, recipe, precision: str, config: QATConfig) -> dict:
     plan = uniform_plan(model, TARGET, precision)
     graph = capture(model, recipe.example_inputs())
     fold_batchnorm(graph)
     prepared = prepare(graph, build_quantizer(plan, TARGET, qat=True, ranges=config.ranges))
     watcher = GridWatcher(prepared)
-    report = run_qat(prepared, recipe, config, on_step=watcher)
+    run_qat(prepared, recipe, config, on_step=watcher)
     reference = convert(copy.deepcopy(prepared))
-    simulated = evaluate(to_eval(prepared), recipe.eval_data(), recipe.metric).metric
-    return pte_accuracy(reference, recipe), simulated, watcher.changes, report.step_seconds
+    simulated = evaluate(to_eval(prepared), recipe.eval_data(), recipe.metric)
+    ref = evaluate(reference, recipe.eval_data(), recipe.metric)
+    pte = pte_eval(reference, recipe)
+    return {"pte": pte.metric, "sim": simulated.metric, "ref": ref.metric,
+            "ref_pte_agree": agreement(ref.outputs, pte.outputs), "changes": watcher.changes}
 
 
-def step_time_ratio(model, recipe, steps: int, repeats: int = 5) -> tuple[float, float, float]:
-    """QAT step time, adaptive over default: median over every step of alternating runs
-    on the same batches (medians, because this 2-core VM has frequent hiccups)."""
-    times = {"adaptive": [], "ema": []}
+def step_times(model, recipe, steps: int, repeats: int = 5) -> dict[str, float]:
+    """Median QAT step time per range mode over every step of alternating runs on the
+    same batches (medians, because this 2-core VM has frequent hiccups)."""
+    times = {mode: [] for mode in MODES}
     for _ in range(repeats):
-        for mode in ("ema", "adaptive"):
+        for mode in MODES:
             config = QATConfig(steps=steps, ranges=RangeConfig(mode=mode), freeze_ranges=1.0, intermediate_share=0.0)
             plan = uniform_plan(model, TARGET, "int8")
             graph = capture(model, recipe.example_inputs())
@@ -131,8 +140,7 @@ def step_time_ratio(model, recipe, steps: int, repeats: int = 5) -> tuple[float,
             stamps = []
             run_qat(prepared, recipe, config, on_step=lambda step, loss: stamps.append(time.perf_counter()))
             times[mode] += [b - a for a, b in zip(stamps, stamps[1:])]
-    a, e = statistics.median(times["adaptive"]), statistics.median(times["ema"])
-    return a / e, a, e
+    return {mode: statistics.median(t) for mode, t in times.items()}
 
 
 def mean_sd(values: list[float]) -> str:
@@ -149,7 +157,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    rows, grid_rows, speed_rows, skipped = [], [], [], []
+    rows, fidelity_rows, grid_rows, speed_rows, skipped = [], [], [], [], []
     start = time.time()
     for name, recipe in tasks(args.tasks).items():
         if recipe is None:
@@ -157,53 +165,66 @@ def main() -> None:
             continue
         model = recipe.model().eval()
         float_acc = evaluate(model, recipe.eval_data(), recipe.metric).metric
-        ratio, a, e = step_time_ratio(model, recipe, steps=60)
-        speed_rows.append([name, f"{1e3 * e:.1f}", f"{1e3 * a:.1f}", f"{ratio:.3f}"])
+        t = step_times(model, recipe, steps=60)
+        speed_rows.append([name, f"{1e3 * t['ema-fused']:.2f}", f"{1e3 * t['ema']:.2f}", f"{1e3 * t['adaptive']:.2f}",
+                           f"{t['adaptive'] / t['ema-fused']:.3f}", f"{t['adaptive'] / t['ema']:.3f}"])
         for label, precision in PRECISIONS.items():
-            results = {k: [] for k in ("ptq", "ft", "ft_float", "ema", "ema_sim", "adaptive", "adaptive_sim")}
-            changes = {"ema": [], "adaptive": []}
-            results["ptq"].append(ptq(model, recipe, precision))
+            ptq_acc = ptq(model, recipe, precision)
+            ft, ft_float = [], []
+            runs = {mode: [] for mode in MODES}
             for seed in range(args.seeds):
                 base = dict(steps=args.steps, lr=args.lr, seed=seed)
                 seed_everything(seed)
                 tuned = float_finetune(model, recipe, QATConfig(**base))
-                results["ft_float"].append(evaluate(tuned, recipe.eval_data(), recipe.metric).metric)
-                results["ft"].append(ptq(tuned, recipe, precision))
-                for mode in ("ema", "adaptive"):
+                ft_float.append(evaluate(tuned, recipe.eval_data(), recipe.metric).metric)
+                ft.append(ptq(tuned, recipe, precision))
+                for mode in MODES:
                     seed_everything(seed)
-                    pte, sim, grid, _ = qat(model, recipe, precision, QATConfig(**base, ranges=RangeConfig(mode=mode)))
-                    results[mode].append(pte)
-                    results[mode + "_sim"].append(sim)
-                    changes[mode].append(grid)
-                print(f"[{time.time() - start:6.0f}s] {name} {label} seed {seed}: "
-                      + ", ".join(f"{k} {v[-1]:.2f}" for k, v in results.items()), flush=True)
-            rows.append([name, label, f"{float_acc:.2f}", mean_sd(results["ptq"]), mean_sd(results["ft_float"]),
-                         mean_sd(results["ft"]), mean_sd(results["ema"]), mean_sd(results["ema_sim"]),
-                         mean_sd(results["adaptive"]), mean_sd(results["adaptive_sim"])])
-            for mode in ("ema", "adaptive"):
-                per_tensor = [statistics.mean(run[n] for run in changes[mode]) for n in changes[mode][0]]
-                weights = [c for n, c in zip(changes[mode][0], per_tensor)]
-                grid_rows.append([name, label, mode, f"{min(weights):.0f}", f"{statistics.median(weights):.0f}",
-                                  f"{max(weights):.0f}", str(int(args.steps * 0.8))])
+                    runs[mode].append(qat(model, recipe, precision, QATConfig(**base, ranges=RangeConfig(mode=mode))))
+                print(f"[{time.time() - start:6.0f}s] {name} {label} seed {seed}: ptq {ptq_acc:.2f} ft {ft[-1]:.2f} "
+                      + " ".join(f"{m} {runs[m][-1]['pte']:.2f}/{runs[m][-1]['sim']:.2f}" for m in MODES), flush=True)
+            rows.append([name, label, f"{float_acc:.2f}", f"{ptq_acc:.2f}", mean_sd(ft_float), mean_sd(ft)]
+                        + [mean_sd([r["pte"] for r in runs[m]]) for m in MODES])
+            for mode in MODES:
+                gaps = [abs(r["sim"] - r["ref"]) for r in runs[mode]]
+                fidelity_rows.append([name, label, mode, mean_sd([r["sim"] for r in runs[mode]]),
+                                      mean_sd([r["ref"] for r in runs[mode]]), mean_sd([r["pte"] for r in runs[mode]]),
+                                      f"{max(gaps):.2f}", f"{min(r['ref_pte_agree'] for r in runs[mode]):.2f}"])
+                changes = [r["changes"] for r in runs[mode]]
+                per_tensor = [statistics.mean(run[n] for run in changes) for n in changes[0]]
+                grid_rows.append([name, label, mode, f"{min(per_tensor):.0f}", f"{statistics.median(per_tensor):.0f}",
+                                  f"{max(per_tensor):.0f}", str(int(args.steps * 0.8))])
     body = "\n".join([
         "## Adaptive ranges vs PT2E default vs PTQ (scripts/bench_ranges.py)",
         "",
         f"Machine: {machine()}. Target android (XNNPACK). QAT: {args.steps} steps, SGD lr {args.lr}, cosine, "
-        f"ranges frozen after 80%, BatchNorm folded before QAT; seeds: {args.seeds}. "
-        "Accuracies are of the lowered `.pte` run in ExecuTorch's runtime (mean ± sd over seeds) "
-        "unless the column says simulated (the fake-quant model, observers off).",
+        f"ranges frozen after 80%, BatchNorm folded before QAT; {args.seeds} seeds. "
+        "Accuracies are of the lowered `.pte` run in ExecuTorch's runtime (mean ± sd over seeds). "
+        "`ema-fused` is PT2E's default QAT fake-quant as shipped (FusedMovingAvgObsFakeQuantize); `ema` is the "
+        "same moving-average observers in torchao's unfused FakeQuantize (edgeq's `--ranges ema`); `adaptive` is "
+        "edgeq's voting tracker with its default knobs. PTQ is deterministic (one run); the float fine-tune uses "
+        "the same data, steps and schedule as QAT, then PTQ.",
         "",
-        table(["task", "precision", "float", "PTQ .pte", "float fine-tune (float)", "float fine-tune + PTQ .pte",
-               "QAT default .pte", "QAT default simulated", "QAT adaptive .pte", "QAT adaptive simulated"], rows),
+        table(["task", "precision", "float", "PTQ", "float fine-tune (float)", "fine-tune + PTQ"]
+              + [f"QAT {m}" for m in MODES], rows),
         "",
-        "Grid changes per tracked tensor during training (steps after which its scale or zero point moved; "
-        "mean over seeds, then min / median / max over the model's tensors):",
+        "Fidelity (issue 9): accuracy of the fake-quant model as evaluated after QAT (observers off), of the "
+        "converted PT2E reference, and of the `.pte`; the largest |simulated - reference| over seeds, and the "
+        "lowest top-1 agreement between reference and `.pte`:",
+        "",
+        table(["task", "precision", "ranges", "simulated", "reference", ".pte", "max |sim - ref|",
+               "min ref/.pte agreement %"], fidelity_rows),
+        "",
+        "Grid changes per tracked tensor during training (training steps after which its scale or zero point "
+        "moved; mean over seeds, then min / median / max over the model's tensors), out of the steps with "
+        "observation on:",
         "",
         table(["task", "precision", "ranges", "min", "median", "max", "steps observed"], grid_rows),
         "",
         "QAT step time, W8A8, same model and batches: median step of 5 alternating runs of 60 steps each:",
         "",
-        table(["task", "default step (ms)", "adaptive step (ms)", "adaptive / default"], speed_rows),
+        table(["task", "ema-fused step (ms)", "ema step (ms)", "adaptive step (ms)", "adaptive / ema-fused",
+               "adaptive / ema"], speed_rows),
         "",
         f"Skipped (data absent): {', '.join(skipped) or 'none'}. Total run time {time.time() - start:.0f} s.",
     ])

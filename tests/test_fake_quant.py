@@ -186,12 +186,12 @@ def test_distributed_observations_are_reduced_so_ranks_agree():
     assert commits == 4
 
 
-def test_cpu_scalar_path_matches_the_tensor_path():
+def test_cpu_numpy_path_matches_the_torch_path():
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randn(32, generator=gen) * (1 + 0.01 * i) for i in range(200)]
     a = calibrated(batches[:4], min_votes=4, **AFFINE)
     b = calibrated(batches[:4], min_votes=4, **AFFINE)
-    b._vote_scalars = b._vote_tensors  # force the batched tensor path
+    b._vote_numpy = b._vote_tensors  # force the batched torch path (the one GPUs take)
     for x in batches[4:]:
         assert torch.allclose(a(x), b(x), atol=1e-6)
     assert a.commits() == b.commits() > 0
@@ -200,3 +200,16 @@ def test_cpu_scalar_path_matches_the_tensor_path():
     for key in ("n", "g", "l"):
         assert torch.equal(sa[key], sb[key]), key
     assert torch.allclose(sa["s"], sb["s"], rtol=1e-5)
+
+
+def test_per_channel_numpy_path_matches_the_torch_path():
+    gen = torch.Generator().manual_seed(2)
+    weights = [torch.randn(8, 4, generator=gen) * (1 + 0.02 * i) for i in range(120)]
+    a = calibrated(weights[:2], min_votes=3, **PER_CHANNEL)
+    b = calibrated(weights[:2], min_votes=3, **PER_CHANNEL)
+    b._vote_numpy = b._vote_tensors
+    # The torch path sums batched votes in another order: equal up to float rounding.
+    for w in weights[2:]:
+        assert torch.allclose(a(w), b(w), atol=1e-5)
+    assert a.commits() == b.commits() > 0
+    assert torch.allclose(a.committed, b.committed, rtol=1e-5)
