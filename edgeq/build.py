@@ -155,6 +155,7 @@ def _announce(progress: Any, name: str) -> None:
 
 
 def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, progress: Any, output) -> BuildResult:
+    from .bundle import write_bundle
     from .package import sha256, write_bytes_atomic, write_json_atomic
     from .report import build_report, manifest, write_html
     from .validate import run_program
@@ -249,6 +250,9 @@ def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, 
         write_json_atomic(output.path("manifest.json"), man)
         if analysis is not None:
             analysis.save(output.path("analysis.json"))
+        write_bundle(output.path("bundle"), lowered.program, man)
+        # The converted reference, for `edgeq validate` and numeric debugging.
+        torch.export.save(capture_mod.export(reference, example_inputs), str(output.path("reference.pt2")))
     report = build_report(recipe, target, config, plan, scores, sizes, lowered, qat_report, stages.seconds,
                           samples=program_eval.samples, analysis=analysis, planned=planned)
     write_json_atomic(output.path("report.json"), report)

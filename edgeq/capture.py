@@ -62,28 +62,30 @@ def batched(example_inputs: tuple, size: int = 2) -> tuple:
     return tuple(t.expand(size, *t.shape[1:]).clone() if t.shape[0] == 1 else t for t in example_inputs)
 
 
-def capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool = True) -> torch.fx.GraphModule:
-    """torch.export the float model; returns the graph module PT2E works on."""
-    _check_inputs(model, example_inputs)
+def export(model: nn.Module, example_inputs: tuple, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+    """torch.export with a dynamic batch dimension where the model allows one."""
     inputs, dynamic_shapes = example_inputs, None
     if dynamic_batch:
         inputs = batched(example_inputs)
         batch = torch.export.Dim("batch", min=1, max=1 << 16)
         dynamic_shapes = tuple({0: batch} for _ in inputs)
     try:
-        exported = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes)
+        return torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes)
     except Exception as exc:
         if dynamic_batch and "batch" in str(exc) and "Constraints violated" in str(exc):
             # The model fixes its batch size somewhere (e.g. a reshape to a
             # constant); fall back to the example's static shape.
-            return capture(model, example_inputs, dynamic_batch=False)
+            return export(model, example_inputs, dynamic_batch=False)
         raise EdgeqError(
             f"torch.export cannot capture the model at {_user_line(exc)}: {_first_line(exc)}",
             "remove data-dependent Python control flow there (use torch.where or torch.cond) so the graph is static",
         ) from exc
-    graph = exported.module()
-    graph.meta["edgeq_dynamic_batch"] = dynamic_batch
-    return graph
+
+
+def capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool = True) -> torch.fx.GraphModule:
+    """torch.export the float model; returns the graph module PT2E works on."""
+    _check_inputs(model, example_inputs)
+    return export(model, example_inputs, dynamic_batch).module()
 
 
 def fold_batchnorm(graph: torch.fx.GraphModule) -> int:

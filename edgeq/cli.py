@@ -207,29 +207,69 @@ def targets() -> None:
 def validate(
     program: Path = typer.Argument(..., help="The model.pte to run."),
     recipe: Optional[str] = typer.Option(None, help="Recipe whose eval_data() scores the program (default: bundled example)."),
+    device: Optional[str] = typer.Option(None, help="Run on this Android phone (adb serial) instead of the host."),
+    runner: Optional[Path] = typer.Option(None, help="ExecuTorch executor_runner built for Android (needed with --device)."),
+    reference: Optional[Path] = typer.Option(None, help="Quantized reference (default: reference.pt2 beside the program)."),
     max_drop: Optional[float] = typer.Option(None, help="Fail when the program scores more than this many points below float."),
-    min_agreement: Optional[float] = typer.Option(None, help="Fail when top-1 agreement with float falls below this percent."),
+    min_agreement: Optional[float] = typer.Option(None, help="Fail when top-1 agreement with the reference (or float) falls below this percent."),
 ) -> None:
-    """Run a .pte on the host through ExecuTorch's runtime and score it."""
+    """Run a .pte on the host (ExecuTorch runtime) or a phone (adb) and score it."""
     try:
-        from .errors import AccuracyError, EdgeqError
-        from .evaluate import agreement, cosine, evaluate, sqnr_db
+        from .errors import AccuracyError
         from .recipe import load_recipe
-        from .validate import run_program
+        from .validate import load_reference
+        from .validate import validate as run_validate
 
-        if not program.is_file():
-            raise EdgeqError(f"program {program} not found", "pass the path of a model.pte written by `edgeq build`")
         r = load_recipe(recipe)
-        prog = evaluate(run_program(program), r.eval_data(), r.metric)
-        ref = evaluate(r.model().eval(), r.eval_data(), r.metric)
-        agree = agreement(ref.outputs, prog.outputs)
-        stdout.print(f"program metric {prog.metric:.2f}  float {ref.metric:.2f}  drop {ref.metric - prog.metric:.2f}  "
-                  f"top-1 agreement with float {agree:.2f}%  SQNR {sqnr_db(ref.outputs, prog.outputs):.1f} dB  "
-                  f"cosine {cosine(ref.outputs, prog.outputs):.4f}  ({prog.samples} samples)")
-        if max_drop is not None and ref.metric - prog.metric > max_drop:
-            raise AccuracyError(f"drop {ref.metric - prog.metric:.2f} exceeds --max-drop {max_drop}", "rebuild with more QAT steps or a wider plan")
+        ref_path = reference or program.with_name("reference.pt2")
+        ref = load_reference(ref_path) if ref_path.is_file() else None
+        v = run_validate(program, r, reference=ref, device=device, runner=runner, on_phone=device is not None)
+        agree = v.agreement_reference if v.agreement_reference is not None else v.agreement_float
+        stdout.print(
+            f"{v.where}: program {v.program:.2f}  float {v.float:.2f}"
+            + (f"  reference {v.reference:.2f}" if v.reference is not None else "")
+            + f"  drop {v.float - v.program:.2f}  top-1 agreement: float {v.agreement_float:.2f}%"
+            + (f", reference {v.agreement_reference:.2f}%" if v.agreement_reference is not None else "")
+            + f"  SQNR {v.sqnr_db[0]:.1f} dB  cosine {v.cosine[0]:.4f}  ({v.samples} samples)"
+        )
+        if max_drop is not None and v.float - v.program > max_drop:
+            raise AccuracyError(f"drop {v.float - v.program:.2f} exceeds --max-drop {max_drop}",
+                                "rebuild with more QAT steps or a wider plan")
         if min_agreement is not None and agree < min_agreement:
-            raise AccuracyError(f"agreement {agree:.2f}% is below --min-agreement {min_agreement}", "rebuild with more QAT steps or a wider plan")
+            raise AccuracyError(f"agreement {agree:.2f}% is below --min-agreement {min_agreement}",
+                                "rebuild with more QAT steps or a wider plan")
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+@app.command()
+def debug(
+    build_dir: Path = typer.Argument(..., help="An edgeq build output directory (holds reference.pt2)."),
+    recipe: Optional[str] = typer.Option(None, help="The recipe the build used (default: bundled example)."),
+    threshold: float = typer.Option(20.0, help="SQNR (dB) below which a layer counts as diverged."),
+) -> None:
+    """Compare the quantized reference with the float model layer by layer; name the first divergence."""
+    try:
+        from rich.table import Table
+
+        from .debug import debug as run_debug
+        from .errors import EdgeqError
+        from .recipe import load_recipe
+        from .validate import load_reference
+
+        path = build_dir / "reference.pt2"
+        if not path.is_file():
+            raise EdgeqError(f"{path} not found", "pass the output directory of `edgeq build`")
+        r = load_recipe(recipe)
+        errors, first = run_debug(r.model(), load_reference(path), r, threshold_db=threshold)
+        table = Table(title="quantized reference vs float, per layer (execution order)")
+        table.add_column("layer")
+        table.add_column("SQNR dB", justify="right")
+        for e in errors:
+            table.add_row(e.layer, f"{e.sqnr_db:.1f}", style="bold red" if first is not None and e is first else None)
+        stdout.print(table)
+        stdout.print(f"first divergence: {first.layer} ({first.sqnr_db:.1f} dB < {threshold:g} dB)" if first
+                     else f"no layer below {threshold:g} dB")
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
 

@@ -15,6 +15,46 @@ from .package import versions, write_bytes_atomic
 MANIFEST_SCHEMA = 1
 
 
+#: field -> type of the manifest, schema version MANIFEST_SCHEMA ("*" marks list items)
+MANIFEST_FIELDS: dict[str, type | tuple] = {
+    "schema": int, "model": str, "sha256": str,
+    "recipe": dict, "recipe.name": str, "recipe.source": str, "recipe.sha256": str,
+    "target": dict, "target.name": str, "target.backend": str, "target.chipset": str,
+    "inputs": list, "inputs.*.name": str, "inputs.*.shape": list, "inputs.*.dtype": str,
+    "outputs": list, "outputs.*.name": str, "outputs.*.shape": list, "outputs.*.dtype": str,
+    "preprocessing": dict, "labels": (list, type(None)),
+    "versions": dict, "versions.edgeq": str, "versions.executorch": str, "versions.torch": str,
+    "build": dict, "build.seed": int, "build.qat": dict,
+}
+
+
+def check_manifest(manifest: dict[str, Any]) -> None:
+    """Raise ValueError naming the first field that does not follow the schema."""
+
+    def walk(value: Any, parts: list[str], path: str) -> None:
+        if not parts:
+            return
+        head, rest = parts[0], parts[1:]
+        if head == "*":
+            for i, item in enumerate(value):
+                walk(item, rest, f"{path}.{i}")
+            return
+        if not isinstance(value, dict) or head not in value:
+            raise ValueError(f"manifest lacks {(path + '.' + head).lstrip('.')}")
+        child = value[head]
+        full = f"{path}.{head}".lstrip(".")
+        if not rest:
+            want = MANIFEST_FIELDS[".".join(p if not p.isdigit() else "*" for p in full.split("."))]
+            if not isinstance(child, want) or (want is int and isinstance(child, bool)):
+                raise ValueError(f"manifest field {full} is {type(child).__name__}, expected {want}")
+        walk(child, rest, full)
+
+    for field in MANIFEST_FIELDS:
+        walk(manifest, field.split("."), "")
+    if manifest["schema"] != MANIFEST_SCHEMA:
+        raise ValueError(f"manifest schema {manifest['schema']}, expected {MANIFEST_SCHEMA}")
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 

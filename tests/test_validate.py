@@ -1,0 +1,195 @@
+"""Validation users trust: host and phone (adb) runs, the manifest, the app bundle, per-layer debugging."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from edgeq.errors import EdgeqError
+
+pytestmark = pytest.mark.slow
+
+STAND_IN_ADB = '''#!{python}
+"""Stand-in for Android's adb, for tests: a folder plays the phone's /data/local/tmp,
+and `adb shell` runs the command on the host with that folder in place of it."""
+import os, shutil, subprocess, sys
+root = os.environ["FAKE_PHONE_ROOT"]
+args = sys.argv[1:]
+if args[:1] == ["devices"]:
+    print("List of devices attached")
+    print("emulator-5554\\tdevice")
+    sys.exit(0)
+if args[:1] == ["-s"]:
+    if args[1] != "emulator-5554":
+        sys.exit("error: device not found")
+    args = args[2:]
+def local(path):
+    return path.replace("/data/local/tmp", root)
+if args[0] == "push":
+    src, dst = args[1], local(args[2])
+    if os.path.isdir(src):
+        shutil.copytree(src, os.path.join(dst, os.path.basename(src.rstrip("/"))), dirs_exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copy(src, dst)
+elif args[0] == "pull":
+    shutil.copytree(local(args[1]), os.path.join(args[2], os.path.basename(args[1].rstrip("/"))), dirs_exist_ok=True)
+elif args[0] == "shell":
+    command = local(" ".join(args[1:]))
+    for script in [w for w in command.split() if w.endswith(".sh") and os.path.exists(w)]:
+        with open(script) as f:
+            text = f.read()
+        with open(script, "w") as f:
+            f.write(local(text))
+    sys.exit(subprocess.run(["sh", "-c", command]).returncode)
+'''
+
+STAND_IN_RUNNER = '''#!{python}
+"""Stand-in for ExecuTorch's executor_runner, for tests: the same flags (--model_path,
+--inputs, --output_file, --print_output), run through ExecuTorch's Python runtime."""
+import argparse, numpy as np, torch
+from executorch.runtime import Runtime
+p = argparse.ArgumentParser()
+p.add_argument("--model_path"); p.add_argument("--inputs", default=""); p.add_argument("--output_file", default="")
+p.add_argument("--print_output", default="summary")
+a = p.parse_args()
+program = Runtime.get().load_program(a.model_path)
+meta = program.metadata("forward")
+tensors = []
+for i, path in enumerate(a.inputs.split(",")):
+    shape = tuple(meta.input_tensor_meta(i).sizes())
+    tensors.append(torch.from_numpy(np.fromfile(path, dtype=np.float32).reshape(shape)))
+outputs = program.load_method("forward").execute(tensors)
+for i, out in enumerate(outputs):
+    out.numpy().astype(np.float32).tofile(f"{{a.output_file}}-{{i}}.bin")
+'''
+
+
+def _executable(path, text):
+    path.write_text(text.format(python=sys.executable))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+@pytest.fixture
+def fake_phone(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "adb", STAND_IN_ADB)
+    runner = _executable(tmp_path / "executor_runner", STAND_IN_RUNNER)
+    root = tmp_path / "phone"
+    root.mkdir()
+    monkeypatch.setenv("FAKE_PHONE_ROOT", str(root))
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return runner
+
+
+def test_phone_validation_over_adb_matches_the_host(digits_build, fake_phone):
+    """Runs against a stand-in adb that executes the pushed runner on the host (see STAND_IN_ADB)."""
+    import dataclasses
+
+    from edgeq.recipe import load_recipe
+    from edgeq.validate import load_reference, validate
+
+    # 12 samples: the stand-in runner starts a Python process per sample.
+    full = load_recipe(None)
+    x, y = next(iter(full.eval_data()))
+    recipe = dataclasses.replace(full, eval_data=lambda: [(x[:7], y[:7]), (x[7:12], y[7:12])])
+    program = digits_build.out_dir / "model.pte"
+    reference = load_reference(digits_build.out_dir / "reference.pt2")
+    host = validate(program, recipe, reference=reference)
+    phone = validate(program, recipe, reference=reference, device="emulator-5554", runner=fake_phone)
+    assert phone.where == "phone emulator-5554"
+    assert phone.program == host.program and phone.samples == host.samples == 12
+    assert phone.agreement_reference == host.agreement_reference >= 99.5
+    assert phone.sqnr_db[0] == pytest.approx(host.sqnr_db[0])
+
+
+def test_phone_errors_say_what_to_do(digits_build, fake_phone, monkeypatch, tmp_path):
+    from edgeq.recipe import load_recipe
+    from edgeq.validate import validate
+
+    program = digits_build.out_dir / "model.pte"
+    recipe = load_recipe(None)
+    with pytest.raises(EdgeqError, match="no runner given.*--runner"):
+        validate(program, recipe, device="emulator-5554")
+    with pytest.raises(EdgeqError, match="device pixel-9 is not attached.*--device"):
+        validate(program, recipe, device="pixel-9", runner=fake_phone)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(EdgeqError, match="adb was not found.*platform-tools"):
+        validate(program, recipe, device="emulator-5554", runner=fake_phone)
+
+
+def test_validate_cli_thresholds(digits_build):
+    from typer.testing import CliRunner
+
+    from edgeq.cli import app
+
+    program = str(digits_build.out_dir / "model.pte")
+    ok = CliRunner().invoke(app, ["validate", program, "--max-drop", "1", "--min-agreement", "99"])
+    assert ok.exit_code == 0, ok.output
+    assert "reference" in ok.output and "SQNR" in ok.output
+    bad = CliRunner().invoke(app, ["validate", program, "--min-agreement", "100.1"])
+    assert bad.exit_code == 3 and "below --min-agreement" in bad.output
+
+
+def test_manifest_follows_its_schema(digits_build):
+    from edgeq.report import check_manifest
+
+    manifest = json.loads((digits_build.out_dir / "manifest.json").read_text())
+    check_manifest(manifest)
+    broken = dict(manifest, inputs=[{"name": "x", "shape": "1x1x8x8", "dtype": "float32"}])
+    with pytest.raises(ValueError, match="inputs.0.shape"):
+        check_manifest(broken)
+
+
+def test_bundle_has_a_kotlin_class_with_the_real_shape_dtype_and_labels(digits_build):
+    bundle = digits_build.out_dir / "bundle"
+    names = sorted(p.name for p in bundle.iterdir())
+    assert names == ["DigitsModel.kt", "README.md", "dependencies.gradle", "labels.txt", "manifest.json", "model.pte"]
+    assert (bundle / "model.pte").read_bytes() == (digits_build.out_dir / "model.pte").read_bytes()
+    kotlin = (bundle / "DigitsModel.kt").read_text()
+    assert "import org.pytorch.executorch.Module" in kotlin and "Tensor.fromBlob(data, INPUT_SHAPE)" in kotlin
+    assert "longArrayOf(1, 1, 8, 8)" in kotlin and "float32" in kotlin
+    assert 'arrayOf("0", "1", "2", "3", "4", "5", "6", "7", "8", "9")' in kotlin
+    assert "SCALE = 0.0625f" in kotlin
+    import executorch  # noqa: F401
+    from importlib.metadata import version
+
+    assert f'implementation("org.pytorch:executorch-android:{version("executorch")}")' in (bundle / "dependencies.gradle").read_text()
+    assert (bundle / "labels.txt").read_text().split() == [str(i) for i in range(10)]
+
+
+def test_debugging_names_a_deliberately_mis_quantized_layer_first():
+    from edgeq.capture import capture
+    from edgeq.convert import convert, prepare
+    from edgeq.debug import debug
+    from edgeq.plan import uniform_plan
+    from edgeq.quantizer import build_quantizer
+    from edgeq.recipe import as_tuple, load_recipe
+    from edgeq.targets import load_target
+
+    recipe = load_recipe(None)
+    model = recipe.model()
+    target = load_target("android")
+    prepared = prepare(capture(model, recipe.example_inputs()), build_quantizer(uniform_plan(model, target), target, qat=False), qat=False)
+    with torch.no_grad():
+        for i, (x, _) in enumerate(recipe.train_data()):
+            prepared(*as_tuple(x))
+            if i == 3:
+                break
+    # Mis-quantize dw.0: its weight observer claims a range 200x too wide, so its 8-bit grid is far too coarse.
+    weight_node = next(n for n in prepared.graph.nodes if n.op == "get_attr" and n.target == "dw.0.weight")
+    observer = getattr(prepared, next(iter(weight_node.users)).target)
+    observer.min_val *= 200
+    observer.max_val *= 200
+    errors, first = debug(model, convert(prepared), recipe, threshold_db=20.0)
+    assert [e.layer for e in errors] == ["stem.0", "dw.0", "pw.0", "head"]
+    assert errors[0].sqnr_db > 30
+    assert first is not None and first.layer == "dw.0"
