@@ -141,6 +141,9 @@ def analyze(model: nn.Module, recipe: Recipe, target: Target, batches: int = 8) 
     def record(name):
         def hook(module, args):
             x = args[0].detach().float()
+            if not bool(torch.isfinite(x).all()):
+                raise EdgeqError(f"calibration data reach layer '{name}' with NaN or inf values",
+                                 "check the recipe's train_data() and model() for NaN/inf values")
             extremes[name][0] = min(extremes[name][0], float(x.min()))
             extremes[name][1] = max(extremes[name][1], float(x.max()))
             flat = x.flatten()

@@ -49,6 +49,8 @@ class BuildConfig:
     seed: int = 0
     #: let ExecuTorch download the Qualcomm SDK when QNN_SDK_ROOT is unset
     allow_sdk_download: bool = False
+    #: continue QAT from the checkpoint a killed build left beside the output directory
+    resume: bool = False
 
 
 @dataclass
@@ -94,6 +96,8 @@ def quantize(
     stages: Stages,
     on_step: Callable[[int, float], None] | None = None,
     float_model: torch.nn.Module | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
 ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule, QATReport]:
     """capture -> prepare -> QAT -> convert; returns (fake-quant, reference, qat report)."""
     model = float_model if float_model is not None else recipe.model().eval()
@@ -104,11 +108,28 @@ def quantize(
     with stages("prepare"):
         prepared = prepare(graph, build_quantizer(plan, target, qat=True, ranges=config.ranges), qat=True)
     with stages("qat"):
-        report = run_qat(prepared, recipe, config, on_step=on_step)
+        report = run_qat(prepared, recipe, config, on_step=on_step, checkpoint=checkpoint,
+                         fingerprint=fingerprint(recipe, target, plan, config), resume=resume)
     with stages("convert"):
         # convert_pt2e rewrites the graph in place; keep the fake-quant model for scoring.
         reference = convert(copy.deepcopy(prepared))
     return to_eval(prepared), reference, report
+
+
+def fingerprint(recipe: Recipe, target: Target, plan: Plan, config: QATConfig) -> str:
+    """What a QAT checkpoint must match to be resumed."""
+    import hashlib
+    import json
+
+    data = {"recipe": recipe.fingerprint, "target": target.name, "plan": plan.to_dict(), "qat": config.to_dict()}
+    data["qat"].pop("checkpoint_every", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def checkpoint_path(out_dir: Path) -> Path:
+    """Beside the output directory, so that a failed build leaves that directory untouched."""
+    out_dir = Path(out_dir).absolute()
+    return out_dir.with_name(f".{out_dir.name}.edgeq-checkpoint") / "qat.pt"
 
 
 def build(
@@ -137,6 +158,10 @@ def build(
         result = _build(recipe, target, config, stages, progress, output)
         final = output.commit()
         result.out_dir = final
+        checkpoint = checkpoint_path(out_dir)
+        if checkpoint.exists():
+            checkpoint.unlink()
+            checkpoint.parent.rmdir()
     except BaseException:
         output.abort()
         raise
@@ -173,6 +198,9 @@ def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, 
         float_model = float_model.eval()
         example_inputs = recipe.example_inputs()
     _announce(progress, "float")
+    with stages("export"):
+        # Checks the example inputs and export-ability first, with errors that name the cause.
+        float_graph = capture_mod.capture(float_model, example_inputs, dynamic_batch=False)
     with stages("lower"):
         float_program = lower(float_model, example_inputs, load_target("android")).program
     analysis = planned = None
@@ -195,7 +223,8 @@ def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, 
     on_step = getattr(progress, "step", None) if progress is not None else None
     if progress is not None and hasattr(progress, "qat_start"):
         progress.qat_start(config.qat.steps)
-    fq_model, reference, qat_report = quantize(recipe, target, plan, config.qat, stages, on_step, float_model)
+    fq_model, reference, qat_report = quantize(recipe, target, plan, config.qat, stages, on_step, float_model,
+                                               checkpoint=checkpoint_path(output.final), resume=config.resume)
     _announce(progress, "evaluate")
     with stages("evaluate"):
         qat_eval = _score(fq_model, recipe, progress, "QAT (simulated)")
@@ -212,7 +241,6 @@ def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, 
                 f"QAT {qat_eval.metric:.2f}); {exc.cause}", exc.fix) from None
     _announce(progress, "lower")
     with stages("lower"):
-        float_graph = capture_mod.capture(float_model, example_inputs, dynamic_batch=False)
         lowered = lower(reference, example_inputs, target, float_graph=float_graph,
                         allow_download=config.allow_sdk_download)
     if config.size_budget is not None:

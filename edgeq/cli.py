@@ -94,6 +94,8 @@ def build(
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same program."),
     device: str = typer.Option("cpu", help="Device for QAT (cpu or cuda); export and lowering stay on the CPU."),
     allow_sdk_download: bool = typer.Option(False, help="Qualcomm targets: let ExecuTorch download the QNN SDK when QNN_SDK_ROOT is unset."),
+    resume: bool = typer.Option(False, help="Continue QAT from the checkpoint a killed build left beside --out."),
+    checkpoint_every: int = typer.Option(100, help="Write a resumable QAT checkpoint every this many steps (0: never)."),
 ) -> None:
     """Quantize, train, lower and validate a model; write model.pte and its report."""
     try:
@@ -112,10 +114,11 @@ def build(
 
             raise EdgeqError(f"invalid range option: {exc}", "see `edgeq build --help`") from exc
         qat = QATConfig(steps=steps, lr=lr, ranges=range_config, fold_bn=fold_bn, freeze_ranges=freeze_ranges,
-                        freeze_bn=freeze_bn, device=device)
+                        freeze_bn=freeze_bn, device=device, checkpoint_every=checkpoint_every)
         config = BuildConfig(target=target, out=out, plan=plan, precision=precision, qat=qat,
                              size_budget=size_budget, outlier_ratio=outlier_ratio,
-                             max_drop=max_drop, seed=seed, allow_sdk_download=allow_sdk_download)
+                             max_drop=max_drop, seed=seed, allow_sdk_download=allow_sdk_download,
+                             resume=resume)
         with RichProgress() as progress:
             try:
                 result = run_build(recipe, config, progress=progress)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -49,6 +50,8 @@ class QATConfig:
     intermediate_bits: int = 8
     seed: int = 0
     device: str = "cpu"
+    #: write a resumable checkpoint every this many steps (0: never)
+    checkpoint_every: int = 100
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -146,12 +149,30 @@ def run_qat(
     recipe: Recipe,
     config: QATConfig,
     on_step: Callable[[int, float], None] | None = None,
+    checkpoint: Path | None = None,
+    fingerprint: str = "",
+    resume: bool = False,
 ) -> QATReport:
-    """Train the prepared graph in place; returns what happened."""
+    """Train the prepared graph in place; returns what happened.
+
+    With ``checkpoint``, the state (model with its range trackers, optimizer,
+    schedule, RNG states, step) is saved there every ``checkpoint_every``
+    steps; ``resume`` continues from it and ends exactly where an
+    uninterrupted run would.
+    """
+    from . import checkpoint as ckpt
+
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     model.to(device)
-    calibrate(model, recipe, config.calibration_batches, config.device)
+    saved = None
+    if resume and checkpoint is not None and checkpoint.is_file():
+        saved = ckpt.load(checkpoint)
+        if saved.get("fingerprint") != fingerprint:
+            raise EdgeqError(f"checkpoint {checkpoint} is from a different build (recipe, plan, target or QAT settings changed)",
+                             "rebuild without --resume, or restore the settings it was made with")
+    if saved is None:  # a checkpoint carries the calibrated, tracked ranges
+        calibrate(model, recipe, config.calibration_batches, config.device)
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -161,16 +182,28 @@ def run_qat(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
     narrow = narrow_weight_quants(model, 8)
     inter_steps = int(round(config.intermediate_share * steps)) if narrow and config.intermediate_bits else 0
-    if inter_steps:
-        _set_weight_width(model, narrow, config.intermediate_bits)
     freeze_bn_at = int(round(config.freeze_bn * steps)) if not config.fold_bn else steps + 1
     freeze_ranges_at = int(round(config.freeze_ranges * steps))
-    move_exported_model_to_train(model)
-    set_observers(model, True)
+    first = 0
     losses: list[float] = []
+    if saved is not None:
+        first = int(saved["step"])
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        losses = list(saved["losses"])
+        ckpt.set_rng_state(saved["rng"])
+    if inter_steps and first < inter_steps:
+        _set_weight_width(model, narrow, config.intermediate_bits)
+    move_exported_model_to_train(model)
+    if first >= freeze_bn_at:
+        move_exported_model_to_eval(model)
+    set_observers(model, first < freeze_ranges_at)
     batches = _batches(recipe)
+    for _ in range(first):  # the data order is the recipe's: replay up to the checkpoint
+        next(batches)
     start = time.perf_counter()
-    for step in range(steps):
+    for step in range(first, steps):
         if inter_steps and step == inter_steps:
             _set_weight_width(model, narrow, None)
         if step == freeze_bn_at:
@@ -193,6 +226,12 @@ def run_qat(
         opt.step()
         sched.step()
         losses.append(value)
+        if checkpoint is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < steps:
+            ckpt.save(checkpoint, {
+                "fingerprint": fingerprint, "step": step + 1, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "losses": losses,
+                "rng": ckpt.rng_state(),
+            })
         if on_step is not None:
             on_step(step, value)
     seconds = time.perf_counter() - start
