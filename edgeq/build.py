@@ -82,6 +82,17 @@ class BuildResult:
         return self.scores.float - self.scores.program
 
 
+def init_distributed(device: str = "cpu") -> int:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); returns this rank."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -137,15 +148,19 @@ def build(
     config: BuildConfig | None = None,
     progress: Any = None,
     **overrides: Any,
-) -> BuildResult:
+) -> BuildResult | None:
     """Build, validate and package a program; see :class:`BuildConfig`.
 
     ``progress`` may provide ``step(i, loss)``, ``eval_start(label, n)`` and
     ``eval_advance(k)``, ``stage(name)`` (the CLI's rich display does).
+
+    Under torchrun (``WORLD_SIZE`` > 1) QAT runs data-parallel; only rank 0
+    converts, lowers and writes artifacts, and the other ranks return None.
     """
     config = config or BuildConfig()
     for key, value in overrides.items():
         setattr(config, key, value)
+    rank = init_distributed(config.qat.device)
     stages = Stages()
     with stages("load"):
         recipe = load_recipe(recipe)
@@ -153,9 +168,20 @@ def build(
     out_dir = Path(config.out) if config.out else Path("edgeq-out") / recipe.name
     from .package import OutputDir
 
+    if rank != 0:
+        # Other ranks train alongside rank 0 and write nothing.
+        import tempfile
+
+        out_dir = Path(tempfile.mkdtemp(prefix=f"edgeq-rank{rank}-")) / "out"
     output = OutputDir(out_dir)  # fail early, before minutes of work, if unwritable
     try:
         result = _build(recipe, target, config, stages, progress, output)
+        if result is None:  # a rank other than 0
+            output.abort()
+            import shutil
+
+            shutil.rmtree(out_dir.parent, ignore_errors=True)
+            return None
         final = output.commit()
         result.out_dir = final
         checkpoint = checkpoint_path(out_dir)
@@ -225,6 +251,10 @@ def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, 
         progress.qat_start(config.qat.steps)
     fq_model, reference, qat_report = quantize(recipe, target, plan, config.qat, stages, on_step, float_model,
                                                checkpoint=checkpoint_path(output.final), resume=config.resume)
+    from .qat import world
+
+    if world()[0] != 0:
+        return None
     _announce(progress, "evaluate")
     with stages("evaluate"):
         qat_eval = _score(fq_model, recipe, progress, "QAT (simulated)")

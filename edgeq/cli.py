@@ -96,8 +96,11 @@ def build(
     allow_sdk_download: bool = typer.Option(False, help="Qualcomm targets: let ExecuTorch download the QNN SDK when QNN_SDK_ROOT is unset."),
     resume: bool = typer.Option(False, help="Continue QAT from the checkpoint a killed build left beside --out."),
     checkpoint_every: int = typer.Option(100, help="Write a resumable QAT checkpoint every this many steps (0: never)."),
+    nproc: int = typer.Option(1, help="Data-parallel QAT over this many processes on this machine (torchrun, gloo or nccl)."),
 ) -> None:
     """Quantize, train, lower and validate a model; write model.pte and its report."""
+    if nproc > 1:
+        _relaunch_with_torchrun(nproc)
     try:
         from .build import BuildConfig
         from .build import build as run_build
@@ -128,9 +131,29 @@ def build(
                 if isinstance(exc, AccuracyError):
                     progress.__exit__()
                 raise
-        _summary(result)
+        if result is not None:  # ranks other than 0 of a torchrun job return None
+            _summary(result)
     except Exception as exc:  # noqa: BLE001 - user errors become one line
         _fail(exc)
+
+
+def _relaunch_with_torchrun(nproc: int) -> None:
+    """Run this same command under torchrun with ``nproc`` processes, minus --nproc."""
+    import subprocess
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        args.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "edgeq", *args]
+    raise typer.Exit(subprocess.run(cmd).returncode)
 
 
 def _summary(result) -> None:

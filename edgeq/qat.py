@@ -88,13 +88,30 @@ def to_eval(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return model
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _batches(recipe: Recipe) -> Iterator:
-    """Cycle over train_data(), calling it again at the end of each epoch."""
+    """Cycle over train_data(), calling it again at the end of each epoch.
+
+    Under torch.distributed, rank r of w takes batches r, r + w, r + 2w, ...
+    so that one step's global batch is w consecutive recipe batches.
+    """
+    rank, size = world()
+    index = 0
     while True:
         empty = True
         for batch in recipe.train_data():
             empty = False
-            yield batch
+            if index % size == rank:
+                yield batch
+            index += 1
         if empty:
             raise EdgeqError("train_data() yielded no batches", "make the recipe's train_data() yield (inputs, target) batches")
 
@@ -132,8 +149,9 @@ def calibrate(model: torch.fx.GraphModule, recipe: Recipe, batches: int, device:
     move_exported_model_to_eval(model)
     set_observers(model, True)
     seen = 0
+    data = _batches(recipe)  # this rank's share; the trackers reduce observations across ranks
     with torch.no_grad():
-        for inputs, _ in recipe.train_data():
+        for inputs, _ in data:
             model(*(t.to(device) for t in as_tuple(inputs)))
             seen += 1
             if seen >= batches:
@@ -202,6 +220,14 @@ def run_qat(
     batches = _batches(recipe)
     for _ in range(first):  # the data order is the recipe's: replay up to the checkpoint
         next(batches)
+    rank, size = world()
+    trainer = model
+    if size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Gradients are averaged across ranks; buffers (moving-average
+        # observers, BatchNorm statistics) follow rank 0.
+        trainer = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     start = time.perf_counter()
     for step in range(first, steps):
         if inter_steps and step == inter_steps:
@@ -215,7 +241,7 @@ def run_qat(
         inputs = tuple(t.to(device) for t in as_tuple(inputs))
         target = target.to(device) if isinstance(target, torch.Tensor) else target
         opt.zero_grad(set_to_none=True)
-        loss = recipe.loss(model(*inputs), target)
+        loss = recipe.loss(trainer(*inputs), target)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise EdgeqError(
@@ -226,7 +252,8 @@ def run_qat(
         opt.step()
         sched.step()
         losses.append(value)
-        if checkpoint is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < steps:
+        if (checkpoint is not None and rank == 0 and config.checkpoint_every
+                and (step + 1) % config.checkpoint_every == 0 and step + 1 < steps):
             ckpt.save(checkpoint, {
                 "fingerprint": fingerprint, "step": step + 1, "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "losses": losses,

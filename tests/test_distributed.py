@@ -1,0 +1,94 @@
+"""Data-parallel QAT under torch.distributed (gloo, 2 processes on the CPU)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.slow
+
+STEPS = 16
+#: float32 sums in another order (DDP averages two half-batch gradients)
+TOLERANCE = 1e-4
+
+
+def _recipe(pairs: bool):
+    """Digits in batches of 32; with ``pairs``, each batch is two consecutive ones (the global batch)."""
+    import dataclasses
+
+    from edgeq.recipe import load_recipe
+
+    base = load_recipe(None)
+    from edgeq.examples.digits import _data
+
+    x, y, _, _ = _data()
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 1280, 32)]
+    if pairs:
+        batches = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(batches[::2], batches[1::2])]
+    return dataclasses.replace(base, train_data=lambda: list(batches))
+
+
+def _train(pairs: bool):
+    from edgeq.capture import capture, fold_batchnorm
+    from edgeq.convert import prepare
+    from edgeq.fake_quant import AdaptiveRangeFakeQuantize
+    from edgeq.plan import uniform_plan
+    from edgeq.qat import QATConfig, run_qat
+    from edgeq.quantizer import build_quantizer
+    from edgeq.targets import load_target
+
+    recipe = _recipe(pairs)
+    model = recipe.model()
+    target = load_target("android")
+    graph = capture(model, recipe.example_inputs())
+    fold_batchnorm(graph)
+    prepared = prepare(graph, build_quantizer(uniform_plan(model, target), target))
+    run_qat(prepared, recipe, QATConfig(steps=STEPS, calibration_batches=4, checkpoint_every=0, lr=5e-3))
+    # NumPy copies: they cross process boundaries by value, unlike tensors' shared memory.
+    ranges = {n: m.committed.numpy().copy() for n, m in prepared.named_modules() if isinstance(m, AdaptiveRangeFakeQuantize)}
+    weights = {n: p.detach().numpy().copy() for n, p in prepared.named_parameters()}
+    return ranges, weights
+
+
+def _rank(rank: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        queue.put((rank, _train(pairs=False)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_agree_and_match_one_process_over_the_same_global_batches():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=600) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    (r0_ranges, r0_weights), (r1_ranges, r1_weights) = results[0], results[1]
+    # Every rank holds identical committed ranges (observations were reduced before voting).
+    assert r0_ranges.keys() == r1_ranges.keys() and r0_ranges
+    import numpy as np
+
+    for name in r0_ranges:
+        assert np.array_equal(r0_ranges[name], r1_ranges[name]), name
+    for name in r0_weights:
+        assert np.array_equal(r0_weights[name], r1_weights[name]), name
+    # One process over the same global batches (pairs of rank batches) lands in the same place.
+    ranges, weights = _train(pairs=True)
+    for name in ranges:
+        assert np.allclose(ranges[name], r0_ranges[name], rtol=TOLERANCE, atol=TOLERANCE), name
+    for name in weights:
+        assert np.allclose(weights[name], r0_weights[name], rtol=TOLERANCE, atol=TOLERANCE), name
