@@ -93,21 +93,14 @@ class AdbDevice:
 
 def device_runner(program: Path, serial: str | None, runner: str | Path | None):
     """A callable like :class:`edgeq.validate.ProgramRunner` that runs on the phone."""
-    from .validate import ProgramRunner
+    from .validate import ProgramRunner, program_batches
 
     signature = ProgramRunner(program).signature  # shapes from the program itself
     device = AdbDevice(serial, runner)
     batch = signature.inputs[0][0][0]
 
     def run(*inputs: torch.Tensor) -> torch.Tensor:
-        total = inputs[0].shape[0]
-        samples = []
-        for start in range(0, total, batch):
-            chunk = [t[start:start + batch] for t in inputs]
-            real = chunk[0].shape[0]
-            if real < batch:
-                chunk = [torch.cat([c, c[-1:].expand(batch - real, *c.shape[1:])]) for c in chunk]
-            samples.append((chunk, real))
+        samples = program_batches(inputs, batch)
         outs = device.run(program, [c for c, _ in samples], signature.outputs)
         return torch.cat([o[:real] for o, (_, real) in zip(outs, samples)])
 

@@ -51,21 +51,26 @@ class ProgramRunner:
         return list(self._method.execute(tuple(t.contiguous() for t in inputs)))
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        total = inputs[0].shape[0]
         for (shape, _), tensor in zip(self.signature.inputs, inputs):
             if tuple(tensor.shape[1:]) != tuple(shape[1:]):
                 raise EdgeqError(
                     f"input of shape {tuple(tensor.shape)} does not fit the program's input {shape}",
                     "feed the data the program was built for (same recipe and preprocessing)",
                 )
-        outs = []
-        for start in range(0, total, self.batch):
-            chunk = [t[start : start + self.batch] for t in inputs]
-            real = chunk[0].shape[0]
-            if real < self.batch:
-                chunk = [torch.cat([c, c[-1:].expand(self.batch - real, *c.shape[1:])]) for c in chunk]
-            outs.append(self.execute(*chunk)[0][:real].clone())
-        return torch.cat(outs)
+        return torch.cat([self.execute(*chunk)[0][:real].clone() for chunk, real in program_batches(inputs, self.batch)])
+
+
+def program_batches(inputs: tuple[torch.Tensor, ...], batch: int) -> list[tuple[list[torch.Tensor], int]]:
+    """Split inputs into chunks of the program's static batch size, padding the last one
+    by repeating its final sample; returns (chunk, real samples in it) pairs."""
+    chunks = []
+    for start in range(0, inputs[0].shape[0], batch):
+        chunk = [t[start:start + batch] for t in inputs]
+        real = chunk[0].shape[0]
+        if real < batch:
+            chunk = [torch.cat([c, c[-1:].expand(batch - real, *c.shape[1:])]) for c in chunk]
+        chunks.append((chunk, real))
+    return chunks
 
 
 def run_program(program: bytes | str | Path) -> Callable[..., torch.Tensor]:

@@ -158,7 +158,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="sweep the adaptive knobs at W4A8 instead")
     args = parser.parse_args()
+    if args.sweep:
+        return sweep(args)
     rows, fidelity_rows, grid_rows, speed_rows, skipped = [], [], [], [], []
     start = time.time()
     for name, recipe in tasks(args.tasks).items():
@@ -233,6 +236,48 @@ def main() -> None:
     print(body)
     if not args.no_write:
         write_section("bench_ranges", body)
+
+
+KNOBS = {
+    "defaults (up 0.5, down 0.7, min_votes 8, mean, keep 0.5)": {},
+    "min_votes 4": {"min_votes": 4},
+    "min_votes 16": {"min_votes": 16},
+    "keep 0.8": {"keep": 0.8},
+    "rule step 0.05": {"rule": "step"},
+    "window 32": {"window": 32},
+    "up 0.7, down 0.9 (stickier)": {"up_ratio": 0.7, "down_ratio": 0.9},
+}
+
+
+def sweep(args) -> None:
+    """Each knob setting, W4A8, adaptive ranges: .pte accuracy and grid changes over seeds."""
+    rows = []
+    start = time.time()
+    for name, recipe in tasks(args.tasks).items():
+        if recipe is None:
+            continue
+        model = recipe.model().eval()
+        for label, knobs in KNOBS.items():
+            accs, changes = [], []
+            for seed in range(args.seeds):
+                seed_everything(seed)
+                run = qat(model, recipe, "w4a8", QATConfig(steps=args.steps, lr=args.lr, seed=seed,
+                                                           ranges=RangeConfig(mode="adaptive", vote=VoteConfig(**knobs))))
+                accs.append(run["pte"])
+                changes.append(statistics.median(run["changes"].values()))
+            rows.append([name, label, mean_sd(accs), f"{statistics.mean(changes):.0f}"])
+            print(f"[{time.time() - start:6.0f}s]", rows[-1], flush=True)
+    body = "\n".join([
+        "## Adaptive-range knobs (scripts/bench_ranges.py --sweep)",
+        "",
+        f"Machine: {machine()}. W4A8 on android, adaptive ranges, {args.steps} QAT steps, {args.seeds} seeds; "
+        "`.pte` accuracy (mean ± sd) and the median over tensors of the steps after which a tensor's grid moved.",
+        "",
+        table(["task", "knobs", "W4A8 .pte", "median grid changes"], rows),
+    ])
+    print(body)
+    if not args.no_write:
+        write_section("bench_ranges_knobs", body)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -55,28 +51,12 @@ def _train(pairs: bool):
     return ranges, weights
 
 
-def _rank(rank: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        queue.put((rank, _train(pairs=False)))
-    finally:
-        dist.destroy_process_group()
+def _rank_train(rank: int):
+    return _train(pairs=False)
 
 
 def test_ddp_ranks_agree_and_match_one_process_over_the_same_global_batches():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=600) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = run_ranks(_rank_train, world=2)
     (r0_ranges, r0_weights), (r1_ranges, r1_weights) = results[0], results[1]
     # Every rank holds identical committed ranges (observations were reduced before voting).
     assert r0_ranges.keys() == r1_ranges.keys() and r0_ranges

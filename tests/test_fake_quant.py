@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 from torchao.quantization.pt2e.observer import MinMaxObserver, PerChannelMinMaxObserver
 
@@ -145,38 +142,23 @@ def test_state_dict_round_trip_restores_every_buffer():
     assert torch.equal(fresh.committed, fq.committed)
 
 
-def _ranks(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        fq = AdaptiveRangeFakeQuantize(min_votes=2, **AFFINE)
-        # Each rank sees different data; rank 1 also sees a NaN batch.
-        fq(torch.tensor([-1.0 - rank, 1.0 + 2 * rank]))
-        fq.start_tracking()
-        for step in range(4):
-            data = torch.tensor([-0.5, 4.0 * (rank + 1)])
-            if rank == 1 and step == 0:
-                data = torch.tensor([math.nan, math.nan])
-            fq(data)
-        queue.put((rank, fq.committed.tolist(), fq.commits()))
-    finally:
-        dist.destroy_process_group()
+def _rank_votes(rank: int):
+    fq = AdaptiveRangeFakeQuantize(min_votes=2, **AFFINE)
+    # Each rank sees different data; rank 1 also sees a NaN batch.
+    fq(torch.tensor([-1.0 - rank, 1.0 + 2 * rank]))
+    fq.start_tracking()
+    for step in range(4):
+        data = torch.tensor([-0.5, 4.0 * (rank + 1)])
+        if rank == 1 and step == 0:
+            data = torch.tensor([math.nan, math.nan])
+        fq(data)
+    return fq.committed.tolist(), fq.commits()
 
 
 def test_distributed_observations_are_reduced_so_ranks_agree():
-    import socket
+    from gloo import run_ranks
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_ranks, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict((r, (c, n)) for r, c, n in (queue.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(timeout=60)
+    results = run_ranks(_rank_votes, world=2)
     assert results[0] == results[1]
     committed, commits = results[0]
     # Calibration over both ranks: [-2, 3]. Step 0 (rank 1's NaN drops out): lo -0.5, hi 4;
