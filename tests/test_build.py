@@ -207,12 +207,12 @@ def test_failed_build_leaves_an_earlier_output_as_it_was(tmp_path, digits_build)
 
     out = tmp_path / "out"
     shutil.copytree(digits_build.out_dir, out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     bad_plan = tmp_path / "plan.json"
     plan = json.loads((out / "plan.json").read_text())
     plan["layers"][0]["name"] = "no.such.layer"
     bad_plan.write_text(json.dumps(plan))
     code, output = _run_cli(["build", "--plan", str(bad_plan), "--out", str(out)])
     assert code != 0 and "unknown layers: no.such.layer" in output and "stem.0" in output
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "plan.json"]

@@ -1,0 +1,69 @@
+"""Fidelity: the fake-quant model edgeq evaluates computes what convert_pt2e ships."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from edgeq.capture import capture, fold_batchnorm
+from edgeq.convert import convert, prepare
+from edgeq.evaluate import sqnr_db
+from edgeq.plan import uniform_plan
+from edgeq.qat import QATConfig, run_qat, to_eval
+from edgeq.quantizer import RangeConfig, build_quantizer
+from edgeq.recipe import Recipe
+from edgeq.targets import load_target
+
+#: simulated vs converted outputs must agree at least this well
+MIN_SQNR_DB = 30.0
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        )
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def _recipe() -> Recipe:
+    torch.manual_seed(0)
+    model = ConvBN()
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 3, 12, 12, generator=gen), torch.randint(0, 5, (16,), generator=gen)) for _ in range(6)]
+    model.train()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for x, _ in data:
+            model(x)
+    model.eval()
+    return Recipe(name="convbn", model=lambda: copy.deepcopy(model), example_inputs=lambda: (torch.zeros(1, 3, 12, 12),),
+                  train_data=lambda: data, eval_data=lambda: data[:2])
+
+
+@pytest.mark.parametrize("fold_bn,mode", [(True, "adaptive"), (False, "adaptive"), (True, "ema")],
+                         ids=["bn-folded-adaptive", "bn-simulated-adaptive", "bn-folded-ema"])
+def test_fake_quant_and_converted_agree_at_4_bit_weights(fold_bn, mode):
+    recipe = _recipe()
+    model = recipe.model()
+    target = load_target("android")
+    graph = capture(model, recipe.example_inputs())
+    if fold_bn:
+        fold_batchnorm(graph)
+    config = QATConfig(steps=12, calibration_batches=3, fold_bn=fold_bn, freeze_bn=0.5, checkpoint_every=0,
+                       ranges=RangeConfig(mode=mode), lr=1e-2)
+    prepared = prepare(graph, build_quantizer(uniform_plan(model, target, "w4a8"), target, ranges=config.ranges))
+    run_qat(prepared, recipe, config)
+    reference = convert(copy.deepcopy(prepared))
+    simulated = to_eval(prepared)
+    x = torch.cat([b[0] for b in recipe.eval_data()])
+    with torch.no_grad():
+        assert sqnr_db(reference(x), simulated(x)) >= MIN_SQNR_DB
