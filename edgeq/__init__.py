@@ -17,20 +17,25 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# name -> (module, attribute); modules are named apart from the functions
+# (pipeline.build, analysis.analyze_recipe) so that importing a submodule
+# never shadows a function on the package.
 _LAZY = {
-    "build": "edgeq.build",
-    "BuildConfig": "edgeq.build",
-    "BuildResult": "edgeq.build",
-    "QATConfig": "edgeq.qat",
-    "RangeConfig": "edgeq.quantizer",
-    "VoteConfig": "edgeq.ranges",
-    "apply_vote": "edgeq.ranges",
-    "AdaptiveRangeFakeQuantize": "edgeq.fake_quant",
-    "Recipe": "edgeq.recipe",
-    "load_recipe": "edgeq.recipe",
-    "load_target": "edgeq.targets",
-    "Plan": "edgeq.plan",
-    "EdgeqError": "edgeq.errors",
+    "build": ("edgeq.pipeline", "build"),
+    "BuildConfig": ("edgeq.pipeline", "BuildConfig"),
+    "BuildResult": ("edgeq.pipeline", "BuildResult"),
+    "analyze": ("edgeq.analysis", "analyze_recipe"),
+    "Analysis": ("edgeq.analysis", "Analysis"),
+    "QATConfig": ("edgeq.qat", "QATConfig"),
+    "RangeConfig": ("edgeq.quantizer", "RangeConfig"),
+    "VoteConfig": ("edgeq.ranges", "VoteConfig"),
+    "apply_vote": ("edgeq.ranges", "apply_vote"),
+    "AdaptiveRangeFakeQuantize": ("edgeq.fake_quant", "AdaptiveRangeFakeQuantize"),
+    "Recipe": ("edgeq.recipe", "Recipe"),
+    "load_recipe": ("edgeq.recipe", "load_recipe"),
+    "load_target": ("edgeq.targets", "load_target"),
+    "Plan": ("edgeq.plan", "Plan"),
+    "EdgeqError": ("edgeq.errors", "EdgeqError"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -38,8 +43,6 @@ __all__ = sorted(_LAZY) + ["__version__"]
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        module = importlib.import_module(_LAZY[name])
-        if name == "build":
-            return module.build
-        return getattr(module, name)
+        module, attribute = _LAZY[name]
+        return getattr(importlib.import_module(module), attribute)
     raise AttributeError(f"module 'edgeq' has no attribute {name!r}")

@@ -102,8 +102,8 @@ def build(
     if nproc > 1:
         _relaunch_with_torchrun(nproc)
     try:
-        from .build import BuildConfig
-        from .build import build as run_build
+        from .pipeline import BuildConfig
+        from .pipeline import build as run_build
         from .qat import QATConfig
         from .quantizer import RangeConfig
         from .ranges import VoteConfig
@@ -123,14 +123,7 @@ def build(
                              max_drop=max_drop, seed=seed, allow_sdk_download=allow_sdk_download,
                              resume=resume)
         with RichProgress() as progress:
-            try:
-                result = run_build(recipe, config, progress=progress)
-            except Exception as exc:
-                from .errors import AccuracyError
-
-                if isinstance(exc, AccuracyError):
-                    progress.__exit__()
-                raise
+            result = run_build(recipe, config, progress=progress)
         if result is not None:  # ranks other than 0 of a torchrun job return None
             _summary(result)
     except Exception as exc:  # noqa: BLE001 - user errors become one line
@@ -191,8 +184,8 @@ def analyze(
 ) -> None:
     """Measure every layer's ranges, SQNR and sensitivity; print a table and write analysis.json."""
     try:
-        from .analyze import analyze as run_analyze
-        from .analyze import print_analysis
+        from .analysis import analyze as run_analyze
+        from .analysis import print_analysis
         from .errors import EdgeqError
         from .package import write_json_atomic
         from .recipe import load_recipe

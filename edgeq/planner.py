@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .analyze import Analysis, LayerAnalysis
+from .analysis import Analysis, LayerAnalysis
 from .errors import EdgeqError
 from .plan import LayerPlan, Plan
 from .targets import Target

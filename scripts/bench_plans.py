@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_report import machine, table, write_section  # noqa: E402
 from bench_tasks import tasks  # noqa: E402
 
-from edgeq.build import BuildConfig, build  # noqa: E402
+from edgeq.pipeline import BuildConfig, build  # noqa: E402
 from edgeq.qat import QATConfig  # noqa: E402
 
 VARIANTS = {

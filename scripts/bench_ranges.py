@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_report import machine, table, write_section  # noqa: E402
 from bench_tasks import tasks  # noqa: E402
 
-from edgeq.build import seed_everything  # noqa: E402
+from edgeq.pipeline import seed_everything  # noqa: E402
 from edgeq.capture import capture, fold_batchnorm  # noqa: E402
 from edgeq.convert import convert, prepare  # noqa: E402
 from edgeq.evaluate import agreement, evaluate  # noqa: E402

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def digits_build(tmp_path_factory):
     """The bundled example built for android (real export, PT2E QAT, XNNPACK lowering, runtime)."""
-    from edgeq.build import BuildConfig, build
+    from edgeq.pipeline import BuildConfig, build
     from edgeq.qat import QATConfig
 
     out = tmp_path_factory.mktemp("build") / "digits"

@@ -53,7 +53,7 @@ def eval_data():
 
 
 def test_an_op_outside_xnnpack_is_named_and_the_program_runs(tmp_path):
-    from edgeq.build import BuildConfig, build
+    from edgeq.pipeline import BuildConfig, build
     from edgeq.qat import QATConfig
 
     recipe = tmp_path / "cumsum_recipe.py"

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from edgeq.analyze import analyze
+from edgeq.analysis import analyze
 from edgeq.errors import EdgeqError
 from edgeq.plan import Plan, uniform_plan, validate_plan
 from edgeq.planner import make_plan

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from edgeq.build import BuildConfig, build, checkpoint_path
+from edgeq.pipeline import BuildConfig, build, checkpoint_path
 from edgeq.cli import app
 from edgeq.errors import EdgeqError
 from edgeq.qat import QATConfig

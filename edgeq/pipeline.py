@@ -21,7 +21,7 @@ from .convert import convert, prepare
 from .errors import AccuracyError, EdgeqError
 from .evaluate import Evaluation, agreement, evaluate
 from .lower import Lowered, lower
-from .analyze import analyze
+from .analysis import analyze
 from .plan import Plan, uniform_plan, validate_plan, weight_bytes
 from .planner import make_plan
 from .qat import QATConfig, QATReport, run_qat, to_eval

@@ -189,6 +189,16 @@ def analyze(model: nn.Module, recipe: Recipe, target: Target, batches: int = 8) 
     return Analysis(target=target.name, float_loss=float_loss, float_metric=float_metric, batches=len(data), layers=results)
 
 
+def analyze_recipe(recipe=None, target="android", batches: int = 8) -> Analysis:
+    """``edgeq.analyze``: load a recipe (path, module or Recipe; None: the bundled example)
+    and a target (name, .toml path or Target), and analyze the recipe's float model."""
+    from .recipe import load_recipe
+    from .targets import load_target
+
+    recipe = load_recipe(recipe)
+    return analyze(recipe.model(), recipe, load_target(target), batches=batches)
+
+
 def _layer_alone(model, module, recipe, data, spec: Precision, lo: float, hi: float) -> tuple[float, float]:
     """Loss and metric with only ``module`` quantized (weights and its input)."""
     original = module.weight.data.clone()
