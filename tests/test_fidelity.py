@@ -17,6 +17,8 @@ from edgeq.quantizer import RangeConfig, build_quantizer
 from edgeq.recipe import Recipe
 from edgeq.targets import load_target
 
+pytestmark = pytest.mark.slow
+
 #: simulated vs converted outputs must agree at least this well
 MIN_SQNR_DB = 30.0
 
