@@ -233,6 +233,8 @@ def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, 
     if config.plan is not None:
         plan = config.plan if isinstance(config.plan, Plan) else Plan.load(config.plan)
         plan = validate_plan(copy.deepcopy(plan), float_model, target)
+        # An edited plan may change the intermediate width (0 turns it off).
+        config.qat.intermediate_bits = plan.intermediate_bits
     elif config.precision is not None:
         plan = uniform_plan(float_model, target, config.precision)
     else:

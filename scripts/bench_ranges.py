@@ -38,7 +38,7 @@ from edgeq.convert import convert, prepare  # noqa: E402
 from edgeq.evaluate import agreement, evaluate  # noqa: E402
 from edgeq.lower import lower  # noqa: E402
 from edgeq.plan import uniform_plan  # noqa: E402
-from edgeq.qat import QATConfig, calibrate, fake_quants, run_qat, to_eval  # noqa: E402
+from edgeq.qat import QATConfig, fake_quants, run_qat, to_eval  # noqa: E402
 from edgeq.quantizer import RangeConfig, build_quantizer  # noqa: E402
 from edgeq.ranges import VoteConfig  # noqa: E402
 from edgeq.recipe import as_tuple  # noqa: E402

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -104,7 +103,6 @@ def test_qualcomm_build_quantizes_validates_and_stops_cleanly_without_the_sdk(tm
 
 
 def test_qnn_quantizer_uses_adaptive_ranges_per_layer():
-    import torch
 
     from edgeq.capture import capture
     from edgeq.convert import prepare
