@@ -313,8 +313,16 @@ def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, 
         write_bundle(output.path("bundle"), lowered.program, man)
         # The converted reference, for `edgeq validate` and numeric debugging.
         torch.export.save(capture_mod.export(reference, example_inputs), str(output.path("reference.pt2")))
+    with stages("debug"):
+        from .debug import debug as layer_debug
+
+        try:
+            layer_errors, first_divergence = layer_debug(float_model, reference, recipe)
+        except Exception:  # noqa: BLE001 - a diagnostic; e.g. a static-batch graph cannot take an eval batch
+            layer_errors, first_divergence = [], None
     report = build_report(recipe, target, config, plan, scores, sizes, lowered, qat_report, stages.seconds,
-                          samples=program_eval.samples, analysis=analysis, planned=planned)
+                          samples=program_eval.samples, analysis=analysis, planned=planned,
+                          layer_errors=layer_errors, first_divergence=first_divergence)
     write_json_atomic(output.path("report.json"), report)
     write_html(output.path("report.html"), report)
     return BuildResult(

@@ -105,7 +105,7 @@ def _input_names(model: torch.nn.Module, count: int) -> list[str]:
 
 
 def build_report(recipe, target, config, plan, scores, sizes, lowered, qat_report, timings, samples: int,
-                 analysis=None, planned=None) -> dict[str, Any]:
+                 analysis=None, planned=None, layer_errors=(), first_divergence=None) -> dict[str, Any]:
     delegation = lowered.delegation
     return {
         "recipe": recipe.name,
@@ -151,6 +151,10 @@ def build_report(recipe, target, config, plan, scores, sizes, lowered, qat_repor
             "estimated_program_bytes": planned.program_bytes,
             "considered": [asdict(p) for p in planned.considered],
         } if planned is not None else None,
+        "layer_sqnr": {
+            "reference_vs_float_db": {e.layer: e.sqnr_db for e in layer_errors},
+            "first_divergence": first_divergence.layer if first_divergence is not None else None,
+        },
         "timings": timings,
         "versions": versions(),
     }
@@ -198,6 +202,7 @@ def render_html(report: dict[str, Any]) -> str:
         _table([[l["name"], l["kind"], l["params"], l["precision"], l["reason"]] for l in report["plan"]],
                ["layer", "kind", "weights", "precision", "reason"]),
         *_layer_sections(report),
+        *_debug_section(report),
         "<h2>QAT</h2>",
         f"<p>{report['qat']['steps']} steps in {report['qat']['seconds']:.1f} s; loss {report['qat']['first_loss']:.4f} "
         f"to {report['qat']['last_loss']:.4f}.</p>",
@@ -242,6 +247,19 @@ def _layer_sections(report: dict[str, Any]) -> list[str]:
         _table(rows, ["layer", "kind", "weight range", "channel spread", "input range", "p99.9 |x|", "p99.99 |x|",
                       "outlier ratio", "weight SQNR dB", "input SQNR dB", "sensitivity (Δloss)", "precision", "reason"]),
         "".join(f"<img alt='figure' src='{src}'>" for src in figures),
+    ]
+
+
+def _debug_section(report: dict[str, Any]) -> list[str]:
+    layers = report.get("layer_sqnr", {}).get("reference_vs_float_db")
+    if not layers:
+        return []
+    first = report["layer_sqnr"]["first_divergence"]
+    return [
+        "<h2>Numeric debugging</h2>",
+        "<p>SQNR of each layer's output, quantized reference against float, on one evaluation batch, in execution "
+        f"order; first layer below 20 dB: {html.escape(first or 'none')} (`edgeq debug` prints the same).</p>",
+        _table([[name, db] for name, db in layers.items()], ["layer", "SQNR dB"]),
     ]
 
 
