@@ -227,7 +227,14 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         if moved.any():
             np.copyto(committed, new)
             self.commit_count += torch.from_numpy(moved)
-            self._refresh_qparams()
+            if self._signed_symmetric_per_channel() and self.scale.shape == committed.shape[1:]:
+                # calculate_qparams' fast branch in NumPy, in place on the scale
+                # buffer (the zero point stays 0): this runs on most steps.
+                scale = self.scale.numpy()
+                np.divide(np.clip(committed[0], 0, None), float(self.quant_max - self.quant_min) / 2, out=scale)
+                np.maximum(scale, self.eps.numpy(), out=scale)
+            else:
+                self._refresh_qparams()
 
     def _vote_tensors(self, obs: torch.Tensor) -> None:
         # Votes are counted in batches: until some value can reach min_votes no
@@ -278,9 +285,12 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
             self.scale = scale.to(self.committed.device)
             self.zero_point = zero_point.to(device=self.committed.device, dtype=torch.int32)
 
+    def _signed_symmetric_per_channel(self) -> bool:
+        return self.symmetric and self.ch_axis >= 0 and self.dtype not in (torch.uint8, torch.quint8, torch.uint16)
+
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of the committed range (PyTorch's min/max formulas)."""
-        if self.symmetric and self.ch_axis >= 0 and self.dtype not in (torch.uint8, torch.quint8, torch.uint16):
+        if self._signed_symmetric_per_channel():
             # torchao's symmetric branch reduced to what it computes for a
             # signed dtype and a range [-absmax, absmax]: the same float ops,
             # without a dozen intermediate tensors (this runs on most steps).
@@ -296,10 +306,11 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        observing, fake_quantizing, _ = self._flags()
+        observing, fake_quantizing, mode = self._flags()
         if observing:
             self.observe(x)
-        if fake_quantizing and self._flags()[2] != UNINITIALIZED:
+            mode = self._flags()[2]  # the first observation ends UNINITIALIZED
+        if fake_quantizing and mode != UNINITIALIZED:
             if self.ch_axis >= 0:
                 x = torch.fake_quantize_per_channel_affine(
                     x, self.scale, self.zero_point, self.ch_axis, self.quant_min, self.quant_max

@@ -129,19 +129,34 @@ def qat(model, recipe, precision: str, config: QATConfig) -> dict:
 
 
 def step_times(model, recipe, steps: int, repeats: int = 5) -> dict[str, float]:
-    """Median QAT step time per range mode over every step of alternating runs on the
-    same batches (medians, because this 2-core VM has frequent hiccups)."""
+    """Median QAT step time per range mode, the modes interleaved step by step on the same
+    batches (one step of each in turn), so that this shared VM's slow drifts hit all alike."""
+    from torchao.quantization.pt2e import move_exported_model_to_train
+
+    from edgeq.qat import calibrate, set_observers
+
+    models, optimizers = {}, {}
+    for mode in MODES:
+        plan = uniform_plan(model, TARGET, "int8")
+        graph = capture(model, recipe.example_inputs())
+        fold_batchnorm(graph)
+        prepared = prepare(graph, build_quantizer(plan, TARGET, qat=True, ranges=RangeConfig(mode=mode)))
+        calibrate(prepared, recipe, 4)
+        move_exported_model_to_train(prepared)
+        set_observers(prepared, True)
+        models[mode] = prepared
+        optimizers[mode] = torch.optim.SGD([p for p in prepared.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    batches = list(recipe.train_data())
     times = {mode: [] for mode in MODES}
-    for _ in range(repeats):
+    for step in range(steps * repeats):
+        inputs, target = batches[step % len(batches)]
         for mode in MODES:
-            config = QATConfig(steps=steps, ranges=RangeConfig(mode=mode), freeze_ranges=1.0, intermediate_share=0.0)
-            plan = uniform_plan(model, TARGET, "int8")
-            graph = capture(model, recipe.example_inputs())
-            fold_batchnorm(graph)
-            prepared = prepare(graph, build_quantizer(plan, TARGET, qat=True, ranges=config.ranges))
-            stamps = []
-            run_qat(prepared, recipe, config, on_step=lambda step, loss: stamps.append(time.perf_counter()))
-            times[mode] += [b - a for a, b in zip(stamps, stamps[1:])]
+            start = time.perf_counter()
+            optimizers[mode].zero_grad(set_to_none=True)
+            recipe.loss(models[mode](*as_tuple(inputs)), target).backward()
+            optimizers[mode].step()
+            if step >= 5:  # warm-up
+                times[mode].append(time.perf_counter() - start)
     return {mode: statistics.median(t) for mode, t in times.items()}
 
 
@@ -248,8 +263,9 @@ def speed(args) -> None:
     body = "\n".join([
         "## QAT step time by range tracker (scripts/bench_ranges.py --speed-only)",
         "",
-        f"Machine: {machine()}, nothing else running. W8A8, same model and batches; median over every step of "
-        f"{args.seeds + 2} alternating runs of 60 steps per mode. Goal: adaptive at or below 1.10x the default.",
+        f"Machine: {machine()}, nothing else running. W8A8, same model and batches; the three trackers "
+        f"interleaved step by step for {60 * (args.seeds + 2)} steps each, median step time. "
+        "Goal: adaptive at or below 1.10x the default.",
         "",
         table(["task", "ema-fused step (ms)", "ema step (ms)", "adaptive step (ms)", "adaptive / ema-fused",
                "adaptive / ema"], rows),

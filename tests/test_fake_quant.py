@@ -195,3 +195,5 @@ def test_per_channel_numpy_path_matches_the_torch_path():
         assert torch.allclose(a(w), b(w), atol=1e-5)
     assert a.commits() == b.commits() > 0
     assert torch.allclose(a.committed, b.committed, rtol=1e-5)
+    # The NumPy path updates the scale in place; it must equal calculate_qparams() exactly.
+    assert torch.equal(a.scale, a.calculate_qparams()[0])
