@@ -157,7 +157,8 @@ def build(
     Under torchrun (``WORLD_SIZE`` > 1) QAT runs data-parallel; only rank 0
     converts, lowers and writes artifacts, and the other ranks return None.
     """
-    config = config or BuildConfig()
+    # A private copy: the build fills in seeds and widths, the caller's config stays as given.
+    config = copy.deepcopy(config or BuildConfig())
     for key, value in overrides.items():
         setattr(config, key, value)
     rank = init_distributed(config.qat.device)
@@ -166,6 +167,7 @@ def build(
         recipe = load_recipe(recipe)
         target = load_target(config.target)
     out_dir = Path(config.out) if config.out else Path("edgeq-out") / recipe.name
+    checkpoint = checkpoint_path(out_dir)  # every rank resumes from rank 0's checkpoint
     from .package import OutputDir
 
     if rank != 0:
@@ -175,7 +177,7 @@ def build(
         out_dir = Path(tempfile.mkdtemp(prefix=f"edgeq-rank{rank}-")) / "out"
     output = OutputDir(out_dir)  # fail early, before minutes of work, if unwritable
     try:
-        result = _build(recipe, target, config, stages, progress, output)
+        result = _build(recipe, target, config, stages, progress, output, checkpoint)
         if result is None:  # a rank other than 0
             output.abort()
             import shutil
@@ -184,7 +186,6 @@ def build(
             return None
         final = output.commit()
         result.out_dir = final
-        checkpoint = checkpoint_path(out_dir)
         if checkpoint.exists():
             checkpoint.unlink()
             checkpoint.parent.rmdir()
@@ -205,7 +206,8 @@ def _announce(progress: Any, name: str) -> None:
         progress.stage(name)
 
 
-def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, progress: Any, output) -> BuildResult:
+def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, progress: Any, output,
+           checkpoint: Path) -> BuildResult | None:
     from .bundle import write_bundle
     from .package import sha256, write_bytes_atomic, write_json_atomic
     from .report import build_report, manifest, write_html
@@ -252,7 +254,7 @@ def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, 
     if progress is not None and hasattr(progress, "qat_start"):
         progress.qat_start(config.qat.steps)
     fq_model, reference, qat_report = quantize(recipe, target, plan, config.qat, stages, on_step, float_model,
-                                               checkpoint=checkpoint_path(output.final), resume=config.resume)
+                                               checkpoint=checkpoint, resume=config.resume)
     from .qat import world
 
     if world()[0] != 0:
