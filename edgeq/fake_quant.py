@@ -107,10 +107,6 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
     def symmetric(self) -> bool:
         return self.qscheme in _SYMMETRIC
 
-    @property
-    def tracking(self) -> bool:
-        return int(self.mode) == TRACKING
-
     def start_tracking(self) -> None:
         """End calibration: from now on observations vote instead of widening."""
         if int(self.mode) == CALIBRATING:

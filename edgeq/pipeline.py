@@ -211,7 +211,7 @@ def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, 
     from .bundle import write_bundle
     from .package import sha256, write_bytes_atomic, write_json_atomic
     from .report import build_report, manifest, write_html
-    from .validate import run_program
+    from .validate import ProgramRunner
 
     seed_everything(config.seed)
     config.qat.seed = config.seed
@@ -286,7 +286,8 @@ def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, 
             )
     _announce(progress, "validate")
     with stages("validate"):
-        program_eval = _score(run_program(lowered.program), recipe, progress, "model.pte (ExecuTorch runtime)")
+        runner = ProgramRunner(lowered.program)
+        program_eval = _score(runner, recipe, progress, "model.pte (ExecuTorch runtime)")
     scores = Scores(
         float=float_eval.metric,
         qat=qat_eval.metric,
@@ -308,7 +309,7 @@ def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, 
     with stages("package"):
         write_bytes_atomic(output.path("model.pte"), lowered.program)
         plan.save(output.path("plan.json"))
-        man = manifest(recipe, target, config, lowered, example_inputs, float_model, sha256(lowered.program))
+        man = manifest(recipe, target, config, runner.signature, example_inputs, float_model, sha256(lowered.program))
         write_json_atomic(output.path("manifest.json"), man)
         if analysis is not None:
             analysis.save(output.path("analysis.json"))

@@ -59,10 +59,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def manifest(recipe, target, config, lowered, example_inputs, float_model, program_sha256: str) -> dict[str, Any]:
-    from .validate import ProgramRunner
-
-    signature = ProgramRunner(lowered.program).signature
+def manifest(recipe, target, config, signature, example_inputs, float_model, program_sha256: str) -> dict[str, Any]:
+    """``signature``: the loaded program's ProgramSignature (its output shapes and dtypes)."""
     names = _input_names(float_model, len(example_inputs))
     return {
         "schema": MANIFEST_SCHEMA,

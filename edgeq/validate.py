@@ -92,11 +92,6 @@ class Validation:
     sqnr_db: list[float]
     cosine: list[float]
 
-    def to_dict(self) -> dict:
-        from dataclasses import asdict
-
-        return asdict(self)
-
 
 def validate(program: str | Path, recipe, reference: torch.nn.Module | None = None,
              device: str | None = None, runner: str | Path | None = None, on_phone: bool = False) -> Validation:
@@ -109,7 +104,7 @@ def validate(program: str | Path, recipe, reference: torch.nn.Module | None = No
     if on_phone or device is not None or runner is not None:
         from .device import device_runner
 
-        run, where = device_runner(program, device, runner), "phone"
+        run = device_runner(program, device, runner)
         where = f"phone {run.device.serial}"
     else:
         run, where = ProgramRunner(program), "host (executorch.runtime)"
