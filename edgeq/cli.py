@@ -263,15 +263,19 @@ def validate(
 
 @app.command()
 def debug(
-    build_dir: Path = typer.Argument(..., help="An edgeq build output directory (holds reference.pt2)."),
+    build_dir: Path = typer.Argument(..., help="An edgeq build output directory (holds model.pte and reference.pt2)."),
     recipe: Optional[str] = typer.Option(None, help="The recipe the build used (default: bundled example)."),
-    threshold: float = typer.Option(20.0, help="SQNR (dB) below which a layer counts as diverged."),
+    threshold: float = typer.Option(20.0, help="SQNR (dB) against float below which a layer counts as diverged."),
+    runtime_threshold: float = typer.Option(30.0, help="SQNR (dB) against the quantized reference below which the program counts as leaving it."),
+    samples: int = typer.Option(16, help="Evaluation samples to run through the program."),
+    reference_only: bool = typer.Option(False, help="Compare only the quantized reference with float (no program run; any backend)."),
 ) -> None:
-    """Compare the quantized reference with the float model layer by layer; name the first divergence."""
+    """Read the program's per-layer outputs (ETRecord + ETDump + Inspector); name the first divergence."""
     try:
+        import json
+
         from rich.table import Table
 
-        from .debug import debug as run_debug
         from .errors import EdgeqError
         from .recipe import load_recipe
         from .validate import load_reference
@@ -280,15 +284,50 @@ def debug(
         if not path.is_file():
             raise EdgeqError(f"{path} not found", "pass the output directory of `edgeq build`")
         r = load_recipe(recipe)
-        errors, first = run_debug(r.model(), load_reference(path), r, threshold_db=threshold)
-        table = Table(title="quantized reference vs float, per layer (execution order)")
-        table.add_column("layer")
-        table.add_column("SQNR dB", justify="right")
-        for e in errors:
-            table.add_row(e.layer, f"{e.sqnr_db:.1f}", style="bold red" if first is not None and e is first else None)
+        if reference_only:
+            from .debug import debug as run_debug
+
+            errors, first = run_debug(r.model(), load_reference(path), r, threshold_db=threshold)
+            table = Table(title="quantized reference vs float, per layer (execution order)")
+            table.add_column("layer")
+            table.add_column("SQNR dB", justify="right")
+            for e in errors:
+                table.add_row(e.layer, f"{e.sqnr_db:.1f}", style="bold red" if first is not None and e is first else None)
+            stdout.print(table)
+            stdout.print(f"first divergence: {first.layer} ({first.sqnr_db:.1f} dB < {threshold:g} dB)" if first
+                         else f"no layer below {threshold:g} dB")
+            return
+        from .package import write_json_atomic
+        from .program_debug import debug_program
+
+        manifest_path = build_dir / "manifest.json"
+        backend = json.loads(manifest_path.read_text())["target"]["backend"] if manifest_path.is_file() else "xnnpack"
+        shipped = build_dir / "model.pte"
+        result = debug_program(r.model(), load_reference(path), r, backend,
+                               shipped=shipped if shipped.is_file() else None, out_dir=build_dir / "debug",
+                               samples=samples, threshold_db=threshold, runtime_threshold_db=runtime_threshold)
+        write_json_atomic(build_dir / "debug" / "layers.json", result.to_json())
+        table = Table(title=f"model.pte layer by layer, {result.samples} samples (execution order)")
+        for column in ("layer", "ops", "vs ref dB", "ints ≠", "max Δ", "vs float dB", "ref vs float"):
+            table.add_column(column, justify="left" if column in ("layer", "ops") else "right")
+        flagged = {result.first_vs_float, result.first_vs_reference}
+        def db(value: float | None) -> str:
+            return "—" if value is None else f"{value:.1f}"
+
+        for layer in result.layers:
+            table.add_row(layer.name, "+".join(op.replace("convolution", "conv") for op in layer.ops), db(layer.program_vs_reference_db), f"{100 * layer.mismatch:.2f}%",
+                          str(layer.max_steps), db(layer.program_vs_float_db), db(layer.reference_vs_float_db),
+                          style="bold red" if layer.name in flagged else None)
         stdout.print(table)
-        stdout.print(f"first divergence: {first.layer} ({first.sqnr_db:.1f} dB < {threshold:g} dB)" if first
-                     else f"no layer below {threshold:g} dB")
+        if result.shipped_max_diff is not None:
+            stdout.print(f"per-layer program vs model.pte outputs: max |difference| {result.shipped_max_diff:g}")
+        if result.outside_ops:
+            stdout.print(f"ops outside XNNPACK, not compared: {', '.join(result.outside_ops)}")
+        stdout.print(f"first divergence from float: {result.first_vs_float} (< {threshold:g} dB)" if result.first_vs_float
+                     else f"no layer below {threshold:g} dB against float")
+        stdout.print(f"first layer where the program leaves the quantized reference: {result.first_vs_reference}"
+                     if result.first_vs_reference else "the program follows the quantized reference in every layer")
+        stdout.print(f"ETRecord, ETDump and debug buffer for executorch.devtools.Inspector: {build_dir / 'debug'}")
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
 

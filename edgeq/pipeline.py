@@ -51,6 +51,10 @@ class BuildConfig:
     allow_sdk_download: bool = False
     #: continue QAT from the checkpoint a killed build left beside the output directory
     resume: bool = False
+    #: read the program's per-layer outputs back through ETDump (XNNPACK targets) for the report
+    debug_program: bool = True
+    #: evaluation samples the per-layer program debugging runs
+    debug_samples: int = 8
 
 
 @dataclass
@@ -323,9 +327,19 @@ def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, 
             layer_errors, first_divergence = layer_debug(float_model, reference, recipe)
         except Exception:  # noqa: BLE001 - a diagnostic; e.g. a static-batch graph cannot take an eval batch
             layer_errors, first_divergence = [], None
+        program_layers = None
+        if config.debug_program and target.backend == "xnnpack":
+            from .program_debug import debug_program
+
+            try:
+                program_layers = debug_program(float_model, reference, recipe, target.backend,
+                                               shipped=lowered.program, samples=config.debug_samples).to_json()
+            except Exception as exc:  # noqa: BLE001 - a diagnostic must not fail a build that validated
+                program_layers = {"error": f"{type(exc).__name__}: {exc}"}
     report = build_report(recipe, target, config, plan, scores, sizes, lowered, qat_report, stages.seconds,
                           samples=program_eval.samples, analysis=analysis, planned=planned,
-                          layer_errors=layer_errors, first_divergence=first_divergence)
+                          layer_errors=layer_errors, first_divergence=first_divergence,
+                          program_layers=program_layers)
     write_json_atomic(output.path("report.json"), report)
     write_html(output.path("report.html"), report)
     return BuildResult(

@@ -103,7 +103,8 @@ def _input_names(model: torch.nn.Module, count: int) -> list[str]:
 
 
 def build_report(recipe, target, config, plan, scores, sizes, lowered, qat_report, timings, samples: int,
-                 analysis=None, planned=None, layer_errors=(), first_divergence=None) -> dict[str, Any]:
+                 analysis=None, planned=None, layer_errors=(), first_divergence=None,
+                 program_layers: dict[str, Any] | None = None) -> dict[str, Any]:
     delegation = lowered.delegation
     return {
         "recipe": recipe.name,
@@ -153,6 +154,7 @@ def build_report(recipe, target, config, plan, scores, sizes, lowered, qat_repor
             "reference_vs_float_db": {e.layer: e.sqnr_db for e in layer_errors},
             "first_divergence": first_divergence.layer if first_divergence is not None else None,
         },
+        "program_layers": program_layers,
         "timings": timings,
         "versions": versions(),
     }
@@ -248,17 +250,44 @@ def _layer_sections(report: dict[str, Any]) -> list[str]:
     ]
 
 
+def _db(value: Any) -> Any:
+    return "—" if value is None else value
+
+
 def _debug_section(report: dict[str, Any]) -> list[str]:
+    parts = []
+    program = report.get("program_layers")
+    if program and "error" in program:
+        parts += ["<h2>Numeric debugging: the program, layer by layer</h2>",
+                  f"<p>Not available for this build: {html.escape(program['error'])}</p>"]
+    elif program:
+        same = program["shipped_max_diff"]
+        parts += [
+            "<h2>Numeric debugging: the program, layer by layer</h2>",
+            f"<p>The quantized reference lowered with one XNNPACK delegate call per layer (same kernels, same integer "
+            f"tensors; its outputs differ from model.pte's by at most {same:g}), run on {program['samples']} evaluation "
+            "samples with ETDump; each layer's output read back with ExecuTorch's Inspector and compared, in execution "
+            f"order, with the quantized reference and with float. First layer below {program['threshold_db']:g} dB against "
+            f"float: {html.escape(program['first_vs_float'] or 'none')}; first layer where the program leaves the "
+            f"reference (below {program['runtime_threshold_db']:g} dB): {html.escape(program['first_vs_reference'] or 'none')}. "
+            "`edgeq debug` prints the same and keeps the ETRecord and ETDump.</p>",
+            _table([[l["name"], ", ".join(l["ops"]), l["program_vs_reference_db"], f"{100 * l['mismatch']:.2f}%",
+                     l["max_steps"], _db(l["program_vs_float_db"]), _db(l["reference_vs_float_db"])]
+                    for l in program["layers"]],
+                   ["layer", "ops", "program vs reference dB", "integers differing", "max steps",
+                    "program vs float dB", "reference vs float dB"]),
+        ]
     layers = report.get("layer_sqnr", {}).get("reference_vs_float_db")
-    if not layers:
-        return []
-    first = report["layer_sqnr"]["first_divergence"]
-    return [
-        "<h2>Numeric debugging</h2>",
-        "<p>SQNR of each layer's output, quantized reference against float, on one evaluation batch, in execution "
-        f"order; first layer below 20 dB: {html.escape(first or 'none')} (`edgeq debug` prints the same).</p>",
-        _table([[name, db] for name, db in layers.items()], ["layer", "SQNR dB"]),
-    ]
+    if layers:
+        first = report["layer_sqnr"]["first_divergence"]
+        parts += [
+            "<h2>Numeric debugging: the quantized reference</h2>",
+            "<p>SQNR of each planned layer's output, quantized reference against float, on one evaluation batch, in "
+            f"execution order; first layer below 20 dB: {html.escape(first or 'none')} "
+            "(`edgeq debug --reference-only` prints the same).</p>",
+            _table([[name, db] for name, db in layers.items()], ["layer", "SQNR dB"]),
+        ]
+    return parts
 
 
 def write_html(path: Path, report: dict[str, Any]) -> None:
