@@ -97,6 +97,7 @@ def build(
     resume: bool = typer.Option(False, help="Continue QAT from the checkpoint a killed build left beside --out."),
     checkpoint_every: int = typer.Option(100, help="Write a resumable QAT checkpoint every this many steps (0: never)."),
     nproc: int = typer.Option(1, help="Data-parallel QAT over this many processes on this machine (torchrun, gloo or nccl)."),
+    debug_program: bool = typer.Option(True, help="Read the program's per-layer outputs back through ETDump for the report (XNNPACK)."),
 ) -> None:
     """Quantize, train, lower and validate a model; write model.pte and its report."""
     if nproc > 1:
@@ -121,7 +122,7 @@ def build(
         config = BuildConfig(target=target, out=out, plan=plan, precision=precision, qat=qat,
                              size_budget=size_budget, outlier_ratio=outlier_ratio,
                              max_drop=max_drop, seed=seed, allow_sdk_download=allow_sdk_download,
-                             resume=resume)
+                             resume=resume, debug_program=debug_program)
         with RichProgress() as progress:
             result = run_build(recipe, config, progress=progress)
         if result is not None:  # ranks other than 0 of a torchrun job return None
@@ -164,6 +165,9 @@ def _summary(result) -> None:
     table.add_row("program size", f"{result.sizes['program_bytes']:,} B (float {result.sizes['float_program_bytes']:,} B)")
     d = result.lowered.delegation
     table.add_row("delegated ops / outside", f"{d.delegated_ops} / {d.outside_ops}")
+    layers = result.report.get("program_layers")
+    if layers and "error" not in layers:
+        table.add_row(f"first layer < {layers['threshold_db']:g} dB vs float (program)", layers["first_vs_float"] or "none")
     stdout.print(table)
     timing = Table(title="time per stage (s)")
     timing.add_column("stage")
