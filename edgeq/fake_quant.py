@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
 
-from .ranges import VoteConfig, VoteState, accumulate, decide
+from .ranges import VoteConfig, VoteState, accumulate, decide, steps_to_decision
 
 _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
 _SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
@@ -35,6 +35,9 @@ _DEFAULT_RANGES = {
 }
 
 UNINITIALIZED, CALIBRATING, TRACKING = 0, 1, 2
+# Most observations a tracker holds before counting them (bounds the memory
+# of the lazy count; the count is exact at any bound).
+_MAX_PENDING = 64
 
 
 class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
@@ -50,6 +53,9 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
             observation across ranks before it votes, so that every rank
             commits the same ranges.
     """
+
+    #: run the rule in NumPy on the CPU (False: in torch, as on a GPU)
+    cpu_numpy: bool = True
 
     def __init__(
         self,
@@ -114,6 +120,8 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
             self._fast.pop("flags", None)
 
     def enable_observer(self, enabled: bool = True) -> None:
+        if not enabled:
+            self._flush()
         super().enable_observer(enabled)
         self._fast.pop("flags", None)
 
@@ -187,80 +195,153 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         obs = self._observe(x)
+        mode = self._flags()[2]
+        if mode == TRACKING:
+            self._track(obs)
+            return
         if self.committed.shape != obs.shape:
             self._resize(obs.shape[1], obs.device)
-        mode = self._flags()[2]
-        if mode != TRACKING:
-            finite = torch.isfinite(obs)
-            if mode == UNINITIALIZED:
-                widened = obs
-            elif self.symmetric:
-                widened = torch.maximum(self.committed, obs)
-            else:
-                widened = torch.stack([torch.minimum(self.committed[0], obs[0]),
-                                       torch.maximum(self.committed[1], obs[1])])
-            previous = self.committed if mode == CALIBRATING else torch.zeros_like(obs)
-            self.committed.copy_(torch.where(finite, widened, previous))
-            self.mode.fill_(CALIBRATING)
-            self._fast.pop("flags", None)
-            self._refresh_qparams()
-            return
-        if obs.device.type == "cpu":
-            self._vote_numpy(obs)
+        finite = torch.isfinite(obs)
+        if mode == UNINITIALIZED:
+            widened = obs
+        elif self.symmetric:
+            widened = torch.maximum(self.committed, obs)
         else:
-            self._vote_tensors(obs)
+            widened = torch.stack([torch.minimum(self.committed[0], obs[0]),
+                                   torch.maximum(self.committed[1], obs[1])])
+        previous = self.committed if mode == CALIBRATING else torch.zeros_like(obs)
+        self.committed.copy_(torch.where(finite, widened, previous))
+        self.mode.fill_(CALIBRATING)
+        self._fast.pop("flags", None)
+        self._refresh_qparams()
 
-    def _vote_numpy(self, obs: torch.Tensor) -> None:
-        """On the CPU the rule runs in NumPy on views of the buffers themselves
-        (same memory, so the buffers are always current): small-array NumPy
-        operations cost about a microsecond, torch's a few."""
+    # Votes are counted lazily, and exactly: ranges.steps_to_decision() says
+    # how many more observations must arrive before any value could commit
+    # (or expire); until then every decision would be "no change", so the
+    # observations wait in a list and are counted together when that many
+    # have arrived, against the same committed value they would have met one
+    # by one. Most steps then cost one reduction kernel and a list append.
+    def _track(self, obs: torch.Tensor) -> None:
         fast = self._fast
-        if "np" not in fast:
-            fast["np"] = (self.committed.numpy(), VoteState(*(getattr(self, k).numpy() for k in "ngls")))
-        committed, state = fast["np"]
-        accumulate(committed, state, obs.numpy())
-        new, moved = decide(committed, state, self.config)
-        if moved.any():
-            np.copyto(committed, new)
-            self.commit_count += torch.from_numpy(moved)
-            if self._signed_symmetric_per_channel() and self.scale.shape == committed.shape[1:]:
-                # calculate_qparams' fast branch in NumPy, in place on the scale
-                # buffer (the zero point stays 0): this runs on most steps.
-                scale = self.scale.numpy()
-                np.divide(np.clip(committed[0], 0, None), float(self.quant_max - self.quant_min) / 2, out=scale)
-                np.maximum(scale, self.eps.numpy(), out=scale)
-            else:
-                self._refresh_qparams()
-
-    def _vote_tensors(self, obs: torch.Tensor) -> None:
-        # Votes are counted in batches: until some value can reach min_votes no
-        # commit is possible, so the observations wait in a list and are
-        # counted together (exactly; they all compare against the same P).
-        fast = self._fast
-        pending = fast.setdefault("pending", [])
-        pending.append(obs)
-        if fast.get("max_n") is None:
-            fast["max_n"] = int(self.n.max())
-        if fast["max_n"] + len(pending) < self.config.min_votes:
+        if fast.get("scalar") is not None or (obs.shape[1] == 1 and obs.device.type == "cpu" and self.cpu_numpy):
+            self._track_scalar(obs)
             return
+        pending = fast.get("pending")
+        if pending is None:
+            pending = fast["pending"] = []
+        pending.append(obs)
+        due = fast.get("due")
+        if due is None:
+            due = fast["due"] = self._steps_to_decision()
+        if len(pending) >= due:
+            self._decide()
+
+    def _track_scalar(self, obs: torch.Tensor) -> None:
+        """A per-tensor range is one or two numbers: the rule runs on Python
+        floats, cheaper than any array library at that size. Same rule as
+        edgeq.ranges (tests hold the two to the same commits); the buffers are
+        brought up to date on every commit and before any state_dict."""
+        fast = self._fast
+        st = fast.get("scalar")
+        if st is None:
+            st = fast["scalar"] = [self.committed.view(-1).tolist()] + [
+                getattr(self, k).view(-1).tolist() for k in "ngls"]
+        p, n, g, l, s = st  # noqa: E741 (the spec's names)
+        cfg = self.config
+        moved = None
+        for i, o in enumerate(obs.view(-1).tolist()):
+            if o - o == 0.0:  # finite: NaN and inf cast no vote
+                n[i] += 1
+                # Summed in float32 like the buffer that holds it, so a
+                # checkpoint (which saves the buffers) resumes exactly.
+                s[i] = float(np.float32(s[i] + o))
+                if o > p[i]:
+                    g[i] += 1
+                elif o < p[i]:
+                    l[i] += 1
+            if n[i] < cfg.min_votes:
+                continue
+            up = g[i] > cfg.up_ratio * n[i]
+            if up or l[i] > cfg.down_ratio * n[i]:
+                if cfg.rule == "mean":
+                    blend = cfg.keep * p[i] + (1.0 - cfg.keep) * (s[i] / n[i])
+                    new = max(p[i], blend) if up else min(p[i], blend)
+                else:
+                    delta = cfg.step * max(abs(p[i]), cfg.eps)
+                    new = p[i] + delta if up else p[i] - delta
+                p[i] = float(np.float32(new))  # what the float32 buffer holds
+                n[i] = g[i] = l[i] = s[i] = 0
+                moved = moved or []
+                moved.append(i)
+            elif cfg.window and n[i] >= cfg.window:
+                n[i] = g[i] = l[i] = s[i] = 0
+        if moved:
+            committed, counts = self.committed.view(-1), self.commit_count.view(-1)
+            for i in moved:
+                committed[i] = p[i]
+                counts[i] += 1
+            self._refresh_qparams()
+
+    def _state(self):
+        """(committed, VoteState) to run the rule on: on the CPU, NumPy views of
+        the buffers themselves (small-array NumPy operations cost about a
+        microsecond, torch's a few); elsewhere the buffers."""
+        if self.committed.device.type != "cpu" or not self.cpu_numpy:
+            return self.committed, VoteState(self.n, self.g, self.l, self.s)
+        views = self._fast.get("np")
+        if views is None:
+            views = self._fast["np"] = (self.committed.numpy(), VoteState(*(getattr(self, k).numpy() for k in "ngls")))
+        return views
+
+    def _steps_to_decision(self) -> int:
+        _, state = self._state()
+        return min(steps_to_decision(state, self.config), _MAX_PENDING)
+
+    def _flush(self) -> None:
+        """Bring the buffers up to date: count the waiting observations into n,
+        g, l, s (no decision: none can be due), write the scalar path's state."""
+        fast = self._fast
+        scalar = fast.get("scalar")
+        if scalar is not None:
+            for name, values in zip("ngls", scalar[1:]):
+                getattr(self, name).view(-1).copy_(torch.tensor(values, dtype=torch.float32))
+        pending = fast.get("pending")
+        if not pending:
+            return
+        committed, state = self._state()
+        obs = torch.stack(pending)
+        accumulate(committed, state, obs.numpy() if isinstance(committed, np.ndarray) else obs)
+        fast["pending"] = []
+        if fast.get("due") is not None:
+            fast["due"] = max(1, fast["due"] - len(pending))
+
+    def _decide(self) -> None:
         self._flush()
-        new, moved = decide(self.committed, VoteState(self.n, self.g, self.l, self.s), self.config)
-        fast["max_n"] = int(self.n.max())
-        if bool(moved.any()):
+        committed, state = self._state()
+        new, moved = decide(committed, state, self.config)
+        if isinstance(committed, np.ndarray):
+            if moved.any():
+                np.copyto(committed, new)
+                counts = self.commit_count.numpy()
+                counts += moved
+                if self._signed_symmetric_per_channel() and self.scale.shape == committed.shape[1:]:
+                    # calculate_qparams' fast branch in NumPy, in place on the
+                    # scale buffer (the zero point stays 0).
+                    scale = self.scale.numpy()
+                    np.divide(np.clip(committed[0], 0, None), float(self.quant_max - self.quant_min) / 2, out=scale)
+                    np.maximum(scale, self.eps.numpy(), out=scale)
+                else:
+                    self._refresh_qparams()
+        elif bool(moved.any()):
             self.committed.copy_(new)
             self.commit_count += moved
             self._refresh_qparams()
-
-    def _flush(self) -> None:
-        """Bring n, g, l, s up to date with the fast paths' state."""
-        fast = self._fast
-        if fast.get("pending"):
-            accumulate(self.committed, VoteState(self.n, self.g, self.l, self.s), torch.stack(fast["pending"]))
-            fast["pending"] = []
-            fast["max_n"] = None
+        self._fast["due"] = self._steps_to_decision()
 
     def _apply(self, fn, recurse=True):
-        # .to() / .cuda() replace the buffers: drop views and caches of the old ones.
+        # .to() / .cuda() replace the buffers: count waiting votes, then drop
+        # views and caches of the old buffers.
+        self._flush()
         self._fast.clear()
         return super()._apply(fn, recurse)
 
@@ -270,7 +351,34 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     # ----------------------------------------------------------------- qparams
+    def _scalar_qparams(self) -> tuple[np.float32, int] | None:
+        """calculate_qparams() for a per-tensor range with a signed dtype, in
+        float32 NumPy scalars: the same operations in the same precision as
+        torchao's tensor code, without its dozen tensor allocations (it runs on
+        every commit of an activation range). None where it does not apply."""
+        if self.ch_axis >= 0 or self.dtype in (torch.uint8, torch.quint8, torch.uint16) or self.committed.device.type != "cpu":
+            return None
+        f32 = np.float32
+        if self.symmetric:
+            absmax = f32(self.committed.view(-1)[0].item())
+            if not np.isfinite(absmax):
+                return None
+            scale = max(max(absmax, f32(0.0)) / f32(float(self.quant_max - self.quant_min) / 2), f32(self.eps.item()))
+            return scale, 0
+        lo, hi = (f32(v) for v in self.committed.view(-1).tolist())
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi:
+            return None
+        lo, hi = min(lo, f32(0.0)), max(hi, f32(0.0))
+        scale = max((hi - lo) / f32(self.quant_max - self.quant_min), f32(self.eps.item()))
+        zero_point = self.quant_min - int(np.round(lo / scale))
+        return scale, min(max(zero_point, self.quant_min), self.quant_max)
+
     def _refresh_qparams(self) -> None:
+        fast = self._scalar_qparams() if self.scale.shape == (1,) and self.cpu_numpy else None
+        if fast is not None:
+            self.scale.view(-1)[0] = float(fast[0])
+            self.zero_point.view(-1)[0] = fast[1]
+            return
         scale, zero_point = self.calculate_qparams()
         if self.scale.shape == scale.shape:
             # In place: runs on most steps for per-channel weights, and

@@ -134,6 +134,28 @@ def decide(committed: Array, state: VoteState, config: VoteConfig) -> tuple[Arra
     return new_p.astype(committed.dtype) if xp is np else new_p.to(committed.dtype), commits
 
 
+def steps_to_decision(state: VoteState, config: VoteConfig) -> int:
+    """How many more observations can arrive before :func:`decide` could change anything.
+
+    Until then no value can commit or expire, whatever the observations are:
+    a commit up needs ``g + m > up_ratio * (n + m)`` after ``m`` more votes,
+    one down ``l + m > down_ratio * (n + m)``, either needs ``n + m >=
+    min_votes``, and expiry ``n + m >= window``. The answer is one step early
+    rather than late where floating point rounding could matter, and at least
+    1. Counting the observations in between together is exact (see
+    :func:`accumulate`), and that is what makes the tracker cheap per step.
+    """
+    xp = _xp(state.n)
+    n = state.n
+    need = xp.clip(config.min_votes - n, 1, None)
+    up = (config.up_ratio * n - state.g) / (1.0 - config.up_ratio)
+    down = (config.down_ratio * n - state.l) / (1.0 - config.down_ratio)
+    earliest = xp.maximum(need, xp.clip(xp.floor(xp.minimum(up, down)), 1, None))
+    if config.window:
+        earliest = xp.minimum(earliest, xp.clip(config.window - n, 1, None))
+    return max(1, int(earliest.min()))
+
+
 def apply_vote(
     committed: Array,
     state: VoteState,

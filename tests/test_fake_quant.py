@@ -124,22 +124,25 @@ def test_gradient_is_straight_through_inside_the_range():
     assert x.grad.tolist() == [1.0, 1.0, 0.0]
 
 
-def test_state_dict_round_trip_restores_every_buffer():
+@pytest.mark.parametrize("scheme", [PER_CHANNEL, AFFINE], ids=["per-channel", "per-tensor"])
+def test_state_dict_round_trip_restores_every_buffer(scheme):
     w = torch.randn(6, 4)
-    fq = calibrated([w], min_votes=2, **PER_CHANNEL)
+    fq = calibrated([w], min_votes=2, **scheme)
     fq(w * 2)
     fq(w * 2)
     fq(w * 3)  # one pending vote
     state = fq.state_dict()
     for key in ("committed", "n", "g", "l", "s", "commit_count", "mode", "scale", "zero_point"):
         assert key in state
-    fresh = AdaptiveRangeFakeQuantize(min_votes=2, **PER_CHANNEL)
+    fresh = AdaptiveRangeFakeQuantize(min_votes=2, **scheme)
     fresh.load_state_dict(state)
     for key, value in fq.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
     # Both continue identically.
-    assert torch.equal(fresh(w * 3), fq(w * 3))
-    assert torch.equal(fresh.committed, fq.committed)
+    for factor in (3, 3, 0.5, 4, 4, 4):
+        assert torch.equal(fresh(w * factor), fq(w * factor))
+        assert torch.equal(fresh.committed, fq.committed)
+    assert fresh.commits() == fq.commits() > 1
 
 
 def _rank_votes(rank: int):
@@ -173,7 +176,7 @@ def test_cpu_numpy_path_matches_the_torch_path():
     batches = [torch.randn(32, generator=gen) * (1 + 0.01 * i) for i in range(200)]
     a = calibrated(batches[:4], min_votes=4, **AFFINE)
     b = calibrated(batches[:4], min_votes=4, **AFFINE)
-    b._vote_numpy = b._vote_tensors  # force the batched torch path (the one GPUs take)
+    b.cpu_numpy = False  # the torch path, the one GPUs take
     for x in batches[4:]:
         assert torch.allclose(a(x), b(x), atol=1e-6)
     assert a.commits() == b.commits() > 0
@@ -189,7 +192,7 @@ def test_per_channel_numpy_path_matches_the_torch_path():
     weights = [torch.randn(8, 4, generator=gen) * (1 + 0.02 * i) for i in range(120)]
     a = calibrated(weights[:2], min_votes=3, **PER_CHANNEL)
     b = calibrated(weights[:2], min_votes=3, **PER_CHANNEL)
-    b._vote_numpy = b._vote_tensors
+    b.cpu_numpy = False
     # The torch path sums batched votes in another order: equal up to float rounding.
     for w in weights[2:]:
         assert torch.allclose(a(w), b(w), atol=1e-5)
@@ -197,3 +200,51 @@ def test_per_channel_numpy_path_matches_the_torch_path():
     assert torch.allclose(a.committed, b.committed, rtol=1e-5)
     # The NumPy path updates the scale in place; it must equal calculate_qparams() exactly.
     assert torch.equal(a.scale, a.calculate_qparams()[0])
+
+
+@pytest.mark.parametrize("knobs", [
+    {}, {"min_votes": 3}, {"rule": "step"}, {"window": 12, "min_votes": 4}, {"up_ratio": 0.7, "down_ratio": 0.9},
+])
+@pytest.mark.parametrize("numpy_path", [True, False])
+def test_lazy_counting_commits_at_the_same_steps_as_voting_every_step(knobs, numpy_path):
+    """The module counts votes only when a decision could be due; the rule applied
+    observation by observation (apply_vote) must commit at exactly the same steps."""
+    from edgeq.ranges import VoteConfig, VoteState, apply_vote
+
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(64, generator=gen) * (1 + 0.3 * math.sin(i / 9)) for i in range(300)]
+    batches[50] = torch.full((64,), math.nan)
+    fq = calibrated(batches[:4], **AFFINE, **knobs)
+    fq.cpu_numpy = numpy_path
+    p = fq.committed.clone()
+    state = VoteState.zeros_like(p)
+    cfg = VoteConfig(**knobs)
+    commits = 0
+    for x in batches[4:]:
+        fq(x)
+        lo, hi = torch.aminmax(x)
+        p, moved = apply_vote(p, state, torch.stack([lo, hi]).reshape(2, 1), cfg)
+        commits += int(moved.sum())
+        assert fq.commits() == commits
+        # Votes counted together sum in another order: equal up to float rounding.
+        assert torch.allclose(fq.committed, p, rtol=1e-6, atol=0)
+    assert commits >= 3
+
+
+@pytest.mark.parametrize("kind", ["affine", "symmetric", "int4"])
+def test_scalar_qparams_equal_torchaos_formula_bit_for_bit(kind):
+    """Per-tensor ranges refresh their qparams in float32 NumPy scalars; convert_pt2e
+    calls calculate_qparams() (torchao's tensor code): the two must agree exactly."""
+    kwargs = {"affine": AFFINE,
+              "symmetric": dict(dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_tensor_symmetric),
+              "int4": dict(dtype=torch.int8, quant_min=-8, quant_max=7, qscheme=torch.per_tensor_affine)}[kind]
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(300):
+        lo, hi = sorted((torch.randn(2, generator=gen) * torch.rand(1, generator=gen) * 10).tolist())
+        if kind == "affine" and torch.rand(1, generator=gen) < 0.2:
+            lo = abs(lo)  # a range above zero still contains zero after the min/max formulas
+        fq = calibrated([torch.tensor([lo, hi])], **kwargs)
+        fq._refresh_qparams()
+        scale, zero_point = fq.calculate_qparams()
+        assert torch.equal(fq.scale, scale.float()), (lo, hi)
+        assert torch.equal(fq.zero_point.long(), zero_point.long()), (lo, hi)

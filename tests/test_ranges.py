@@ -129,3 +129,33 @@ def test_numpy_and_torch_give_the_same_votes(knobs):
             assert np.array_equal(getattr(state_t, name).numpy(), getattr(state_n, name)), name
         commits += int(moved_n.sum())
     assert commits > 15
+
+
+@pytest.mark.parametrize("knobs", [
+    {}, {"min_votes": 3}, {"up_ratio": 0.7, "down_ratio": 0.9}, {"window": 12, "min_votes": 4}, {"up_ratio": 0.0, "down_ratio": 0.0},
+])
+def test_steps_to_decision_is_never_late(knobs):
+    """No sequence of fewer observations than steps_to_decision() can make decide() commit or expire
+    anything; the extreme sequences (every vote above, every vote below) are the ones that could."""
+    from edgeq.ranges import decide, steps_to_decision
+
+    cfg = VoteConfig(**knobs)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        n = torch.randint(0, 40, (5,), generator=gen).float()
+        g = torch.floor(torch.rand(5, generator=gen) * (n + 1))
+        l = torch.floor(torch.rand(5, generator=gen) * (n - g + 1))
+        state = VoteState(n, g, l, torch.zeros(5))
+        if bool(decide(torch.zeros(5), VoteState(n.clone(), g.clone(), l.clone(), torch.zeros(5)), cfg)[1].any()):
+            continue  # a state decide() would already have acted on never waits
+        if cfg.window and bool((n >= cfg.window).any()):
+            continue
+        m = steps_to_decision(state, cfg)
+        assert m >= 1
+        for above in (True, False):
+            for k in range(1, m):
+                trial = VoteState(n + k, g + (k if above else 0), l + (0 if above else k), torch.zeros(5))
+                moved = decide(torch.zeros(5), trial, cfg)[1]
+                assert not bool(moved.any()), (n, g, l, m, k, above)
+                if cfg.window:
+                    assert not bool((trial.n >= cfg.window).any())
