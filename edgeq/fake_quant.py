@@ -129,12 +129,17 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         super().enable_fake_quant(enabled)
         self._fast.pop("flags", None)
 
-    def _flags(self) -> tuple[bool, bool, int]:
-        """(observing, fake-quantizing, mode) as Python values, cached: reading
-        the buffers costs more than the rest of a per-tensor step's voting."""
+    def _flags(self) -> tuple[bool, bool, int, str]:
+        """(observing, fake-quantizing, mode, route) as Python values, cached:
+        reading the buffers costs more than the rest of a per-tensor step."""
         flags = self._fast.get("flags")
         if flags is None:
-            flags = (bool(self.observer_enabled[0] == 1), bool(self.fake_quant_enabled[0] == 1), int(self.mode))
+            mode = int(self.mode)
+            route = "general"
+            if (mode == TRACKING and self.cpu_numpy and self.committed.device.type == "cpu"
+                    and not (self.reduce_distributed and dist.is_available() and dist.is_initialized())):
+                route = "channels" if self.ch_axis >= 0 else "scalar"
+            flags = (bool(self.observer_enabled[0] == 1), bool(self.fake_quant_enabled[0] == 1), mode, route)
             self._fast["flags"] = flags
         return flags
 
@@ -223,8 +228,11 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
     # by one. Most steps then cost one reduction kernel and a list append.
     def _track(self, obs: torch.Tensor) -> None:
         fast = self._fast
-        if fast.get("scalar") is not None or (obs.shape[1] == 1 and obs.device.type == "cpu" and self.cpu_numpy):
-            self._track_scalar(obs)
+        if obs.device.type == "cpu" and self.cpu_numpy:
+            if obs.shape[1] == 1:
+                self._track_scalar(obs.view(-1).tolist())
+            else:
+                self._track_channels(obs.numpy())
             return
         pending = fast.get("pending")
         if pending is None:
@@ -236,7 +244,7 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         if len(pending) >= due:
             self._decide()
 
-    def _track_scalar(self, obs: torch.Tensor) -> None:
+    def _track_scalar(self, values: list[float]) -> None:
         """A per-tensor range is one or two numbers: the rule runs on Python
         floats, cheaper than any array library at that size. Same rule as
         edgeq.ranges (tests hold the two to the same commits); the buffers are
@@ -249,7 +257,7 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         p, n, g, l, s = st  # noqa: E741 (the spec's names)
         cfg = self.config
         moved = None
-        for i, o in enumerate(obs.view(-1).tolist()):
+        for i, o in enumerate(values):
             if o - o == 0.0:  # finite: NaN and inf cast no vote
                 n[i] += 1
                 # Summed in float32 like the buffer that holds it, so a
@@ -280,6 +288,77 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
             for i in moved:
                 committed[i] = p[i]
                 counts[i] += 1
+            self._refresh_qparams()
+
+    def _track_channels(self, obs: np.ndarray) -> None:
+        """Per-channel ranges on the CPU: the rule of edgeq.ranges for one
+        observation, written as in-place NumPy ufuncs on views of the buffers
+        and preallocated scratch arrays (a commit somewhere among a weight's
+        channels is due on most steps, so there is nothing to defer; what
+        costs is the number of array operations, so this is the fewest)."""
+        ch = self._fast.get("ch")
+        if ch is None:
+            committed, st = self._state()
+            ch = self._fast["ch"] = (committed, st, self.commit_count.numpy(),
+                                     np.empty(committed.shape, np.float32), np.empty(committed.shape, np.float32),
+                                     np.empty(committed.shape, bool), np.empty(committed.shape, bool),
+                                     np.empty(committed.shape, bool))
+        p, st, counts, t1, t2, up, down, mask = ch
+        cfg = self.config
+        if np.isfinite(obs).all():
+            st.n += 1
+            np.greater(obs, p, out=mask)
+            st.g += mask
+            np.less(obs, p, out=mask)
+            st.l += mask
+            st.s += obs
+        else:
+            accumulate(p, st, obs)
+        np.multiply(st.n, cfg.up_ratio, out=t1)
+        np.greater(st.g, t1, out=up)
+        np.multiply(st.n, cfg.down_ratio, out=t1)
+        np.greater(st.l, t1, out=down)
+        np.greater_equal(st.n, cfg.min_votes, out=mask)  # ready
+        up &= mask
+        down &= mask
+        np.logical_or(up, down, out=mask)  # commits (up wins a tie, as in decide)
+        down &= ~up
+        moved = mask.any()
+        if moved:
+            if cfg.rule == "mean":
+                np.maximum(st.n, 1.0, out=t1)
+                np.divide(st.s, t1, out=t1)
+                t1 *= 1.0 - cfg.keep
+                np.multiply(p, cfg.keep, out=t2)
+                t1 += t2  # blend = keep * P + (1 - keep) * mean
+                np.maximum(p, t1, out=t2)
+                np.copyto(p, t2, where=up)
+                np.minimum(p, t1, out=t2)
+                np.copyto(p, t2, where=down)
+            else:
+                np.abs(p, out=t1)
+                np.maximum(t1, cfg.eps, out=t1)
+                t1 *= cfg.step  # delta
+                np.add(p, t1, out=t2)
+                np.copyto(p, t2, where=up)
+                np.subtract(p, t1, out=t2)
+                np.copyto(p, t2, where=down)
+            counts += mask
+        reset = mask | (st.n >= cfg.window) if cfg.window else mask
+        if moved or (cfg.window and reset.any()):
+            for votes in (st.n, st.g, st.l, st.s):
+                np.copyto(votes, 0.0, where=reset)
+        if moved:
+            self._update_channel_scale(p)
+
+    def _update_channel_scale(self, committed: np.ndarray) -> None:
+        if self._signed_symmetric_per_channel() and self.scale.shape == committed.shape[1:]:
+            # calculate_qparams' fast branch in NumPy, in place on the scale
+            # buffer (the zero point stays 0).
+            scale = self.scale.numpy()
+            np.divide(np.clip(committed[0], 0, None), float(self.quant_max - self.quant_min) / 2, out=scale)
+            np.maximum(scale, self.eps.numpy(), out=scale)
+        else:
             self._refresh_qparams()
 
     def _state(self):
@@ -324,14 +403,7 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
                 np.copyto(committed, new)
                 counts = self.commit_count.numpy()
                 counts += moved
-                if self._signed_symmetric_per_channel() and self.scale.shape == committed.shape[1:]:
-                    # calculate_qparams' fast branch in NumPy, in place on the
-                    # scale buffer (the zero point stays 0).
-                    scale = self.scale.numpy()
-                    np.divide(np.clip(committed[0], 0, None), float(self.quant_max - self.quant_min) / 2, out=scale)
-                    np.maximum(scale, self.eps.numpy(), out=scale)
-                else:
-                    self._refresh_qparams()
+                self._update_channel_scale(committed)
         elif bool(moved.any()):
             self.committed.copy_(new)
             self.commit_count += moved
@@ -388,6 +460,7 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         else:
             self.scale = scale.to(self.committed.device)
             self.zero_point = zero_point.to(device=self.committed.device, dtype=torch.int32)
+            self._fast.pop("qp", None)
 
     def _signed_symmetric_per_channel(self) -> bool:
         return self.symmetric and self.ch_axis >= 0 and self.dtype not in (torch.uint8, torch.quint8, torch.uint16)
@@ -410,19 +483,34 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        observing, fake_quantizing, mode = self._flags()
+        observing, fake_quantizing, mode, route = self._flags()
         if observing:
-            self.observe(x)
-            mode = self._flags()[2]  # the first observation ends UNINITIALIZED
-        if fake_quantizing and mode != UNINITIALIZED:
-            if self.ch_axis >= 0:
-                x = torch.fake_quantize_per_channel_affine(
-                    x, self.scale, self.zero_point, self.ch_axis, self.quant_min, self.quant_max
-                )
+            # The usual training step (tracking, on the CPU, one process) goes
+            # straight from one reduction kernel to the rule; everything else
+            # through observe().
+            if route == "scalar":
+                lo, hi = torch.aminmax(x.detach())
+                self._track_scalar([max(-lo.item(), hi.item())] if self.symmetric else [lo.item(), hi.item()])
+            elif route == "channels":
+                dims = self._fast.get("dims")
+                if dims is None or len(dims) != x.dim() - 1:
+                    dims = self._fast["dims"] = [d for d in range(x.dim()) if d != self.ch_axis % x.dim()]
+                if self.symmetric:
+                    obs = x.detach().abs().amax(dim=dims).unsqueeze(0)
+                else:
+                    obs = torch.stack(torch.aminmax(x.detach().transpose(0, self.ch_axis).flatten(1), dim=1))
+                self._track_channels(obs.float().numpy())
             else:
-                x = torch.fake_quantize_per_tensor_affine(
-                    x, self.scale, self.zero_point, self.quant_min, self.quant_max
-                )
+                self.observe(x)
+                mode = self._flags()[2]  # the first observation ends UNINITIALIZED
+        if fake_quantizing and mode != UNINITIALIZED:
+            qp = self._fast.get("qp")
+            if qp is None:
+                qp = self._fast["qp"] = (self.scale, self.zero_point)
+            if self.ch_axis >= 0:
+                x = torch.fake_quantize_per_channel_affine(x, qp[0], qp[1], self.ch_axis, self.quant_min, self.quant_max)
+            else:
+                x = torch.fake_quantize_per_tensor_affine(x, qp[0], qp[1], self.quant_min, self.quant_max)
         return x
 
     def extra_repr(self) -> str:

@@ -206,15 +206,19 @@ def test_per_channel_numpy_path_matches_the_torch_path():
     {}, {"min_votes": 3}, {"rule": "step"}, {"window": 12, "min_votes": 4}, {"up_ratio": 0.7, "down_ratio": 0.9},
 ])
 @pytest.mark.parametrize("numpy_path", [True, False])
-def test_lazy_counting_commits_at_the_same_steps_as_voting_every_step(knobs, numpy_path):
-    """The module counts votes only when a decision could be due; the rule applied
-    observation by observation (apply_vote) must commit at exactly the same steps."""
+@pytest.mark.parametrize("scheme", ["per-tensor", "per-channel"])
+def test_fast_paths_commit_at_the_same_steps_as_the_rule_applied_step_by_step(knobs, numpy_path, scheme):
+    """The module's fast paths (Python floats per tensor, in-place NumPy per channel, lazy
+    counting in torch) against the rule applied observation by observation (apply_vote):
+    the same commits at the same steps, the same committed values."""
     from edgeq.ranges import VoteConfig, VoteState, apply_vote
 
     gen = torch.Generator().manual_seed(3)
-    batches = [torch.randn(64, generator=gen) * (1 + 0.3 * math.sin(i / 9)) for i in range(300)]
-    batches[50] = torch.full((64,), math.nan)
-    fq = calibrated(batches[:4], **AFFINE, **knobs)
+    shape = (64,) if scheme == "per-tensor" else (6, 16)
+    batches = [torch.randn(shape, generator=gen) * (1 + 0.3 * math.sin(i / 9)) for i in range(300)]
+    batches[50] = torch.full(shape, math.nan)
+    batches[80][2] = math.inf
+    fq = calibrated(batches[:4], **(AFFINE if scheme == "per-tensor" else PER_CHANNEL), **knobs)
     fq.cpu_numpy = numpy_path
     p = fq.committed.clone()
     state = VoteState.zeros_like(p)
@@ -222,8 +226,12 @@ def test_lazy_counting_commits_at_the_same_steps_as_voting_every_step(knobs, num
     commits = 0
     for x in batches[4:]:
         fq(x)
-        lo, hi = torch.aminmax(x)
-        p, moved = apply_vote(p, state, torch.stack([lo, hi]).reshape(2, 1), cfg)
+        if scheme == "per-tensor":
+            lo, hi = torch.aminmax(x)
+            obs = torch.stack([lo, hi]).reshape(2, 1)
+        else:
+            obs = x.abs().amax(dim=1).reshape(1, -1)
+        p, moved = apply_vote(p, state, obs, cfg)
         commits += int(moved.sum())
         assert fq.commits() == commits
         # Votes counted together sum in another order: equal up to float rounding.
