@@ -31,6 +31,10 @@ from .targets import Target, load_target
 from .timing import Stages
 
 
+# Largest model (planned layers) whose program a build debugs layer by layer unasked.
+DEBUG_PROGRAM_LAYERS = 32
+
+
 @dataclass
 class BuildConfig:
     target: str | Path | Target = "android"
@@ -51,8 +55,10 @@ class BuildConfig:
     allow_sdk_download: bool = False
     #: continue QAT from the checkpoint a killed build left beside the output directory
     resume: bool = False
-    #: read the program's per-layer outputs back through ETDump (XNNPACK targets) for the report
-    debug_program: bool = True
+    #: read the program's per-layer outputs back through ETDump (XNNPACK targets) for the
+    #: report; None: when the model has at most DEBUG_PROGRAM_LAYERS planned layers (it
+    #: lowers one delegate call per layer, about half a second each)
+    debug_program: bool | None = None
     #: evaluation samples the per-layer program debugging runs
     debug_samples: int = 8
 
@@ -328,7 +334,12 @@ def _build(recipe: Recipe, target: Target, config: BuildConfig, stages: Stages, 
         except Exception:  # noqa: BLE001 - a diagnostic; e.g. a static-batch graph cannot take an eval batch
             layer_errors, first_divergence = [], None
         program_layers = None
-        if config.debug_program and target.backend == "xnnpack":
+        layer_count = len(plan.layers)
+        if config.debug_program is None and layer_count > DEBUG_PROGRAM_LAYERS:
+            program_layers = {"skipped": f"{layer_count} layers (the build reads them back by itself up to "
+                                         f"{DEBUG_PROGRAM_LAYERS}); run `edgeq debug` on this directory, or build "
+                                         "with --debug-program"}
+        elif config.debug_program is not False and target.backend == "xnnpack":
             from .program_debug import debug_program
 
             try:

@@ -39,11 +39,14 @@ class ProgramLayer:
     #: the planned layer the delegate call computes, else its module path, else its op
     name: str
     ops: list[str]
-    #: SQNR (dB) of the program's output against the quantized reference's, same samples
-    program_vs_reference_db: float
-    #: share of the output's integers that differ from the reference's, and by how many steps at most
+    #: the call's output against the reference's ops run on the call's own inputs (the
+    #: kernels alone, free of what earlier layers left): SQNR, share of integers that
+    #: differ, and by how many grid steps at most
+    kernel_vs_reference_db: float
     mismatch: float
     max_steps: int
+    #: the output against the quantized reference run end to end (differences accumulate)
+    program_vs_reference_db: float
     program_vs_float_db: float | None
     reference_vs_float_db: float | None
 
@@ -53,7 +56,7 @@ class ProgramDebug:
     layers: list[ProgramLayer]
     #: first layer whose program output falls below the threshold against float
     first_vs_float: str | None
-    #: first layer where the program leaves the quantized reference
+    #: first layer whose kernels leave the quantized reference (same inputs)
     first_vs_reference: str | None
     threshold_db: float
     runtime_threshold_db: float
@@ -122,26 +125,63 @@ def _producer(node: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
-def _key(node: torch.fx.Node, owners: dict[torch.fx.Node, str]) -> str | None:
-    """Name a value by the planned layer that owns it, else by its innermost module."""
-    if node.op == "placeholder":
-        return "input"
-    if node in owners:
-        return owners[node]
+def _module(node: torch.fx.Node) -> str | None:
     stack = [_clean(path) for path, _ in node.meta.get("nn_module_stack", {}).values()]
     return stack[-1] if stack and stack[-1] else None
 
 
-def _by_key(graph: torch.fx.GraphModule, layers: list[str], values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Float model outputs keyed like the program's layers: the last value each key produced."""
-    owners = layer_owners(graph, layers)
-    keyed: dict[str, torch.Tensor] = {}
+_FOLLOWER_OPS = ("relu", "hardtanh", "clamp")
+
+
+def _label(node: torch.fx.Node, owners: dict[torch.fx.Node, str]) -> str | None:
+    """Name a value by the planned layer that owns it (an activation quantized on its own
+    belongs to the layer before it), else by its innermost module."""
+    if node.op == "placeholder":
+        return "input"
+    if node in owners:
+        return owners[node]
+    if _kind(node) in _FOLLOWER_OPS and node.args and isinstance(node.args[0], torch.fx.Node):
+        before = _producer(node.args[0])
+        if before in owners:
+            return owners[before]
+    return _module(node)
+
+
+_KINDS = {"conv2d": "conv", "convolution": "conv", "conv1d": "conv", "adaptive_avg_pool2d": "mean",
+          "avg_pool2d": "avg_pool2d", "relu_": "relu", "hardtanh_": "hardtanh", "add_": "add"}
+
+
+def _kind(node: torch.fx.Node) -> str:
+    """An op's name, the same in the float ATen graph and the lowered edge graph."""
+    name = _op_name(node)
+    name = name[:-5] if name.endswith("_copy") else name
+    return _KINDS.get(name, name)
+
+
+def _float_values(graph: torch.fx.GraphModule, inputs: tuple) -> dict[tuple, torch.Tensor]:
+    """Float values keyed by (module path, op kind): the same place in both graphs."""
+    values = _record(graph, inputs)
+    keyed: dict[tuple, torch.Tensor] = {}
     for node in graph.graph.nodes:
-        if node.op in ("placeholder", "call_function") and node.name in values:
-            key = _key(_producer(node), owners)
-            if key is not None:
-                keyed[key] = values[node.name]
+        if node.name not in values:
+            continue
+        if node.op == "placeholder":
+            keyed.setdefault(("input", "input"), values[node.name])
+        elif node.op == "call_function":
+            keyed[(_module(node), _kind(node))] = values[node.name]
     return keyed
+
+
+def _where(node: torch.fx.Node) -> tuple:
+    return ("input", "input") if node.op == "placeholder" else (_module(node), _kind(node))
+
+
+def _integers_differ(a: torch.Tensor, b: torch.Tensor, step: float | None) -> tuple[float, int]:
+    if step is not None:
+        diff = (a.to(torch.int32) - b.to(torch.int32)).abs()
+        return float((diff > 0).float().mean()), int(diff.max()) if diff.numel() else 0
+    diff = (a.float() - b.float()).abs()
+    return float((diff > 1e-6 * b.float().abs().max().clamp(min=1)).float().mean()), 0
 
 
 def _dequantize(node: torch.fx.Node, value: torch.Tensor) -> tuple[torch.Tensor, float | None]:
@@ -153,10 +193,9 @@ def _dequantize(node: torch.fx.Node, value: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def _op_name(node: torch.fx.Node) -> str:
-    # "aten.convolution.default" -> "convolution"
-    name = getattr(node.target, "__name__", str(node.target))
-    parts = name.split(".")
-    return parts[1] if len(parts) == 3 else name
+    # "aten.convolution.default" (edge ops), "relu.default" (ATen ops) -> the op's name
+    parts = getattr(node.target, "__name__", str(node.target)).split(".")
+    return parts[1] if len(parts) == 3 else parts[0]
 
 
 def _lower_per_op(reference: torch.nn.Module, inputs: tuple, backend: str):
@@ -209,7 +248,7 @@ def _debug_program(float_model, reference, recipe, backend, inputs, shipped, out
     from executorch.devtools import Inspector
     from executorch.runtime import Runtime
 
-    from .capture import capture
+    from .capture import capture, fold_batchnorm
 
     edge, program, etrecord = _lower_per_op(reference, inputs, backend)
     top = edge.exported_program().graph_module
@@ -238,49 +277,53 @@ def _debug_program(float_model, reference, recipe, backend, inputs, shipped, out
                          "report this with the build directory: the debug program and its ETDump disagree")
 
     # The reference, in the edge dialect the program was lowered from: same node names.
-    before = etrecord.edge_dialect_program
-    edge_graph = before.module()
+    edge_graph = etrecord.edge_dialect_program.module()
     reference_values = _record(edge_graph, inputs)
     layers = [name for name, _, _ in quantizable_layers(float_model)]
     owners = layer_owners(edge_graph, layers)
     by_name = {n.name: n for n in edge_graph.graph.nodes}
     float_graph = capture(float_model.eval(), inputs)
-    float_values = _by_key(float_graph, layers, _record(float_graph, inputs))
+    if not any("batch_norm" in str(n.target) for n in edge_graph.graph.nodes):
+        # The build folded BatchNorm into the convs before QAT: compare the
+        # float model at the same places, after the (exact) fold.
+        fold_batchnorm(float_graph)
+    float_values = _float_values(float_graph, inputs)
 
     rows: list[ProgramLayer] = []
     for call, event in zip(calls, events):
-        lowered = getattr(top, call.args[0].target)
-        sub = lowered.original_module.graph_module.graph
+        partition = getattr(top, call.args[0].target).original_module
+        sub = partition.graph_module.graph
         computes = [n for n in sub.nodes if n.op == "call_function" and not _is_qdq(n)]
         outs = list(next(n for n in sub.nodes if n.op == "output").args[0])
-        out_values = list(event.debug_data)[-len(outs):]
-        consumes_input = any(n.op == "placeholder" and n.name in by_name and by_name[n.name].op == "placeholder"
-                             and not n.name.startswith(("b_", "p_", "c_")) for n in sub.nodes)
+        user_inputs = [spec.arg.name for spec in partition.graph_signature.input_specs if spec.kind.name == "USER_INPUT"]
+        recorded = list(event.debug_data)
+        call_inputs, out_values = recorded[:len(user_inputs)], recorded[-len(outs):]
+        consumes_input = any(name in by_name and by_name[name].op == "placeholder" for name in user_inputs)
         if not consumes_input and all(_op_name(n) in _LAYOUT for n in computes):
             continue  # a bare quantize/dequantize or reshape between layers adds no numbers of its own
-        for out, value in zip(outs, out_values):
+        # The reference's ops for this call, on the inputs the program gave it.
+        local = partition.module()(*call_inputs)
+        local = list(local) if isinstance(local, (tuple, list)) else [local]
+        for out, value, expected in zip(outs, out_values, local):
             node = by_name.get(out.name)
             if node is None or out.name not in reference_values:
                 continue
-            key = _key(_producer(node), owners)
-            name = key or (_op_name(computes[-1]) if computes else out.name)
+            producer = _producer(node)
+            name = _label(producer, owners) or (_op_name(computes[-1]) if computes else out.name)
             program_real, step = _dequantize(node, value)
+            local_real, _ = _dequantize(node, expected)
             reference_real, _ = _dequantize(node, reference_values[out.name])
-            if step is not None:
-                diff = (value.to(torch.int32) - reference_values[out.name].to(torch.int32)).abs()
-                mismatch, max_steps = float((diff > 0).float().mean()), int(diff.max())
-            else:
-                diff = (program_real - reference_real).abs()
-                mismatch, max_steps = float((diff > 1e-6 * reference_real.abs().max().clamp(min=1)).float().mean()), 0
-            flt = float_values.get(key) if key is not None else None
+            mismatch, max_steps = _integers_differ(value, expected, step)
+            flt = float_values.get(_where(producer))
             if flt is not None and tuple(flt.shape) != tuple(program_real.shape):
                 flt = None
             rows.append(ProgramLayer(
                 name=name,
                 ops=[_op_name(n) for n in computes] or ["quantize"],
-                program_vs_reference_db=sqnr_db(reference_real, program_real),
+                kernel_vs_reference_db=sqnr_db(local_real, program_real),
                 mismatch=mismatch,
                 max_steps=max_steps,
+                program_vs_reference_db=sqnr_db(reference_real, program_real),
                 program_vs_float_db=sqnr_db(flt, program_real) if flt is not None else None,
                 reference_vs_float_db=sqnr_db(flt, reference_real) if flt is not None else None,
             ))
@@ -292,7 +335,7 @@ def _debug_program(float_model, reference, recipe, backend, inputs, shipped, out
         shipped_out = ProgramRunner(shipped)(*inputs)
         shipped_diff = float((shipped_out.float() - outputs[0].float()).abs().max())
     first_float = next((r.name for r in rows if r.program_vs_float_db is not None and r.program_vs_float_db < threshold_db), None)
-    first_ref = next((r.name for r in rows if r.program_vs_reference_db < runtime_threshold_db), None)
+    first_ref = next((r.name for r in rows if r.kernel_vs_reference_db < runtime_threshold_db), None)
     return ProgramDebug(layers=rows, first_vs_float=first_float, first_vs_reference=first_ref,
                         threshold_db=threshold_db, runtime_threshold_db=runtime_threshold_db,
                         samples=int(inputs[0].shape[0]), shipped_max_diff=shipped_diff,

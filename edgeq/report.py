@@ -257,25 +257,28 @@ def _db(value: Any) -> Any:
 def _debug_section(report: dict[str, Any]) -> list[str]:
     parts = []
     program = report.get("program_layers")
-    if program and "error" in program:
+    if program and ("error" in program or "skipped" in program):
         parts += ["<h2>Numeric debugging: the program, layer by layer</h2>",
-                  f"<p>Not available for this build: {html.escape(program['error'])}</p>"]
+                  f"<p>Not in this report: {html.escape(program.get('error') or program['skipped'])}</p>"]
     elif program:
         same = program["shipped_max_diff"]
         parts += [
             "<h2>Numeric debugging: the program, layer by layer</h2>",
             f"<p>The quantized reference lowered with one XNNPACK delegate call per layer (same kernels, same integer "
             f"tensors; its outputs differ from model.pte's by at most {same:g}), run on {program['samples']} evaluation "
-            "samples with ETDump; each layer's output read back with ExecuTorch's Inspector and compared, in execution "
-            f"order, with the quantized reference and with float. First layer below {program['threshold_db']:g} dB against "
-            f"float: {html.escape(program['first_vs_float'] or 'none')}; first layer where the program leaves the "
-            f"reference (below {program['runtime_threshold_db']:g} dB): {html.escape(program['first_vs_reference'] or 'none')}. "
+            "samples with ETDump; each layer's inputs and output read back with ExecuTorch's Inspector. <b>kernel</b>: "
+            "the output against the reference's ops run on the layer's own program inputs (the kernels alone); "
+            "<b>vs reference</b>: against the reference run end to end (differences accumulate); <b>vs float</b>: "
+            f"against the float model at the same place. First layer below {program['threshold_db']:g} dB against "
+            f"float: {html.escape(program['first_vs_float'] or 'none')}; first layer whose kernels leave the reference "
+            f"(below {program['runtime_threshold_db']:g} dB): {html.escape(program['first_vs_reference'] or 'none')}. "
             "`edgeq debug` prints the same and keeps the ETRecord and ETDump.</p>",
-            _table([[l["name"], ", ".join(l["ops"]), l["program_vs_reference_db"], f"{100 * l['mismatch']:.2f}%",
-                     l["max_steps"], _db(l["program_vs_float_db"]), _db(l["reference_vs_float_db"])]
+            _table([[l["name"], ", ".join(l["ops"]), l["kernel_vs_reference_db"], f"{100 * l['mismatch']:.2f}%",
+                     l["max_steps"], l["program_vs_reference_db"], _db(l["program_vs_float_db"]),
+                     _db(l["reference_vs_float_db"])]
                     for l in program["layers"]],
-                   ["layer", "ops", "program vs reference dB", "integers differing", "max steps",
-                    "program vs float dB", "reference vs float dB"]),
+                   ["layer", "ops", "kernel vs reference dB", "integers differing", "max steps",
+                    "program vs reference dB", "program vs float dB", "reference vs float dB"]),
         ]
     layers = report.get("layer_sqnr", {}).get("reference_vs_float_db")
     if layers:
