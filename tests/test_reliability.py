@@ -179,3 +179,17 @@ def test_invalid_target_file_is_refused_cleanly(tmp_path):
     result = CliRunner().invoke(app, ["build", "--target", str(target), "--out", str(out)])
     assert result.exit_code == 2 and "missing field 'precisions'" in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("device, message", [
+    ("mps", "edgeq trains on cpu or cuda"),
+    ("gpu0", "unknown device 'gpu0'"),
+    pytest.param("cuda", "sees no CUDA device", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
+])
+def test_a_device_qat_cannot_use_is_refused_before_any_work(tmp_path, device, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["build", "--device", device, "--out", str(out), "--steps", "5"])
+    assert result.exit_code == 2, result.output
+    lines = [l for l in result.output.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output
+    assert not out.exists()
