@@ -8,9 +8,13 @@ layer is its own delegate call, whose inputs and outputs ETDump records. The
 ETRecord ties each call to the graph nodes (and module names) it came from;
 the Inspector reads ETDump, debug buffer and ETRecord back together.
 
-Each layer's program output is then compared, on the same samples, with the
-quantized reference (same integer grid: how far the kernels are from what
-convert promised) and with the float model (how far quantization took it).
+Each layer's program output is then compared three ways: with the
+reference's own ops for that delegate call run in PyTorch on the inputs the
+program gave the call (the kernels judged alone: a runtime that does not
+compute what convert promised shows here, at the layer where it happens);
+with the quantized reference run end to end (small differences accumulate);
+and with the float model at the same module and op (how far quantization took
+it: a bad range or a too narrow precision shows here).
 """
 
 from __future__ import annotations
