@@ -51,6 +51,25 @@ def throughput(model: torch.nn.Module, batch: int, steps: int, device: torch.dev
     return batch / statistics.median(times)
 
 
+def gpu_quantizer(net, target, mode: str):
+    """edgeq's XNNPACK quantizer; where ExecuTorch is not installed (the lent GPU
+    machine carries torchao only), torchao's X86InductorQuantizer with edgeq's
+    fake-quant swapped in: the same kind of fake-quants around the same convs
+    and linears, which is what QAT throughput depends on."""
+    try:
+        return build_quantizer(uniform_plan(net, target, "int8"), target, ranges=RangeConfig(mode=mode)), "XNNPACK"
+    except ImportError:
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
+
+        from edgeq.quantizer import swap_fake_quants
+
+        config = get_default_x86_inductor_quantization_config(is_qat=True)
+        return X86InductorQuantizer().set_global(swap_fake_quants(config, True, RangeConfig(mode=mode))), "X86Inductor (no ExecuTorch)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -68,8 +87,8 @@ def main() -> None:
     for mode in ("adaptive", "ema-fused"):
         graph = capture(net, (torch.zeros(1, 3, 224, 224),))  # export stays on the CPU
         fold_batchnorm(graph)
-        prepared = prepare(graph, build_quantizer(uniform_plan(net, target, "int8"), target,
-                                                  ranges=RangeConfig(mode=mode))).to(device)
+        quantizer, quantizer_name = gpu_quantizer(net, target, mode)
+        prepared = prepare(graph, quantizer).to(device)
         with torch.no_grad():  # calibration, then tracking
             prepared(torch.randn(8, 3, 224, 224, device=device))
         from edgeq.fake_quant import start_tracking
@@ -77,7 +96,7 @@ def main() -> None:
         start_tracking(prepared)
         set_observers(prepared, True)
         ips = throughput(prepared, args.batch, args.steps, device)
-        rows.append([f"QAT, {mode}", f"{ips:.0f}", f"{ips / float_ips:.2f}"])
+        rows.append([f"QAT, {mode} ({quantizer_name} quantizer)", f"{ips:.0f}", f"{ips / float_ips:.2f}"])
         print(rows[-1], flush=True)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     body = "\n".join([
