@@ -235,6 +235,7 @@ def validate(
     reference: Optional[Path] = typer.Option(None, help="Quantized reference (default: reference.pt2 beside the program)."),
     max_drop: Optional[float] = typer.Option(None, help="Fail when the program scores more than this many points below float."),
     min_agreement: Optional[float] = typer.Option(None, help="Fail when top-1 agreement with the reference (or float) falls below this percent."),
+    per_layer: bool = typer.Option(False, help="Then read the program's per-layer outputs on the host, as `edgeq debug` does (needs the build directory)."),
 ) -> None:
     """Run a .pte on the host (ExecuTorch runtime) or a phone (adb) and score it."""
     try:
@@ -255,6 +256,8 @@ def validate(
             + (f", reference {v.agreement_reference:.2f}%" if v.agreement_reference is not None else "")
             + f"  SQNR {v.sqnr_db[0]:.1f} dB  cosine {v.cosine[0]:.4f}  ({v.samples} samples)"
         )
+        if per_layer:
+            _program_debug(program.parent, r, 20.0, 30.0, 16)
         if max_drop is not None and v.float - v.program > max_drop:
             raise AccuracyError(f"drop {v.float - v.program:.2f} exceeds --max-drop {max_drop}",
                                 "rebuild with more QAT steps or a wider plan")
@@ -263,6 +266,55 @@ def validate(
                                 "rebuild with more QAT steps or a wider plan")
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
+
+
+def _program_debug(build_dir: Path, r, threshold: float, runtime_threshold: float, samples: int) -> None:
+    """Run the per-layer program debugging on a build directory and print its table."""
+    import json
+
+    from rich.table import Table
+
+    from .errors import EdgeqError
+    from .package import write_json_atomic
+    from .program_debug import debug_program
+    from .validate import load_reference
+
+    path = build_dir / "reference.pt2"
+    if not path.is_file():
+        raise EdgeqError(f"{path} not found", "pass the output directory of `edgeq build` (it holds reference.pt2)")
+    manifest_path = build_dir / "manifest.json"
+    backend = json.loads(manifest_path.read_text())["target"]["backend"] if manifest_path.is_file() else "xnnpack"
+    shipped = build_dir / "model.pte"
+    result = debug_program(r.model(), load_reference(path), r, backend,
+                           shipped=shipped if shipped.is_file() else None, out_dir=build_dir / "debug",
+                           samples=samples, threshold_db=threshold, runtime_threshold_db=runtime_threshold)
+    write_json_atomic(build_dir / "debug" / "layers.json", result.to_json())
+    table = Table(title=f"model.pte layer by layer, {result.samples} samples (execution order)")
+    for column in ("layer", "ops", "kernel dB", "ints ≠", "max Δ", "vs ref dB", "vs float dB", "ref vs float"):
+        table.add_column(column, justify="left" if column in ("layer", "ops") else "right")
+    flagged = {result.first_vs_float, result.first_vs_reference}
+
+    def db(value: float | None) -> str:
+        return "—" if value is None else f"{value:.1f}"
+
+    for layer in result.layers:
+        table.add_row(layer.name, "+".join(op.replace("convolution", "conv") for op in layer.ops),
+                      db(layer.kernel_vs_reference_db), f"{100 * layer.mismatch:.2f}%", str(layer.max_steps),
+                      db(layer.program_vs_reference_db), db(layer.program_vs_float_db),
+                      db(layer.reference_vs_float_db), style="bold red" if layer.name in flagged else None)
+    stdout.print(table)
+    if result.shipped_max_diff is not None:
+        stdout.print(f"per-layer program vs model.pte outputs: max |difference| {result.shipped_max_diff:g}")
+    if result.outside_ops:
+        stdout.print(f"ops outside XNNPACK, not compared: {', '.join(result.outside_ops)}")
+    stdout.print(f"first divergence from float: {result.first_vs_float} (< {threshold:g} dB)" if result.first_vs_float
+                 else f"no layer below {threshold:g} dB against float")
+    stdout.print(f"first layer whose kernels leave the quantized reference (< {runtime_threshold:g} dB on the same "
+                 f"inputs): {result.first_vs_reference}" if result.first_vs_reference
+                 else "every layer's kernels compute what the quantized reference computes on the same inputs")
+    stdout.print("kernel dB: the layer's output against the reference's ops run on the layer's own program inputs; "
+                 "vs ref dB: against the reference run end to end")
+    stdout.print(f"ETRecord, ETDump and debug buffer for executorch.devtools.Inspector: {build_dir / 'debug'}")
 
 
 @app.command()
@@ -276,8 +328,6 @@ def debug(
 ) -> None:
     """Read the program's per-layer outputs (ETRecord + ETDump + Inspector); name the first divergence."""
     try:
-        import json
-
         from rich.table import Table
 
         from .errors import EdgeqError
@@ -301,42 +351,7 @@ def debug(
             stdout.print(f"first divergence: {first.layer} ({first.sqnr_db:.1f} dB < {threshold:g} dB)" if first
                          else f"no layer below {threshold:g} dB")
             return
-        from .package import write_json_atomic
-        from .program_debug import debug_program
-
-        manifest_path = build_dir / "manifest.json"
-        backend = json.loads(manifest_path.read_text())["target"]["backend"] if manifest_path.is_file() else "xnnpack"
-        shipped = build_dir / "model.pte"
-        result = debug_program(r.model(), load_reference(path), r, backend,
-                               shipped=shipped if shipped.is_file() else None, out_dir=build_dir / "debug",
-                               samples=samples, threshold_db=threshold, runtime_threshold_db=runtime_threshold)
-        write_json_atomic(build_dir / "debug" / "layers.json", result.to_json())
-        table = Table(title=f"model.pte layer by layer, {result.samples} samples (execution order)")
-        for column in ("layer", "ops", "kernel dB", "ints ≠", "max Δ", "vs ref dB", "vs float dB", "ref vs float"):
-            table.add_column(column, justify="left" if column in ("layer", "ops") else "right")
-        flagged = {result.first_vs_float, result.first_vs_reference}
-
-        def db(value: float | None) -> str:
-            return "—" if value is None else f"{value:.1f}"
-
-        for layer in result.layers:
-            table.add_row(layer.name, "+".join(op.replace("convolution", "conv") for op in layer.ops),
-                          db(layer.kernel_vs_reference_db), f"{100 * layer.mismatch:.2f}%", str(layer.max_steps),
-                          db(layer.program_vs_reference_db), db(layer.program_vs_float_db),
-                          db(layer.reference_vs_float_db), style="bold red" if layer.name in flagged else None)
-        stdout.print(table)
-        if result.shipped_max_diff is not None:
-            stdout.print(f"per-layer program vs model.pte outputs: max |difference| {result.shipped_max_diff:g}")
-        if result.outside_ops:
-            stdout.print(f"ops outside XNNPACK, not compared: {', '.join(result.outside_ops)}")
-        stdout.print(f"first divergence from float: {result.first_vs_float} (< {threshold:g} dB)" if result.first_vs_float
-                     else f"no layer below {threshold:g} dB against float")
-        stdout.print(f"first layer whose kernels leave the quantized reference (< {runtime_threshold:g} dB on the same "
-                     f"inputs): {result.first_vs_reference}" if result.first_vs_reference
-                     else "every layer's kernels compute what the quantized reference computes on the same inputs")
-        stdout.print("kernel dB: the layer's output against the reference's ops run on the layer's own program inputs; "
-                     "vs ref dB: against the reference run end to end")
-        stdout.print(f"ETRecord, ETDump and debug buffer for executorch.devtools.Inspector: {build_dir / 'debug'}")
+        _program_debug(build_dir, r, threshold, runtime_threshold, samples)
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
 
