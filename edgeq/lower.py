@@ -82,6 +82,36 @@ def _reason(op: str, target: Target) -> str:
     return f"the {target.backend} partitioner does not take this op (no delegate kernel for it, or for its dtype/arguments)"
 
 
+def _skip_idle_bilinear_matching() -> None:
+    """Spare XNNPACK's ConvertToUpsampleBilinear2d its pattern graphs where it cannot match.
+
+    The first time the pass runs in a process it exports four interpolate
+    models (torch.export + to_edge: 4 s of every build on the CI machine) only
+    to match them against the graph. A decomposed bilinear upsample always
+    contains index ops and an undecomposed one is an upsample_bilinear2d node;
+    a graph with neither has nothing to match, and the pass then only retraces
+    it, which it still does here.
+    """
+    from executorch.backends.xnnpack._passes import convert_to_upsample_bilinear2d as module
+    from executorch.backends.xnnpack._passes.xnnpack_pass import XNNPACKPass
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    cls = module.ConvertToUpsampleBilinear2d
+    if getattr(cls, "_edgeq_skips_idle", False):
+        return
+    original = cls.call
+
+    def call(self, graph_module: torch.fx.GraphModule):
+        names = {str(n.target) for n in graph_module.graph.nodes if n.op == "call_function"}
+        if any("upsample_bilinear2d" in name or "index" in name for name in names):
+            return original(self, graph_module)
+        graph_module.recompile()
+        return PassResult(XNNPACKPass.call(self, graph_module).graph_module, True)
+
+    cls.call = call
+    cls._edgeq_skips_idle = True
+
+
 def lower(model: torch.nn.Module, example_inputs: tuple, target: Target,
           float_graph: torch.fx.GraphModule | None = None, allow_download: bool = False) -> Lowered:
     """Export at the example shape and lower to an ExecuTorch program."""
@@ -91,6 +121,7 @@ def lower(model: torch.nn.Module, example_inputs: tuple, target: Target,
     if target.backend == "xnnpack":
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
+        _skip_idle_bilinear_matching()
         partitioners = [XnnpackPartitioner()]
     else:
         from .qnn import qnn_partitioners

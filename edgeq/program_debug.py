@@ -212,6 +212,9 @@ def _lower_per_op(reference: torch.nn.Module, inputs: tuple, backend: str):
         )
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
+    from .lower import _skip_idle_bilinear_matching
+
+    _skip_idle_bilinear_matching()
     exported = torch.export.export(reference, inputs)
     edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner(per_op_mode=True)],
                                        generate_etrecord=True)
