@@ -106,7 +106,12 @@ def main() -> None:
         "pattern graphs with torch.export (96 exports, 0.3 s each, for four conv-BN pairs) and `prepare_qat_pt2e` "
         "another 4-8 s (24 exports). edgeq folds BatchNorm into the conv weights before QAT (exact, and the fake-quant "
         "then sees the shipped weight), skips XNNPACK's conv-BN annotation when the graph has no BatchNorm, and memoises "
-        "the pattern graphs when BatchNorm is kept (`--no-fold-bn`).",
+        "the pattern graphs when BatchNorm is kept (`--no-fold-bn`). XNNPACK's ConvertToUpsampleBilinear2d pass "
+        "exported four interpolate models per process (about 4 s) to match against graphs that hold no upsample; "
+        "edgeq skips the matching there. What remains in `lower` is two lowerings (float program for the size "
+        "ratio, quantized program), mostly ExecuTorch's import (the edge-dialect YAML) and XNNPACK's per-partition "
+        "passes. `debug` lowers the reference once more with one XNNPACK call per layer and reads every layer back "
+        "through ETDump (`--no-debug-program` skips it).",
         "",
         "QAT overhead, same model and batches (digits CNN, batch 64, adaptive ranges, W8A8):",
         "",
