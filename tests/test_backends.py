@@ -125,3 +125,26 @@ def test_qnn_quantizer_uses_adaptive_ranges_per_layer():
     assert (-7, 7) in ranges or (-8, 7) in ranges
     assert any(m.quant_max >= 127 for m in fqs if m.ch_axis >= 0)
     assert any(m.quant_max == 65535 for m in fqs if m.ch_axis < 0)  # 16-bit activations of the head
+
+
+def test_a_bilinear_upsample_still_lowers_into_xnnpack():
+    """edgeq skips XNNPACK's bilinear pattern matching on graphs without an upsample;
+    a graph with one still goes through it, into the delegate, with eager's numbers."""
+    from edgeq.lower import lower
+    from edgeq.targets import load_target
+    from edgeq.validate import ProgramRunner
+
+    class Upsampler(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return nn.functional.interpolate(self.conv(x), scale_factor=2, mode="bilinear", align_corners=False)
+
+    torch.manual_seed(0)
+    model, x = Upsampler().eval(), torch.randn(1, 3, 8, 8)
+    lowered = lower(model, (x,), load_target("android"))
+    assert lowered.delegation.by_op.get("aten_upsample_bilinear2d_vec") == (1, 0)
+    with torch.no_grad():
+        assert torch.allclose(ProgramRunner(lowered.program)(x), model(x), atol=1e-5)
