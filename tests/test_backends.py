@@ -130,6 +130,9 @@ def test_qnn_quantizer_uses_adaptive_ranges_per_layer():
 def test_a_bilinear_upsample_still_lowers_into_xnnpack():
     """edgeq skips XNNPACK's bilinear pattern matching on graphs without an upsample;
     a graph with one still goes through it, into the delegate, with eager's numbers."""
+    import torch
+    from torch import nn
+
     from edgeq.lower import lower
     from edgeq.targets import load_target
     from edgeq.validate import ProgramRunner
