@@ -135,10 +135,7 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         flags = self._fast.get("flags")
         if flags is None:
             mode = int(self.mode)
-            route = "general"
-            if (mode == TRACKING and self.cpu_numpy and self.committed.device.type == "cpu"
-                    and not (self.reduce_distributed and dist.is_available() and dist.is_initialized())):
-                route = "channels" if self.ch_axis >= 0 else "scalar"
+            route = "track" if mode == TRACKING and self.cpu_numpy and self.committed.device.type == "cpu" else "general"
             flags = (bool(self.observer_enabled[0] == 1), bool(self.fake_quant_enabled[0] == 1), mode, route)
             self._fast["flags"] = flags
         return flags
@@ -220,12 +217,13 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         self._fast.pop("flags", None)
         self._refresh_qparams()
 
-    # Votes are counted lazily, and exactly: ranges.steps_to_decision() says
-    # how many more observations must arrive before any value could commit
-    # (or expire); until then every decision would be "no change", so the
-    # observations wait in a list and are counted together when that many
-    # have arrived, against the same committed value they would have met one
-    # by one. Most steps then cost one reduction kernel and a list append.
+    # On the CPU the rule runs at once, on Python floats or NumPy views. In
+    # torch (a GPU) votes are counted lazily, and exactly:
+    # ranges.steps_to_decision() says how many more observations must arrive
+    # before any value could commit (or expire); until then every decision
+    # would be "no change", so the observations wait in a list and are counted
+    # together when that many have arrived, against the same committed value
+    # they would have met one by one: fewer host synchronisations.
     def _track(self, obs: torch.Tensor) -> None:
         fast = self._fast
         if obs.device.type == "cpu" and self.cpu_numpy:
@@ -298,7 +296,9 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         costs is the number of array operations, so this is the fewest)."""
         ch = self._fast.get("ch")
         if ch is None:
-            committed, st = self._state()
+            # NumPy views of the buffers themselves: the buffers are always current.
+            committed = self.committed.numpy()
+            st = VoteState(*(getattr(self, k).numpy() for k in "ngls"))
             ch = self._fast["ch"] = (committed, st, self.commit_count.numpy(),
                                      np.empty(committed.shape, np.float32), np.empty(committed.shape, np.float32),
                                      np.empty(committed.shape, bool), np.empty(committed.shape, bool),
@@ -361,20 +361,11 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         else:
             self._refresh_qparams()
 
-    def _state(self):
-        """(committed, VoteState) to run the rule on: on the CPU, NumPy views of
-        the buffers themselves (small-array NumPy operations cost about a
-        microsecond, torch's a few); elsewhere the buffers."""
-        if self.committed.device.type != "cpu" or not self.cpu_numpy:
-            return self.committed, VoteState(self.n, self.g, self.l, self.s)
-        views = self._fast.get("np")
-        if views is None:
-            views = self._fast["np"] = (self.committed.numpy(), VoteState(*(getattr(self, k).numpy() for k in "ngls")))
-        return views
+    def _votes(self) -> VoteState:
+        return VoteState(self.n, self.g, self.l, self.s)
 
     def _steps_to_decision(self) -> int:
-        _, state = self._state()
-        return min(steps_to_decision(state, self.config), _MAX_PENDING)
+        return min(steps_to_decision(self._votes(), self.config), _MAX_PENDING)
 
     def _flush(self) -> None:
         """Bring the buffers up to date: count the waiting observations into n,
@@ -387,24 +378,15 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         pending = fast.get("pending")
         if not pending:
             return
-        committed, state = self._state()
-        obs = torch.stack(pending)
-        accumulate(committed, state, obs.numpy() if isinstance(committed, np.ndarray) else obs)
+        accumulate(self.committed, self._votes(), torch.stack(pending))
         fast["pending"] = []
         if fast.get("due") is not None:
             fast["due"] = max(1, fast["due"] - len(pending))
 
     def _decide(self) -> None:
         self._flush()
-        committed, state = self._state()
-        new, moved = decide(committed, state, self.config)
-        if isinstance(committed, np.ndarray):
-            if moved.any():
-                np.copyto(committed, new)
-                counts = self.commit_count.numpy()
-                counts += moved
-                self._update_channel_scale(committed)
-        elif bool(moved.any()):
+        new, moved = decide(self.committed, self._votes(), self.config)
+        if bool(moved.any()):
             self.committed.copy_(new)
             self.commit_count += moved
             self._refresh_qparams()
@@ -446,10 +428,10 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         return scale, min(max(zero_point, self.quant_min), self.quant_max)
 
     def _refresh_qparams(self) -> None:
-        fast = self._scalar_qparams() if self.scale.shape == (1,) and self.cpu_numpy else None
-        if fast is not None:
-            self.scale.view(-1)[0] = float(fast[0])
-            self.zero_point.view(-1)[0] = fast[1]
+        scalar = self._scalar_qparams() if self.scale.shape == (1,) and self.cpu_numpy else None
+        if scalar is not None:
+            self.scale.view(-1)[0] = float(scalar[0])
+            self.zero_point.view(-1)[0] = scalar[1]
             return
         scale, zero_point = self.calculate_qparams()
         if self.scale.shape == scale.shape:
@@ -485,21 +467,10 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         observing, fake_quantizing, mode, route = self._flags()
         if observing:
-            # The usual training step (tracking, on the CPU, one process) goes
-            # straight from one reduction kernel to the rule; everything else
-            # through observe().
-            if route == "scalar":
-                lo, hi = torch.aminmax(x.detach())
-                self._track_scalar([max(-lo.item(), hi.item())] if self.symmetric else [lo.item(), hi.item()])
-            elif route == "channels":
-                dims = self._fast.get("dims")
-                if dims is None or len(dims) != x.dim() - 1:
-                    dims = self._fast["dims"] = [d for d in range(x.dim()) if d != self.ch_axis % x.dim()]
-                if self.symmetric:
-                    obs = x.detach().abs().amax(dim=dims).unsqueeze(0)
-                else:
-                    obs = torch.stack(torch.aminmax(x.detach().transpose(0, self.ch_axis).flatten(1), dim=1))
-                self._track_channels(obs.float().numpy())
+            # The usual training step (tracking on the CPU) goes straight from
+            # one reduction kernel to the rule; everything else through observe().
+            if route == "track":
+                self._track(self._observe(x))
             else:
                 self.observe(x)
                 mode = self._flags()[2]  # the first observation ends UNINITIALIZED
