@@ -25,25 +25,30 @@ class LayerError:
     sqnr_db: float
 
 
+def record_values(graph: torch.fx.GraphModule, inputs: tuple) -> dict[str, torch.Tensor]:
+    """Run ``graph`` on ``inputs`` and keep every node's tensor output, by node name."""
+    values: dict[str, torch.Tensor] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            result = super().run_node(n)
+            if isinstance(result, torch.Tensor):
+                values[n.name] = result.detach()
+            return result
+
+    with torch.no_grad():
+        Recorder(graph).run(*inputs)
+    return values
+
+
 def _layer_outputs(graph: torch.fx.GraphModule, layers: list[str], inputs: tuple) -> dict[str, torch.Tensor]:
     owners = layer_owners(graph, layers)
     last: dict[str, torch.fx.Node] = {}
     for node in graph.graph.nodes:  # topological order: the last node of each layer is its output
         if node in owners:
             last[owners[node]] = node
-    wanted = {node: layer for layer, node in last.items()}
-    captured: dict[str, torch.Tensor] = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, n):
-            result = super().run_node(n)
-            if n in wanted and isinstance(result, torch.Tensor):
-                captured[wanted[n]] = result.detach().float()
-            return result
-
-    with torch.no_grad():
-        Recorder(graph).run(*inputs)
-    return captured
+    values = record_values(graph, inputs)
+    return {layer: values[node.name].float() for layer, node in last.items() if node.name in values}
 
 
 def layer_errors(float_model: torch.nn.Module, reference: torch.fx.GraphModule, example_inputs: tuple,

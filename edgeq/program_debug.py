@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 from .errors import EdgeqError
+from .debug import record_values
 from .evaluate import sqnr_db
 from .plan import quantizable_layers
-from .quantizer import _clean, layer_owners
+from .quantizer import _FOLLOWERS, _clean, layer_owners
 from .recipe import as_tuple
 
 _QDQ = ("quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel")
@@ -99,25 +100,6 @@ def debug_samples(recipe, samples: int) -> tuple:
     return _contiguous(tuple(torch.cat([c[i] for c in chunks])[:samples] for i in range(len(chunks[0]))))
 
 
-class _Recorder(torch.fx.Interpreter):
-    def __init__(self, graph: torch.fx.GraphModule) -> None:
-        super().__init__(graph)
-        self.values: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n):
-        result = super().run_node(n)
-        if isinstance(result, torch.Tensor):
-            self.values[n.name] = result.detach()
-        return result
-
-
-def _record(graph: torch.fx.GraphModule, inputs: tuple) -> dict[str, torch.Tensor]:
-    recorder = _Recorder(graph)
-    with torch.no_grad():
-        recorder.run(*inputs)
-    return recorder.values
-
-
 def _is_qdq(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and any(k in str(node.target) for k in _QDQ)
 
@@ -134,9 +116,6 @@ def _module(node: torch.fx.Node) -> str | None:
     return stack[-1] if stack and stack[-1] else None
 
 
-_FOLLOWER_OPS = ("relu", "hardtanh", "clamp")
-
-
 def _label(node: torch.fx.Node, owners: dict[torch.fx.Node, str]) -> str | None:
     """Name a value by the planned layer that owns it (an activation quantized on its own
     belongs to the layer before it), else by its innermost module."""
@@ -144,7 +123,7 @@ def _label(node: torch.fx.Node, owners: dict[torch.fx.Node, str]) -> str | None:
         return "input"
     if node in owners:
         return owners[node]
-    if _kind(node) in _FOLLOWER_OPS and node.args and isinstance(node.args[0], torch.fx.Node):
+    if any(key in str(node.target) for key in _FOLLOWERS) and node.args and isinstance(node.args[0], torch.fx.Node):
         before = _producer(node.args[0])
         if before in owners:
             return owners[before]
@@ -164,7 +143,7 @@ def _kind(node: torch.fx.Node) -> str:
 
 def _float_values(graph: torch.fx.GraphModule, inputs: tuple) -> dict[tuple, torch.Tensor]:
     """Float values keyed by (module path, op kind): the same place in both graphs."""
-    values = _record(graph, inputs)
+    values = record_values(graph, inputs)
     keyed: dict[tuple, torch.Tensor] = {}
     for node in graph.graph.nodes:
         if node.name not in values:
@@ -285,7 +264,7 @@ def _debug_program(float_model, reference, recipe, backend, inputs, shipped, out
 
     # The reference, in the edge dialect the program was lowered from: same node names.
     edge_graph = etrecord.edge_dialect_program.module()
-    reference_values = _record(edge_graph, inputs)
+    reference_values = record_values(edge_graph, inputs)
     layers = [name for name, _, _ in quantizable_layers(float_model)]
     owners = layer_owners(edge_graph, layers)
     by_name = {n.name: n for n in edge_graph.graph.nodes}
