@@ -135,7 +135,10 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         flags = self._fast.get("flags")
         if flags is None:
             mode = int(self.mode)
-            route = "track" if mode == TRACKING and self.cpu_numpy and self.committed.device.type == "cpu" else "general"
+            route = "general"
+            if (mode == TRACKING and self.cpu_numpy and self.committed.device.type == "cpu"
+                    and not (self.reduce_distributed and dist.is_available() and dist.is_initialized())):
+                route = "channels" if self.ch_axis >= 0 else "scalar"
             flags = (bool(self.observer_enabled[0] == 1), bool(self.fake_quant_enabled[0] == 1), mode, route)
             self._fast["flags"] = flags
         return flags
@@ -467,10 +470,16 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         observing, fake_quantizing, mode, route = self._flags()
         if observing:
-            # The usual training step (tracking on the CPU) goes straight from
-            # one reduction kernel to the rule; everything else through observe().
-            if route == "track":
-                self._track(self._observe(x))
+            # The usual training step (tracking, on the CPU, one process) goes
+            # straight from one reduction kernel to the rule; everything else
+            # through observe(). A per-tensor range reads its bounds as Python
+            # floats directly: stacking them into an observation tensor first
+            # would double the cost of the step.
+            if route == "scalar":
+                lo, hi = torch.aminmax(x.detach())
+                self._track_scalar([max(-lo.item(), hi.item())] if self.symmetric else [lo.item(), hi.item()])
+            elif route == "channels":
+                self._track_channels(self._observe(x).numpy())
             else:
                 self.observe(x)
                 mode = self._flags()[2]  # the first observation ends UNINITIALIZED
