@@ -14,7 +14,7 @@ import traceback
 import torch
 from torch import nn
 
-from .errors import EdgeqError
+from edgeq.errors import EdgeqError
 
 
 def _check_inputs(model: nn.Module, example_inputs: tuple) -> None:
@@ -51,7 +51,8 @@ def _user_line(exc: BaseException) -> str:
     if user:
         return f"{user[-1][0]}:{user[-1][1]}"
     frames = [
-        f for f in traceback.extract_tb(exc.__traceback__)
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
         if "/torch/" not in f.filename and "/edgeq/" not in f.filename and "/site-packages/" not in f.filename
     ]
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "unknown location"
@@ -94,6 +95,9 @@ def fold_batchnorm(graph: torch.fx.GraphModule) -> int:
     QAT then trains the folded weight itself, so the fake-quantized weight is
     exactly the weight that convert quantizes and the program runs.
     """
+    # Private: torchao has no public conv-BN fold for an exported graph (its public
+    # prepare_pt2e folds only inside the PT2E flow, after annotation, which is too late
+    # for QAT to train the folded weight). tests/test_upstream.py pins its signature.
     from torchao.quantization.pt2e.utils import _fuse_conv_bn_
 
     before = sum(1 for n in graph.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target))

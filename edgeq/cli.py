@@ -5,49 +5,84 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Quantize a float PyTorch model with adaptive-range QAT and ship it to phones.")
+# Light modules only (no torch): `edgeq --help` stays fast.
+from edgeq.configs import BuildConfig, Optimizer, QATConfig, RangeConfig, RangeMode, Rule, VoteConfig
+from edgeq.errors import EdgeqError
+from edgeq.logs import set_verbose
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Quantize a float PyTorch model with adaptive-range QAT and ship it to phones.",
+)
 console = Console(stderr=True)
 stdout = Console()
 
 
 class RichProgress:
-    """Progress bars for QAT and evaluation, plus a line per stage."""
+    """edgeq's own stages on the terminal: a line per stage, QAT steps with loss, rate and ETA, evaluation counts."""
 
     def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                                 transient=False, disable=not console.is_terminal)
-        self.qat_task = None
-        self.eval_task = None
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+            disable=not console.is_terminal,
+        )
+        self.qat_task: Any = None
+        self.eval_task: Any = None
+        self.started = 0.0
 
-    def __enter__(self) -> "RichProgress":
+    def __enter__(self) -> RichProgress:
         self.progress.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
     def stage(self, name: str) -> None:
-        if not console.is_terminal:
-            console.print(f"[dim]edgeq: {name}[/dim]")
+        self.progress.console.print(f"[dim]edgeq: {name}[/dim]", highlight=False)
 
     def qat_start(self, steps: int) -> None:
+        import time
+
+        self.started = time.perf_counter()
         self.qat_task = self.progress.add_task("QAT", total=steps, info="")
 
     def step(self, i: int, loss: float) -> None:
-        if self.qat_task is not None:
-            self.progress.update(self.qat_task, advance=1, info=f"loss {loss:.4f}")
+        import time
+
+        if self.qat_task is None:
+            return
+        rate = (i + 1) / max(time.perf_counter() - self.started, 1e-9)
+        self.progress.update(self.qat_task, advance=1, info=f"loss {loss:.4f}  {rate:.1f} steps/s")
+        if not console.is_terminal and ((i + 1) % 100 == 0 or i == 0):
+            console.print(f"[dim]edgeq: QAT step {i + 1}: loss {loss:.4f}, {rate:.1f} steps/s[/dim]", highlight=False)
 
     def eval_start(self, label: str) -> None:
-        self.eval_task = self.progress.add_task(f"eval {label}", total=None, info="")
+        self.eval_task = self.progress.add_task(f"eval {label}", total=None, info="samples")
 
     def eval_advance(self, k: int) -> None:
         if self.eval_task is not None:
@@ -60,7 +95,7 @@ class RichProgress:
 
 
 def _fail(exc: Exception) -> None:
-    from .errors import EdgeqError
+    from edgeq.errors import EdgeqError
 
     if isinstance(exc, EdgeqError):
         console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
@@ -68,61 +103,128 @@ def _fail(exc: Exception) -> None:
     raise exc
 
 
+_Q = QATConfig()
+_V = VoteConfig()
+_B = BuildConfig()
+
+
 @app.command()
 def build(
     target: str = typer.Option("android", help="Built-in target name (see `edgeq targets`) or a .toml file."),
-    recipe: Optional[str] = typer.Option(None, help="Recipe .py file or importable module (default: bundled digits example)."),
+    recipe: Optional[str] = typer.Option(
+        None, help="Recipe .py file or importable module (default: bundled digits example)."
+    ),
     out: Optional[Path] = typer.Option(None, help="Output directory (default: ./edgeq-out/<recipe name>)."),
     plan: Optional[Path] = typer.Option(None, help="Use this (edited) plan.json instead of planning."),
-    precision: Optional[str] = typer.Option(None, help="One precision for every layer, from the target's menu (default: planned per layer)."),
-    size_budget: Optional[float] = typer.Option(None, help="Planner: program size limit, in bytes (> 1) or as a fraction of the float program (<= 1)."),
-    outlier_ratio: float = typer.Option(8.0, help="Planner: layers whose input has max |x| / p99.9 above this keep a wide precision."),
-    steps: int = typer.Option(300, help="QAT steps."),
-    lr: float = typer.Option(1e-3, help="QAT learning rate."),
-    ranges: str = typer.Option("adaptive", help="Range tracking during QAT: adaptive (edgeq's voting tracker) or ema (PT2E's default)."),
-    fold_bn: bool = typer.Option(True, help="Fold BatchNorm into conv weights before QAT (exact; training sees the shipped weights)."),
-    up_ratio: float = typer.Option(0.5, help="Adaptive ranges: share of votes above the range that commits an increase."),
-    down_ratio: float = typer.Option(0.7, help="Adaptive ranges: share of votes below the range that commits a decrease."),
-    min_votes: int = typer.Option(8, help="Adaptive ranges: votes needed before any commit."),
-    window: int = typer.Option(0, help="Adaptive ranges: forget votes after this many steps without a commit (0: never)."),
-    rule: str = typer.Option("mean", help="Adaptive ranges: 'mean' (blend with the votes' mean) or 'step'."),
-    keep: float = typer.Option(0.5, help="Adaptive ranges, rule mean: weight of the committed value."),
-    step: float = typer.Option(0.05, help="Adaptive ranges, rule step: relative step size."),
-    freeze_ranges: float = typer.Option(0.8, help="Freeze range observation after this share of QAT."),
-    freeze_bn: float = typer.Option(0.5, help="Freeze BatchNorm statistics after this share of QAT (with --no-fold-bn)."),
-    max_drop: float = typer.Option(1.0, help="Fail when model.pte scores more than this many points below float."),
-    seed: int = typer.Option(0, help="Random seed; the same seed gives the same program."),
-    device: str = typer.Option("cpu", help="Device for QAT (cpu or cuda); export and lowering stay on the CPU."),
-    allow_sdk_download: bool = typer.Option(False, help="Qualcomm targets: let ExecuTorch download the QNN SDK when QNN_SDK_ROOT is unset."),
-    resume: bool = typer.Option(False, help="Continue QAT from the checkpoint a killed build left beside --out."),
-    checkpoint_every: int = typer.Option(100, help="Write a resumable QAT checkpoint every this many steps (0: never)."),
-    nproc: int = typer.Option(1, help="Data-parallel QAT over this many processes on this machine (torchrun, gloo or nccl)."),
-    debug_program: Optional[bool] = typer.Option(None, "--debug-program/--no-debug-program", help="Read the program's per-layer outputs back through ETDump for the report (XNNPACK; default: for models of up to 32 layers)."),
+    precision: Optional[str] = typer.Option(
+        None, help="One precision for every layer, from the target's menu (default: planned per layer)."
+    ),
+    size_budget: Optional[float] = typer.Option(
+        _B.size_budget, help="Planner: program size limit, in bytes (> 1) or as a fraction of the float program (<= 1)."
+    ),
+    outlier_ratio: float = typer.Option(
+        _B.outlier_ratio, help="Planner: layers whose input has max |x| / p99.9 above this keep a wide precision."
+    ),
+    steps: int = typer.Option(_Q.steps, help="QAT steps."),
+    lr: float = typer.Option(_Q.lr, help="QAT learning rate."),
+    optimizer: Optimizer = typer.Option(_Q.optimizer, help="QAT optimizer (sgd: momentum 0.9)."),
+    ranges: RangeMode = typer.Option(
+        _Q.ranges.mode,
+        help="Range tracking during QAT: adaptive (edgeq's voting tracker), ema (PT2E's moving-average observers, "
+        "unfused) or ema-fused (PT2E's default as shipped).",
+    ),
+    fold_bn: bool = typer.Option(
+        _Q.fold_bn, help="Fold BatchNorm into conv weights before QAT (exact; training sees the shipped weights)."
+    ),
+    up_ratio: float = typer.Option(
+        _V.up_ratio, help="Adaptive ranges: share of votes above the range that commits an increase."
+    ),
+    down_ratio: float = typer.Option(
+        _V.down_ratio, help="Adaptive ranges: share of votes below the range that commits a decrease."
+    ),
+    min_votes: int = typer.Option(_V.min_votes, help="Adaptive ranges: votes needed before any commit."),
+    window: int = typer.Option(
+        _V.window, help="Adaptive ranges: forget votes after this many steps without a commit (0: never)."
+    ),
+    rule: Rule = typer.Option(
+        _V.rule, help="Adaptive ranges: mean (blend with the votes' mean) or step (move by a relative step)."
+    ),
+    keep: float = typer.Option(_V.keep, help="Adaptive ranges, rule mean: weight of the committed value."),
+    step: float = typer.Option(_V.step, help="Adaptive ranges, rule step: relative step size."),
+    freeze_ranges: float = typer.Option(_Q.freeze_ranges, help="Freeze range observation after this share of QAT."),
+    freeze_bn: float = typer.Option(
+        _Q.freeze_bn, help="Freeze BatchNorm statistics after this share of QAT (with --no-fold-bn)."
+    ),
+    max_drop: float = typer.Option(
+        _B.max_drop, help="Fail when model.pte scores more than this many points below float."
+    ),
+    seed: int = typer.Option(_B.seed, help="Random seed; the same seed gives the same program."),
+    device: str = typer.Option(_Q.device, help="Device for QAT (cpu or cuda); export and lowering stay on the CPU."),
+    allow_sdk_download: bool = typer.Option(
+        _B.allow_sdk_download, help="Qualcomm targets: let ExecuTorch download the QNN SDK when QNN_SDK_ROOT is unset."
+    ),
+    resume: bool = typer.Option(_B.resume, help="Continue QAT from the checkpoint a killed build left beside --out."),
+    checkpoint_every: int = typer.Option(
+        _Q.checkpoint_every, help="Write a resumable QAT checkpoint every this many steps (0: never)."
+    ),
+    nproc: int = typer.Option(
+        1, help="Data-parallel QAT over this many processes on this machine (torchrun, gloo or nccl)."
+    ),
+    debug_program: Optional[bool] = typer.Option(
+        _B.debug_program,
+        "--debug-program/--no-debug-program",
+        help="Read the program's per-layer outputs back through ETDump for the report (default: for models "
+        "of up to 32 layers, on backends that can).",
+    ),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Also show third-party warnings and the native runtime's own lines."
+    ),
 ) -> None:
     """Quantize, train, lower and validate a model; write model.pte and its report."""
     if nproc > 1:
         _relaunch_with_torchrun(nproc)
+    set_verbose(verbose)
     try:
-        from .pipeline import BuildConfig
-        from .pipeline import build as run_build
-        from .qat import QATConfig
-        from .quantizer import RangeConfig
-        from .ranges import VoteConfig
+        from edgeq.pipeline import build as run_build
 
         try:
-            vote = VoteConfig(up_ratio=up_ratio, down_ratio=down_ratio, min_votes=min_votes, window=window,
-                              rule=rule, keep=keep, step=step)
-            range_config = RangeConfig(mode=ranges, vote=vote)
+            vote = VoteConfig(
+                up_ratio=up_ratio,
+                down_ratio=down_ratio,
+                min_votes=min_votes,
+                window=window,
+                rule=rule.value,
+                keep=keep,
+                step=step,
+            )
+            range_config = RangeConfig(mode=ranges.value, vote=vote)
         except ValueError as exc:
-            from .errors import EdgeqError
-
             raise EdgeqError(f"invalid range option: {exc}", "see `edgeq build --help`") from exc
-        qat = QATConfig(steps=steps, lr=lr, ranges=range_config, fold_bn=fold_bn, freeze_ranges=freeze_ranges,
-                        freeze_bn=freeze_bn, device=device, checkpoint_every=checkpoint_every)
-        config = BuildConfig(target=target, out=out, plan=plan, precision=precision, qat=qat,
-                             size_budget=size_budget, outlier_ratio=outlier_ratio,
-                             max_drop=max_drop, seed=seed, allow_sdk_download=allow_sdk_download,
-                             resume=resume, debug_program=debug_program)
+        qat = QATConfig(
+            steps=steps,
+            lr=lr,
+            optimizer=optimizer.value,
+            ranges=range_config,
+            fold_bn=fold_bn,
+            freeze_ranges=freeze_ranges,
+            freeze_bn=freeze_bn,
+            device=device,
+            checkpoint_every=checkpoint_every,
+        )
+        config = BuildConfig(
+            target=target,
+            out=out,
+            plan=plan,
+            precision=precision,
+            qat=qat,
+            size_budget=size_budget,
+            outlier_ratio=outlier_ratio,
+            max_drop=max_drop,
+            seed=seed,
+            allow_sdk_download=allow_sdk_download,
+            resume=resume,
+            debug_program=debug_program,
+        )
         with RichProgress() as progress:
             result = run_build(recipe, config, progress=progress)
         if result is not None:  # ranks other than 0 of a torchrun job return None
@@ -146,7 +248,16 @@ def _relaunch_with_torchrun(nproc: int) -> None:
         if arg.startswith("--nproc="):
             continue
         args.append(arg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "edgeq", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "edgeq",
+        *args,
+    ]
     raise typer.Exit(subprocess.run(cmd).returncode)
 
 
@@ -162,12 +273,16 @@ def _summary(result) -> None:
     table.add_row("converted reference", f"{s.reference:.2f}")
     table.add_row("model.pte (ExecuTorch)", f"{s.program:.2f}")
     table.add_row("reference vs .pte top-1 agreement", f"{s.agreement['reference_vs_program']:.2f}%")
-    table.add_row("program size", f"{result.sizes['program_bytes']:,} B (float {result.sizes['float_program_bytes']:,} B)")
+    table.add_row(
+        "program size", f"{result.sizes['program_bytes']:,} B (float {result.sizes['float_program_bytes']:,} B)"
+    )
     d = result.lowered.delegation
     table.add_row("delegated ops / outside", f"{d.delegated_ops} / {d.outside_ops}")
     layers = result.report.get("program_layers")
     if layers and "layers" in layers:
-        table.add_row(f"first layer < {layers['threshold_db']:g} dB vs float (program)", layers["first_vs_float"] or "none")
+        table.add_row(
+            f"first layer < {layers['threshold_db']:g} dB vs float (program)", layers["first_vs_float"] or "none"
+        )
     stdout.print(table)
     timing = Table(title="time per stage (s)")
     timing.add_column("stage")
@@ -182,18 +297,20 @@ def _summary(result) -> None:
 @app.command()
 def analyze(
     target: str = typer.Option("android", help="Target whose precision menu is measured."),
-    recipe: Optional[str] = typer.Option(None, help="Recipe .py file or importable module (default: bundled digits example)."),
+    recipe: Optional[str] = typer.Option(
+        None, help="Recipe .py file or importable module (default: bundled digits example)."
+    ),
     out: Path = typer.Option(Path("analysis.json"), help="Where to write the analysis."),
     batches: int = typer.Option(8, help="Calibration batches from train_data()."),
 ) -> None:
     """Measure every layer's ranges, SQNR and sensitivity; print a table and write analysis.json."""
     try:
-        from .analysis import analyze as run_analyze
-        from .analysis import print_analysis
-        from .errors import EdgeqError
-        from .package import write_json_atomic
-        from .recipe import load_recipe
-        from .targets import load_target
+        from edgeq.errors import EdgeqError
+        from edgeq.planning.analysis import analyze as run_analyze
+        from edgeq.planning.analysis import print_analysis
+        from edgeq.recipe import load_recipe
+        from edgeq.ship.package import write_json_atomic
+        from edgeq.targets import load_target
 
         t = load_target(target)
         r = load_recipe(recipe)
@@ -212,7 +329,7 @@ def targets() -> None:
     """List the built-in targets and their precision menus."""
     from rich.table import Table
 
-    from .targets import builtin_targets, load_target
+    from edgeq.targets import builtin_targets, load_target
 
     table = Table(title="edgeq targets")
     for col in ("name", "backend", "chipset", "default", "precisions"):
@@ -229,20 +346,34 @@ def targets() -> None:
 @app.command()
 def validate(
     program: Path = typer.Argument(..., help="The model.pte to run."),
-    recipe: Optional[str] = typer.Option(None, help="Recipe whose eval_data() scores the program (default: bundled example)."),
+    recipe: Optional[str] = typer.Option(
+        None, help="Recipe whose eval_data() scores the program (default: bundled example)."
+    ),
     device: Optional[str] = typer.Option(None, help="Run on this Android phone (adb serial) instead of the host."),
-    runner: Optional[Path] = typer.Option(None, help="ExecuTorch executor_runner built for Android (needed with --device)."),
-    reference: Optional[Path] = typer.Option(None, help="Quantized reference (default: reference.pt2 beside the program)."),
-    max_drop: Optional[float] = typer.Option(None, help="Fail when the program scores more than this many points below float."),
-    min_agreement: Optional[float] = typer.Option(None, help="Fail when top-1 agreement with the reference (or float) falls below this percent."),
-    per_layer: bool = typer.Option(False, help="Then read the program's per-layer outputs on the host, as `edgeq debug` does (needs the build directory)."),
+    runner: Optional[Path] = typer.Option(
+        None, help="ExecuTorch executor_runner built for Android (needed with --device)."
+    ),
+    reference: Optional[Path] = typer.Option(
+        None, help="Quantized reference (default: reference.pt2 beside the program)."
+    ),
+    max_drop: Optional[float] = typer.Option(
+        None, help="Fail when the program scores more than this many points below float."
+    ),
+    min_agreement: Optional[float] = typer.Option(
+        None, help="Fail when top-1 agreement with the reference (or float) falls below this percent."
+    ),
+    per_layer: bool = typer.Option(
+        False,
+        help="Then read the program's per-layer outputs on the host, as `edgeq debug` does "
+        "(needs the build directory).",
+    ),
 ) -> None:
     """Run a .pte on the host (ExecuTorch runtime) or a phone (adb) and score it."""
     try:
-        from .errors import AccuracyError
-        from .recipe import load_recipe
-        from .validate import load_reference
-        from .validate import validate as run_validate
+        from edgeq.checks.validate import load_reference
+        from edgeq.checks.validate import validate as run_validate
+        from edgeq.errors import AccuracyError
+        from edgeq.recipe import load_recipe
 
         r = load_recipe(recipe)
         ref_path = reference or program.with_name("reference.pt2")
@@ -259,11 +390,15 @@ def validate(
         if per_layer:
             _program_debug(program.parent, r, 20.0, 30.0, 16)
         if max_drop is not None and v.float - v.program > max_drop:
-            raise AccuracyError(f"drop {v.float - v.program:.2f} exceeds --max-drop {max_drop}",
-                                "rebuild with more QAT steps or a wider plan")
+            raise AccuracyError(
+                f"drop {v.float - v.program:.2f} exceeds --max-drop {max_drop}",
+                "rebuild with more QAT steps or a wider plan",
+            )
         if min_agreement is not None and agree < min_agreement:
-            raise AccuracyError(f"agreement {agree:.2f}% is below --min-agreement {min_agreement}",
-                                "rebuild with more QAT steps or a wider plan")
+            raise AccuracyError(
+                f"agreement {agree:.2f}% is below --min-agreement {min_agreement}",
+                "rebuild with more QAT steps or a wider plan",
+            )
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
 
@@ -274,20 +409,31 @@ def _program_debug(build_dir: Path, r, threshold: float, runtime_threshold: floa
 
     from rich.table import Table
 
-    from .errors import EdgeqError
-    from .package import write_json_atomic
-    from .program_debug import debug_program
-    from .validate import load_reference
+    from edgeq.checks.program_debug import debug_program
+    from edgeq.checks.validate import load_reference
+    from edgeq.errors import EdgeqError
+    from edgeq.ship.package import write_json_atomic
+    from edgeq.targets import builtin_targets
 
     path = build_dir / "reference.pt2"
     if not path.is_file():
         raise EdgeqError(f"{path} not found", "pass the output directory of `edgeq build` (it holds reference.pt2)")
     manifest_path = build_dir / "manifest.json"
-    backend = json.loads(manifest_path.read_text())["target"]["backend"] if manifest_path.is_file() else "xnnpack"
+    target = json.loads(manifest_path.read_text())["target"]["name"] if manifest_path.is_file() else "android"
+    if target not in builtin_targets():
+        raise EdgeqError(f"the build's target '{target}' is not a built-in target", "rebuild with a built-in --target")
     shipped = build_dir / "model.pte"
-    result = debug_program(r.model(), load_reference(path), r, backend,
-                           shipped=shipped if shipped.is_file() else None, out_dir=build_dir / "debug",
-                           samples=samples, threshold_db=threshold, runtime_threshold_db=runtime_threshold)
+    result = debug_program(
+        r.model(),
+        load_reference(path),
+        r,
+        target,
+        shipped=shipped if shipped.is_file() else None,
+        out_dir=build_dir / "debug",
+        samples=samples,
+        threshold_db=threshold,
+        runtime_threshold_db=runtime_threshold,
+    )
     write_json_atomic(build_dir / "debug" / "layers.json", result.to_json())
     table = Table(title=f"model.pte layer by layer, {result.samples} samples (execution order)")
     for column in ("layer", "ops", "kernel dB", "ints ≠", "max Δ", "vs ref dB", "vs float dB", "ref vs float"):
@@ -298,22 +444,37 @@ def _program_debug(build_dir: Path, r, threshold: float, runtime_threshold: floa
         return "—" if value is None else f"{value:.1f}"
 
     for layer in result.layers:
-        table.add_row(layer.name, "+".join(op.replace("convolution", "conv") for op in layer.ops),
-                      db(layer.kernel_vs_reference_db), f"{100 * layer.mismatch:.2f}%", str(layer.max_steps),
-                      db(layer.program_vs_reference_db), db(layer.program_vs_float_db),
-                      db(layer.reference_vs_float_db), style="bold red" if layer.name in flagged else None)
+        table.add_row(
+            layer.name,
+            "+".join(op.replace("convolution", "conv") for op in layer.ops),
+            db(layer.kernel_vs_reference_db),
+            f"{100 * layer.mismatch:.2f}%",
+            str(layer.max_steps),
+            db(layer.program_vs_reference_db),
+            db(layer.program_vs_float_db),
+            db(layer.reference_vs_float_db),
+            style="bold red" if layer.name in flagged else None,
+        )
     stdout.print(table)
     if result.shipped_max_diff is not None:
         stdout.print(f"per-layer program vs model.pte outputs: max |difference| {result.shipped_max_diff:g}")
     if result.outside_ops:
         stdout.print(f"ops outside XNNPACK, not compared: {', '.join(result.outside_ops)}")
-    stdout.print(f"first divergence from float: {result.first_vs_float} (< {threshold:g} dB)" if result.first_vs_float
-                 else f"no layer below {threshold:g} dB against float")
-    stdout.print(f"first layer whose kernels leave the quantized reference (< {runtime_threshold:g} dB on the same "
-                 f"inputs): {result.first_vs_reference}" if result.first_vs_reference
-                 else "every layer's kernels compute what the quantized reference computes on the same inputs")
-    stdout.print("kernel dB: the layer's output against the reference's ops run on the layer's own program inputs; "
-                 "vs ref dB: against the reference run end to end")
+    stdout.print(
+        f"first divergence from float: {result.first_vs_float} (< {threshold:g} dB)"
+        if result.first_vs_float
+        else f"no layer below {threshold:g} dB against float"
+    )
+    stdout.print(
+        f"first layer whose kernels leave the quantized reference (< {runtime_threshold:g} dB on the same "
+        f"inputs): {result.first_vs_reference}"
+        if result.first_vs_reference
+        else "every layer's kernels compute what the quantized reference computes on the same inputs"
+    )
+    stdout.print(
+        "kernel dB: the layer's output against the reference's ops run on the layer's own program inputs; "
+        "vs ref dB: against the reference run end to end"
+    )
     stdout.print(f"ETRecord, ETDump and debug buffer for executorch.devtools.Inspector: {build_dir / 'debug'}")
 
 
@@ -322,34 +483,43 @@ def debug(
     build_dir: Path = typer.Argument(..., help="An edgeq build output directory (holds model.pte and reference.pt2)."),
     recipe: Optional[str] = typer.Option(None, help="The recipe the build used (default: bundled example)."),
     threshold: float = typer.Option(20.0, help="SQNR (dB) against float below which a layer counts as diverged."),
-    runtime_threshold: float = typer.Option(30.0, help="SQNR (dB) against the quantized reference below which the program counts as leaving it."),
+    runtime_threshold: float = typer.Option(
+        30.0, help="SQNR (dB) against the quantized reference below which the program counts as leaving it."
+    ),
     samples: int = typer.Option(16, help="Evaluation samples to run through the program."),
-    reference_only: bool = typer.Option(False, help="Compare only the quantized reference with float (no program run; any backend)."),
+    reference_only: bool = typer.Option(
+        False, help="Compare only the quantized reference with float (no program run; any backend)."
+    ),
 ) -> None:
     """Read the program's per-layer outputs (ETRecord + ETDump + Inspector); name the first divergence."""
     try:
         from rich.table import Table
 
-        from .errors import EdgeqError
-        from .recipe import load_recipe
-        from .validate import load_reference
+        from edgeq.checks.validate import load_reference
+        from edgeq.errors import EdgeqError
+        from edgeq.recipe import load_recipe
 
         path = build_dir / "reference.pt2"
         if not path.is_file():
             raise EdgeqError(f"{path} not found", "pass the output directory of `edgeq build`")
         r = load_recipe(recipe)
         if reference_only:
-            from .debug import debug as run_debug
+            from edgeq.checks.debug import debug as run_debug
 
             errors, first = run_debug(r.model(), load_reference(path), r, threshold_db=threshold)
             table = Table(title="quantized reference vs float, per layer (execution order)")
             table.add_column("layer")
             table.add_column("SQNR dB", justify="right")
             for e in errors:
-                table.add_row(e.layer, f"{e.sqnr_db:.1f}", style="bold red" if first is not None and e is first else None)
+                table.add_row(
+                    e.layer, f"{e.sqnr_db:.1f}", style="bold red" if first is not None and e is first else None
+                )
             stdout.print(table)
-            stdout.print(f"first divergence: {first.layer} ({first.sqnr_db:.1f} dB < {threshold:g} dB)" if first
-                         else f"no layer below {threshold:g} dB")
+            stdout.print(
+                f"first divergence: {first.layer} ({first.sqnr_db:.1f} dB < {threshold:g} dB)"
+                if first
+                else f"no layer below {threshold:g} dB"
+            )
             return
         _program_debug(build_dir, r, threshold, runtime_threshold, samples)
     except Exception as exc:  # noqa: BLE001
@@ -368,4 +538,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

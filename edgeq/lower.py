@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from .targets import Target
+from edgeq import upstream
+from edgeq.backends import get_backend
+from edgeq.targets import Target
 
 # Ops that carry no compute: their presence outside a delegate is bookkeeping.
 _BOOKKEEPING = {"getitem", "output", "placeholder"}
@@ -29,10 +32,10 @@ class Delegation:
 class Lowered:
     program: bytes
     delegation: Delegation
-    edge: object  # executorch EdgeProgramManager, kept for debugging tools
+    edge: Any  # executorch EdgeProgramManager, kept for debugging tools
 
 
-def _flops(node: torch.fx.Node) -> int:
+def _flops(node: Any) -> int:
     """Multiply-accumulates of conv and linear nodes from their tensor metadata."""
     name = str(node.target)
     try:
@@ -48,7 +51,7 @@ def _flops(node: torch.fx.Node) -> int:
     return 0
 
 
-def _delegation(edge, target: Target, float_graph: torch.fx.GraphModule | None) -> Delegation:
+def _delegation(edge: Any, target: Target, float_graph: torch.fx.GraphModule | None) -> Delegation:
     from executorch.devtools.backend_debug import get_delegation_info
 
     graph_module = edge.exported_program().graph_module
@@ -79,54 +82,32 @@ def _reason(op: str, target: Target) -> str:
         key = pattern.replace("aten.", "aten_").replace(".", "_")
         if op.startswith(key) or op == pattern:
             return why
-    return f"the {target.backend} partitioner does not take this op (no delegate kernel for it, or for its dtype/arguments)"
+    return get_backend(target.backend).outside_reason(op)
 
 
-def _skip_idle_bilinear_matching() -> None:
-    """Spare XNNPACK's ConvertToUpsampleBilinear2d its pattern graphs where it cannot match.
+def lower_float(model: torch.nn.Module, example_inputs: tuple, target: Target) -> bytes:
+    """The float baseline program that sizes are measured against."""
+    from executorch.exir import to_edge_transform_and_lower
 
-    The first time the pass runs in a process it exports four interpolate
-    models (torch.export + to_edge: 4 s of every build on the CI machine) only
-    to match them against the graph. A decomposed bilinear upsample always
-    contains index ops and an undecomposed one is an upsample_bilinear2d node;
-    a graph with neither has nothing to match, and the pass then only retraces
-    it, which it still does here.
-    """
-    from executorch.backends.xnnpack._passes import convert_to_upsample_bilinear2d as module
-    from executorch.backends.xnnpack._passes.xnnpack_pass import XNNPACKPass
-    from torch.fx.passes.infra.pass_base import PassResult
-
-    cls = module.ConvertToUpsampleBilinear2d
-    if getattr(cls, "_edgeq_skips_idle", False):
-        return
-    original = cls.call
-
-    def call(self, graph_module: torch.fx.GraphModule):
-        names = {str(n.target) for n in graph_module.graph.nodes if n.op == "call_function"}
-        if any("upsample_bilinear2d" in name or "index" in name for name in names):
-            return original(self, graph_module)
-        graph_module.recompile()
-        return PassResult(XNNPACKPass.call(self, graph_module).graph_module, True)
-
-    cls.call = call
-    cls._edgeq_skips_idle = True
+    upstream.apply()
+    exported = torch.export.export(model, example_inputs)
+    partitioners = get_backend(target.backend).float_partitioners()
+    return bytes(to_edge_transform_and_lower(exported, partitioner=partitioners).to_executorch().buffer)
 
 
-def lower(model: torch.nn.Module, example_inputs: tuple, target: Target,
-          float_graph: torch.fx.GraphModule | None = None, allow_download: bool = False) -> Lowered:
+def lower(
+    model: torch.nn.Module,
+    example_inputs: tuple,
+    target: Target,
+    float_graph: torch.fx.GraphModule | None = None,
+    allow_download: bool = False,
+) -> Lowered:
     """Export at the example shape and lower to an ExecuTorch program."""
     from executorch.exir import to_edge_transform_and_lower
 
+    upstream.apply()
+    partitioners = get_backend(target.backend).partitioners(target, allow_download)
     exported = torch.export.export(model, example_inputs)
-    if target.backend == "xnnpack":
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
-        _skip_idle_bilinear_matching()
-        partitioners = [XnnpackPartitioner()]
-    else:
-        from .qnn import qnn_partitioners
-
-        partitioners = qnn_partitioners(target, allow_download)
     edge = to_edge_transform_and_lower(exported, partitioner=partitioners)
     delegation = _delegation(edge, target, float_graph)
     program = edge.to_executorch()

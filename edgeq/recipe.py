@@ -14,14 +14,15 @@ import importlib.util
 import inspect
 import sys
 import traceback
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
-from .errors import EdgeqError
+from edgeq.errors import EdgeqError
 
 REQUIRED = ("model", "example_inputs", "train_data", "eval_data")
 BUNDLED = "edgeq.examples.digits"

@@ -14,9 +14,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeqError
+from edgeq.backends import get_backend, known_backends
+from edgeq.errors import EdgeqError
 
-BACKENDS = ("xnnpack", "qnn")
 ACTIVATION_MODES = ("static", "dynamic", "float")
 OP_KINDS = ("conv", "linear")
 
@@ -94,8 +94,8 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
     """Validate a parsed TOML table against the target schema."""
     name = _need(data, "name", str, where)
     backend = _need(data, "backend", str, where)
-    if backend not in BACKENDS:
-        raise EdgeqError(f"{where}: field 'backend' is '{backend}'", f"use one of: {', '.join(BACKENDS)}")
+    if backend not in known_backends():
+        raise EdgeqError(f"{where}: unknown backend '{backend}'", f"use one of: {', '.join(known_backends())}")
     menu = _need(data, "precisions", dict, where)
     if not menu:
         raise EdgeqError(f"{where}: field 'precisions' is empty", "declare at least one precision")
@@ -137,14 +137,7 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
             f"{where}: default_precision '{default}' is not in the menu",
             f"use one of: {', '.join(precisions)}",
         )
-    if backend == "qnn":
-        _need(data, "chipset", str, where)
-        missing = [p for p, spec in precisions.items() if not spec.is_float and not spec.backend_dtype]
-        if missing:
-            raise EdgeqError(
-                f"{where}: precisions {', '.join(missing)} lack 'backend_dtype'",
-                "name the QnnQuantizer QuantDtype (e.g. use_8a8w) for each",
-            )
+    get_backend(backend).check_target(data, precisions, where)
     limits = data.get("op_limits", {})
     if not isinstance(limits, dict):
         raise EdgeqError(f"{where}: field 'op_limits' must be a table", "write it as [op_limits]")

@@ -22,8 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_report import machine, table, write_section  # noqa: E402
 
-IMPORTS = ("import torch, torchao.quantization.pt2e.quantize_pt2e, executorch.exir, "
-           "executorch.backends.xnnpack.partition.xnnpack_partitioner, executorch.runtime")
+IMPORTS = (
+    "import torch, torchao.quantization.pt2e.quantize_pt2e, executorch.exir, "
+    "executorch.backends.xnnpack.partition.xnnpack_partitioner, executorch.runtime"
+)
 
 
 def timed(cmd: list[str]) -> float:
@@ -39,11 +41,11 @@ def qat_overhead(steps: int = 100, repeats: int = 3) -> tuple[float, float]:
 
     import torch
 
+    from edgeq.backends import build_quantizer
     from edgeq.capture import capture, fold_batchnorm
-    from edgeq.convert import prepare
-    from edgeq.plan import uniform_plan
-    from edgeq.qat import QATConfig, run_qat
-    from edgeq.quantizer import build_quantizer
+    from edgeq.planning.plan import uniform_plan
+    from edgeq.quant.convert import prepare
+    from edgeq.quant.qat import QATConfig, run_qat
     from edgeq.recipe import load_recipe
     from edgeq.targets import load_target
 
@@ -57,8 +59,12 @@ def qat_overhead(steps: int = 100, repeats: int = 3) -> tuple[float, float]:
         fold_batchnorm(graph)
         prepared = prepare(graph, build_quantizer(uniform_plan(model, target, "int8"), target))
         stamps = []
-        run_qat(prepared, recipe, QATConfig(steps=steps, freeze_ranges=1.0, checkpoint_every=0),
-                on_step=lambda s, l: stamps.append(time.perf_counter()))
+        run_qat(
+            prepared,
+            recipe,
+            QATConfig(steps=steps, freeze_ranges=1.0, checkpoint_every=0),
+            on_step=lambda s, l, stamps=stamps: stamps.append(time.perf_counter()),
+        )
         qat_times += [b - a for a, b in zip(stamps, stamps[1:])]
         net = copy.deepcopy(model).train()
         opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
@@ -93,31 +99,38 @@ def main() -> None:
     qat_step, float_step = qat_overhead()
     rows = [["imports (torch, torchao, executorch), fresh process", f"{imports:.2f}"]]
     rows += [[name, f"{secs:.2f}"] for name, secs in stages.items()]
-    rows += [["sum of stages", f"{sum(stages.values()):.2f}"], ["**wall, `edgeq build --target android`**", f"{statistics.median(walls):.2f}"]]
-    body = "\n".join([
-        "## Build time (scripts/bench_build.py)",
-        "",
-        f"Machine: {machine()}. `edgeq build --target android` on the bundled example (300 QAT steps, "
-        f"float model cached), fresh process, median of {args.repeats}. Goal: under 60 s on the 2-core CI machine.",
-        "",
-        table(["stage", "seconds"], rows),
-        "",
-        "What was removed (profiled with cProfile): `convert_pt2e` spent 30 s re-exporting torchao's conv-BatchNorm "
-        "pattern graphs with torch.export (96 exports, 0.3 s each, for four conv-BN pairs) and `prepare_qat_pt2e` "
-        "another 4-8 s (24 exports). edgeq folds BatchNorm into the conv weights before QAT (exact, and the fake-quant "
-        "then sees the shipped weight), skips XNNPACK's conv-BN annotation when the graph has no BatchNorm, and memoises "
-        "the pattern graphs when BatchNorm is kept (`--no-fold-bn`). XNNPACK's ConvertToUpsampleBilinear2d pass "
-        "exported four interpolate models per process (about 4 s) to match against graphs that hold no upsample; "
-        "edgeq skips the matching there. What remains in `lower` is two lowerings (float program for the size "
-        "ratio, quantized program), mostly ExecuTorch's import (the edge-dialect YAML) and XNNPACK's per-partition "
-        "passes. `debug` lowers the reference once more with one XNNPACK call per layer and reads every layer back "
-        "through ETDump (`--no-debug-program` skips it).",
-        "",
-        "QAT overhead, same model and batches (digits CNN, batch 64, adaptive ranges, W8A8):",
-        "",
-        table(["float training step (ms)", "QAT step (ms)", "QAT / float"],
-              [[f"{1e3 * float_step:.2f}", f"{1e3 * qat_step:.2f}", f"{qat_step / float_step:.2f}"]]),
-    ])
+    rows += [
+        ["sum of stages", f"{sum(stages.values()):.2f}"],
+        ["**wall, `edgeq build --target android`**", f"{statistics.median(walls):.2f}"],
+    ]
+    body = "\n".join(
+        [
+            "## Build time (scripts/bench_build.py)",
+            "",
+            f"Machine: {machine()}. `edgeq build --target android` on the bundled example (300 QAT steps, "
+            f"float model cached), fresh process, median of {args.repeats}. Goal: under 60 s on the 2-core CI machine.",
+            "",
+            table(["stage", "seconds"], rows),
+            "",
+            "What was removed (profiled with cProfile): `convert_pt2e` spent 30 s re-exporting torchao's conv-BatchNorm "
+            "pattern graphs with torch.export (96 exports, 0.3 s each, for four conv-BN pairs) and `prepare_qat_pt2e` "
+            "another 4-8 s (24 exports). edgeq folds BatchNorm into the conv weights before QAT (exact, and the fake-quant "
+            "then sees the shipped weight), skips XNNPACK's conv-BN annotation when the graph has no BatchNorm, and memoises "
+            "the pattern graphs when BatchNorm is kept (`--no-fold-bn`). XNNPACK's ConvertToUpsampleBilinear2d pass "
+            "exported four interpolate models per process (about 4 s) to match against graphs that hold no upsample; "
+            "edgeq skips the matching there. What remains in `lower` is two lowerings (float program for the size "
+            "ratio, quantized program), mostly ExecuTorch's import (the edge-dialect YAML) and XNNPACK's per-partition "
+            "passes. `debug` lowers the reference once more with one XNNPACK call per layer and reads every layer back "
+            "through ETDump (`--no-debug-program` skips it).",
+            "",
+            "QAT overhead, same model and batches (digits CNN, batch 64, adaptive ranges, W8A8):",
+            "",
+            table(
+                ["float training step (ms)", "QAT step (ms)", "QAT / float"],
+                [[f"{1e3 * float_step:.2f}", f"{1e3 * qat_step:.2f}", f"{qat_step / float_step:.2f}"]],
+            ),
+        ]
+    )
     print(body)
     if not args.no_write:
         write_section("bench_build", body)

@@ -24,11 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_report import machine, table, write_section  # noqa: E402
 from bench_runtime import MobileNetV2  # noqa: E402
 
+from edgeq.backends import build_quantizer
 from edgeq.capture import capture, fold_batchnorm  # noqa: E402
-from edgeq.convert import prepare  # noqa: E402
-from edgeq.plan import uniform_plan  # noqa: E402
-from edgeq.qat import set_observers  # noqa: E402
-from edgeq.quantizer import RangeConfig, build_quantizer  # noqa: E402
+from edgeq.planning.plan import uniform_plan  # noqa: E402
+from edgeq.quant.configs import RangeConfig  # noqa: E402
+from edgeq.quant.convert import prepare  # noqa: E402
+from edgeq.quant.qat import set_observers  # noqa: E402
 from edgeq.targets import load_target  # noqa: E402
 
 
@@ -64,10 +65,12 @@ def gpu_quantizer(net, target, mode: str):
             get_default_x86_inductor_quantization_config,
         )
 
-        from edgeq.quantizer import swap_fake_quants
+        from edgeq.quant.configs import swap_fake_quants
 
         config = get_default_x86_inductor_quantization_config(is_qat=True)
-        return X86InductorQuantizer().set_global(swap_fake_quants(config, True, RangeConfig(mode=mode))), "X86Inductor (no ExecuTorch)"
+        return X86InductorQuantizer().set_global(
+            swap_fake_quants(config, True, RangeConfig(mode=mode))
+        ), "X86Inductor (no ExecuTorch)"
 
 
 def main() -> None:
@@ -91,7 +94,7 @@ def main() -> None:
         prepared = prepare(graph, quantizer).to(device)
         with torch.no_grad():  # calibration, then tracking
             prepared(torch.randn(8, 3, 224, 224, device=device))
-        from edgeq.fake_quant import start_tracking
+        from edgeq.quant.fake_quant import start_tracking
 
         start_tracking(prepared)
         set_observers(prepared, True)
@@ -99,14 +102,16 @@ def main() -> None:
         rows.append([f"QAT, {mode} ({quantizer_name} quantizer)", f"{ips:.0f}", f"{ips / float_ips:.2f}"])
         print(rows[-1], flush=True)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    body = "\n".join([
-        "## QAT throughput on a GPU (scripts/bench_gpu.py)",
-        "",
-        f"Device: {gpu}; host {machine()}. MobileNetV2 224x224, batch {args.batch}, median over {args.steps} steps "
-        "after 5 warm-up steps. Goal: adaptive-range QAT at least 0.64x float images/s.",
-        "",
-        table(["training", "images/s", "vs float"], rows),
-    ])
+    body = "\n".join(
+        [
+            "## QAT throughput on a GPU (scripts/bench_gpu.py)",
+            "",
+            f"Device: {gpu}; host {machine()}. MobileNetV2 224x224, batch {args.batch}, median over {args.steps} steps "
+            "after 5 warm-up steps. Goal: adaptive-range QAT at least 0.64x float images/s.",
+            "",
+            table(["training", "images/s", "vs float"], rows),
+        ]
+    )
     print(body)
     if not args.no_write:
         write_section("bench_gpu", body)

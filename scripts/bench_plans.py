@@ -21,7 +21,7 @@ from bench_report import machine, table, write_section  # noqa: E402
 from bench_tasks import tasks  # noqa: E402
 
 from edgeq.pipeline import BuildConfig, build  # noqa: E402
-from edgeq.qat import QATConfig  # noqa: E402
+from edgeq.quant.qat import QATConfig  # noqa: E402
 
 VARIANTS = {
     "uniform int8": dict(precision="int8"),
@@ -47,22 +47,41 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 result = build(recipe, BuildConfig(out=Path(tmp) / "out", qat=qat, max_drop=100.0, **options))
             if not rows or rows[-1][0] != name:
-                rows.append([name, "float", f"{result.scores.float:.2f}", f"{result.sizes['float_program_bytes']:,}", "1.000", "-"])
+                rows.append(
+                    [
+                        name,
+                        "float",
+                        f"{result.scores.float:.2f}",
+                        f"{result.sizes['float_program_bytes']:,}",
+                        "1.000",
+                        "-",
+                    ]
+                )
             precisions = sorted({l.precision for l in result.plan.layers})
-            rows.append([name, label, f"{result.scores.program:.2f}", f"{result.sizes['program_bytes']:,}",
-                         f"{result.sizes['program_bytes'] / result.sizes['float_program_bytes']:.3f}", ", ".join(precisions)])
+            rows.append(
+                [
+                    name,
+                    label,
+                    f"{result.scores.program:.2f}",
+                    f"{result.sizes['program_bytes']:,}",
+                    f"{result.sizes['program_bytes'] / result.sizes['float_program_bytes']:.3f}",
+                    ", ".join(precisions),
+                ]
+            )
             print(f"[{time.time() - start:5.0f}s]", rows[-1], flush=True)
-    body = "\n".join([
-        "## Precision plans (scripts/bench_plans.py)",
-        "",
-        f"Machine: {machine()}. Target android (XNNPACK), {args.steps} QAT steps with adaptive ranges, seed 0; "
-        "accuracy of the `.pte` in ExecuTorch's runtime and its size. On XNNPACK, 4-bit conv weights are held "
-        "in int8 (its qc4w packing is for linear layers, and mixing dynamic and static layers does not convert), so "
-        "`w4a8` buys no bytes there and the planner, which minimises size within `--max-drop`, keeps int8; its "
-        "menu on Qualcomm HTP (16a4w at half a byte per weight) is where it narrows layers.",
-        "",
-        table(["task", "plan", ".pte accuracy", "program bytes", "size / float", "precisions used"], rows),
-    ])
+    body = "\n".join(
+        [
+            "## Precision plans (scripts/bench_plans.py)",
+            "",
+            f"Machine: {machine()}. Target android (XNNPACK), {args.steps} QAT steps with adaptive ranges, seed 0; "
+            "accuracy of the `.pte` in ExecuTorch's runtime and its size. On XNNPACK, 4-bit conv weights are held "
+            "in int8 (its qc4w packing is for linear layers, and mixing dynamic and static layers does not convert), so "
+            "`w4a8` buys no bytes there and the planner, which minimises size within `--max-drop`, keeps int8; its "
+            "menu on Qualcomm HTP (16a4w at half a byte per weight) is where it narrows layers.",
+            "",
+            table(["task", "plan", ".pte accuracy", "program bytes", "size / float", "precisions used"], rows),
+        ]
+    )
     print(body)
     if not args.no_write:
         write_section("bench_plans", body)

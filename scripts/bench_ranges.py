@@ -32,18 +32,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_report import machine, table, write_section  # noqa: E402
 from bench_tasks import tasks  # noqa: E402
 
-from edgeq.pipeline import seed_everything  # noqa: E402
+from edgeq.backends import build_quantizer
 from edgeq.capture import capture, fold_batchnorm  # noqa: E402
-from edgeq.convert import convert, prepare  # noqa: E402
-from edgeq.evaluate import agreement, evaluate  # noqa: E402
+from edgeq.checks.evaluate import agreement, evaluate  # noqa: E402
+from edgeq.checks.validate import run_program  # noqa: E402
 from edgeq.lower import lower  # noqa: E402
-from edgeq.plan import uniform_plan  # noqa: E402
-from edgeq.qat import QATConfig, fake_quants, run_qat, to_eval  # noqa: E402
-from edgeq.quantizer import RangeConfig, build_quantizer  # noqa: E402
-from edgeq.ranges import VoteConfig  # noqa: E402
+from edgeq.planning.plan import uniform_plan  # noqa: E402
+from edgeq.quant.configs import RangeConfig  # noqa: E402
+from edgeq.quant.convert import convert, prepare  # noqa: E402
+from edgeq.quant.devices import seed_everything  # noqa: E402
+from edgeq.quant.qat import QATConfig, fake_quants, run_qat, to_eval  # noqa: E402
+from edgeq.quant.ranges import VoteConfig  # noqa: E402
 from edgeq.recipe import as_tuple  # noqa: E402
 from edgeq.targets import load_target  # noqa: E402
-from edgeq.validate import run_program  # noqa: E402
 
 TARGET = load_target("android")
 PRECISIONS = {"W8A8": "int8", "W4A8": "w4a8"}
@@ -99,7 +100,9 @@ def float_finetune(model, recipe, config: QATConfig) -> torch.nn.Module:
 
     model = copy.deepcopy(model).train()
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps))
+    )
     step = 0
     while step < config.steps:
         for inputs, target in recipe.train_data():
@@ -124,8 +127,13 @@ def qat(model, recipe, precision: str, config: QATConfig) -> dict:
     simulated = evaluate(to_eval(prepared), recipe.eval_data(), recipe.metric)
     ref = evaluate(reference, recipe.eval_data(), recipe.metric)
     pte = pte_eval(reference, recipe)
-    return {"pte": pte.metric, "sim": simulated.metric, "ref": ref.metric,
-            "ref_pte_agree": agreement(ref.outputs, pte.outputs), "changes": watcher.changes}
+    return {
+        "pte": pte.metric,
+        "sim": simulated.metric,
+        "ref": ref.metric,
+        "ref_pte_agree": agreement(ref.outputs, pte.outputs),
+        "changes": watcher.changes,
+    }
 
 
 def step_times(model, recipe, steps: int, repeats: int = 5, precision: str = "int8") -> dict[str, float]:
@@ -133,7 +141,7 @@ def step_times(model, recipe, steps: int, repeats: int = 5, precision: str = "in
     batches (one step of each in turn), so that this shared VM's slow drifts hit all alike."""
     from torchao.quantization.pt2e import move_exported_model_to_train
 
-    from edgeq.qat import calibrate, set_observers
+    from edgeq.quant.qat import calibrate, set_observers
 
     models, optimizers = {}, {}
     for mode in MODES:
@@ -201,50 +209,89 @@ def main() -> None:
                 for mode in MODES:
                     seed_everything(seed)
                     runs[mode].append(qat(model, recipe, precision, QATConfig(**base, ranges=RangeConfig(mode=mode))))
-                print(f"[{time.time() - start:6.0f}s] {name} {label} seed {seed}: ptq {ptq_acc:.2f} ft {ft[-1]:.2f} "
-                      + " ".join(f"{m} {runs[m][-1]['pte']:.2f}/{runs[m][-1]['sim']:.2f}" for m in MODES), flush=True)
-            rows.append([name, label, f"{float_acc:.2f}", f"{ptq_acc:.2f}", mean_sd(ft_float), mean_sd(ft)]
-                        + [mean_sd([r["pte"] for r in runs[m]]) for m in MODES])
+                print(
+                    f"[{time.time() - start:6.0f}s] {name} {label} seed {seed}: ptq {ptq_acc:.2f} ft {ft[-1]:.2f} "
+                    + " ".join(f"{m} {runs[m][-1]['pte']:.2f}/{runs[m][-1]['sim']:.2f}" for m in MODES),
+                    flush=True,
+                )
+            rows.append(
+                [name, label, f"{float_acc:.2f}", f"{ptq_acc:.2f}", mean_sd(ft_float), mean_sd(ft)]
+                + [mean_sd([r["pte"] for r in runs[m]]) for m in MODES]
+            )
             for mode in MODES:
                 gaps = [abs(r["sim"] - r["ref"]) for r in runs[mode]]
-                fidelity_rows.append([name, label, mode, mean_sd([r["sim"] for r in runs[mode]]),
-                                      mean_sd([r["ref"] for r in runs[mode]]), mean_sd([r["pte"] for r in runs[mode]]),
-                                      f"{max(gaps):.2f}", f"{min(r['ref_pte_agree'] for r in runs[mode]):.2f}"])
+                fidelity_rows.append(
+                    [
+                        name,
+                        label,
+                        mode,
+                        mean_sd([r["sim"] for r in runs[mode]]),
+                        mean_sd([r["ref"] for r in runs[mode]]),
+                        mean_sd([r["pte"] for r in runs[mode]]),
+                        f"{max(gaps):.2f}",
+                        f"{min(r['ref_pte_agree'] for r in runs[mode]):.2f}",
+                    ]
+                )
                 changes = [r["changes"] for r in runs[mode]]
                 per_tensor = [statistics.mean(run[n] for run in changes) for n in changes[0]]
-                grid_rows.append([name, label, mode, f"{min(per_tensor):.0f}", f"{statistics.median(per_tensor):.0f}",
-                                  f"{max(per_tensor):.0f}", str(int(args.steps * 0.8) - 1)])
-    body = "\n".join([
-        "## Adaptive ranges vs PT2E default vs PTQ (scripts/bench_ranges.py)",
-        "",
-        f"Machine: {machine()}. Target android (XNNPACK). QAT: {args.steps} steps, SGD lr {args.lr}, cosine, "
-        f"ranges frozen after 80%, BatchNorm folded before QAT; {args.seeds} seeds. "
-        "Accuracies are of the lowered `.pte` run in ExecuTorch's runtime (mean ± sd over seeds). "
-        "`ema-fused` is PT2E's default QAT fake-quant as shipped (FusedMovingAvgObsFakeQuantize); `ema` is the "
-        "same moving-average observers in torchao's unfused FakeQuantize (edgeq's `--ranges ema`); `adaptive` is "
-        "edgeq's voting tracker with its default knobs. PTQ is deterministic (one run); the float fine-tune uses "
-        "the same data, steps and schedule as QAT, then PTQ.",
-        "",
-        table(["task", "precision", "float", "PTQ", "float fine-tune (float)", "fine-tune + PTQ"]
-              + [f"QAT {m}" for m in MODES], rows),
-        "",
-        "Fidelity (issue 9): accuracy of the fake-quant model as evaluated after QAT (observers off), of the "
-        "converted PT2E reference, and of the `.pte`; the largest |simulated - reference| over seeds, and the "
-        "lowest top-1 agreement between reference and `.pte`:",
-        "",
-        table(["task", "precision", "ranges", "simulated", "reference", ".pte", "max |sim - ref|",
-               "min ref/.pte agreement %"], fidelity_rows),
-        "",
-        "Grid changes per tracked tensor during training (training steps after which its scale or zero point "
-        "moved; mean over seeds, then min / median / max over the model's tensors), out of the steps with "
-        "observation on:",
-        "",
-        table(["task", "precision", "ranges", "min", "median", "max", "steps observed"], grid_rows),
-        "",
-        "QAT step time: see the next section (`--speed-only`, measured on a quiet machine).",
-        "",
-        f"Skipped (data absent): {', '.join(skipped) or 'none'}. Total run time {time.time() - start:.0f} s.",
-    ])
+                grid_rows.append(
+                    [
+                        name,
+                        label,
+                        mode,
+                        f"{min(per_tensor):.0f}",
+                        f"{statistics.median(per_tensor):.0f}",
+                        f"{max(per_tensor):.0f}",
+                        str(int(args.steps * 0.8) - 1),
+                    ]
+                )
+    body = "\n".join(
+        [
+            "## Adaptive ranges vs PT2E default vs PTQ (scripts/bench_ranges.py)",
+            "",
+            f"Machine: {machine()}. Target android (XNNPACK). QAT: {args.steps} steps, SGD lr {args.lr}, cosine, "
+            f"ranges frozen after 80%, BatchNorm folded before QAT; {args.seeds} seeds. "
+            "Accuracies are of the lowered `.pte` run in ExecuTorch's runtime (mean ± sd over seeds). "
+            "`ema-fused` is PT2E's default QAT fake-quant as shipped (FusedMovingAvgObsFakeQuantize); `ema` is the "
+            "same moving-average observers in torchao's unfused FakeQuantize (edgeq's `--ranges ema`); `adaptive` is "
+            "edgeq's voting tracker with its default knobs. PTQ is deterministic (one run); the float fine-tune uses "
+            "the same data, steps and schedule as QAT, then PTQ.",
+            "",
+            table(
+                ["task", "precision", "float", "PTQ", "float fine-tune (float)", "fine-tune + PTQ"]
+                + [f"QAT {m}" for m in MODES],
+                rows,
+            ),
+            "",
+            "Fidelity (issue 9): accuracy of the fake-quant model as evaluated after QAT (observers off), of the "
+            "converted PT2E reference, and of the `.pte`; the largest |simulated - reference| over seeds, and the "
+            "lowest top-1 agreement between reference and `.pte`:",
+            "",
+            table(
+                [
+                    "task",
+                    "precision",
+                    "ranges",
+                    "simulated",
+                    "reference",
+                    ".pte",
+                    "max |sim - ref|",
+                    "min ref/.pte agreement %",
+                ],
+                fidelity_rows,
+            ),
+            "",
+            "Grid changes per tracked tensor during training (training steps after which its scale or zero point "
+            "moved; mean over seeds, then min / median / max over the model's tensors), out of the steps with "
+            "observation on:",
+            "",
+            table(["task", "precision", "ranges", "min", "median", "max", "steps observed"], grid_rows),
+            "",
+            "QAT step time: see the next section (`--speed-only`, measured on a quiet machine).",
+            "",
+            f"Skipped (data absent): {', '.join(skipped) or 'none'}. Total run time {time.time() - start:.0f} s.",
+        ]
+    )
     print(body)
     if not args.no_write:
         write_section("bench_ranges", body)
@@ -258,27 +305,48 @@ def speed(args) -> None:
             continue
         for precision, label in (("int8", "W8A8"), ("w4a8", "W4A8")):
             t = step_times(recipe.model().eval(), recipe, steps=60, repeats=args.seeds + 2, precision=precision)
-            rows.append([name, label, f"{1e3 * t['ema-fused']:.2f}", f"{1e3 * t['ema']:.2f}", f"{1e3 * t['adaptive']:.2f}",
-                         f"{t['adaptive'] / t['ema-fused']:.3f}", f"{t['adaptive'] / t['ema']:.3f}"])
+            rows.append(
+                [
+                    name,
+                    label,
+                    f"{1e3 * t['ema-fused']:.2f}",
+                    f"{1e3 * t['ema']:.2f}",
+                    f"{1e3 * t['adaptive']:.2f}",
+                    f"{t['adaptive'] / t['ema-fused']:.3f}",
+                    f"{t['adaptive'] / t['ema']:.3f}",
+                ]
+            )
             print(rows[-1], flush=True)
-    body = "\n".join([
-        "## QAT step time by range tracker (scripts/bench_ranges.py --speed-only)",
-        "",
-        f"Machine: {machine()}, nothing else running. Same model and batches; the three trackers "
-        f"interleaved step by step for {60 * (args.seeds + 2)} steps each, median step time. "
-        "Goal: adaptive at or below 1.10x the default (ema-fused, PT2E's FusedMovingAvgObsFakeQuantize).",
-        "",
-        "Why adaptive costs about what the fused default costs: on the CPU a tracking step runs one reduction "
-        "kernel (aminmax per tensor, |x| max per channel) and then the rule on Python floats (per-tensor "
-        "ranges) or in-place NumPy ufuncs on views of the buffers (per-channel ranges); on a GPU, votes are "
-        "counted lazily, in torch, only when a decision can be due (`edgeq.ranges.steps_to_decision`, exact), "
-        "which spares host synchronisations; commits recompute "
-        "scale and zero point in float32 scalars, bit-identical to torchao's formula (tests hold every path "
-        "to the rule applied step by step and to torchao's qparams).",
-        "",
-        table(["task", "precision", "ema-fused step (ms)", "ema step (ms)", "adaptive step (ms)",
-               "adaptive / ema-fused", "adaptive / ema"], rows),
-    ])
+    body = "\n".join(
+        [
+            "## QAT step time by range tracker (scripts/bench_ranges.py --speed-only)",
+            "",
+            f"Machine: {machine()}, nothing else running. Same model and batches; the three trackers "
+            f"interleaved step by step for {60 * (args.seeds + 2)} steps each, median step time. "
+            "Goal: adaptive at or below 1.10x the default (ema-fused, PT2E's FusedMovingAvgObsFakeQuantize).",
+            "",
+            "Why adaptive costs about what the fused default costs: on the CPU a tracking step runs one reduction "
+            "kernel (aminmax per tensor, |x| max per channel) and then the rule on Python floats (per-tensor "
+            "ranges) or in-place NumPy ufuncs on views of the buffers (per-channel ranges); on a GPU, votes are "
+            "counted lazily, in torch, only when a decision can be due (`edgeq.quant.ranges.steps_to_decision`, exact), "
+            "which spares host synchronisations; commits recompute "
+            "scale and zero point in float32 scalars, bit-identical to torchao's formula (tests hold every path "
+            "to the rule applied step by step and to torchao's qparams).",
+            "",
+            table(
+                [
+                    "task",
+                    "precision",
+                    "ema-fused step (ms)",
+                    "ema step (ms)",
+                    "adaptive step (ms)",
+                    "adaptive / ema-fused",
+                    "adaptive / ema",
+                ],
+                rows,
+            ),
+        ]
+    )
     print(body)
     if not args.no_write:
         write_section("bench_ranges_speed", body)
@@ -307,20 +375,31 @@ def sweep(args) -> None:
             accs, changes = [], []
             for seed in range(args.seeds):
                 seed_everything(seed)
-                run = qat(model, recipe, "w4a8", QATConfig(steps=args.steps, lr=args.lr, seed=seed,
-                                                           ranges=RangeConfig(mode="adaptive", vote=VoteConfig(**knobs))))
+                run = qat(
+                    model,
+                    recipe,
+                    "w4a8",
+                    QATConfig(
+                        steps=args.steps,
+                        lr=args.lr,
+                        seed=seed,
+                        ranges=RangeConfig(mode="adaptive", vote=VoteConfig(**knobs)),
+                    ),
+                )
                 accs.append(run["pte"])
                 changes.append(statistics.median(run["changes"].values()))
             rows.append([name, label, mean_sd(accs), f"{statistics.mean(changes):.0f}"])
             print(f"[{time.time() - start:6.0f}s]", rows[-1], flush=True)
-    body = "\n".join([
-        "## Adaptive-range knobs (scripts/bench_ranges.py --sweep)",
-        "",
-        f"Machine: {machine()}. W4A8 on android, adaptive ranges, {args.steps} QAT steps, {args.seeds} seeds; "
-        "`.pte` accuracy (mean ± sd) and the median over tensors of the steps after which a tensor's grid moved.",
-        "",
-        table(["task", "knobs", "W4A8 .pte", "median grid changes"], rows),
-    ])
+    body = "\n".join(
+        [
+            "## Adaptive-range knobs (scripts/bench_ranges.py --sweep)",
+            "",
+            f"Machine: {machine()}. W4A8 on android, adaptive ranges, {args.steps} QAT steps, {args.seeds} seeds; "
+            "`.pte` accuracy (mean ± sd) and the median over tensors of the steps after which a tensor's grid moved.",
+            "",
+            table(["task", "knobs", "W4A8 .pte", "median grid changes"], rows),
+        ]
+    )
     print(body)
     if not args.no_write:
         write_section("bench_ranges_knobs", body)

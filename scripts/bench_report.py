@@ -23,15 +23,21 @@ def machine() -> str:
     import torch
 
     threads = torch.get_num_threads()
-    return (f"{cpu}, {os.cpu_count()} logical CPUs ({threads} torch threads), {platform.system()} {platform.machine()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}; "
-            f"{datetime.date.today().isoformat()}")
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs ({threads} torch threads), {platform.system()} {platform.machine()}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}; "
+        f"{datetime.date.today().isoformat()}"
+    )
 
 
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section ``name`` of BENCHMARKS.md."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# edgeq benchmarks\n\nWritten by the scripts in `scripts/`; each section says how to reproduce it.\n"
+    text = (
+        BENCHMARKS.read_text()
+        if BENCHMARKS.exists()
+        else "# edgeq benchmarks\n\nWritten by the scripts in `scripts/`; each section says how to reproduce it.\n"
+    )
     block = f"{start}\n{body.rstrip()}\n{end}"
     if start in text:
         text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)

@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_report import machine, table, write_section  # noqa: E402
 
+from edgeq.backends import build_quantizer  # noqa: E402
 from edgeq.capture import capture  # noqa: E402
-from edgeq.convert import convert, prepare  # noqa: E402
 from edgeq.lower import lower  # noqa: E402
-from edgeq.plan import uniform_plan  # noqa: E402
-from edgeq.quantizer import build_quantizer  # noqa: E402
+from edgeq.planning.plan import uniform_plan  # noqa: E402
+from edgeq.quant.convert import convert, prepare  # noqa: E402
 from edgeq.recipe import load_recipe  # noqa: E402
 from edgeq.targets import load_target  # noqa: E402
 
@@ -45,8 +45,13 @@ class InvertedResidual(nn.Module):
         layers: list[nn.Module] = []
         if expand != 1:
             layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
-        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
-                   nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
         self.block = nn.Sequential(*layers)
         self.residual = stride == 1 and cin == cout
 
@@ -57,7 +62,15 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     """The MobileNetV2 architecture (Sandler et al. 2018), 1000 classes, width 1.0."""
 
-    SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    SETTINGS = [
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ]
 
     def __init__(self, classes: int = 1000) -> None:
         super().__init__()
@@ -80,7 +93,9 @@ def programs(model: nn.Module, example: tuple, calibration: list[tuple]) -> tupl
     target = load_target("android")
     model = model.eval()
     float_program = lower(model, example, target).program
-    prepared = prepare(capture(model, example), build_quantizer(uniform_plan(model, target, "int8"), target, qat=False), qat=False)
+    prepared = prepare(
+        capture(model, example), build_quantizer(uniform_plan(model, target, "int8"), target, qat=False), qat=False
+    )
     with torch.no_grad():
         for batch in calibration:
             prepared(*batch)
@@ -112,10 +127,18 @@ def main() -> None:
     torch.manual_seed(0)
     digits = load_recipe(None)
     cases = {
-        "digits CNN (1x1x8x8)": (digits.model(), digits.example_inputs(),
-                                 [(x,) for x, _ in list(digits.train_data())[:8]], args.runs * 20),
-        "MobileNetV2 (1x3x224x224)": (MobileNetV2(), (torch.randn(1, 3, 224, 224),),
-                                      [(torch.randn(4, 3, 224, 224),) for _ in range(4)], args.runs),
+        "digits CNN (1x1x8x8)": (
+            digits.model(),
+            digits.example_inputs(),
+            [(x,) for x, _ in list(digits.train_data())[:8]],
+            args.runs * 20,
+        ),
+        "MobileNetV2 (1x3x224x224)": (
+            MobileNetV2(),
+            (torch.randn(1, 3, 224, 224),),
+            [(torch.randn(4, 3, 224, 224),) for _ in range(4)],
+            args.runs,
+        ),
     }
     rows, notes = [], []
     for name, (model, example, calibration, runs) in cases.items():
@@ -123,23 +146,46 @@ def main() -> None:
         for threads in (1, 2):
             f = latency(fp, example, threads, runs)
             q = latency(qp, example, threads, runs)
-            rows.append([name, threads, f"{1e3 * f:.3f}", f"{1e3 * q:.3f}", f"{q / f:.2f}",
-                         f"{len(fp):,}", f"{len(qp):,}", f"{len(qp) / len(fp):.3f}"])
+            rows.append(
+                [
+                    name,
+                    threads,
+                    f"{1e3 * f:.3f}",
+                    f"{1e3 * q:.3f}",
+                    f"{q / f:.2f}",
+                    f"{len(fp):,}",
+                    f"{len(qp):,}",
+                    f"{len(qp) / len(fp):.3f}",
+                ]
+            )
             print(rows[-1], flush=True)
         if delegation.outside:
             notes.append(f"{name}: outside the delegate: {delegation.outside}")
-    body = "\n".join([
-        "## Runtime: float vs int8 program (scripts/bench_runtime.py)",
-        "",
-        f"Machine: {machine()}. XNNPACK delegate through `executorch.runtime`, batch 1, median of "
-        f"{args.runs} runs ({args.runs * 20} for the digits model) after warm-up; thread count set with "
-        "ExecuTorch's threadpool reset. Goal: int8 at or below 0.6x float latency and 0.27x float size.",
-        "",
-        table(["model", "threads", "float ms", "int8 ms", "latency int8/float", "float bytes", "int8 bytes",
-               "size int8/float"], rows),
-        "",
-        *(notes or ["Every op of both int8 programs ran inside the XNNPACK delegate."]),
-    ])
+    body = "\n".join(
+        [
+            "## Runtime: float vs int8 program (scripts/bench_runtime.py)",
+            "",
+            f"Machine: {machine()}. XNNPACK delegate through `executorch.runtime`, batch 1, median of "
+            f"{args.runs} runs ({args.runs * 20} for the digits model) after warm-up; thread count set with "
+            "ExecuTorch's threadpool reset. Goal: int8 at or below 0.6x float latency and 0.27x float size.",
+            "",
+            table(
+                [
+                    "model",
+                    "threads",
+                    "float ms",
+                    "int8 ms",
+                    "latency int8/float",
+                    "float bytes",
+                    "int8 bytes",
+                    "size int8/float",
+                ],
+                rows,
+            ),
+            "",
+            *(notes or ["Every op of both int8 programs ran inside the XNNPACK delegate."]),
+        ]
+    )
     print(body)
     if not args.no_write:
         write_section("bench_runtime", body)

@@ -31,11 +31,17 @@ class DSNet(nn.Module):
 
         def block(cin, cout, stride):
             return nn.Sequential(
-                nn.Conv2d(cin, cin, 3, stride=stride, padding=1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.ReLU(),
-                nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                nn.Conv2d(cin, cin, 3, stride=stride, padding=1, groups=cin, bias=False),
+                nn.BatchNorm2d(cin),
+                nn.ReLU(),
+                nn.Conv2d(cin, cout, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
             )
 
-        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
         self.b1 = block(width, 2 * width, 1)
         self.b2 = block(2 * width, 4 * width, 2)
         self.b3 = block(4 * width, 4 * width, 1)
@@ -48,8 +54,12 @@ class DSNet(nn.Module):
 
 
 def _batches(x, y, batch, seed):
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)) if seed is not None else torch.arange(len(x))
-    return [(x[order[i:i + batch]], y[order[i:i + batch]]) for i in range(0, len(x), batch)]
+    order = (
+        torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        if seed is not None
+        else torch.arange(len(x))
+    )
+    return [(x[order[i : i + batch]], y[order[i : i + batch]]) for i in range(0, len(x), batch)]
 
 
 def _train(name: str, xtr, ytr, epochs: int) -> nn.Module:
@@ -85,8 +95,11 @@ def _recipe(name, xtr, ytr, xte, yte, epochs, shape) -> Recipe:
         return copy.deepcopy(model_cache[0])
 
     return Recipe(
-        name=name, model=model, example_inputs=lambda: (torch.zeros(1, *shape),),
-        train_data=lambda: _batches(xtr, ytr, 64, 1), eval_data=lambda: _batches(xte, yte, 500, None),
+        name=name,
+        model=model,
+        example_inputs=lambda: (torch.zeros(1, *shape),),
+        train_data=lambda: _batches(xtr, ytr, 64, 1),
+        eval_data=lambda: _batches(xte, yte, 500, None),
         labels=[str(i) for i in range(10)],
     )
 
@@ -95,7 +108,7 @@ def _idx(path: Path) -> np.ndarray:
     with gzip.open(path) as f:
         data = f.read()
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -131,7 +144,7 @@ def fsdd() -> Recipe | None:
         return None
     f = np.load(path)
     audio, offsets = f["audio"], f["offsets"]
-    feats = torch.stack([_spectrogram(audio[offsets[k]:offsets[k + 1]]) for k in range(len(offsets) - 1)])
+    feats = torch.stack([_spectrogram(audio[offsets[k] : offsets[k + 1]]) for k in range(len(offsets) - 1)])
     mean, std = feats.mean(), feats.std()
     feats = (feats - mean) / std
     labels = torch.tensor(f["label"].astype(np.int64))

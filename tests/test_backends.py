@@ -53,7 +53,7 @@ def eval_data():
 
 def test_an_op_outside_xnnpack_is_named_and_the_program_runs(tmp_path):
     from edgeq.pipeline import BuildConfig, build
-    from edgeq.qat import QATConfig
+    from edgeq.quant.qat import QATConfig
 
     recipe = tmp_path / "cumsum_recipe.py"
     recipe.write_text(textwrap.dedent(CUMSUM_RECIPE))
@@ -68,7 +68,7 @@ def test_an_op_outside_xnnpack_is_named_and_the_program_runs(tmp_path):
     assert result.scores.program > 80.0
 
 
-NO_NETWORK = '''
+NO_NETWORK = """
 import socket, os
 _marker = os.environ["EDGEQ_NETWORK_MARKER"]
 def _refuse(*args, **kwargs):
@@ -78,7 +78,7 @@ def _refuse(*args, **kwargs):
 socket.getaddrinfo = _refuse
 socket.socket.connect = _refuse
 socket.create_connection = _refuse
-'''
+"""
 
 
 def test_qualcomm_build_quantizes_validates_and_stops_cleanly_without_the_sdk(tmp_path):
@@ -91,7 +91,10 @@ def test_qualcomm_build_quantizes_validates_and_stops_cleanly_without_the_sdk(tm
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "edgeq", "build", "--target", "qualcomm", "--steps", "20", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert proc.returncode == 4, proc.stderr[-3000:]
     error = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
@@ -104,11 +107,11 @@ def test_qualcomm_build_quantizes_validates_and_stops_cleanly_without_the_sdk(tm
 
 def test_qnn_quantizer_uses_adaptive_ranges_per_layer():
 
+    from edgeq.backends import build_quantizer
     from edgeq.capture import capture
-    from edgeq.convert import prepare
-    from edgeq.fake_quant import AdaptiveRangeFakeQuantize
-    from edgeq.plan import uniform_plan
-    from edgeq.quantizer import build_quantizer
+    from edgeq.planning.plan import uniform_plan
+    from edgeq.quant.convert import prepare
+    from edgeq.quant.fake_quant import AdaptiveRangeFakeQuantize
     from edgeq.recipe import load_recipe
     from edgeq.targets import load_target
 
@@ -133,9 +136,9 @@ def test_a_bilinear_upsample_still_lowers_into_xnnpack():
     import torch
     from torch import nn
 
+    from edgeq.checks.validate import ProgramRunner
     from edgeq.lower import lower
     from edgeq.targets import load_target
-    from edgeq.validate import ProgramRunner
 
     class Upsampler(nn.Module):
         def __init__(self) -> None:

@@ -24,19 +24,19 @@ def _recipe(pairs: bool):
     from edgeq.examples.digits import _data
 
     x, y, _, _ = _data()
-    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 1280, 32)]
+    batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 1280, 32)]
     if pairs:
         batches = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(batches[::2], batches[1::2])]
     return dataclasses.replace(base, train_data=lambda: list(batches))
 
 
 def _train(pairs: bool):
+    from edgeq.backends import build_quantizer
     from edgeq.capture import capture, fold_batchnorm
-    from edgeq.convert import prepare
-    from edgeq.fake_quant import AdaptiveRangeFakeQuantize
-    from edgeq.plan import uniform_plan
-    from edgeq.qat import QATConfig, run_qat
-    from edgeq.quantizer import build_quantizer
+    from edgeq.planning.plan import uniform_plan
+    from edgeq.quant.convert import prepare
+    from edgeq.quant.fake_quant import AdaptiveRangeFakeQuantize
+    from edgeq.quant.qat import QATConfig, run_qat
     from edgeq.targets import load_target
 
     recipe = _recipe(pairs)
@@ -47,7 +47,9 @@ def _train(pairs: bool):
     prepared = prepare(graph, build_quantizer(uniform_plan(model, target), target))
     run_qat(prepared, recipe, QATConfig(steps=STEPS, calibration_batches=4, checkpoint_every=0, lr=5e-3))
     # NumPy copies: they cross process boundaries by value, unlike tensors' shared memory.
-    ranges = {n: m.committed.numpy().copy() for n, m in prepared.named_modules() if isinstance(m, AdaptiveRangeFakeQuantize)}
+    ranges = {
+        n: m.committed.numpy().copy() for n, m in prepared.named_modules() if isinstance(m, AdaptiveRangeFakeQuantize)
+    }
     weights = {n: p.detach().numpy().copy() for n, p in prepared.named_parameters()}
     return ranges, weights
 

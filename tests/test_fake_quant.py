@@ -9,7 +9,7 @@ import torch
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 from torchao.quantization.pt2e.observer import MinMaxObserver, PerChannelMinMaxObserver
 
-from edgeq.fake_quant import AdaptiveRangeFakeQuantize
+from edgeq.quant.fake_quant import AdaptiveRangeFakeQuantize
 
 AFFINE = dict(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine)
 PER_CHANNEL = dict(dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric, ch_axis=0)
@@ -47,8 +47,9 @@ def test_calibration_sets_the_union_range_and_qparams_match_torchao():
 def test_per_channel_qparams_match_torchao_and_channels_vote_independently():
     w = torch.randn(4, 3, 3, 3)
     fq = calibrated([w], min_votes=2, **PER_CHANNEL)
-    ref = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, quant_min=-127, quant_max=127,
-                                   qscheme=torch.per_channel_symmetric, eps=2**-12)
+    ref = PerChannelMinMaxObserver(
+        ch_axis=0, dtype=torch.qint8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric, eps=2**-12
+    )
     ref(w)
     assert torch.allclose(fq.calculate_qparams()[0], ref.calculate_qparams()[0])
     before = fq.committed.clone()
@@ -110,8 +111,13 @@ def test_observer_and_fake_quant_switch_off():
 @pytest.mark.parametrize("qmin,qmax", [(-7, 7), (-8, 7), (-(2**15), 2**15 - 1), (0, 255)])
 def test_any_integer_width(qmin, qmax):
     x = torch.randn(64)
-    fq = calibrated([x], dtype=torch.int8 if qmax < 256 else torch.int16, quant_min=qmin, quant_max=qmax,
-                    qscheme=torch.per_tensor_affine)
+    fq = calibrated(
+        [x],
+        dtype=torch.int8 if qmax < 256 else torch.int16,
+        quant_min=qmin,
+        quant_max=qmax,
+        qscheme=torch.per_tensor_affine,
+    )
     y = fq(x)
     levels = torch.unique(torch.round((y / fq.scale) + fq.zero_point))
     assert levels.min() >= qmin and levels.max() <= qmax
@@ -202,16 +208,23 @@ def test_per_channel_numpy_path_matches_the_torch_path():
     assert torch.equal(a.scale, a.calculate_qparams()[0])
 
 
-@pytest.mark.parametrize("knobs", [
-    {}, {"min_votes": 3}, {"rule": "step"}, {"window": 12, "min_votes": 4}, {"up_ratio": 0.7, "down_ratio": 0.9},
-])
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {},
+        {"min_votes": 3},
+        {"rule": "step"},
+        {"window": 12, "min_votes": 4},
+        {"up_ratio": 0.7, "down_ratio": 0.9},
+    ],
+)
 @pytest.mark.parametrize("numpy_path", [True, False])
 @pytest.mark.parametrize("scheme", ["per-tensor", "per-channel"])
 def test_fast_paths_commit_at_the_same_steps_as_the_rule_applied_step_by_step(knobs, numpy_path, scheme):
     """The module's fast paths (Python floats per tensor, in-place NumPy per channel, lazy
     counting in torch) against the rule applied observation by observation (apply_vote):
     the same commits at the same steps, the same committed values."""
-    from edgeq.ranges import VoteConfig, VoteState, apply_vote
+    from edgeq.quant.ranges import VoteConfig, VoteState, apply_vote
 
     gen = torch.Generator().manual_seed(3)
     shape = (64,) if scheme == "per-tensor" else (6, 16)
@@ -243,9 +256,11 @@ def test_fast_paths_commit_at_the_same_steps_as_the_rule_applied_step_by_step(kn
 def test_scalar_qparams_equal_torchaos_formula_bit_for_bit(kind):
     """Per-tensor ranges refresh their qparams in float32 NumPy scalars; convert_pt2e
     calls calculate_qparams() (torchao's tensor code): the two must agree exactly."""
-    kwargs = {"affine": AFFINE,
-              "symmetric": dict(dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_tensor_symmetric),
-              "int4": dict(dtype=torch.int8, quant_min=-8, quant_max=7, qscheme=torch.per_tensor_affine)}[kind]
+    kwargs = {
+        "affine": AFFINE,
+        "symmetric": dict(dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_tensor_symmetric),
+        "int4": dict(dtype=torch.int8, quant_min=-8, quant_max=7, qscheme=torch.per_tensor_affine),
+    }[kind]
     gen = torch.Generator().manual_seed(5)
     for _ in range(300):
         lo, hi = sorted((torch.randn(2, generator=gen) * torch.rand(1, generator=gen) * 10).tolist())

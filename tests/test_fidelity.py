@@ -8,12 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from edgeq.backends import build_quantizer
 from edgeq.capture import capture, fold_batchnorm
-from edgeq.convert import convert, prepare
-from edgeq.evaluate import sqnr_db
-from edgeq.plan import uniform_plan
-from edgeq.qat import QATConfig, run_qat, to_eval
-from edgeq.quantizer import RangeConfig, build_quantizer
+from edgeq.checks.evaluate import sqnr_db
+from edgeq.planning.plan import uniform_plan
+from edgeq.quant.configs import RangeConfig
+from edgeq.quant.convert import convert, prepare
+from edgeq.quant.qat import QATConfig, run_qat, to_eval
 from edgeq.recipe import Recipe
 from edgeq.targets import load_target
 
@@ -27,9 +28,15 @@ class ConvBN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(3, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
         )
         self.head = nn.Linear(32, 5)
 
@@ -47,12 +54,20 @@ def _recipe() -> Recipe:
         for x, _ in data:
             model(x)
     model.eval()
-    return Recipe(name="convbn", model=lambda: copy.deepcopy(model), example_inputs=lambda: (torch.zeros(1, 3, 12, 12),),
-                  train_data=lambda: data, eval_data=lambda: data[:2])
+    return Recipe(
+        name="convbn",
+        model=lambda: copy.deepcopy(model),
+        example_inputs=lambda: (torch.zeros(1, 3, 12, 12),),
+        train_data=lambda: data,
+        eval_data=lambda: data[:2],
+    )
 
 
-@pytest.mark.parametrize("fold_bn,mode", [(True, "adaptive"), (False, "adaptive"), (True, "ema")],
-                         ids=["bn-folded-adaptive", "bn-simulated-adaptive", "bn-folded-ema"])
+@pytest.mark.parametrize(
+    "fold_bn,mode",
+    [(True, "adaptive"), (False, "adaptive"), (True, "ema")],
+    ids=["bn-folded-adaptive", "bn-simulated-adaptive", "bn-folded-ema"],
+)
 def test_fake_quant_and_converted_agree_at_4_bit_weights(fold_bn, mode):
     recipe = _recipe()
     model = recipe.model()
@@ -60,8 +75,15 @@ def test_fake_quant_and_converted_agree_at_4_bit_weights(fold_bn, mode):
     graph = capture(model, recipe.example_inputs())
     if fold_bn:
         fold_batchnorm(graph)
-    config = QATConfig(steps=12, calibration_batches=3, fold_bn=fold_bn, freeze_bn=0.5, checkpoint_every=0,
-                       ranges=RangeConfig(mode=mode), lr=1e-2)
+    config = QATConfig(
+        steps=12,
+        calibration_batches=3,
+        fold_bn=fold_bn,
+        freeze_bn=0.5,
+        checkpoint_every=0,
+        ranges=RangeConfig(mode=mode),
+        lr=1e-2,
+    )
     prepared = prepare(graph, build_quantizer(uniform_plan(model, target, "w4a8"), target, ranges=config.ranges))
     run_qat(prepared, recipe, config)
     reference = convert(copy.deepcopy(prepared))

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from edgeq.analysis import analyze
 from edgeq.errors import EdgeqError
-from edgeq.plan import Plan, uniform_plan, validate_plan
-from edgeq.planner import make_plan
+from edgeq.planning.analysis import analyze
+from edgeq.planning.plan import Plan, uniform_plan, validate_plan
+from edgeq.planning.planner import make_plan
 from edgeq.recipe import load_recipe
 from edgeq.targets import load_target
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from edgeq.ranges import VoteConfig, VoteState, apply_vote
+from edgeq.quant.ranges import VoteConfig, VoteState, apply_vote
 
 
 def run(seq, p0, **knobs):
@@ -100,13 +100,18 @@ def test_values_vote_independently():
     assert state.n.tolist() == [0.0, 0.0, 2.0]
 
 
-@pytest.mark.parametrize("bad", [dict(rule="median"), dict(up_ratio=1.0), dict(min_votes=0), dict(window=2, min_votes=4), dict(keep=2.0)])
+@pytest.mark.parametrize(
+    "bad", [dict(rule="median"), dict(up_ratio=1.0), dict(min_votes=0), dict(window=2, min_votes=4), dict(keep=2.0)]
+)
 def test_invalid_knobs_are_refused(bad):
     with pytest.raises(ValueError):
         VoteConfig(**bad)
 
 
-@pytest.mark.parametrize("knobs", [dict(), dict(rule="step", step=0.1), dict(window=12, min_votes=4), dict(up_ratio=0.3, down_ratio=0.5, keep=0.8)])
+@pytest.mark.parametrize(
+    "knobs",
+    [dict(), dict(rule="step", step=0.1), dict(window=12, min_votes=4), dict(up_ratio=0.3, down_ratio=0.5, keep=0.8)],
+)
 def test_numpy_and_torch_give_the_same_votes(knobs):
     import numpy as np
 
@@ -131,13 +136,20 @@ def test_numpy_and_torch_give_the_same_votes(knobs):
     assert commits > 15
 
 
-@pytest.mark.parametrize("knobs", [
-    {}, {"min_votes": 3}, {"up_ratio": 0.7, "down_ratio": 0.9}, {"window": 12, "min_votes": 4}, {"up_ratio": 0.0, "down_ratio": 0.0},
-])
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {},
+        {"min_votes": 3},
+        {"up_ratio": 0.7, "down_ratio": 0.9},
+        {"window": 12, "min_votes": 4},
+        {"up_ratio": 0.0, "down_ratio": 0.0},
+    ],
+)
 def test_steps_to_decision_is_never_late(knobs):
     """No sequence of fewer observations than steps_to_decision() can make decide() commit or expire
     anything; the extreme sequences (every vote above, every vote below) are the ones that could."""
-    from edgeq.ranges import decide, steps_to_decision
+    from edgeq.quant.ranges import decide, steps_to_decision
 
     cfg = VoteConfig(**knobs)
     gen = torch.Generator().manual_seed(0)

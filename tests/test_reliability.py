@@ -10,10 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from edgeq.pipeline import BuildConfig, build, checkpoint_path
 from edgeq.cli import app
 from edgeq.errors import EdgeqError
-from edgeq.qat import QATConfig
+from edgeq.pipeline import BuildConfig, build, checkpoint_path
+from edgeq.quant.qat import QATConfig
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def test_same_recipe_seed_and_target_give_byte_identical_programs(tmp_path):
 
 
 def test_a_checkpoint_needing_arbitrary_code_is_refused(tmp_path):
-    from edgeq import checkpoint
+    from edgeq.quant import checkpoint
 
     class Payload:
         def __reduce__(self):
@@ -83,7 +83,9 @@ def test_a_resume_from_another_configuration_is_refused(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(Interrupt):
         build(None, _config(out), progress=KillAt(15))
-    changed = BuildConfig(out=out, precision="int8", qat=QATConfig(steps=STEPS, lr=5e-3, checkpoint_every=10), resume=True)
+    changed = BuildConfig(
+        out=out, precision="int8", qat=QATConfig(steps=STEPS, lr=5e-3, checkpoint_every=10), resume=True
+    )
     with pytest.raises(EdgeqError, match="from a different build"):
         build(None, changed)
     assert checkpoint_path(out).is_file() and not out.exists()
@@ -110,7 +112,9 @@ def eval_data():
 @pytest.mark.parametrize(
     "body,message",
     [
-        (BASE + """
+        (
+            BASE
+            + """
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -121,27 +125,42 @@ class Net(nn.Module):
         return -self.fc(x)
 def model():
     return Net().eval()
-""", r"torch.export cannot capture the model at .*bad_recipe.py:\d+"),
-        (BASE.replace("torch.zeros(1, 4)", "torch.zeros(1, 7)") + """
+""",
+            r"torch.export cannot capture the model at .*bad_recipe.py:\d+",
+        ),
+        (
+            BASE.replace("torch.zeros(1, 4)", "torch.zeros(1, 7)")
+            + """
 def model():
     return nn.Linear(4, 3).eval()
-""", r"cannot run on example_inputs\(\) of shape \(1, 7\)"),
-        (BASE.replace("for _ in range(4)]", "for _ in range(0)]") + """
+""",
+            r"cannot run on example_inputs\(\) of shape \(1, 7\)",
+        ),
+        (
+            BASE.replace("for _ in range(4)]", "for _ in range(0)]")
+            + """
 def model():
     return nn.Sequential(nn.Linear(4, 3)).eval()
-""", r"train_data\(\) yielded no batches"),
-        (BASE.replace("torch.randn(8, 4), torch.randint", "torch.full((8, 4), float('nan')), torch.randint", 1) + """
+""",
+            r"train_data\(\) yielded no batches",
+        ),
+        (
+            BASE.replace("torch.randn(8, 4), torch.randint", "torch.full((8, 4), float('nan')), torch.randint", 1)
+            + """
 def model():
     return nn.Sequential(nn.Linear(4, 3)).eval()
-""", "calibration data reach layer '0' with NaN or inf values"),
+""",
+            "calibration data reach layer '0' with NaN or inf values",
+        ),
     ],
     ids=["data-dependent-control-flow", "inputs-do-not-fit", "empty-dataset", "nan-data"],
 )
 def test_bad_input_catalogue(tmp_path, body, message):
     recipe = _recipe(tmp_path, body)
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["build", "--recipe", recipe, "--out", str(out), "--steps", "10",
-                                      "--checkpoint-every", "0"])
+    result = CliRunner().invoke(
+        app, ["build", "--recipe", recipe, "--out", str(out), "--steps", "10", "--checkpoint-every", "0"]
+    )
     assert result.exit_code == 2, result.output
     lines = [l for l in result.output.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in result.output
@@ -149,11 +168,16 @@ def test_bad_input_catalogue(tmp_path, body, message):
 
     assert re.search(message, lines[0]), lines[0]
     assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad_recipe.py"] + (["__pycache__"] if (tmp_path / "__pycache__").exists() else [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad_recipe.py"] + (
+        ["__pycache__"] if (tmp_path / "__pycache__").exists() else []
+    )
 
 
 def test_nan_loss_stops_qat_and_keeps_the_last_good_checkpoint(tmp_path):
-    recipe = _recipe(tmp_path, BASE + """
+    recipe = _recipe(
+        tmp_path,
+        BASE
+        + """
 calls = [0]
 def loss(output, target):
     calls[0] += 1
@@ -161,10 +185,25 @@ def loss(output, target):
     return value * float("nan") if calls[0] > 5 else value
 def model():
     return nn.Sequential(nn.Linear(4, 3)).eval()
-""")
+""",
+    )
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["build", "--recipe", recipe, "--out", str(out), "--steps", "10",
-                                      "--precision", "int8", "--checkpoint-every", "2"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "build",
+            "--recipe",
+            recipe,
+            "--out",
+            str(out),
+            "--steps",
+            "10",
+            "--precision",
+            "int8",
+            "--checkpoint-every",
+            "2",
+        ],
+    )
     assert result.exit_code == 2
     assert "QAT loss became nan at step 5" in result.output and "--lr" in result.output
     assert not out.exists()
@@ -181,11 +220,18 @@ def test_invalid_target_file_is_refused_cleanly(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("device, message", [
-    ("mps", "edgeq trains on cpu or cuda"),
-    ("gpu0", "unknown device 'gpu0'"),
-    pytest.param("cuda", "sees no CUDA device", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
-])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("mps", "edgeq trains on cpu or cuda"),
+        ("gpu0", "unknown device 'gpu0'"),
+        pytest.param(
+            "cuda",
+            "sees no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present"),
+        ),
+    ],
+)
 def test_a_device_qat_cannot_use_is_refused_before_any_work(tmp_path, device, message):
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["build", "--device", device, "--out", str(out), "--steps", "5"])

@@ -41,7 +41,7 @@ def test_a_users_own_file_loads(tmp_path):
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda s: s.replace('backend = "xnnpack"', 'backend = "tpu"'), "field 'backend' is 'tpu'"),
+        (lambda s: s.replace('backend = "xnnpack"', 'backend = "tpu"'), "unknown backend 'tpu'"),
         (lambda s: s.replace('default_precision = "int8"', 'default_precision = "int3"'), "default_precision 'int3'"),
         (lambda s: s.replace("weight_bits = 8", 'weight_bits = "eight"'), "field 'weight_bits' must be int"),
         (lambda s: s.replace('ops = ["conv", "linear"]', 'ops = ["attention"]'), "field 'ops'"),

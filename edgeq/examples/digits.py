@@ -35,17 +35,13 @@ class DigitsNet(nn.Module):
 
     def __init__(self, width: int = 32, classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
-        )
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         self.dw = nn.Sequential(
             nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False),
             nn.BatchNorm2d(width),
             nn.ReLU(),
         )
-        self.pw = nn.Sequential(
-            nn.Conv2d(width, 2 * width, 1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU()
-        )
+        self.pw = nn.Sequential(nn.Conv2d(width, 2 * width, 1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU())
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(2 * width, classes)
 
@@ -86,9 +82,7 @@ def _batches(x: torch.Tensor, y: torch.Tensor, batch: int, shuffle_seed: int | N
 
 def _cache_path() -> Path:
     root = Path(os.environ.get("EDGEQ_CACHE", Path.home() / ".cache" / "edgeq"))
-    key = hashlib.sha256(
-        f"{DigitsNet(), _SEED, _BATCH, _EPOCHS, torch.__version__}".encode()
-    ).hexdigest()[:12]
+    key = hashlib.sha256(f"{DigitsNet(), _SEED, _BATCH, _EPOCHS, torch.__version__}".encode()).hexdigest()[:12]
     return root / f"digits-{key}.pt"
 
 

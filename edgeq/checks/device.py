@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import EdgeqError
+from edgeq.errors import EdgeqError
+from edgeq.runtime import ProgramRunner, program_batches
 
 REMOTE = "/data/local/tmp/edgeq"
 _NP = {"float32": np.float32, "int8": np.int8, "uint8": np.uint8, "int32": np.int32, "int64": np.int64}
@@ -25,23 +26,33 @@ _NP = {"float32": np.float32, "int8": np.int8, "uint8": np.uint8, "int32": np.in
 
 class AdbDevice:
     def __init__(self, serial: str | None, runner: str | Path | None, adb: str = "adb") -> None:
-        self.adb = shutil.which(adb)
-        if self.adb is None:
-            raise EdgeqError("adb was not found on PATH",
-                             "install Android platform-tools (sdkmanager 'platform-tools') and put adb on PATH")
+        found = shutil.which(adb)
+        if found is None:
+            raise EdgeqError(
+                "adb was not found on PATH",
+                "install Android platform-tools (sdkmanager 'platform-tools') and put adb on PATH",
+            )
+        self.adb: str = found
         if runner is None:
-            raise EdgeqError("no runner given for the phone",
-                             "build ExecuTorch's executor_runner for Android (see README: Validate on a phone) and pass --runner PATH")
+            raise EdgeqError(
+                "no runner given for the phone",
+                "build ExecuTorch's executor_runner for Android (see README: Validate on a phone) "
+                "and pass --runner PATH",
+            )
         self.runner = Path(runner)
         if not self.runner.is_file():
             raise EdgeqError(f"runner {runner} not found", "pass --runner the executor_runner binary built for Android")
         devices = self._devices()
         if not devices:
-            raise EdgeqError("no Android device is attached",
-                             "connect a phone with USB debugging on (check `adb devices`), or drop --device")
+            raise EdgeqError(
+                "no Android device is attached",
+                "connect a phone with USB debugging on (check `adb devices`), or drop --device",
+            )
         if serial and serial not in devices:
-            raise EdgeqError(f"device {serial} is not attached (attached: {', '.join(devices)})",
-                             "pass --device one of the serials `adb devices` lists")
+            raise EdgeqError(
+                f"device {serial} is not attached (attached: {', '.join(devices)})",
+                "pass --device one of the serials `adb devices` lists",
+            )
         self.serial = serial or devices[0]
 
     def _devices(self) -> list[str]:
@@ -58,7 +69,9 @@ class AdbDevice:
     def _adb(self, *args: str, what: str) -> subprocess.CompletedProcess:
         return self._run([self.adb, "-s", self.serial, *args], what)
 
-    def run(self, program: Path, samples: list[list[torch.Tensor]], output_shapes: list[tuple[tuple[int, ...], str]]) -> list[torch.Tensor]:
+    def run(
+        self, program: Path, samples: list[list[torch.Tensor]], output_shapes: list[tuple[tuple[int, ...], str]]
+    ) -> list[torch.Tensor]:
         """Run each sample (a list of input tensors) through the program on the phone."""
         with tempfile.TemporaryDirectory(prefix="edgeq-adb-") as tmp:
             local = Path(tmp)
@@ -73,8 +86,10 @@ class AdbDevice:
                 names.append(",".join(files))
             script = ["set -e", f"cd {REMOTE}", "rm -rf outputs", "mkdir -p outputs"]
             for k, inputs in enumerate(names):
-                script.append(f"./executor_runner --model_path model.pte --inputs {inputs} "
-                              f"--output_file outputs/{k} --print_output none > /dev/null 2>&1")
+                script.append(
+                    f"./executor_runner --model_path model.pte --inputs {inputs} "
+                    f"--output_file outputs/{k} --print_output none > /dev/null 2>&1"
+                )
             (local / "run.sh").write_text("\n".join(script) + "\n")
             self._adb("shell", f"rm -rf {REMOTE} && mkdir -p {REMOTE}", what="prepare the work directory")
             self._adb("push", str(program), f"{REMOTE}/model.pte", what="push the program")
@@ -84,7 +99,7 @@ class AdbDevice:
             self._adb("shell", f"chmod 755 {REMOTE}/executor_runner && sh {REMOTE}/run.sh", what="run the program")
             self._adb("pull", f"{REMOTE}/outputs", str(local), what="pull the outputs")
             outputs = []
-            (shape, dtype), = output_shapes[:1]
+            ((shape, dtype),) = output_shapes[:1]
             for k in range(len(samples)):
                 raw = (local / "outputs" / f"{k}-0.bin").read_bytes()
                 outputs.append(torch.from_numpy(np.frombuffer(raw, dtype=_NP[dtype]).copy().reshape(shape)))
@@ -92,8 +107,7 @@ class AdbDevice:
 
 
 def device_runner(program: Path, serial: str | None, runner: str | Path | None):
-    """A callable like :class:`edgeq.validate.ProgramRunner` that runs on the phone."""
-    from .validate import ProgramRunner, program_batches
+    """A callable like :class:`edgeq.checks.validate.ProgramRunner` that runs on the phone."""
 
     signature = ProgramRunner(program).signature  # shapes from the program itself
     device = AdbDevice(serial, runner)
@@ -106,4 +120,3 @@ def device_runner(program: Path, serial: str | None, runner: str | Path | None):
 
     run.device = device  # type: ignore[attr-defined]
     return run
-

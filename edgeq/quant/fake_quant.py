@@ -9,7 +9,7 @@ Life cycle of the committed range:
 
 1. *calibration*: the first observations (before :meth:`start_tracking`)
    widen the committed range to the min/max over the calibration batches;
-2. *tracking*: each observation casts a vote (:func:`edgeq.ranges.apply_vote`);
+2. *tracking*: each observation casts a vote (:func:`edgeq.quant.ranges.apply_vote`);
    the grid moves only on a commit;
 3. *frozen*: ``disable_observer()``; the grid never moves again.
 """
@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
 
-from .ranges import VoteConfig, VoteState, accumulate, decide, steps_to_decision
+from edgeq.quant.ranges import VoteConfig, VoteState, accumulate, decide, steps_to_decision
 
 _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
 _SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
@@ -48,11 +48,14 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
             ``FakeQuantize``; any integer width works through quant_min/max
             (4-bit weights: ``dtype=torch.int8, quant_min=-7, quant_max=7``).
         up_ratio, down_ratio, min_votes, window, rule, keep, step: the
-            method's knobs, see :class:`edgeq.ranges.VoteConfig`.
+            method's knobs, see :class:`edgeq.quant.ranges.VoteConfig`.
         reduce_distributed: under ``torch.distributed``, reduce each
             observation across ranks before it votes, so that every rank
             commits the same ranges.
     """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
 
     #: run the rule in NumPy on the CPU (False: in torch, as on a GPU)
     cpu_numpy: bool = True
@@ -91,8 +94,13 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         self.is_dynamic = False
         self.reduce_distributed = reduce_distributed
         self.config = VoteConfig(
-            up_ratio=up_ratio, down_ratio=down_ratio, min_votes=min_votes,
-            window=window, rule=rule, keep=keep, step=step,
+            up_ratio=up_ratio,
+            down_ratio=down_ratio,
+            min_votes=min_votes,
+            window=window,
+            rule=rule,
+            keep=keep,
+            step=step,
         )
         self.register_buffer("eps", torch.tensor([eps], dtype=torch.float32))
         # Rows of `committed`: [absmax] for symmetric schemes, [low, high] otherwise;
@@ -136,8 +144,12 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         if flags is None:
             mode = int(self.mode)
             route = "general"
-            if (mode == TRACKING and self.cpu_numpy and self.committed.device.type == "cpu"
-                    and not (self.reduce_distributed and dist.is_available() and dist.is_initialized())):
+            if (
+                mode == TRACKING
+                and self.cpu_numpy
+                and self.committed.device.type == "cpu"
+                and not (self.reduce_distributed and dist.is_available() and dist.is_initialized())
+            ):
                 route = "channels" if self.ch_axis >= 0 else "scalar"
             flags = (bool(self.observer_enabled[0] == 1), bool(self.fake_quant_enabled[0] == 1), mode, route)
             self._fast["flags"] = flags
@@ -212,8 +224,7 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         elif self.symmetric:
             widened = torch.maximum(self.committed, obs)
         else:
-            widened = torch.stack([torch.minimum(self.committed[0], obs[0]),
-                                   torch.maximum(self.committed[1], obs[1])])
+            widened = torch.stack([torch.minimum(self.committed[0], obs[0]), torch.maximum(self.committed[1], obs[1])])
         previous = self.committed if mode == CALIBRATING else torch.zeros_like(obs)
         self.committed.copy_(torch.where(finite, widened, previous))
         self.mode.fill_(CALIBRATING)
@@ -248,13 +259,14 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
     def _track_scalar(self, values: list[float]) -> None:
         """A per-tensor range is one or two numbers: the rule runs on Python
         floats, cheaper than any array library at that size. Same rule as
-        edgeq.ranges (tests hold the two to the same commits); the buffers are
+        edgeq.quant.ranges (tests hold the two to the same commits); the buffers are
         brought up to date on every commit and before any state_dict."""
         fast = self._fast
         st = fast.get("scalar")
         if st is None:
             st = fast["scalar"] = [self.committed.view(-1).tolist()] + [
-                getattr(self, k).view(-1).tolist() for k in "ngls"]
+                getattr(self, k).view(-1).tolist() for k in "ngls"
+            ]
         p, n, g, l, s = st  # noqa: E741 (the spec's names)
         cfg = self.config
         moved = None
@@ -292,7 +304,7 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
             self._refresh_qparams()
 
     def _track_channels(self, obs: np.ndarray) -> None:
-        """Per-channel ranges on the CPU: the rule of edgeq.ranges for one
+        """Per-channel ranges on the CPU: the rule of edgeq.quant.ranges for one
         observation, written as in-place NumPy ufuncs on views of the buffers
         and preallocated scratch arrays (a commit somewhere among a weight's
         channels is due on most steps, so there is nothing to defer; what
@@ -302,10 +314,16 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
             # NumPy views of the buffers themselves: the buffers are always current.
             committed = self.committed.numpy()
             st = VoteState(*(getattr(self, k).numpy() for k in "ngls"))
-            ch = self._fast["ch"] = (committed, st, self.commit_count.numpy(),
-                                     np.empty(committed.shape, np.float32), np.empty(committed.shape, np.float32),
-                                     np.empty(committed.shape, bool), np.empty(committed.shape, bool),
-                                     np.empty(committed.shape, bool))
+            ch = self._fast["ch"] = (
+                committed,
+                st,
+                self.commit_count.numpy(),
+                np.empty(committed.shape, np.float32),
+                np.empty(committed.shape, np.float32),
+                np.empty(committed.shape, bool),
+                np.empty(committed.shape, bool),
+                np.empty(committed.shape, bool),
+            )
         p, st, counts, t1, t2, up, down, mask = ch
         cfg = self.config
         if np.isfinite(obs).all():
@@ -350,7 +368,7 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         reset = mask | (st.n >= cfg.window) if cfg.window else mask
         if moved or (cfg.window and reset.any()):
             for votes in (st.n, st.g, st.l, st.s):
-                np.copyto(votes, 0.0, where=reset)
+                np.copyto(votes, 0.0, where=reset)  # type: ignore[arg-type]  # NumPy views on the CPU path
         if moved:
             self._update_channel_scale(p)
 
@@ -413,7 +431,11 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         float32 NumPy scalars: the same operations in the same precision as
         torchao's tensor code, without its dozen tensor allocations (it runs on
         every commit of an activation range). None where it does not apply."""
-        if self.ch_axis >= 0 or self.dtype in (torch.uint8, torch.quint8, torch.uint16) or self.committed.device.type != "cpu":
+        if (
+            self.ch_axis >= 0
+            or self.dtype in (torch.uint8, torch.quint8, torch.uint16)
+            or self.committed.device.type != "cpu"
+        ):
             return None
         f32 = np.float32
         if self.symmetric:
@@ -463,7 +485,11 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         if self.ch_axis < 0:
             lo, hi = lo.reshape(()), hi.reshape(())
         # Same arithmetic as torchao's observers, so convert_pt2e reproduces
-        # exactly the grid that training saw.
+        # exactly the grid that training saw. Private and called on another
+        # class: torchao exposes this formula only through an observer
+        # instance's calculate_qparams(), which reads the observer's own
+        # min/max buffers, not a committed range; tests/test_upstream.py pins
+        # its signature and tests/test_fake_quant.py its numbers.
         return UniformQuantizationObserverBase._calculate_qparams(self, lo, hi)
 
     # ----------------------------------------------------------------- forward
@@ -488,7 +514,9 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
             if qp is None:
                 qp = self._fast["qp"] = (self.scale, self.zero_point)
             if self.ch_axis >= 0:
-                x = torch.fake_quantize_per_channel_affine(x, qp[0], qp[1], self.ch_axis, self.quant_min, self.quant_max)
+                x = torch.fake_quantize_per_channel_affine(
+                    x, qp[0], qp[1], self.ch_axis, self.quant_min, self.quant_max
+                )
             else:
                 x = torch.fake_quantize_per_tensor_affine(x, qp[0], qp[1], self.quant_min, self.quant_max)
         return x

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .evaluate import sqnr_db
-from .plan import quantizable_layers
-from .quantizer import layer_owners
-from .recipe import as_tuple
+from edgeq.checks.evaluate import sqnr_db
+from edgeq.graph import layer_owners
+from edgeq.planning.plan import quantizable_layers
+from edgeq.recipe import as_tuple
 
 
 @dataclass
@@ -51,10 +51,11 @@ def _layer_outputs(graph: torch.fx.GraphModule, layers: list[str], inputs: tuple
     return {layer: values[node.name].float() for layer, node in last.items() if node.name in values}
 
 
-def layer_errors(float_model: torch.nn.Module, reference: torch.fx.GraphModule, example_inputs: tuple,
-                 inputs: tuple) -> list[LayerError]:
+def layer_errors(
+    float_model: torch.nn.Module, reference: torch.fx.GraphModule, example_inputs: tuple, inputs: tuple
+) -> list[LayerError]:
     """SQNR of each planned layer's output, reference against float, in execution order."""
-    from .capture import capture
+    from edgeq.capture import capture
 
     layers = [name for name, _, _ in quantizable_layers(float_model)]
     float_graph = capture(float_model, example_inputs)
@@ -68,7 +69,9 @@ def first_divergence(errors: list[LayerError], threshold_db: float) -> LayerErro
     return next((e for e in errors if e.sqnr_db < threshold_db), None)
 
 
-def debug(float_model, reference, recipe, threshold_db: float = 20.0, batches: int = 1) -> tuple[list[LayerError], LayerError | None]:
+def debug(
+    float_model, reference, recipe, threshold_db: float = 20.0, batches: int = 1
+) -> tuple[list[LayerError], LayerError | None]:
     data = []
     for inputs, _ in recipe.eval_data():
         data.append(as_tuple(inputs))

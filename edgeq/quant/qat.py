@@ -16,47 +16,23 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
-from .errors import EdgeqError
-from .fake_quant import AdaptiveRangeFakeQuantize, start_tracking
-from .quantizer import RangeConfig
-from .ranges import VoteConfig
-from .recipe import Recipe, as_tuple
+from edgeq.configs import QATConfig
+from edgeq.errors import EdgeqError
+from edgeq.quant.configs import RangeConfig
+from edgeq.quant.fake_quant import AdaptiveRangeFakeQuantize, start_tracking
+from edgeq.quant.ranges import VoteConfig
+from edgeq.recipe import Recipe, as_tuple
 
 __all__ = ["AdaptiveRangeFakeQuantize", "QATConfig", "QATReport", "VoteConfig", "RangeConfig", "run_qat"]
-
-
-@dataclass
-class QATConfig:
-    steps: int = 300
-    lr: float = 1e-3
-    optimizer: str = "sgd"  # "sgd" (momentum 0.9) | "adam"
-    weight_decay: float = 0.0
-    calibration_batches: int = 8
-    ranges: RangeConfig = field(default_factory=RangeConfig)
-    #: fold BatchNorm into conv weights before QAT, so that the simulated
-    #: weight is exactly the weight convert quantizes
-    fold_bn: bool = True
-    freeze_bn: float = 0.5
-    freeze_ranges: float = 0.8
-    intermediate_share: float = 0.3
-    intermediate_bits: int = 8
-    seed: int = 0
-    device: str = "cpu"
-    #: write a resumable checkpoint every this many steps (0: never)
-    checkpoint_every: int = 100
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["ranges"] = {"mode": self.ranges.mode, **self.ranges.vote.as_dict()}
-        return data
 
 
 @dataclass
@@ -113,7 +89,9 @@ def _batches(recipe: Recipe) -> Iterator:
                 yield batch
             index += 1
         if empty:
-            raise EdgeqError("train_data() yielded no batches", "make the recipe's train_data() yield (inputs, target) batches")
+            raise EdgeqError(
+                "train_data() yielded no batches", "make the recipe's train_data() yield (inputs, target) batches"
+            )
 
 
 def _set_weight_width(model: torch.nn.Module, narrow: dict[str, tuple[int, int]], bits: int | None) -> None:
@@ -138,7 +116,9 @@ def narrow_weight_quants(model: torch.nn.Module, below_bits: int = 8) -> dict[st
     found = {}
     for name, fq in fake_quants(model).items():
         per_channel = getattr(fq, "ch_axis", -1) is not None and fq.qscheme in (
-            torch.per_channel_symmetric, torch.per_channel_affine)
+            torch.per_channel_symmetric,
+            torch.per_channel_affine,
+        )
         if per_channel and fq.quant_max < limit:
             found[name] = (fq.quant_min, fq.quant_max)
     return found
@@ -176,7 +156,7 @@ def run_qat(
     steps; ``resume`` continues from it and ends exactly where an
     uninterrupted run would.
     """
-    from . import checkpoint as ckpt
+    from edgeq.quant import checkpoint as ckpt
 
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
@@ -185,17 +165,22 @@ def run_qat(
     if resume and checkpoint is not None and checkpoint.is_file():
         saved = ckpt.load(checkpoint)
         if saved.get("fingerprint") != fingerprint:
-            raise EdgeqError(f"checkpoint {checkpoint} is from a different build (recipe, plan, target or QAT settings changed)",
-                             "rebuild without --resume, or restore the settings it was made with")
+            raise EdgeqError(
+                f"checkpoint {checkpoint} is from a different build (recipe, plan, target or QAT settings changed)",
+                "rebuild without --resume, or restore the settings it was made with",
+            )
     if saved is None:  # a checkpoint carries the calibrated, tracked ranges
         calibrate(model, recipe, config.calibration_batches, config.device)
     params = [p for p in model.parameters() if p.requires_grad]
+    opt: torch.optim.Optimizer
     if config.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
     steps = config.steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))
+    )
     narrow = narrow_weight_quants(model, 8)
     inter_steps = int(round(config.intermediate_share * steps)) if narrow and config.intermediate_bits else 0
     freeze_bn_at = int(round(config.freeze_bn * steps)) if not config.fold_bn else steps + 1
@@ -225,7 +210,9 @@ def run_qat(
 
         # Gradients are averaged across ranks; buffers (moving-average
         # observers, BatchNorm statistics) follow rank 0.
-        trainer = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        trainer = DistributedDataParallel(  # type: ignore[assignment]
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     start = time.perf_counter()
     for step in range(first, steps):
         if inter_steps and step == inter_steps:
@@ -250,19 +237,33 @@ def run_qat(
         opt.step()
         sched.step()
         losses.append(value)
-        if (checkpoint is not None and rank == 0 and config.checkpoint_every
-                and (step + 1) % config.checkpoint_every == 0 and step + 1 < steps):
-            ckpt.save(checkpoint, {
-                "fingerprint": fingerprint, "step": step + 1, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "losses": losses,
-                "rng": ckpt.rng_state(),
-            })
+        if (
+            checkpoint is not None
+            and rank == 0
+            and config.checkpoint_every
+            and (step + 1) % config.checkpoint_every == 0
+            and step + 1 < steps
+        ):
+            ckpt.save(
+                checkpoint,
+                {
+                    "fingerprint": fingerprint,
+                    "step": step + 1,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "losses": losses,
+                    "rng": ckpt.rng_state(),
+                },
+            )
         if on_step is not None:
             on_step(step, value)
     seconds = time.perf_counter() - start
     to_eval(model)
     model.to("cpu")
-    commits = {name: fq.commits() for name, fq in fake_quants(model).items() if isinstance(fq, AdaptiveRangeFakeQuantize)}
+    commits = {
+        name: fq.commits() for name, fq in fake_quants(model).items() if isinstance(fq, AdaptiveRangeFakeQuantize)
+    }
     return QATReport(
         steps=steps,
         seconds=seconds,
@@ -271,6 +272,11 @@ def run_qat(
         last_loss=losses[-1] if losses else float("nan"),
         commits=commits,
         losses=losses[:: max(1, steps // 100)],
-        intermediate={"bits": config.intermediate_bits, "steps": inter_steps,
-                      "tensors": {name: list(r) for name, r in narrow.items()}} if inter_steps else {},
+        intermediate={
+            "bits": config.intermediate_bits,
+            "steps": inter_steps,
+            "tensors": {name: list(r) for name, r in narrow.items()},
+        }
+        if inter_steps
+        else {},
     )

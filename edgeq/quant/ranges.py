@@ -4,56 +4,21 @@ A committed value ``P`` (one per tracked bound, vectorised over channels)
 moves only when a clear majority of the observations since the last commit
 disagree with it, then the vote starts over. :func:`apply_vote` applies one
 observation to a state and is all there is to the rule; the fake-quantize
-module in :mod:`edgeq.fake_quant` calls it once per bound per step.
+module in :mod:`edgeq.quant.fake_quant` calls it once per bound per step.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from edgeq.configs import RULES, Rule, VoteConfig
+
+__all__ = ["RULES", "Rule", "VoteConfig", "VoteState", "accumulate", "apply_vote", "decide", "steps_to_decision"]
+
 Array = torch.Tensor | np.ndarray
-
-RULES = ("mean", "step")
-
-
-@dataclass(frozen=True)
-class VoteConfig:
-    """The method's knobs, named as in the spec (they are public API)."""
-
-    #: commit an increase when more than this share of the votes is above P
-    up_ratio: float = 0.5
-    #: commit a decrease when more than this share of the votes is below P
-    down_ratio: float = 0.7
-    #: no commit before this many observations since the last one
-    min_votes: int = 8
-    #: forget the votes after this many observations without a commit (0: never)
-    window: int = 0
-    #: "mean" (claim 4: blend P with the mean of the votes) or "step" (claim 5)
-    rule: str = "mean"
-    #: weight of the committed value in the "mean" blend
-    keep: float = 0.5
-    #: relative step of the "step" rule
-    step: float = 0.05
-    #: floor of |P| in the "step" rule, so a zero bound can still move
-    eps: float = 2**-12
-
-    def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
-        if not (0.0 <= self.up_ratio < 1.0 and 0.0 <= self.down_ratio < 1.0):
-            raise ValueError("up_ratio and down_ratio must lie in [0, 1)")
-        if self.min_votes < 1 or self.window < 0:
-            raise ValueError("min_votes must be >= 1 and window >= 0")
-        if self.window and self.window < self.min_votes:
-            raise ValueError("window must be 0 or at least min_votes, or nothing could ever commit")
-        if not 0.0 <= self.keep <= 1.0:
-            raise ValueError("keep must lie in [0, 1]")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -71,7 +36,7 @@ class VoteState:
     s: Array  # sum of observations
 
     @classmethod
-    def zeros_like(cls, committed: Array) -> "VoteState":
+    def zeros_like(cls, committed: Array) -> VoteState:
         def zero() -> Array:
             if isinstance(committed, torch.Tensor):
                 return torch.zeros_like(committed, dtype=torch.float32)

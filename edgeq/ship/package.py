@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeqError
+from edgeq.errors import EdgeqError
 
 
 def versions() -> dict[str, str]:

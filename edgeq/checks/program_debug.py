@@ -24,15 +24,19 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .errors import EdgeqError
-from .debug import record_values
-from .evaluate import sqnr_db
-from .plan import quantizable_layers
-from .quantizer import _FOLLOWERS, _clean, layer_owners
-from .recipe import as_tuple
+from edgeq import upstream
+from edgeq.backends import get_backend
+from edgeq.checks.debug import record_values
+from edgeq.checks.evaluate import sqnr_db
+from edgeq.errors import EdgeqError
+from edgeq.graph import is_follower, layer_owners, module_path
+from edgeq.planning.plan import quantizable_layers
+from edgeq.recipe import as_tuple
+from edgeq.targets import Target, load_target
 
 _QDQ = ("quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel")
 # Ops that move or relabel values without arithmetic: their output repeats their input's numbers.
@@ -96,7 +100,9 @@ def debug_samples(recipe, samples: int) -> tuple:
         if seen >= samples:
             break
     if not chunks:
-        raise EdgeqError("eval_data() yielded no batches", "make the recipe's eval_data() yield (inputs, target) batches")
+        raise EdgeqError(
+            "eval_data() yielded no batches", "make the recipe's eval_data() yield (inputs, target) batches"
+        )
     return _contiguous(tuple(torch.cat([c[i] for c in chunks])[:samples] for i in range(len(chunks[0]))))
 
 
@@ -112,7 +118,7 @@ def _producer(node: torch.fx.Node) -> torch.fx.Node:
 
 
 def _module(node: torch.fx.Node) -> str | None:
-    stack = [_clean(path) for path, _ in node.meta.get("nn_module_stack", {}).values()]
+    stack = [module_path(path) for path, _ in node.meta.get("nn_module_stack", {}).values()]
     return stack[-1] if stack and stack[-1] else None
 
 
@@ -123,15 +129,23 @@ def _label(node: torch.fx.Node, owners: dict[torch.fx.Node, str]) -> str | None:
         return "input"
     if node in owners:
         return owners[node]
-    if any(key in str(node.target) for key in _FOLLOWERS) and node.args and isinstance(node.args[0], torch.fx.Node):
+    if is_follower(node) and node.args and isinstance(node.args[0], torch.fx.Node):
         before = _producer(node.args[0])
         if before in owners:
             return owners[before]
     return _module(node)
 
 
-_KINDS = {"conv2d": "conv", "convolution": "conv", "conv1d": "conv", "adaptive_avg_pool2d": "mean",
-          "avg_pool2d": "avg_pool2d", "relu_": "relu", "hardtanh_": "hardtanh", "add_": "add"}
+_KINDS = {
+    "conv2d": "conv",
+    "convolution": "conv",
+    "conv1d": "conv",
+    "adaptive_avg_pool2d": "mean",
+    "avg_pool2d": "avg_pool2d",
+    "relu_": "relu",
+    "hardtanh_": "hardtanh",
+    "add_": "add",
+}
 
 
 def _kind(node: torch.fx.Node) -> str:
@@ -169,8 +183,12 @@ def _integers_differ(a: torch.Tensor, b: torch.Tensor, step: float | None) -> tu
 
 def _dequantize(node: torch.fx.Node, value: torch.Tensor) -> tuple[torch.Tensor, float | None]:
     """A delegate output in real units; also its grid step where it is an integer tensor."""
-    if node.op == "call_function" and "quantize_per_tensor" in str(node.target) and "dequantize" not in str(node.target):
-        scale, zero_point = float(node.args[1]), int(node.args[2])
+    if (
+        node.op == "call_function"
+        and "quantize_per_tensor" in str(node.target)
+        and "dequantize" not in str(node.target)
+    ):
+        scale, zero_point = float(node.args[1]), int(node.args[2])  # type: ignore[arg-type]
         return (value.to(torch.int32) - zero_point).float() * scale, scale
     return value.float(), None
 
@@ -181,22 +199,19 @@ def _op_name(node: torch.fx.Node) -> str:
     return parts[1] if len(parts) == 3 else parts[0]
 
 
-def _lower_per_op(reference: torch.nn.Module, inputs: tuple, backend: str):
+def _lower_per_op(reference: torch.nn.Module, inputs: tuple, target: Target) -> tuple[Any, Any, Any]:
     from executorch.exir import to_edge_transform_and_lower
 
-    if backend != "xnnpack":
+    backend = get_backend(target.backend)
+    partitioners = backend.per_op_partitioners(target)
+    if partitioners is None:
         raise EdgeqError(
-            f"reading a program's intermediate outputs works for XNNPACK programs; this one is lowered to {backend}",
+            f"reading a program's intermediate outputs is not available for {backend.title} programs",
             "use `edgeq debug --reference-only` to compare the quantized reference with float layer by layer",
         )
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
-    from .lower import _skip_idle_bilinear_matching
-
-    _skip_idle_bilinear_matching()
+    upstream.apply()
     exported = torch.export.export(reference, inputs)
-    edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner(per_op_mode=True)],
-                                       generate_etrecord=True)
+    edge = to_edge_transform_and_lower(exported, partitioner=partitioners, generate_etrecord=True)
     program = edge.to_executorch()
     etrecord = program.get_etrecord()
     etrecord.update_representative_inputs([inputs])
@@ -214,9 +229,17 @@ def _debug_buffer_size(graph: torch.fx.GraphModule) -> int:
     return 2 * total + (1 << 20)
 
 
-def debug_program(float_model: torch.nn.Module, reference: torch.nn.Module, recipe, backend: str = "xnnpack",
-                  shipped: str | Path | bytes | None = None, out_dir: str | Path | None = None,
-                  samples: int = 16, threshold_db: float = 20.0, runtime_threshold_db: float = 30.0) -> ProgramDebug:
+def debug_program(
+    float_model: torch.nn.Module,
+    reference: torch.nn.Module,
+    recipe,
+    target: Target | str = "android",
+    shipped: str | Path | bytes | None = None,
+    out_dir: str | Path | None = None,
+    samples: int = 16,
+    threshold_db: float = 20.0,
+    runtime_threshold_db: float = 30.0,
+) -> ProgramDebug:
     """Run the reference, lowered layer by layer, with ETDump; compare each layer with reference and float.
 
     ``out_dir`` keeps the debug program, ETRecord, ETDump and debug buffer, so
@@ -225,22 +248,37 @@ def debug_program(float_model: torch.nn.Module, reference: torch.nn.Module, reci
     inputs = debug_samples(recipe, samples)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lowering and ETRecord parsing warn about every unsupported kwarg
-        return _debug_program(float_model, reference, recipe, backend, inputs, shipped, out_dir,
-                              threshold_db, runtime_threshold_db)
+        return _debug_program(
+            float_model,
+            reference,
+            recipe,
+            load_target(target),
+            inputs,
+            shipped,
+            out_dir,
+            threshold_db,
+            runtime_threshold_db,
+        )
 
 
-def _debug_program(float_model, reference, recipe, backend, inputs, shipped, out_dir,
-                   threshold_db, runtime_threshold_db) -> ProgramDebug:
+def _debug_program(
+    float_model, reference, recipe, target, inputs, shipped, out_dir, threshold_db, runtime_threshold_db
+) -> ProgramDebug:
     from executorch.devtools import Inspector
     from executorch.runtime import Runtime
 
-    from .capture import capture, fold_batchnorm
+    from edgeq.capture import capture, fold_batchnorm
 
-    edge, program, etrecord = _lower_per_op(reference, inputs, backend)
+    edge, program, etrecord = _lower_per_op(reference, inputs, target)
     top = edge.exported_program().graph_module
     calls = [n for n in top.graph.nodes if n.op == "call_function" and "call_delegate" in str(n.target)]
-    outside = sorted({_op_name(n) for n in top.graph.nodes
-                      if n.op == "call_function" and n not in calls and "getitem" not in str(n.target)})
+    outside = sorted(
+        {
+            _op_name(n)
+            for n in top.graph.nodes
+            if n.op == "call_function" and n not in calls and "getitem" not in str(n.target)
+        }
+    )
 
     with tempfile.TemporaryDirectory(prefix="edgeq-debug-") as tmp:
         work = Path(out_dir) if out_dir is not None else Path(tmp)
@@ -248,19 +286,30 @@ def _debug_program(float_model, reference, recipe, backend, inputs, shipped, out
         paths = {name: work / name for name in ("model.debug.pte", "etrecord.bin", "etdump.etdp", "debug_buffer.bin")}
         paths["model.debug.pte"].write_bytes(program.buffer)
         etrecord.save(str(paths["etrecord.bin"]))
-        loaded = Runtime.get().load_program(program.buffer, enable_etdump=True,
-                                            debug_buffer_size=_debug_buffer_size(top))
+        loaded = Runtime.get().load_program(
+            program.buffer, enable_etdump=True, debug_buffer_size=_debug_buffer_size(top)
+        )
         outputs = loaded.load_method("forward").execute(inputs)
         loaded.write_etdump_result_to_file(str(paths["etdump.etdp"]), str(paths["debug_buffer.bin"]))
-        inspector = Inspector(etdump_path=str(paths["etdump.etdp"]), etrecord=str(paths["etrecord.bin"]),
-                              debug_buffer_path=str(paths["debug_buffer.bin"]))
-        events = [e for block in inspector.event_blocks if block.name == "Execute"
-                  for e in block.events if e.name == "DELEGATE_CALL"]
+        inspector = Inspector(
+            etdump_path=str(paths["etdump.etdp"]),
+            etrecord=str(paths["etrecord.bin"]),
+            debug_buffer_path=str(paths["debug_buffer.bin"]),
+        )
+        events = [
+            e
+            for block in inspector.event_blocks
+            if block.name == "Execute"
+            for e in block.events
+            if e.name == "DELEGATE_CALL"
+        ]
         artifacts = {name: str(path) for name, path in paths.items()} if out_dir is not None else {}
 
     if len(events) != len(calls):
-        raise EdgeqError(f"ETDump holds {len(events)} delegate calls, the program has {len(calls)}",
-                         "report this with the build directory: the debug program and its ETDump disagree")
+        raise EdgeqError(
+            f"ETDump holds {len(events)} delegate calls, the program has {len(calls)}",
+            "report this with the build directory: the debug program and its ETDump disagree",
+        )
 
     # The reference, in the edge dialect the program was lowered from: same node names.
     edge_graph = etrecord.edge_dialect_program.module()
@@ -281,9 +330,11 @@ def _debug_program(float_model, reference, recipe, backend, inputs, shipped, out
         sub = partition.graph_module.graph
         computes = [n for n in sub.nodes if n.op == "call_function" and not _is_qdq(n)]
         outs = list(next(n for n in sub.nodes if n.op == "output").args[0])
-        user_inputs = [spec.arg.name for spec in partition.graph_signature.input_specs if spec.kind.name == "USER_INPUT"]
+        user_inputs = [
+            spec.arg.name for spec in partition.graph_signature.input_specs if spec.kind.name == "USER_INPUT"
+        ]
         recorded = list(event.debug_data)
-        call_inputs, out_values = recorded[:len(user_inputs)], recorded[-len(outs):]
+        call_inputs, out_values = recorded[: len(user_inputs)], recorded[-len(outs) :]
         consumes_input = any(name in by_name and by_name[name].op == "placeholder" for name in user_inputs)
         if not consumes_input and all(_op_name(n) in _LAYOUT for n in computes):
             continue  # a bare quantize/dequantize or reshape between layers adds no numbers of its own
@@ -303,26 +354,37 @@ def _debug_program(float_model, reference, recipe, backend, inputs, shipped, out
             flt = float_values.get(_where(producer))
             if flt is not None and tuple(flt.shape) != tuple(program_real.shape):
                 flt = None
-            rows.append(ProgramLayer(
-                name=name,
-                ops=[_op_name(n) for n in computes] or ["quantize"],
-                kernel_vs_reference_db=sqnr_db(local_real, program_real),
-                mismatch=mismatch,
-                max_steps=max_steps,
-                program_vs_reference_db=sqnr_db(reference_real, program_real),
-                program_vs_float_db=sqnr_db(flt, program_real) if flt is not None else None,
-                reference_vs_float_db=sqnr_db(flt, reference_real) if flt is not None else None,
-            ))
+            rows.append(
+                ProgramLayer(
+                    name=name,
+                    ops=[_op_name(n) for n in computes] or ["quantize"],
+                    kernel_vs_reference_db=sqnr_db(local_real, program_real),
+                    mismatch=mismatch,
+                    max_steps=max_steps,
+                    program_vs_reference_db=sqnr_db(reference_real, program_real),
+                    program_vs_float_db=sqnr_db(flt, program_real) if flt is not None else None,
+                    reference_vs_float_db=sqnr_db(flt, reference_real) if flt is not None else None,
+                )
+            )
 
     shipped_diff = None
     if shipped is not None:
-        from .validate import ProgramRunner
+        from edgeq.runtime import ProgramRunner
 
         shipped_out = ProgramRunner(shipped)(*inputs)
         shipped_diff = float((shipped_out.float() - outputs[0].float()).abs().max())
-    first_float = next((r.name for r in rows if r.program_vs_float_db is not None and r.program_vs_float_db < threshold_db), None)
+    first_float = next(
+        (r.name for r in rows if r.program_vs_float_db is not None and r.program_vs_float_db < threshold_db), None
+    )
     first_ref = next((r.name for r in rows if r.kernel_vs_reference_db < runtime_threshold_db), None)
-    return ProgramDebug(layers=rows, first_vs_float=first_float, first_vs_reference=first_ref,
-                        threshold_db=threshold_db, runtime_threshold_db=runtime_threshold_db,
-                        samples=int(inputs[0].shape[0]), shipped_max_diff=shipped_diff,
-                        outside_ops=outside, artifacts=artifacts)
+    return ProgramDebug(
+        layers=rows,
+        first_vs_float=first_float,
+        first_vs_reference=first_ref,
+        threshold_db=threshold_db,
+        runtime_threshold_db=runtime_threshold_db,
+        samples=int(inputs[0].shape[0]),
+        shipped_max_diff=shipped_diff,
+        outside_ops=outside,
+        artifacts=artifacts,
+    )

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import EdgeqError
-from .targets import Target
+from edgeq.errors import EdgeqError
+from edgeq.targets import Target
 
 PLAN_VERSION = 1
 
@@ -49,7 +49,7 @@ class Plan:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "plan") -> "Plan":
+    def from_dict(cls, data: dict, where: str = "plan") -> Plan:
         try:
             layers = [LayerPlan(**entry) for entry in data["layers"]]
             return cls(
@@ -65,7 +65,7 @@ class Plan:
             ) from exc
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         path = Path(path)
         if not path.is_file():
             raise EdgeqError(f"plan file {path} not found", "check the path given to --plan")
@@ -89,7 +89,7 @@ def quantizable_layers(model: nn.Module) -> list[tuple[str, str, int]]:
     for name, module in model.named_modules():
         for cls, kind in _KINDS:
             if type(module) is cls:
-                layers.append((name, kind, int(module.weight.numel())))
+                layers.append((name, kind, int(module.weight.numel())))  # type: ignore[attr-defined]
     return layers
 
 
@@ -103,7 +103,9 @@ def uniform_plan(model: nn.Module, target: Target, precision: str | None = None,
             layers.append(LayerPlan(name, kind, precision, reason or f"uniform {precision}", params))
         else:
             fallback = target.default_precision if kind in target.precision(target.default_precision).ops else "float"
-            layers.append(LayerPlan(name, kind, fallback, f"{precision} does not run {kind} layers on {target.name}", params))
+            layers.append(
+                LayerPlan(name, kind, fallback, f"{precision} does not run {kind} layers on {target.name}", params)
+            )
     plan = Plan(target=target.name, layers=layers)
     check_activation_modes(plan, target)
     return plan
@@ -121,7 +123,8 @@ def validate_plan(plan: Plan, model: nn.Module, target: Target) -> Plan:
     for entry in plan.layers:
         if entry.precision not in target.precisions:
             raise EdgeqError(
-                f"plan gives layer '{entry.name}' precision '{entry.precision}', which target '{target.name}' cannot run",
+                f"plan gives layer '{entry.name}' precision '{entry.precision}', "
+                f"which target '{target.name}' cannot run",
                 f"use one of: {', '.join(target.precisions)}",
             )
         kind = known[entry.name][0]
@@ -129,7 +132,8 @@ def validate_plan(plan: Plan, model: nn.Module, target: Target) -> Plan:
         if kind not in spec.ops:
             valid = [p for p, s in target.precisions.items() if kind in s.ops]
             raise EdgeqError(
-                f"plan gives {kind} layer '{entry.name}' precision '{entry.precision}', which {target.name} runs only for {', '.join(spec.ops)} layers",
+                f"plan gives {kind} layer '{entry.name}' precision '{entry.precision}', "
+                f"which {target.name} runs only for {', '.join(spec.ops)} layers",
                 f"use one of: {', '.join(valid)}",
             )
         entry.kind, entry.params = kind, known[entry.name][1]
@@ -137,7 +141,9 @@ def validate_plan(plan: Plan, model: nn.Module, target: Target) -> Plan:
     named = {entry.name for entry in plan.layers}
     for name, (kind, params) in known.items():
         if name not in named:
-            plan.layers.append(LayerPlan(name, kind, target.default_precision, "not in the plan: target default", params))
+            plan.layers.append(
+                LayerPlan(name, kind, target.default_precision, "not in the plan: target default", params)
+            )
     if plan.target != target.name:
         plan.target = target.name
     check_activation_modes(plan, target)
@@ -164,4 +170,3 @@ def check_activation_modes(plan: Plan, target: Target) -> None:
 def weight_bytes(plan: Plan, target: Target) -> float:
     """Bytes the plan's quantizable weights take in the program."""
     return sum(entry.params * target.precisions[entry.precision].weight_bytes for entry in plan.layers)
-

@@ -7,13 +7,13 @@ report are comparable.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 
-from .errors import EdgeqError
-from .recipe import as_tuple
+from edgeq.errors import EdgeqError
+from edgeq.recipe import as_tuple
 
 
 @dataclass
@@ -24,7 +24,9 @@ class Evaluation:
     samples: int
 
 
-def collect(run: Callable[..., torch.Tensor], data: Iterable, limit: int | None = None, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+def collect(
+    run: Callable[..., torch.Tensor], data: Iterable, limit: int | None = None, progress=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate the outputs of ``run(*inputs)`` and the targets over ``data``."""
     outputs, targets = [], []
     seen = 0
@@ -41,7 +43,9 @@ def collect(run: Callable[..., torch.Tensor], data: Iterable, limit: int | None 
             if limit is not None and seen >= limit:
                 break
     if not outputs:
-        raise EdgeqError("eval_data() yielded no batches", "make the recipe's eval_data() yield (inputs, target) batches")
+        raise EdgeqError(
+            "eval_data() yielded no batches", "make the recipe's eval_data() yield (inputs, target) batches"
+        )
     return torch.cat(outputs), torch.cat(targets)
 
 

@@ -30,7 +30,9 @@ def ranges_figure(layers: list[dict[str, Any]]) -> str:
     names = [l["name"] for l in layers]
     x = range(len(names))
     fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(names) + 2), 3))
-    ax.bar([i - 0.2 for i in x], [max(abs(l["act_min"]), abs(l["act_max"])) for l in layers], 0.4, label="input max |x|")
+    ax.bar(
+        [i - 0.2 for i in x], [max(abs(l["act_min"]), abs(l["act_max"])) for l in layers], 0.4, label="input max |x|"
+    )
     ax.bar([i + 0.2 for i in x], [l["act_p999"] for l in layers], 0.4, label="input p99.9 |x|")
     ax.plot(list(x), [l["weight_absmax"] for l in layers], "k^", label="weight absmax")
     ax.set_xticks(list(x), names, rotation=45, ha="right")
@@ -47,8 +49,12 @@ def sensitivity_figure(layers: list[dict[str, Any]]) -> str:
     fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(names) + 2), 3))
     width = 0.8 / max(1, len(precisions))
     for k, p in enumerate(precisions):
-        ax.bar([i + (k - (len(precisions) - 1) / 2) * width for i in range(len(names))],
-               [l["loss_delta"].get(p, 0.0) for l in layers], width, label=p)
+        ax.bar(
+            [i + (k - (len(precisions) - 1) / 2) * width for i in range(len(names))],
+            [l["loss_delta"].get(p, 0.0) for l in layers],
+            width,
+            label=p,
+        )
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_ylabel("Δ task loss, layer alone quantized")
     ax.set_title("Sensitivity per layer")

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .analysis import Analysis, LayerAnalysis
-from .errors import EdgeqError
-from .plan import LayerPlan, Plan
-from .targets import Target
+from edgeq.errors import EdgeqError
+from edgeq.planning.analysis import Analysis, LayerAnalysis
+from edgeq.planning.plan import LayerPlan, Plan
+from edgeq.targets import Target
 
 #: max |x| over the 99.9th percentile of |x| above which an input is outlier-heavy
 OUTLIER_RATIO = 8.0
@@ -103,8 +103,11 @@ def make_plan(
     # Too damaging even at the default: send the most sensitive layers to float.
     floatable = [l for l in layers if any(target.precisions[p].is_float for p in _options(l, target))]
     while drop(choice) > max_drop and budget is None:
-        worst = max((l for l in floatable if not target.precisions[choice[l.name]].is_float),
-                    key=lambda l: _drop(l, choice[l.name]), default=None)
+        worst = max(
+            (l for l in floatable if not target.precisions[choice[l.name]].is_float),
+            key=lambda l: _drop(l, choice[l.name]),
+            default=None,
+        )
         if worst is None or _drop(worst, choice[worst.name]) == 0:
             break
         cost = _drop(worst, choice[worst.name])
@@ -137,28 +140,39 @@ def make_plan(
             break
         _, l, p, saved, cost = best
         choice[l.name] = p
-        reason[l.name] = (f"{p}: saves {saved:,.0f} bytes for a predicted {cost:+.2f} points "
-                          f"(Δloss {l.loss_delta.get(p, 0.0):+.4f} with this layer alone quantized)")
+        reason[l.name] = (
+            f"{p}: saves {saved:,.0f} bytes for a predicted {cost:+.2f} points "
+            f"(Δloss {l.loss_delta.get(p, 0.0):+.4f} with this layer alone quantized)"
+        )
         considered.append(PlanPoint(size(choice), drop(choice), dict(choice)))
 
     final_size = size(choice)
     if budget is not None and final_size > budget:
         raise EdgeqError(
-            f"no plan fits --size-budget {budget:,.0f} bytes on {target.name}: the smallest reaches {final_size:,} bytes",
+            f"no plan fits --size-budget {budget:,.0f} bytes on {target.name}: "
+            f"the smallest reaches {final_size:,} bytes",
             "raise --size-budget, or pick a target with narrower precisions",
         )
     for l in layers:
         if l.name in locked or reason[l.name].startswith(choice[l.name] + ": saves"):
             continue
-        narrower = [p for p in _options(l, target)
-                    if target.precisions[p].weight_bytes < target.precisions[choice[l.name]].weight_bytes
-                    and not target.precisions[p].is_float]
+        narrower = [
+            p
+            for p in _options(l, target)
+            if target.precisions[p].weight_bytes < target.precisions[choice[l.name]].weight_bytes
+            and not target.precisions[p].is_float
+        ]
         if not narrower:
-            reason[l.name] = f"{choice[l.name]}: no narrower precision saves bytes for a {l.kind} layer on {target.name}"
+            reason[l.name] = (
+                f"{choice[l.name]}: no narrower precision saves bytes for a {l.kind} layer on {target.name}"
+            )
         elif budget is None:
-            worst = min(narrower, key=lambda p: _drop(l, p))
-            reason[l.name] = (f"{choice[l.name]}: {worst} would push the predicted drop to "
-                              f"{drop(choice) + _drop(l, worst) - _drop(l, choice[l.name]):.2f} points, over --max-drop {max_drop:g}")
+            cheapest = min(narrower, key=lambda p: _drop(l, p))
+            reason[l.name] = (
+                f"{choice[l.name]}: {cheapest} would push the predicted drop to "
+                f"{drop(choice) + _drop(l, cheapest) - _drop(l, choice[l.name]):.2f} points, "
+                f"over --max-drop {max_drop:g}"
+            )
         else:
             reason[l.name] = f"{choice[l.name]}: the budget was met without narrowing it"
     considered[-1].chosen = True

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import EdgeqError
-from .plan import quantizable_layers
-from .recipe import Recipe, as_tuple
-from .targets import Precision, Target
+from edgeq.errors import EdgeqError
+from edgeq.planning.plan import quantizable_layers
+from edgeq.recipe import Recipe, as_tuple
+from edgeq.targets import Precision, Target
 
 #: activation samples kept per layer for percentiles
 _SAMPLE = 200_000
@@ -113,7 +113,9 @@ def _batches(recipe: Recipe, count: int) -> list:
         if len(batches) >= count:
             break
     if not batches:
-        raise EdgeqError("train_data() yielded no batches", "make the recipe's train_data() yield (inputs, target) batches")
+        raise EdgeqError(
+            "train_data() yielded no batches", "make the recipe's train_data() yield (inputs, target) batches"
+        )
     return batches
 
 
@@ -142,8 +144,10 @@ def analyze(model: nn.Module, recipe: Recipe, target: Target, batches: int = 8) 
         def hook(module, args):
             x = args[0].detach().float()
             if not bool(torch.isfinite(x).all()):
-                raise EdgeqError(f"calibration data reach layer '{name}' with NaN or inf values",
-                                 "check the recipe's train_data() and model() for NaN/inf values")
+                raise EdgeqError(
+                    f"calibration data reach layer '{name}' with NaN or inf values",
+                    "check the recipe's train_data() and model() for NaN/inf values",
+                )
             extremes[name][0] = min(extremes[name][0], float(x.min()))
             extremes[name][1] = max(extremes[name][1], float(x.max()))
             flat = x.flatten()
@@ -151,6 +155,7 @@ def analyze(model: nn.Module, recipe: Recipe, target: Target, batches: int = 8) 
                 idx = torch.randint(0, flat.numel(), (_SAMPLE // batches,), generator=torch.Generator().manual_seed(0))
                 flat = flat[idx]
             samples[name].append(flat)
+
         return hook
 
     handles = [modules[name].register_forward_pre_hook(record(name)) for name, _, _ in layers]
@@ -171,11 +176,18 @@ def analyze(model: nn.Module, recipe: Recipe, target: Target, batches: int = 8) 
         p999 = float(torch.quantile(mags, 0.999)) if mags.numel() else 0.0
         p9999 = float(torch.quantile(mags, 0.9999)) if mags.numel() else 0.0
         entry = LayerAnalysis(
-            name=name, kind=kind, params=params,
-            weight_min=float(w.min()), weight_max=float(w.max()), weight_absmax=float(ch_absmax.max()),
+            name=name,
+            kind=kind,
+            params=params,
+            weight_min=float(w.min()),
+            weight_max=float(w.max()),
+            weight_absmax=float(ch_absmax.max()),
             channel_spread=float(ch_absmax.max() / ch_absmax.median().clamp(min=1e-12)),
             channel_absmax=[round(float(v), 6) for v in ch_absmax],
-            act_min=lo, act_max=hi, act_p999=p999, act_p9999=p9999,
+            act_min=lo,
+            act_max=hi,
+            act_p999=p999,
+            act_p9999=p9999,
             outlier_ratio=float(max(abs(lo), abs(hi)) / p999) if p999 > 0 else 1.0,
         )
         for pname, spec in _quantized_variants(target, kind).items():
@@ -186,14 +198,16 @@ def analyze(model: nn.Module, recipe: Recipe, target: Target, batches: int = 8) 
             entry.loss_delta[pname] = round(loss - float_loss, 6)
             entry.metric_drop[pname] = round(float_metric - metric, 4)
         results.append(entry)
-    return Analysis(target=target.name, float_loss=float_loss, float_metric=float_metric, batches=len(data), layers=results)
+    return Analysis(
+        target=target.name, float_loss=float_loss, float_metric=float_metric, batches=len(data), layers=results
+    )
 
 
 def analyze_recipe(recipe=None, target="android", batches: int = 8) -> Analysis:
     """``edgeq.analyze``: load a recipe (path, module or Recipe; None: the bundled example)
     and a target (name, .toml path or Target), and analyze the recipe's float model."""
-    from .recipe import load_recipe
-    from .targets import load_target
+    from edgeq.recipe import load_recipe
+    from edgeq.targets import load_target
 
     recipe = load_recipe(recipe)
     return analyze(recipe.model(), recipe, load_target(target), batches=batches)
@@ -223,13 +237,33 @@ def print_analysis(analysis: Analysis, console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title=f"edgeq analyze ({analysis.target}): float loss {analysis.float_loss:.4f}, metric {analysis.float_metric:.2f}")
-    for col in ("layer", "kind", "weights", "w absmax", "spread", "input range", "p99.9", "outlier", "w SQNR dB", "Δloss"):
+    table = Table(
+        title=f"edgeq analyze ({analysis.target}): float loss {analysis.float_loss:.4f}, "
+        f"metric {analysis.float_metric:.2f}"
+    )
+    for col in (
+        "layer",
+        "kind",
+        "weights",
+        "w absmax",
+        "spread",
+        "input range",
+        "p99.9",
+        "outlier",
+        "w SQNR dB",
+        "Δloss",
+    ):
         table.add_column(col, overflow="fold")
     for l in analysis.layers:
         table.add_row(
-            l.name, l.kind, f"{l.params:,}", f"{l.weight_absmax:.3f}", f"{l.channel_spread:.1f}",
-            f"[{l.act_min:.2f}, {l.act_max:.2f}]", f"{l.act_p999:.2f}", f"{l.outlier_ratio:.1f}",
+            l.name,
+            l.kind,
+            f"{l.params:,}",
+            f"{l.weight_absmax:.3f}",
+            f"{l.channel_spread:.1f}",
+            f"[{l.act_min:.2f}, {l.act_max:.2f}]",
+            f"{l.act_p999:.2f}",
+            f"{l.outlier_ratio:.1f}",
             "\n".join(f"{k} {v:.1f}" for k, v in l.weight_sqnr.items()),
             "\n".join(f"{k} {v:+.4f}" for k, v in l.loss_delta.items()),
         )

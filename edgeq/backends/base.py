@@ -1,0 +1,91 @@
+"""What a deployment backend provides to the pipeline.
+
+A backend is the one place that knows its vendor: how a target file for it is
+checked, how a precision plan becomes a PT2E quantizer, which ExecuTorch
+partitioners lower to it, whether its SDK and host runtime are present, how
+its programs run on the host, and what an app must carry to load them. The
+pipeline, the checks and the bundle only ever talk to this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from edgeq.planning.plan import Plan
+    from edgeq.quant.configs import RangeConfig
+    from edgeq.runtime import ProgramRunner
+    from edgeq.targets import Precision, Target
+
+
+@dataclass(frozen=True)
+class AppRuntime:
+    """What the app bundle tells a developer to add beside model.pte."""
+
+    #: Gradle dependency lines (``group:artifact:version``)
+    gradle: tuple[str, ...]
+    #: one sentence on what the runtime is and what it holds
+    note: str
+    #: native libraries the app must package (name -> where it comes from)
+    libraries: dict[str, str] = field(default_factory=dict)
+    #: warnings a developer must read before shipping (runtime/compiler mismatches)
+    warnings: tuple[str, ...] = ()
+
+
+class Backend(ABC):
+    """One ExecuTorch delegate; subclasses register under the target files' ``backend`` name."""
+
+    name: ClassVar[str]
+    #: the delegate as users know it, for reports ("XNNPACK (Arm CPU)")
+    title: ClassVar[str]
+
+    def check_target(self, data: dict[str, Any], precisions: dict[str, Precision], where: str) -> None:  # noqa: B027 - optional hook
+        """Raise EdgeqError for what this backend needs beyond the common target schema."""
+
+    @abstractmethod
+    def quantizer(self, plan: Plan, target: Target, qat: bool, ranges: RangeConfig) -> Any:
+        """A PT2E quantizer that quantizes each planned layer at its precision."""
+
+    @abstractmethod
+    def partitioners(self, target: Target, allow_download: bool = False) -> list[Any]:
+        """ExecuTorch partitioners that lower a converted reference for ``target``."""
+
+    def per_op_partitioners(self, target: Target) -> list[Any] | None:
+        """Partitioners giving one delegate call per layer, for reading a program's intermediates; None: unsupported."""
+        return None
+
+    def float_partitioners(self) -> list[Any]:
+        """Partitioners for the float baseline program that sizes are measured against."""
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        return [XnnpackPartitioner()]
+
+    def ensure_sdk(self, allow_download: bool = False) -> None:  # noqa: B027 - optional hook
+        """Raise SdkMissingError (one line, naming the fix) when lowering cannot run here."""
+
+    def runner(self, program: bytes | str | Path) -> ProgramRunner:
+        """Run a program of this backend on the host, like a torch module."""
+        from edgeq.runtime import ProgramRunner
+
+        return ProgramRunner(program)
+
+    def outside_reason(self, op: str) -> str:
+        return (
+            f"the {self.title} partitioner does not take this op "
+            "(no delegate kernel for it, or for its dtype/arguments)"
+        )
+
+    @abstractmethod
+    def app_runtime(self, manifest: dict[str, Any]) -> AppRuntime:
+        """What the app needs to load this backend's programs."""
+
+    def program_notes(self, program: bytes) -> dict[str, Any]:
+        """Facts read off a lowered program for the report and manifest (versions, binary sizes)."""
+        return {}
+
+    def layer_precision_error(self, precision: Precision, kind: str) -> str | None:
+        """Why ``precision`` cannot run a layer of ``kind`` here (None: it can)."""
+        return None if kind in precision.ops else f"precision '{precision.name}' runs {', '.join(precision.ops)} layers"

@@ -1,0 +1,109 @@
+"""XNNPACK (Arm CPU) through ExecuTorch's XNNPACK delegate: the ``android`` target."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from edgeq.backends.base import AppRuntime, Backend
+from edgeq.graph import layer_owners
+from edgeq.quant.configs import RangeConfig, swap_fake_quants, weight_range
+
+if TYPE_CHECKING:
+    from edgeq.planning.plan import Plan
+    from edgeq.targets import Precision, Target
+
+GRADLE_ARTIFACT = "org.pytorch:executorch-android"
+
+
+def xnnpack_config(precision: Precision, qat: bool, ranges: RangeConfig) -> Any:
+    """XNNPACK's symmetric config for one menu precision, with edgeq's QAT fake-quant."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+
+    if precision.is_float:
+        return None
+    dynamic = precision.activations == "dynamic"
+    wmin, wmax = weight_range(precision.weight_bits)
+    if dynamic and precision.weight_bits == 4:
+        # XNNPACK packs 4-bit linear weights (qc4w) only from the full [-8, 7] range.
+        wmin = -8
+    config = get_symmetric_quantization_config(
+        is_per_channel=True, is_qat=qat, is_dynamic=dynamic, weight_qmin=wmin, weight_qmax=wmax
+    )
+    return swap_fake_quants(config, qat, ranges)
+
+
+def _plan_quantizer_class() -> type:
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+
+    class PlanXNNPACKQuantizer(XNNPACKQuantizer):
+        """XNNPACKQuantizer that assigns configs by planned layer, fused ops included.
+
+        XNNPACK's own module-name filter needs every node of a pattern inside
+        the named module, so a conv + ReLU pattern (the ReLU is a sibling
+        module) would match neither the layer's config nor the global one.
+        """
+
+        def __init__(self, global_config: Any, layer_configs: dict[str, Any]) -> None:
+            super().__init__()
+            self.set_global(global_config)
+            self.layer_configs = layer_configs
+
+        def _annotate_for_quantization_config(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            # Overrides XNNPACKQuantizer's private dispatch: its public set_module_name
+            # cannot express "this layer and the ops fused into it" (see class docstring).
+            owners = layer_owners(model, list(self.layer_configs))
+            by_config: dict[int, tuple[Any, set[str]]] = {}
+            for layer, config in self.layer_configs.items():
+                by_config.setdefault(id(config), (config, set()))[1].add(layer)
+            # Weights and biases (get_attr nodes) follow the op that consumes them.
+            for config, layers in by_config.values():
+                self._annotate_all_patterns(model, config, _owned_by(owners, layers))
+            overridden = set(self.layer_configs)
+            self._annotate_all_patterns(
+                model, self.global_config, lambda n: n.op != "call_function" or owners.get(n) not in overridden
+            )
+            return model
+
+    return PlanXNNPACKQuantizer
+
+
+def _owned_by(owners: dict[torch.fx.Node, str], layers: set[str]) -> Callable[[torch.fx.Node], bool]:
+    return lambda n: n.op != "call_function" or owners.get(n) in layers
+
+
+class XnnpackBackend(Backend):
+    name = "xnnpack"
+    title = "XNNPACK"
+
+    def quantizer(self, plan: Plan, target: Target, qat: bool, ranges: RangeConfig) -> Any:
+        # The global config covers ops outside the planned layers (pooling,
+        # adds, concatenations); layers that differ from it are overridden.
+        default = target.default_precision
+        configs: dict[str, Any] = {}
+        made: dict[str, Any] = {}
+        for entry in plan.layers:
+            if entry.precision != default:
+                if entry.precision not in made:
+                    made[entry.precision] = xnnpack_config(target.precisions[entry.precision], qat, ranges)
+                configs[entry.name] = made[entry.precision]
+        return _plan_quantizer_class()(xnnpack_config(target.precisions[default], qat, ranges), configs)
+
+    def partitioners(self, target: Target, allow_download: bool = False) -> list[Any]:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        return [XnnpackPartitioner()]
+
+    def per_op_partitioners(self, target: Target) -> list[Any] | None:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        return [XnnpackPartitioner(per_op_mode=True)]
+
+    def app_runtime(self, manifest: dict[str, Any]) -> AppRuntime:
+        version = manifest["versions"]["executorch"]
+        return AppRuntime(
+            gradle=(f"{GRADLE_ARTIFACT}:{version}",),
+            note=f"ExecuTorch Android runtime matching the exporter (executorch {version}); XNNPACK is built in.",
+        )

@@ -1,0 +1,92 @@
+"""Score a shipped program (the .pte) on the host or a phone against float and its reference."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgeq.errors import EdgeqError
+from edgeq.runtime import ProgramRunner, ProgramSignature, program_batches
+
+__all__ = [
+    "ProgramRunner",
+    "ProgramSignature",
+    "Validation",
+    "load_reference",
+    "program_batches",
+    "run_program",
+    "validate",
+]
+
+
+def run_program(program: bytes | str | Path) -> Callable[..., torch.Tensor]:
+    return ProgramRunner(program)
+
+
+@dataclass
+class Validation:
+    """What ``edgeq validate`` reports about a program on a recipe's evaluation data."""
+
+    where: str
+    samples: int
+    program: builtins.float
+    float: builtins.float
+    reference: builtins.float | None
+    agreement_float: builtins.float
+    agreement_reference: builtins.float | None
+    #: per output: SQNR (dB) and cosine similarity against the reference (or float)
+    sqnr_db: list[builtins.float]
+    cosine: list[builtins.float]
+
+
+def validate(
+    program: str | Path,
+    recipe,
+    reference: torch.nn.Module | None = None,
+    device: str | None = None,
+    runner: str | Path | None = None,
+    on_phone: bool = False,
+) -> Validation:
+    """Score ``program`` on the host (ExecuTorch runtime) or on a phone over adb."""
+    from edgeq.checks.evaluate import agreement, collect, cosine, sqnr_db
+
+    program = Path(program)
+    if not program.is_file():
+        raise EdgeqError(f"program {program} not found", "pass the path of a model.pte written by `edgeq build`")
+    if on_phone or device is not None or runner is not None:
+        from edgeq.checks.device import device_runner
+
+        run = device_runner(program, device, runner)
+        where = f"phone {run.device.serial}"
+    else:
+        run, where = ProgramRunner(program), "host (executorch.runtime)"
+    outputs, targets = collect(run, recipe.eval_data())
+    float_out, _ = collect(recipe.model().eval(), recipe.eval_data())
+    ref_out = collect(reference, recipe.eval_data())[0] if reference is not None else None
+    against = ref_out if ref_out is not None else float_out
+    return Validation(
+        where=where,
+        samples=len(outputs),
+        program=float(recipe.metric(outputs, targets)),
+        float=float(recipe.metric(float_out, targets)),
+        reference=float(recipe.metric(ref_out, targets)) if ref_out is not None else None,
+        agreement_float=agreement(float_out, outputs),
+        agreement_reference=agreement(ref_out, outputs) if ref_out is not None else None,
+        sqnr_db=[sqnr_db(against, outputs)],
+        cosine=[cosine(against, outputs)],
+    )
+
+
+def load_reference(path: str | Path) -> torch.nn.Module:
+    """The converted PT2E reference a build saved beside its program (reference.pt2)."""
+    # Registers the quantized_decomposed ops the saved graph calls.
+    import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
+
+    try:
+        return torch.export.load(str(path)).module()
+    except Exception as exc:  # a corrupt or foreign file
+        raise EdgeqError(f"cannot load the quantized reference {path}: {exc}", "rebuild with `edgeq build`") from exc

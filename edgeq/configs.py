@@ -1,0 +1,221 @@
+"""Every setting of a build, as validated, frozen dataclasses (the public configuration API).
+
+Configs check themselves on construction and are changed with
+``dataclasses.replace``, so a misspelt field or an impossible value fails at
+once, in one line. This module imports nothing heavy: the CLI reads its
+defaults from here without importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edgeq.errors import EdgeqError
+
+if TYPE_CHECKING:
+    from edgeq.planning.plan import Plan
+    from edgeq.targets import Target
+
+__all__ = [
+    "BuildConfig",
+    "DEBUG_PROGRAM_LAYERS",
+    "OPTIMIZERS",
+    "Optimizer",
+    "QATConfig",
+    "RANGE_MODES",
+    "RULES",
+    "RangeConfig",
+    "RangeMode",
+    "Rule",
+    "VoteConfig",
+]
+
+
+class Rule(StrEnum):
+    """How a commit moves the committed value (spec claims 4 and 5)."""
+
+    MEAN = "mean"
+    STEP = "step"
+
+
+RULES = tuple(r.value for r in Rule)
+
+
+@dataclass(frozen=True)
+class VoteConfig:
+    """The method's knobs, named as in the spec (they are public API)."""
+
+    #: commit an increase when more than this share of the votes is above P
+    up_ratio: float = 0.5
+    #: commit a decrease when more than this share of the votes is below P
+    down_ratio: float = 0.7
+    #: no commit before this many observations since the last one
+    min_votes: int = 8
+    #: forget the votes after this many observations without a commit (0: never)
+    window: int = 0
+    #: "mean" (claim 4: blend P with the mean of the votes) or "step" (claim 5)
+    rule: str = "mean"
+    #: weight of the committed value in the "mean" blend
+    keep: float = 0.5
+    #: relative step of the "step" rule
+    step: float = 0.05
+    #: floor of |P| in the "step" rule, so a zero bound can still move
+    eps: float = 2**-12
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        # Stored as the plain string: it travels into fake-quant kwargs, JSON and checkpoints.
+        object.__setattr__(self, "rule", Rule(self.rule).value)
+        if not (0.0 <= self.up_ratio < 1.0 and 0.0 <= self.down_ratio < 1.0):
+            raise ValueError("up_ratio and down_ratio must lie in [0, 1)")
+        if self.min_votes < 1 or self.window < 0:
+            raise ValueError("min_votes must be >= 1 and window >= 0")
+        if self.window and self.window < self.min_votes:
+            raise ValueError("window must be 0 or at least min_votes, or nothing could ever commit")
+        if not 0.0 <= self.keep <= 1.0:
+            raise ValueError("keep must lie in [0, 1]")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+#: adaptive: edgeq's voting tracker; ema: PT2E's moving-average observers in
+#: torchao's FakeQuantize; ema-fused: PT2E's default as shipped
+#: (FusedMovingAvgObsFakeQuantize), kept for comparison: measured here, its
+#: fused kernel fake-quantizes per-channel 4-bit weights on a grid 0.94x the
+#: one convert_pt2e emits, which cost 5 points of .pte accuracy on digits.
+class RangeMode(StrEnum):
+    ADAPTIVE = "adaptive"
+    EMA = "ema"
+    EMA_FUSED = "ema-fused"
+
+
+RANGE_MODES = tuple(m.value for m in RangeMode)
+
+
+@dataclass(frozen=True)
+class RangeConfig:
+    """Which fake-quant QAT uses, and the adaptive tracker's knobs."""
+
+    mode: str = "adaptive"
+    vote: VoteConfig = field(default_factory=VoteConfig)
+
+    def __post_init__(self) -> None:
+        if self.mode not in RANGE_MODES:
+            raise ValueError(f"ranges must be one of {RANGE_MODES}, got {self.mode!r}")
+        object.__setattr__(self, "mode", RangeMode(self.mode).value)
+
+
+class Optimizer(StrEnum):
+    SGD = "sgd"  # momentum 0.9
+    ADAM = "adam"
+
+
+OPTIMIZERS = tuple(o.value for o in Optimizer)
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """How QAT trains; validated on construction, changed with ``dataclasses.replace``."""
+
+    steps: int = 300
+    lr: float = 1e-3
+    #: "sgd" (momentum 0.9) or "adam"
+    optimizer: str = "sgd"
+    weight_decay: float = 0.0
+    calibration_batches: int = 8
+    ranges: RangeConfig = field(default_factory=RangeConfig)
+    #: fold BatchNorm into conv weights before QAT, so that the simulated
+    #: weight is exactly the weight convert quantizes
+    fold_bn: bool = True
+    freeze_bn: float = 0.5
+    freeze_ranges: float = 0.8
+    intermediate_share: float = 0.3
+    intermediate_bits: int = 8
+    seed: int = 0
+    device: str = "cpu"
+    #: write a resumable checkpoint every this many steps (0: never)
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise EdgeqError(f"unknown optimizer {self.optimizer!r}", f"use one of: {', '.join(OPTIMIZERS)}")
+        object.__setattr__(self, "optimizer", Optimizer(self.optimizer).value)
+        if not isinstance(self.ranges, RangeConfig):
+            raise EdgeqError(f"QATConfig.ranges is a {type(self.ranges).__name__}", "pass an edgeq.RangeConfig")
+        checks = [
+            (self.steps >= 0, "steps must be >= 0"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.calibration_batches >= 1, "calibration_batches must be >= 1"),
+            (
+                0.0 <= self.freeze_bn <= 1.0 and 0.0 <= self.freeze_ranges <= 1.0,
+                "freeze_bn and freeze_ranges are shares of the steps, in [0, 1]",
+            ),
+            (0.0 <= self.intermediate_share <= 1.0, "intermediate_share must lie in [0, 1]"),
+            (self.intermediate_bits in (0, 8, 16), "intermediate_bits must be 0 (off), 8 or 16"),
+            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+        ]
+        for ok, why in checks:
+            if not ok:
+                raise EdgeqError(f"invalid QAT setting: {why}", "fix the option (see `edgeq build --help`)")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["ranges"] = {"mode": self.ranges.mode, **self.ranges.vote.as_dict()}
+        return data
+
+
+# Largest model (planned layers) whose program a build debugs layer by layer unasked.
+DEBUG_PROGRAM_LAYERS = 32
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What ``edgeq.build`` does; validated on construction, changed with ``dataclasses.replace``."""
+
+    target: str | Path | Target = "android"
+    out: str | Path | None = None
+    #: an edited plan.json; None: every layer at ``precision``
+    plan: str | Path | Plan | None = None
+    #: uniform precision for every layer; None (and no plan): planned per layer
+    precision: str | None = None
+    #: planner constraint: program bytes (> 1) or a fraction of the float program (<= 1)
+    size_budget: float | None = None
+    #: planner: inputs with max |x| / p99.9 above this keep a wide precision
+    outlier_ratio: float = 8.0
+    qat: QATConfig = field(default_factory=QATConfig)
+    #: fail when the .pte's metric falls more than this below float
+    max_drop: float = 1.0
+    seed: int = 0
+    #: let ExecuTorch download the Qualcomm SDK when QNN_SDK_ROOT is unset
+    allow_sdk_download: bool = False
+    #: continue QAT from the checkpoint a killed build left beside the output directory
+    resume: bool = False
+    #: read the program's per-layer outputs back through ETDump for the report; None: when
+    #: the model has at most DEBUG_PROGRAM_LAYERS planned layers (it lowers one delegate
+    #: call per layer, about half a second each); backends without per-op lowering skip it
+    debug_program: bool | None = None
+    #: evaluation samples the per-layer program debugging runs
+    debug_samples: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.qat, QATConfig):
+            raise EdgeqError(f"BuildConfig.qat is a {type(self.qat).__name__}", "pass an edgeq.QATConfig")
+        if self.size_budget is not None and self.size_budget <= 0:
+            raise EdgeqError(
+                f"--size-budget {self.size_budget} is not positive",
+                "pass bytes (> 1) or a fraction of the float program (<= 1)",
+            )
+        if self.max_drop < 0:
+            raise EdgeqError(f"--max-drop {self.max_drop} is negative", "pass the points the program may lose, >= 0")
+        if self.outlier_ratio <= 1:
+            raise EdgeqError(f"--outlier-ratio {self.outlier_ratio} must be > 1", "the default is 8")
+        if self.debug_samples < 1:
+            raise EdgeqError("debug_samples must be >= 1", "pass a positive number of samples")
+        if self.plan is not None and self.precision is not None:
+            raise EdgeqError("both a plan and a uniform precision were given", "pass --plan or --precision, not both")

@@ -1,0 +1,87 @@
+"""The app bundle: everything an Android developer needs to ship the program.
+
+``bundle/`` holds the program, its manifest and the manifest's JSON Schema,
+the labels, a Kotlin class that loads the program with ExecuTorch's Android
+API (``org.pytorch.executorch`` Module, Tensor, EValue), applies the recipe's
+preprocessing and returns the top-k labels, the Gradle dependency the
+target's backend needs at the exporter's ExecuTorch version, and a README.
+All text files come from the Jinja2 templates in ``edgeq/ship/templates``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from edgeq.backends import get_backend
+from edgeq.ship.templating import render, schema_text
+
+
+def class_name(recipe_name: str) -> str:
+    words = re.split(r"[^0-9A-Za-z]+", recipe_name)
+    name = "".join(w[:1].upper() + w[1:] for w in words if w) or "Edgeq"
+    return (name if not name[0].isdigit() else "M" + name) + "Model"
+
+
+def kotlin_source(manifest: dict[str, Any], package: str = "org.edgeq.generated") -> str:
+    inp = manifest["inputs"][0]
+    out = manifest["outputs"][0]
+    if inp["dtype"] != "float32":
+        raise ValueError(f"the generated class feeds float32 inputs; this program takes {inp['dtype']}")
+    shape = inp["shape"]
+    numel = 1
+    for d in shape:
+        numel *= d
+    pre = manifest.get("preprocessing") or {}
+    channels = shape[1] if len(shape) == 4 else 1
+
+    def per_channel(value: Any) -> list[Any]:
+        return list(value) if isinstance(value, (list, tuple)) else [value] * channels
+
+    return render(
+        "Model.kt.j2",
+        edgeq_version=manifest["versions"]["edgeq"],
+        executorch_version=manifest["versions"]["executorch"],
+        recipe=manifest["recipe"]["name"],
+        package=package,
+        name=class_name(manifest["recipe"]["name"]),
+        input=inp,
+        numel=numel,
+        labels=manifest.get("labels") or [str(i) for i in range(out["shape"][-1])],
+        scale=float(pre.get("scale", 1.0)),
+        mean=per_channel(pre.get("mean", 0.0)),
+        std=per_channel(pre.get("std", 1.0)),
+        channels=channels,
+        layout=pre.get("layout", "as exported"),
+    )
+
+
+def write_bundle(directory: Path, program: bytes, manifest: dict[str, Any]) -> list[str]:
+    """Write bundle/ into ``directory``; returns the file names."""
+    directory.mkdir(parents=True, exist_ok=True)
+    runtime = get_backend(manifest["target"]["backend"]).app_runtime(manifest)
+    name = class_name(manifest["recipe"]["name"])
+    labels = manifest.get("labels") or []
+    readme = render(
+        "README.md.j2",
+        manifest=manifest,
+        runtime=runtime,
+        name=name,
+        input=manifest["inputs"][0],
+        output=manifest["outputs"][0],
+        preprocessing=json.dumps(manifest.get("preprocessing") or {}),
+    )
+    files = {
+        "model.pte": program,
+        "manifest.json": (json.dumps(manifest, indent=2) + "\n").encode(),
+        "manifest.schema.json": schema_text().encode(),
+        "labels.txt": ("\n".join(labels) + "\n").encode() if labels else b"",
+        f"{name}.kt": kotlin_source(manifest).encode(),
+        "dependencies.gradle": render("dependencies.gradle.j2", runtime=runtime).encode(),
+        "README.md": readme.encode(),
+    }
+    for fname, data in files.items():
+        (directory / fname).write_bytes(data)
+    return sorted(files)

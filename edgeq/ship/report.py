@@ -1,0 +1,235 @@
+"""The build's report (JSON and a self-contained HTML page) and its manifest."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgeq.backends import get_backend
+from edgeq.ship.package import versions, write_bytes_atomic
+from edgeq.ship.templating import manifest_schema, render
+
+MANIFEST_SCHEMA = 1
+
+
+#: report.json's layout version; bump when a field changes meaning or disappears
+REPORT_SCHEMA = 2
+
+
+def check_manifest(manifest: dict[str, Any]) -> None:
+    """Raise ValueError naming the first field that does not follow manifest.schema.json."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(manifest, manifest_schema())
+    except jsonschema.ValidationError as exc:
+        where = ".".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise ValueError(f"manifest field {where}: {exc.message}") from None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def manifest(
+    recipe: Any,
+    target: Any,
+    config: Any,
+    signature: Any,
+    example_inputs: tuple,
+    float_model: torch.nn.Module,
+    program_sha256: str,
+    program_notes: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``signature``: the loaded program's ProgramSignature (its output shapes and dtypes)."""
+    names = _input_names(float_model, len(example_inputs))
+    return {
+        "schema": MANIFEST_SCHEMA,
+        "model": "model.pte",
+        "sha256": program_sha256,
+        "recipe": {"name": recipe.name, "source": recipe.source, "sha256": recipe.fingerprint},
+        "target": {"name": target.name, "backend": target.backend, "chipset": target.chipset},
+        "inputs": [
+            {"name": name, "shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+            for name, t in zip(names, example_inputs)
+        ],
+        "outputs": [
+            {"name": f"output_{i}", "shape": list(shape), "dtype": dtype}
+            for i, (shape, dtype) in enumerate(signature.outputs)
+        ],
+        "preprocessing": recipe.preprocessing,
+        "labels": recipe.labels,
+        "versions": versions(),
+        # Everything else that determines the program's bytes.
+        "build": {
+            "seed": config.seed,
+            "precision": config.precision,
+            "plan": str(config.plan) if config.plan is not None else None,
+            "qat": config.qat.to_dict(),
+            "python": platform.python_version(),
+        },
+        **({"program": program_notes} if program_notes else {}),
+    }
+
+
+def _input_names(model: torch.nn.Module, count: int) -> list[str]:
+    import inspect
+
+    try:
+        params = [
+            p
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        names = [p.name for p in params][:count]
+    except (TypeError, ValueError):
+        names = []
+    return names + [f"input_{i}" for i in range(len(names), count)]
+
+
+def build_report(
+    recipe: Any,
+    target: Any,
+    config: Any,
+    plan: Any,
+    scores: Any,
+    sizes: dict[str, int],
+    lowered: Any,
+    qat_report: Any,
+    timings: dict[str, float],
+    samples: int,
+    analysis: Any = None,
+    planned: Any = None,
+    layer_errors: Any = (),
+    first_divergence: Any = None,
+    program_layers: dict[str, Any] | None = None,
+    program_notes: dict[str, Any] | None = None,
+    runtime: str = "host",
+    warnings: list[str] | None = None,
+) -> dict[str, Any]:
+    delegation = lowered.delegation
+    return {
+        "schema_version": REPORT_SCHEMA,
+        "recipe": recipe.name,
+        "target": target.name,
+        "backend": target.backend,
+        "backend_title": get_backend(target.backend).title,
+        "runtime": runtime,
+        "warnings": list(warnings or []),
+        "program": dict(program_notes or {}),
+        "samples": samples,
+        "accuracy": {
+            "float": scores.float,
+            "qat": scores.qat,
+            "reference": scores.reference,
+            "program": scores.program,
+            "drop": scores.float - scores.program,
+            "max_drop": config.max_drop,
+        },
+        "agreement": scores.agreement,
+        "size": {
+            **sizes,
+            "ratio": sizes["program_bytes"] / sizes["float_program_bytes"] if sizes["float_program_bytes"] else None,
+        },
+        "delegation": {
+            "delegated_ops": delegation.delegated_ops,
+            "outside_ops": delegation.outside_ops,
+            "delegate_calls": delegation.delegate_calls,
+            "flops_in_delegate": delegation.flops_in_delegate,
+            "outside": delegation.outside,
+            "by_op": {op: {"delegated": d, "outside": o} for op, (d, o) in delegation.by_op.items()},
+        },
+        "plan": [asdict(layer) for layer in plan.layers],
+        "qat": {
+            "config": config.qat.to_dict(),
+            "steps": qat_report.steps,
+            "seconds": qat_report.seconds,
+            "step_seconds": qat_report.step_seconds,
+            "first_loss": qat_report.first_loss,
+            "last_loss": qat_report.last_loss,
+            "commits": qat_report.commits,
+            "intermediate": qat_report.intermediate,
+            "losses": qat_report.losses,
+        },
+        "analysis": analysis.to_dict() if analysis is not None else None,
+        "planner": {
+            "predicted_drop": planned.predicted_drop,
+            "estimated_program_bytes": planned.program_bytes,
+            "considered": [asdict(p) for p in planned.considered],
+        }
+        if planned is not None
+        else None,
+        "layer_sqnr": {
+            "reference_vs_float_db": {e.layer: e.sqnr_db for e in layer_errors},
+            "first_divergence": first_divergence.layer if first_divergence is not None else None,
+        },
+        "program_layers": program_layers,
+        "timings": timings,
+        "versions": versions(),
+    }
+
+
+def render_html(report: dict[str, Any]) -> str:
+    chosen = {layer["name"]: layer for layer in report["plan"]}
+    plan_rows = [[p["name"], p["kind"], p["params"], p["precision"], p["reason"]] for p in report["plan"]]
+    analysis = report.get("analysis")
+    analysis_rows, figures = [], []
+    if analysis:
+        from edgeq.ship import plots
+
+        for layer in analysis["layers"]:
+            planned = chosen.get(layer["name"], {})
+            analysis_rows.append(
+                [
+                    layer["name"],
+                    layer["kind"],
+                    f"[{layer['weight_min']:.3f}, {layer['weight_max']:.3f}]",
+                    layer["channel_spread"],
+                    f"[{layer['act_min']:.3f}, {layer['act_max']:.3f}]",
+                    layer["act_p999"],
+                    layer["act_p9999"],
+                    layer["outlier_ratio"],
+                    ", ".join(f"{k} {v:.1f}" for k, v in layer["weight_sqnr"].items()),
+                    ", ".join(f"{k} {v:.1f}" for k, v in layer["act_sqnr"].items()),
+                    ", ".join(f"{k} {v:+.4f}" for k, v in layer["loss_delta"].items()),
+                    planned.get("precision", ""),
+                    planned.get("reason", ""),
+                ]
+            )
+        figures = [plots.ranges_figure(analysis["layers"]), plots.sensitivity_figure(analysis["layers"])]
+        if report.get("planner"):
+            figures.append(plots.tradeoff_figure(report["planner"]["considered"], analysis["float_metric"]))
+    program = report.get("program_layers") or {}
+    program_rows = [
+        [
+            p["name"],
+            ", ".join(p["ops"]),
+            p["kernel_vs_reference_db"],
+            f"{100 * p['mismatch']:.2f}%",
+            p["max_steps"],
+            p["program_vs_reference_db"],
+            _db(p["program_vs_float_db"]),
+            _db(p["reference_vs_float_db"]),
+        ]
+        for p in program.get("layers", [])
+    ]
+    return render(
+        "report.html.j2",
+        report=report,
+        plan_rows=plan_rows,
+        analysis_rows=analysis_rows,
+        figures=figures,
+        program_rows=program_rows,
+    )
+
+
+def _db(value: Any) -> Any:
+    return "—" if value is None else value
+
+
+def write_html(path: Path, report: dict[str, Any]) -> None:
+    write_bytes_atomic(Path(path), render_html(report).encode())

@@ -1,0 +1,233 @@
+"""Every patch edgeq applies to torchao and ExecuTorch internals, in one place.
+
+Each patch replaces one upstream attribute, is idempotent, changes speed or
+safety but never a program's numbers, and is listed in :data:`PATCHES` with
+the signature it was written against. ``tests/test_upstream.py`` checks those
+signatures against the installed packages, so an upgrade that renames or
+reshapes a patched attribute fails a fast test instead of silently turning a
+patch off (or worse, wrapping something else).
+
+The build applies them explicitly (:func:`apply`); the stage functions that
+need one (prepare/convert, lowering, the QNN quantizer) call it too, so
+library users get the same behaviour.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edgeq.errors import SdkMissingError
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One replaced upstream attribute and the parameters it was written against."""
+
+    module: str
+    attribute: str
+    parameters: tuple[str, ...]
+    why: str
+
+    def owner(self) -> Any:
+        obj: Any = importlib.import_module(self.module)
+        for part in self.attribute.split(".")[:-1]:
+            obj = getattr(obj, part)
+        return obj
+
+    def current(self) -> Any:
+        return getattr(self.owner(), self.attribute.split(".")[-1])
+
+
+PATCHES: tuple[Patch, ...] = (
+    Patch(
+        "torchao.quantization.pt2e.utils",
+        "_get_aten_graph_module_for_pattern",
+        ("pattern", "example_inputs", "is_cuda", "kwargs"),
+        "memoise conv-BN pattern graphs: prepare/convert re-export them for every conv-BN pair (30 s -> 0.03 s)",
+    ),
+    Patch(
+        "torchao.quantization.pt2e.qat_utils",
+        "_get_aten_graph_module_for_pattern",
+        ("pattern", "example_inputs", "is_cuda", "kwargs"),
+        "the same function, imported by name in qat_utils",
+    ),
+    Patch(
+        "executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils",
+        "_get_aten_graph_module_for_pattern",
+        ("pattern", "example_inputs", "is_cuda", "kwargs"),
+        "the same function, imported by name by XNNPACK",
+    ),
+    Patch(
+        "executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils",
+        "_do_annotate_conv_bn",
+        ("gm", "quantization_config", "filter_fn", "has_relu", "is_conv_transpose"),
+        "skip building conv-BN pattern graphs on a graph without BatchNorm (edgeq folds BN before QAT)",
+    ),
+    Patch(
+        "executorch.backends.xnnpack._passes.convert_to_upsample_bilinear2d",
+        "ConvertToUpsampleBilinear2d.call",
+        ("self", "graph_module"),
+        "skip four pattern exports (4 s a process) on graphs with no upsample or index op",
+    ),
+    Patch(
+        "executorch.backends.qualcomm.utils.qnn_sdk_setup",
+        "setup_qnn_sdk",
+        (),
+        "refuse ExecuTorch's Qualcomm SDK download unless the user allowed it",
+    ),
+)
+
+_applied: set[str] = set()
+
+
+def _once(name: str) -> bool:
+    if name in _applied:
+        return False
+    _applied.add(name)
+    return True
+
+
+def memoise_pattern_graphs() -> None:
+    """Export each of torchao's conv-BN pattern graphs once per key.
+
+    ``prepare_qat_pt2e`` and ``convert_pt2e`` re-export the same small pattern
+    functions with torch.export for every conv-BN pair (about 0.3 s each, 96
+    times for four pairs in convert); the graphs depend only on the pattern
+    and its example inputs' shapes, so one export per key is enough. The
+    replacement engine copies the graphs it matches, so sharing is safe.
+    """
+    if not _once("patterns"):
+        return
+    from torchao.quantization.pt2e import qat_utils, utils
+
+    original = utils._get_aten_graph_module_for_pattern
+    cache: dict = {}
+
+    def key_of(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return ("T", tuple(value.shape), value.dtype, value.device.type)
+        if isinstance(value, (tuple, list)):
+            return tuple(key_of(v) for v in value)
+        if isinstance(value, dict):
+            return tuple(sorted((k, key_of(v)) for k, v in value.items()))
+        return value
+
+    def pattern_key(pattern: Any) -> Any:
+        fn = getattr(pattern, "fn", pattern)  # torchao wraps closures in WrapperModule
+        code = getattr(fn, "__code__", None)
+        if code is None:
+            return pattern
+        cells = tuple(key_of(c.cell_contents) for c in (fn.__closure__ or ()))
+        return (code, cells)
+
+    @functools.wraps(original)
+    def cached(pattern: Any, example_inputs: Any, is_cuda: bool = False, **kwargs: Any) -> Any:
+        key = (pattern_key(pattern), key_of(example_inputs), is_cuda, key_of(kwargs))
+        if key not in cache:
+            cache[key] = original(pattern, example_inputs, is_cuda, **kwargs)
+        # Callers mutate the returned graph (they strip and rewrite nodes).
+        return copy.deepcopy(cache[key])
+
+    utils._get_aten_graph_module_for_pattern = cached
+    qat_utils._get_aten_graph_module_for_pattern = cached
+    try:
+        from executorch.backends.xnnpack.quantizer import xnnpack_quantizer_utils as xnn
+    except ImportError:  # torchao without ExecuTorch (the GPU benchmark machine)
+        return
+    xnn._get_aten_graph_module_for_pattern = cached
+    annotate_conv_bn = xnn._do_annotate_conv_bn
+
+    @functools.wraps(annotate_conv_bn)
+    def skip_without_bn(gm: torch.fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        # Matching needs the pattern graphs; a graph with no BatchNorm cannot match.
+        if not any("batch_norm" in str(n.target) for n in gm.graph.nodes if n.op == "call_function"):
+            return []
+        return annotate_conv_bn(gm, *args, **kwargs)
+
+    xnn._do_annotate_conv_bn = skip_without_bn
+
+
+def skip_idle_bilinear_matching() -> None:
+    """Spare XNNPACK's ConvertToUpsampleBilinear2d its pattern graphs where it cannot match.
+
+    The first time the pass runs in a process it exports four interpolate
+    models (torch.export + to_edge: 4 s of every build on the CI machine) only
+    to match them against the graph. A decomposed bilinear upsample always
+    contains index ops and an undecomposed one is an upsample_bilinear2d node;
+    a graph with neither has nothing to match, and the pass then only retraces
+    it, which it still does here.
+    """
+    if not _once("bilinear"):
+        return
+    from executorch.backends.xnnpack._passes import convert_to_upsample_bilinear2d as module
+    from executorch.backends.xnnpack._passes.xnnpack_pass import XNNPACKPass
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    cls = module.ConvertToUpsampleBilinear2d
+    original = cls.call
+
+    def call(self: Any, graph_module: torch.fx.GraphModule) -> PassResult:
+        names = {str(n.target) for n in graph_module.graph.nodes if n.op == "call_function"}
+        if any("upsample_bilinear2d" in name or "index" in name for name in names):
+            return original(self, graph_module)
+        graph_module.recompile()
+        return PassResult(XNNPACKPass.call(self, graph_module).graph_module, True)
+
+    cls.call = call  # type: ignore[method-assign]
+
+
+QNN_SDK_HELP = (
+    "run `edgeq qnn-setup` after `pip install -e '.[qnn]'` (host HTP runtime from PyPI), or install the Qualcomm "
+    "AI Engine Direct (QAIRT) SDK and export QNN_SDK_ROOT=/path/to/qairt/<version>, or rerun with "
+    "--allow-sdk-download"
+)
+
+_qnn_setup: Callable[[], None] | None = None
+
+
+def forbid_qnn_sdk_download() -> None:
+    """Replace ExecuTorch's Qualcomm SDK setup with a refusal while the SDK is absent.
+
+    QnnQuantizer asks for the SDK's op info and, with QNN_SDK_ROOT unset,
+    ExecuTorch's setup starts a download; refusing makes it fall back to its
+    SDK-free op info, which is what quantizing without the SDK needs.
+    """
+    global _qnn_setup
+    root = os.environ.get("QNN_SDK_ROOT")
+    if (root and os.path.isdir(root)) or _qnn_setup is not None:
+        return
+    from executorch.backends.qualcomm.utils import qnn_sdk_setup
+
+    _qnn_setup = qnn_sdk_setup.setup_qnn_sdk
+
+    def refuse() -> None:
+        raise SdkMissingError("QNN SDK download refused: QNN_SDK_ROOT is not set", QNN_SDK_HELP)
+
+    qnn_sdk_setup.setup_qnn_sdk = refuse
+
+
+def allow_qnn_sdk_download() -> Callable[[], None]:
+    """Undo :func:`forbid_qnn_sdk_download` (the user passed --allow-sdk-download); returns the setup."""
+    global _qnn_setup
+    from executorch.backends.qualcomm.utils import qnn_sdk_setup
+
+    if _qnn_setup is not None:
+        qnn_sdk_setup.setup_qnn_sdk, _qnn_setup = _qnn_setup, None
+    return qnn_sdk_setup.setup_qnn_sdk
+
+
+def apply() -> None:
+    """The patches every build needs (the Qualcomm one is applied by the QNN backend)."""
+    memoise_pattern_graphs()
+    try:
+        skip_idle_bilinear_matching()
+    except ImportError:  # torchao without ExecuTorch
+        pass

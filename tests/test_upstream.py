@@ -1,0 +1,57 @@
+"""Fast checks that every upstream internal edgeq patches or calls privately is still what it was written for."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from edgeq import upstream
+
+
+@pytest.mark.parametrize("patch", upstream.PATCHES, ids=lambda p: f"{p.module}.{p.attribute}")
+def test_patched_attribute_still_exists_with_its_signature(patch):
+    current = patch.current()  # AttributeError/ImportError here: the upgrade removed or moved it
+    original = getattr(current, "__wrapped__", current)
+    assert tuple(inspect.signature(original).parameters) == patch.parameters, (
+        f"{patch.module}.{patch.attribute} changed its parameters; re-check edgeq/upstream.py ({patch.why})"
+    )
+
+
+def test_private_calls_still_exist_with_their_signatures():
+    from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
+    from torchao.quantization.pt2e.utils import _fuse_conv_bn_
+
+    assert tuple(inspect.signature(_fuse_conv_bn_).parameters) == ("m",)
+    assert tuple(inspect.signature(UniformQuantizationObserverBase._calculate_qparams).parameters) == (
+        "self",
+        "min_val",
+        "max_val",
+    )
+
+
+def test_patches_apply_once_and_are_installed():
+    from executorch.backends.xnnpack._passes import convert_to_upsample_bilinear2d as bilinear
+    from torchao.quantization.pt2e import utils
+
+    upstream.apply()
+    first = utils._get_aten_graph_module_for_pattern
+    call = bilinear.ConvertToUpsampleBilinear2d.call
+    upstream.apply()
+    assert utils._get_aten_graph_module_for_pattern is first, "applying twice must not wrap twice"
+    assert bilinear.ConvertToUpsampleBilinear2d.call is call
+    assert first.__wrapped__ is not first  # functools.wraps kept the original reachable
+
+
+def test_no_module_outside_upstream_assigns_to_an_upstream_attribute(repo_root):
+    """Patches live in one place: no other edgeq module rebinds torchao/executorch attributes."""
+    import re
+
+    offenders = []
+    for path in (repo_root / "edgeq").rglob("*.py"):
+        if path.name == "upstream.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.match(r"\s*(xnn|utils|qat_utils|module|cls|qnn_sdk_setup)\.\w+\s*=[^=]", line):
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert not offenders
