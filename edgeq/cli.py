@@ -98,7 +98,9 @@ def _fail(exc: Exception) -> None:
     from edgeq.errors import EdgeqError
 
     if isinstance(exc, EdgeqError):
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code)
     raise exc
 
@@ -271,7 +273,7 @@ def _summary(result) -> None:
     table.add_row("float", f"{s.float:.2f}")
     table.add_row("QAT (simulated)", f"{s.qat:.2f}")
     table.add_row("converted reference", f"{s.reference:.2f}")
-    table.add_row("model.pte (ExecuTorch)", f"{s.program:.2f}")
+    table.add_row(f"model.pte ({result.report['runtime']})", f"{s.program:.2f}")
     table.add_row("reference vs .pte top-1 agreement", f"{s.agreement['reference_vs_program']:.2f}%")
     table.add_row(
         "program size", f"{result.sizes['program_bytes']:,} B (float {result.sizes['float_program_bytes']:,} B)"
@@ -341,6 +343,27 @@ def targets() -> None:
             _fail(exc)
         table.add_row(t.name, t.backend, t.chipset, t.default_precision, ", ".join(t.precisions))
     stdout.print(table)
+
+
+@app.command("qnn-setup")
+def qnn_setup(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the native libraries' own lines."),
+) -> None:
+    """Check Qualcomm's QNN libraries for Qualcomm targets: a QAIRT SDK, or the host HTP runtime (built once)."""
+    set_verbose(verbose)
+    try:
+        from edgeq.backends import qnn_host
+
+        stdout.print(qnn_host.describe(), highlight=False)
+        libs = qnn_host.activate()
+        if not qnn_host.executorch_qnn_version().startswith(libs.version or "?"):
+            stdout.print(
+                "programs compiled here run on the host HTP simulator; for phones, build with the QAIRT SDK "
+                f"{qnn_host.executorch_qnn_version()} (export QNN_SDK_ROOT=...)",
+                highlight=False,
+            )
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
 
 
 @app.command()

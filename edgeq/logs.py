@@ -9,6 +9,7 @@ edgeq's own stages and errors.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -26,6 +27,7 @@ def set_verbose(verbose: bool) -> None:
     _verbose = verbose
     if verbose:
         warnings.resetwarnings()
+        logging.disable(logging.NOTSET)
         logging.getLogger().setLevel(logging.WARNING)
         return
     # Only warnings raised outside edgeq are silenced; edgeq's own still show.
@@ -39,6 +41,23 @@ def set_verbose(verbose: bool) -> None:
 
     for name in ("torch", "torchao", "executorch"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # ExecuTorch's Qualcomm modules install handlers and levels of their own; edgeq itself
+    # reports through rich, not logging, so nothing below ERROR from any logger is shown.
+    logging.disable(logging.WARNING)
+    # Native runtimes (QNN's) log their teardown from C++ destructors after Python has finished.
+    atexit.register(_silence_native_teardown)
+
+
+def _silence_native_teardown() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+            fd = stream.fileno()
+        except (AttributeError, ValueError, OSError):
+            continue
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
 
 
 def verbose() -> bool:
@@ -46,27 +65,32 @@ def verbose() -> bool:
 
 
 @contextmanager
-def native_stderr() -> Iterator[None]:
-    """Hold what native code writes to stderr (file descriptor 2) while the block runs.
+def native_stderr(stdout: bool = False) -> Iterator[None]:
+    """Drop what native code writes to stderr (and stdout, if asked) while the block runs.
 
-    Shown again only in verbose mode; Python's own stderr is flushed first so
-    that nothing of edgeq's is lost.
+    Only in quiet mode; Python's own streams are flushed first so that nothing
+    of edgeq's is lost.
     """
     if _verbose:
         yield
         return
+    streams = [sys.stderr, sys.stdout] if stdout else [sys.stderr]
     try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, ValueError, OSError):  # stderr replaced by something without a descriptor
+        fds = [stream.fileno() for stream in streams]
+    except (AttributeError, ValueError, OSError):  # a stream replaced by something without a descriptor
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(fd)
+    for stream in streams:
+        stream.flush()
+    saved = [os.dup(fd) for fd in fds]
     with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), fd)
+        for fd in fds:
+            os.dup2(sink.fileno(), fd)
         try:
             yield
         finally:
-            sys.stderr.flush()
-            os.dup2(saved, fd)
-            os.close(saved)
+            for stream in streams:
+                stream.flush()
+            for fd, copy in zip(fds, saved):
+                os.dup2(copy, fd)
+                os.close(copy)

@@ -34,6 +34,21 @@ class Lowered:
     delegation: Delegation
     edge: Any  # executorch EdgeProgramManager, kept for debugging tools
 
+    def payloads(self) -> dict[str, Any]:
+        """Bytes of each delegate call's payload (XNNPACK's packed graph, QNN's HTP context binary)."""
+        from executorch.exir.lowered_backend_module import LoweredBackendModule
+
+        graph_module = self.edge.exported_program().graph_module
+        sizes = [
+            (module.backend_id, len(module.processed_bytes))
+            for _, module in graph_module.named_children()
+            if isinstance(module, LoweredBackendModule)
+        ]
+        return {
+            "delegate_payload_bytes": sum(size for _, size in sizes),
+            "delegate_payloads": [{"backend": backend, "bytes": size} for backend, size in sizes],
+        }
+
 
 def _flops(node: Any) -> int:
     """Multiply-accumulates of conv and linear nodes from their tensor metadata."""
@@ -103,12 +118,9 @@ def lower(
     allow_download: bool = False,
 ) -> Lowered:
     """Export at the example shape and lower to an ExecuTorch program."""
-    from executorch.exir import to_edge_transform_and_lower
 
     upstream.apply()
-    partitioners = get_backend(target.backend).partitioners(target, allow_download)
-    exported = torch.export.export(model, example_inputs)
-    edge = to_edge_transform_and_lower(exported, partitioner=partitioners)
+    edge = get_backend(target.backend).to_edge(model, example_inputs, target, allow_download)
     delegation = _delegation(edge, target, float_graph)
     program = edge.to_executorch()
     return Lowered(program=bytes(program.buffer), delegation=delegation, edge=edge)

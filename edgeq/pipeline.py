@@ -350,6 +350,7 @@ def _build(
 
         write_bytes_atomic(output.path("model.pte"), lowered.program)
         plan.save(output.path("plan.json"))
+        notes = {**backend.program_notes(lowered.program), **lowered.payloads()}
         man = manifest(
             recipe,
             target,
@@ -358,7 +359,7 @@ def _build(
             baseline.example_inputs,
             baseline.model,
             sha256(lowered.program),
-            program_notes=backend.program_notes(lowered.program),
+            program_notes=notes,
         )
         write_json_atomic(output.path("manifest.json"), man)
         if choice.analysis is not None:
@@ -389,6 +390,9 @@ def _build(
         layer_errors=layer_errors,
         first_divergence=first_divergence,
         program_layers=program_layers,
+        program_notes=notes,
+        runtime=backend.host_runtime,
+        warnings=backend.warnings(notes),
     )
     write_json_atomic(output.path("report.json"), report)
     write_html(output.path("report.html"), report)

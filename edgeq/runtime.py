@@ -43,7 +43,7 @@ class ProgramRunner:
 
         data = Path(program).read_bytes() if isinstance(program, (str, Path)) else program
         # The native runtime prints CPU probing lines when it first sets up a delegate.
-        with native_stderr():
+        with native_stderr(stdout=True):
             try:
                 self._program = Runtime.get().load_program(data)
             except Exception as exc:
@@ -61,6 +61,18 @@ class ProgramRunner:
             ],
         )
         self.batch = self.signature.inputs[0][0][0] if self.signature.inputs and self.signature.inputs[0][0] else 1
+
+    def close(self) -> None:
+        """Free the loaded program; delegates log their teardown from C++, kept off the terminal."""
+        with native_stderr(stdout=True):
+            self.__dict__.pop("_method", None)
+            self.__dict__.pop("_program", None)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: streams may already be gone
+            pass
 
     def execute(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         """One call of the program, inputs at exactly its shape."""

@@ -185,8 +185,8 @@ def skip_idle_bilinear_matching() -> None:
 
 
 QNN_SDK_HELP = (
-    "run `edgeq qnn-setup` after `pip install -e '.[qnn]'` (host HTP runtime from PyPI), or install the Qualcomm "
-    "AI Engine Direct (QAIRT) SDK and export QNN_SDK_ROOT=/path/to/qairt/<version>, or rerun with "
+    "install the host HTP runtime with `pip install -e '.[qnn]'` (then `edgeq qnn-setup` checks it), or install "
+    "the Qualcomm AI Engine Direct (QAIRT) SDK and export QNN_SDK_ROOT=/path/to/qairt/<version>, or rerun with "
     "--allow-sdk-download"
 )
 
@@ -208,7 +208,12 @@ def forbid_qnn_sdk_download() -> None:
 
     _qnn_setup = qnn_sdk_setup.setup_qnn_sdk
 
-    def refuse() -> None:
+    def refuse() -> Any:
+        # edgeq may have pointed QNN_SDK_ROOT at libraries since (the host HTP runtime): then
+        # ExecuTorch's setup only reads them and downloads nothing.
+        root = os.environ.get("QNN_SDK_ROOT")
+        if root and os.path.isdir(root) and _qnn_setup is not None:
+            return _qnn_setup()
         raise SdkMissingError("QNN SDK download refused: QNN_SDK_ROOT is not set", QNN_SDK_HELP)
 
     qnn_sdk_setup.setup_qnn_sdk = refuse

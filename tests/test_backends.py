@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -68,26 +67,12 @@ def test_an_op_outside_xnnpack_is_named_and_the_program_runs(tmp_path):
     assert result.scores.program > 80.0
 
 
-NO_NETWORK = """
-import socket, os
-_marker = os.environ["EDGEQ_NETWORK_MARKER"]
-def _refuse(*args, **kwargs):
-    with open(_marker, "a") as f:
-        f.write(repr(args[:2]) + "\\n")
-    raise OSError("network disabled in this test")
-socket.getaddrinfo = _refuse
-socket.socket.connect = _refuse
-socket.create_connection = _refuse
-"""
-
-
 def test_qualcomm_build_quantizes_validates_and_stops_cleanly_without_the_sdk(tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(NO_NETWORK)
-    marker = tmp_path / "network_attempts.txt"
-    env = {k: v for k, v in os.environ.items() if k != "QNN_SDK_ROOT"}
-    env.update(PYTHONPATH=str(site), EDGEQ_NETWORK_MARKER=str(marker))
+    from netguard import no_network_env
+
+    # As on a machine without the qnn extra: no SDK, host runtime ignored.
+    env, marker = no_network_env(tmp_path, EDGEQ_QNN_HOST_RUNTIME="off")
+    env.pop("QNN_SDK_ROOT", None)
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "edgeq", "build", "--target", "qualcomm", "--steps", "20", "--out", str(out)],

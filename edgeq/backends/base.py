@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
+
 if TYPE_CHECKING:
     from edgeq.planning.plan import Plan
     from edgeq.quant.configs import RangeConfig
@@ -41,6 +43,8 @@ class Backend(ABC):
     name: ClassVar[str]
     #: the delegate as users know it, for reports ("XNNPACK (Arm CPU)")
     title: ClassVar[str]
+    #: where a build runs this backend's programs, for the report
+    host_runtime: ClassVar[str] = "host CPU (executorch.runtime)"
 
     def check_target(self, data: dict[str, Any], precisions: dict[str, Precision], where: str) -> None:  # noqa: B027 - optional hook
         """Raise EdgeqError for what this backend needs beyond the common target schema."""
@@ -52,6 +56,19 @@ class Backend(ABC):
     @abstractmethod
     def partitioners(self, target: Target, allow_download: bool = False) -> list[Any]:
         """ExecuTorch partitioners that lower a converted reference for ``target``."""
+
+    def to_edge(
+        self, model: torch.nn.Module, example_inputs: tuple, target: Target, allow_download: bool = False
+    ) -> Any:
+        """Export at the example shape and lower with this backend's partitioners (an EdgeProgramManager).
+
+        Backends whose lowering needs its own passes (QNN) override this.
+        """
+        from executorch.exir import to_edge_transform_and_lower
+
+        partitioners = self.partitioners(target, allow_download)
+        exported = torch.export.export(model, example_inputs)
+        return to_edge_transform_and_lower(exported, partitioner=partitioners)
 
     def per_op_partitioners(self, target: Target) -> list[Any] | None:
         """Partitioners giving one delegate call per layer, for reading a program's intermediates; None: unsupported."""
@@ -83,8 +100,12 @@ class Backend(ABC):
         """What the app needs to load this backend's programs."""
 
     def program_notes(self, program: bytes) -> dict[str, Any]:
-        """Facts read off a lowered program for the report and manifest (versions, binary sizes)."""
+        """Facts about a lowered program for the report and manifest (versions of what compiled it)."""
         return {}
+
+    def warnings(self, notes: dict[str, Any]) -> list[str]:
+        """What a developer must read before shipping a program with these notes."""
+        return []
 
     def layer_precision_error(self, precision: Precision, kind: str) -> str | None:
         """Why ``precision`` cannot run a layer of ``kind`` here (None: it can)."""

@@ -1,48 +1,60 @@
 """Qualcomm HTP (NPU) through ExecuTorch's QNN backend.
 
-Quantizing (``QnnQuantizer``) needs only the Python package; lowering needs
-the QNN libraries. ExecuTorch's Qualcomm code can download an SDK when
-``QNN_SDK_ROOT`` is unset, so edgeq imports it lazily, only for a Qualcomm
-target, and only lets it download when the user opts in
-(``--allow-sdk-download``).
+Quantizing (``QnnQuantizer``) needs only the Python package; lowering and
+running need Qualcomm's QNN libraries: a QAIRT SDK at ``QNN_SDK_ROOT``, or the
+host HTP runtime from PyPI (``pip install -e '.[qnn]'``, see
+:mod:`edgeq.backends.qnn_host`), whose HTP library simulates the NPU on an
+x86_64 host, so a build validates the ``.pte`` itself. ExecuTorch's Qualcomm
+code can download an SDK when ``QNN_SDK_ROOT`` is unset; edgeq refuses that
+unless the user opts in (``--allow-sdk-download``).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from edgeq import upstream
+from edgeq.backends import qnn_host
 from edgeq.backends.base import AppRuntime, Backend
 from edgeq.errors import EdgeqError, SdkMissingError
 from edgeq.graph import layer_owners
+from edgeq.logs import native_stderr
 from edgeq.quant.configs import RangeConfig, swap_fake_quants
 
 if TYPE_CHECKING:
     from edgeq.planning.plan import Plan
+    from edgeq.runtime import ProgramRunner
     from edgeq.targets import Precision, Target
+
 
 SDK_HELP = upstream.QNN_SDK_HELP
 
 
+#: Hexagon (HTP) architecture of each chipset edgeq targets, for the libraries an app carries
+HTP_ARCH = {"SM8550": "V73", "SM8650": "V75", "SM8750": "V79"}
+
+
 def sdk_available() -> bool:
-    root = os.environ.get("QNN_SDK_ROOT")
-    return bool(root) and os.path.isdir(str(root))
+    """QNN libraries are here (an SDK or the host runtime); nothing is downloaded to find out."""
+    return qnn_host.available()
 
 
-def ensure_sdk(allow_download: bool = False) -> None:
-    """Make the SDK usable, or refuse in one line; never downloads unless allowed."""
-    if sdk_available():
-        return
+def ensure_sdk(allow_download: bool = False) -> qnn_host.QnnLibraries:
+    """Load this machine's QNN libraries, or refuse in one line; never downloads unless allowed."""
+    if qnn_host.available():
+        return qnn_host.activate()
     if not allow_download:
         raise SdkMissingError(
-            "the Qualcomm AI Engine Direct SDK is needed to write model.pte for QNN HTP (QNN_SDK_ROOT is not set)",
+            "Qualcomm's QNN libraries are needed to write model.pte for QNN HTP (QNN_SDK_ROOT is not set and the "
+            "host HTP runtime is not installed)",
             SDK_HELP,
         )
     upstream.allow_qnn_sdk_download()()
+    return qnn_host.activate()
 
 
 def _quant_dtype(name: str) -> Any:
@@ -67,6 +79,7 @@ def _owned_by(owner: Callable[[torch.fx.Node], str | None], name: str) -> Callab
 class QnnBackend(Backend):
     name = "qnn"
     title = "Qualcomm QNN (HTP)"
+    host_runtime = "QNN HTP simulator on the host (executorch.runtime)"
 
     def check_target(self, data: dict[str, Any], precisions: dict[str, Precision], where: str) -> None:
         chipset = data.get("chipset")
@@ -118,6 +131,30 @@ class QnnBackend(Backend):
     def ensure_sdk(self, allow_download: bool = False) -> None:
         ensure_sdk(allow_download)
 
+    def to_edge(
+        self, model: torch.nn.Module, example_inputs: tuple, target: Target, allow_download: bool = False
+    ) -> Any:
+        # ExecuTorch's QNN lowering runs Qualcomm's own export passes before partitioning; the
+        # generic to_edge_transform_and_lower produces graphs whose I/O QNN cannot bind.
+        from executorch.backends.qualcomm.utils.utils import to_edge_transform_and_lower_to_qnn
+
+        specs = self.compiler_specs(target, allow_download)
+        with native_stderr(stdout=True):  # QNN's compiler logs every op at INFO from C++
+            return to_edge_transform_and_lower_to_qnn(model, example_inputs, specs)
+
+    def compiler_specs(self, target: Target, allow_download: bool = False) -> list[Any]:
+        ensure_sdk(allow_download)
+        from executorch.backends.qualcomm.serialization.qc_schema import QcomChipset
+        from executorch.backends.qualcomm.utils.utils import (
+            generate_htp_compiler_spec,
+            generate_qnn_executorch_compiler_spec,
+        )
+
+        return generate_qnn_executorch_compiler_spec(
+            soc_model=getattr(QcomChipset, target.chipset),
+            backend_options=generate_htp_compiler_spec(use_fp16=False),
+        )
+
     def partitioners(self, target: Target, allow_download: bool = False) -> list[Any]:
         ensure_sdk(allow_download)
         from executorch.backends.qualcomm.partition.qnn_partitioner import QnnPartitioner
@@ -133,12 +170,56 @@ class QnnBackend(Backend):
         )
         return [QnnPartitioner(specs)]
 
+    def runner(self, program: bytes | str | Path) -> ProgramRunner:
+        # The runtime's QnnBackend dlopens libQnnHtp.so and libQnnSystem.so; activate() loads them first.
+        ensure_sdk()
+        from edgeq.runtime import ProgramRunner
+
+        return ProgramRunner(program)
+
+    def program_notes(self, program: bytes) -> dict[str, Any]:
+        libs = ensure_sdk()
+        expected = qnn_host.executorch_qnn_version()
+        notes: dict[str, Any] = {
+            "qnn_compiled_with": libs.build_id or "unknown",
+            "qnn_libraries": libs.source,
+            "executorch_qnn_expected": expected,
+        }
+        if libs.source == "host-runtime":
+            notes["qnn_libraries"] = f"host HTP runtime ({qnn_host.WHEEL} {libs.wheel_version})"
+        notes["phone_runtime_matches"] = bool(libs.version) and expected.startswith(libs.version)
+        return notes
+
+    def warnings(self, notes: dict[str, Any]) -> list[str]:
+        if notes.get("phone_runtime_matches", True):
+            return []
+        return [
+            f"model.pte's HTP context binary was compiled by QNN {notes['qnn_compiled_with']}, and ExecuTorch's "
+            f"Android runtime is built against QNN {notes['executorch_qnn_expected']}: a phone whose QNN libraries "
+            "are older than the compiler's refuses the context. The host simulator's accuracy above is real; to "
+            f"ship to phones, rebuild with the matching QAIRT SDK (QNN_SDK_ROOT=/path/to/qairt/"
+            f"{notes['executorch_qnn_expected']}) and package that SDK's libraries."
+        ]
+
     def app_runtime(self, manifest: dict[str, Any]) -> AppRuntime:
         version = manifest["versions"]["executorch"]
+        notes = manifest.get("program", {})
+        qnn = notes.get("executorch_qnn_expected", qnn_host.executorch_qnn_version())
+        arch = HTP_ARCH.get(manifest["target"]["chipset"], "Vxx")
+        source = f"QAIRT SDK {qnn}"
         return AppRuntime(
             gradle=(f"org.pytorch:executorch-android-qnn:{version}",),
             note=(
-                f"ExecuTorch Android runtime with the QNN backend (executorch {version}); the app also "
-                "packages Qualcomm's QNN HTP libraries for the phone's Hexagon version."
+                f"ExecuTorch Android runtime with the QNN backend (executorch {version}, built for QNN {qnn}); "
+                "the app also packages Qualcomm's QNN libraries below."
             ),
+            libraries={
+                "libQnnHtp.so": f"{source}, lib/aarch64-android/",
+                "libQnnSystem.so": f"{source}, lib/aarch64-android/",
+                f"libQnnHtp{arch}Stub.so": (
+                    f"{source}, lib/aarch64-android/ (HTP {arch} of {manifest['target']['chipset']})"
+                ),
+                f"libQnnHtp{arch}Skel.so": f"{source}, lib/hexagon-{arch.lower()}/unsigned/",
+            },
+            warnings=tuple(self.warnings(notes)),
         )

@@ -50,8 +50,14 @@ def validate(
     device: str | None = None,
     runner: str | Path | None = None,
     on_phone: bool = False,
+    backend: str | None = None,
 ) -> Validation:
-    """Score ``program`` on the host (ExecuTorch runtime) or on a phone over adb."""
+    """Score ``program`` on the host (ExecuTorch runtime) or on a phone over adb.
+
+    On the host the program runs through its backend's runner (``backend``, or the
+    one the manifest beside the program names): XNNPACK on the CPU, QNN on the HTP
+    simulator.
+    """
     from edgeq.checks.evaluate import agreement, collect, cosine, sqnr_db
 
     program = Path(program)
@@ -63,7 +69,10 @@ def validate(
         run = device_runner(program, device, runner)
         where = f"phone {run.device.serial}"
     else:
-        run, where = ProgramRunner(program), "host (executorch.runtime)"
+        from edgeq.backends import get_backend
+
+        chosen = get_backend(backend or program_backend(program))
+        run, where = chosen.runner(program), chosen.host_runtime
     outputs, targets = collect(run, recipe.eval_data())
     float_out, _ = collect(recipe.model().eval(), recipe.eval_data())
     ref_out = collect(reference, recipe.eval_data())[0] if reference is not None else None
@@ -79,6 +88,19 @@ def validate(
         sqnr_db=[sqnr_db(against, outputs)],
         cosine=[cosine(against, outputs)],
     )
+
+
+def program_backend(program: Path) -> str:
+    """The backend named by the manifest beside a program (xnnpack when there is none)."""
+    import json
+
+    manifest = Path(program).with_name("manifest.json")
+    if manifest.is_file():
+        try:
+            return str(json.loads(manifest.read_text())["target"]["backend"])
+        except (ValueError, KeyError, TypeError):
+            raise EdgeqError(f"{manifest} is not an edgeq manifest", "rebuild with `edgeq build`") from None
+    return "xnnpack"
 
 
 def load_reference(path: str | Path) -> torch.nn.Module:

@@ -1,0 +1,130 @@
+"""Qualcomm HTP end to end on this machine: lower for SM8650, run on the host HTP simulator, compare.
+
+Runs wherever the host HTP runtime can be installed (the ``qnn`` extra, which the
+``dev`` extra includes, and a C compiler for edgeq's ABI bridge); elsewhere it is
+skipped with the reason printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from edgeq.backends import qnn_host
+
+
+def _why_unavailable() -> str | None:
+    """Decided without building anything (the session's temporary EDGEQ_CACHE is not set yet)."""
+    if os.environ.get("QNN_SDK_ROOT"):
+        return None
+    if qnn_host._wheel() is None:
+        return "the host HTP runtime is not installed (pip install -e '.[qnn]'; Linux x86_64 only)"
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")):
+        return "no C compiler to build edgeq's QNN ABI bridge (apt-get install gcc)"
+    return None
+
+
+REASON = _why_unavailable()
+if REASON:
+    print(f"\nSKIPPING Qualcomm HTP tests: {REASON}", file=sys.stderr)
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+
+
+@pytest.fixture(scope="module")
+def qnn_build(tmp_path_factory):
+    from edgeq.configs import BuildConfig, QATConfig
+    from edgeq.pipeline import build
+
+    out = tmp_path_factory.mktemp("qnn") / "digits"
+    return build(None, BuildConfig(target="qualcomm-sm8650", out=out, qat=QATConfig(steps=60), max_drop=3.0))
+
+
+def test_sm8650_program_runs_on_the_host_simulator_and_matches_its_reference(qnn_build):
+    s = qnn_build.scores
+    assert s.float > 90 and s.float - s.program <= 3.0
+    # The HTP program computes what the quantized reference says (outputs within a step or two).
+    assert s.agreement["reference_vs_program"] >= 97.0
+    report = json.loads((qnn_build.out_dir / "report.json").read_text())
+    assert report["backend"] == "qnn" and "HTP simulator" in report["runtime"]
+    assert report["delegation"]["outside_ops"] == 0 and report["delegation"]["delegated_ops"] > 0
+
+
+def test_program_holds_an_htp_context_binary_and_says_which_qnn_compiled_it(qnn_build):
+    manifest = json.loads((qnn_build.out_dir / "manifest.json").read_text())
+    notes = manifest["program"]
+    assert notes["delegate_payloads"][0]["backend"] == "QnnBackend"
+    program = (qnn_build.out_dir / "model.pte").read_bytes()
+    assert 0 < notes["delegate_payload_bytes"] < len(program)
+    assert notes["executorch_qnn_expected"].startswith("2.")
+    assert notes["qnn_compiled_with"].startswith("v2.")
+    if not notes["phone_runtime_matches"]:
+        # Honest labels: the report, the manifest and the bundle README all say a phone may refuse it.
+        report = json.loads((qnn_build.out_dir / "report.json").read_text())
+        assert any("matching QAIRT SDK" in w for w in report["warnings"])
+        readme = (qnn_build.out_dir / "bundle" / "README.md").read_text()
+        assert "Before shipping" in readme and notes["executorch_qnn_expected"] in readme
+    readme = (qnn_build.out_dir / "bundle" / "README.md").read_text()
+    assert "libQnnHtpV75Skel.so" in readme and "executorch-android-qnn" in readme
+
+
+def test_validate_runs_a_qualcomm_program_on_the_simulator_like_the_build(qnn_build):
+    from edgeq.checks.validate import load_reference, validate
+    from edgeq.recipe import load_recipe
+
+    out = qnn_build.out_dir
+    v = validate(out / "model.pte", load_recipe(None), reference=load_reference(out / "reference.pt2"))
+    assert "HTP simulator" in v.where
+    assert v.program == pytest.approx(qnn_build.scores.program)
+    assert v.agreement_reference >= 97.0
+
+
+def test_simulator_outputs_are_within_a_few_steps_of_the_reference(qnn_build):
+    from edgeq.backends import get_backend
+    from edgeq.recipe import as_tuple, load_recipe
+
+    recipe = load_recipe(None)
+    x, _ = next(iter(recipe.eval_data()))
+    x = as_tuple(x)[0][:16]
+    runner = get_backend("qnn").runner((qnn_build.out_dir / "model.pte").read_bytes())
+    program = runner(x)
+    reference = qnn_build.reference_model(x)
+    # The output is dequantized from int8 (8a8w): one step is its range / 255.
+    step = float(reference.max() - reference.min()) / 255
+    assert torch.max(torch.abs(program - reference)).item() <= 4 * step
+
+
+def test_qualcomm_build_makes_no_network_connection(tmp_path):
+    from netguard import no_network_env
+
+    env, marker = no_network_env(tmp_path)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgeq",
+            "build",
+            "--target",
+            "qualcomm-sm8550",
+            "--steps",
+            "10",
+            "--max-drop",
+            "5",
+            "--no-debug-program",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model.pte").is_file()
+    assert not marker.exists(), marker.read_text()
