@@ -306,6 +306,7 @@ def analyze(
     batches: int = typer.Option(8, help="Calibration batches from train_data()."),
 ) -> None:
     """Measure every layer's ranges, SQNR and sensitivity; print a table and write analysis.json."""
+    set_verbose(False)
     try:
         from edgeq.errors import EdgeqError
         from edgeq.planning.analysis import analyze as run_analyze
@@ -392,6 +393,7 @@ def validate(
     ),
 ) -> None:
     """Run a .pte on the host (ExecuTorch runtime) or a phone (adb) and score it."""
+    set_verbose(False)
     try:
         from edgeq.checks.validate import load_reference
         from edgeq.checks.validate import validate as run_validate
@@ -445,6 +447,12 @@ def _program_debug(build_dir: Path, r, threshold: float, runtime_threshold: floa
     target = json.loads(manifest_path.read_text())["target"]["name"] if manifest_path.is_file() else "android"
     if target not in builtin_targets():
         raise EdgeqError(f"the build's target '{target}' is not a built-in target", "rebuild with a built-in --target")
+    from edgeq.backends import get_backend
+    from edgeq.targets import load_target
+
+    if get_backend(load_target(target).backend).per_op_partitioners(load_target(target)) is None:
+        _intermediates_debug(build_dir, r, target, threshold)
+        return
     shipped = build_dir / "model.pte"
     result = debug_program(
         r.model(),
@@ -501,6 +509,37 @@ def _program_debug(build_dir: Path, r, threshold: float, runtime_threshold: floa
     stdout.print(f"ETRecord, ETDump and debug buffer for executorch.devtools.Inspector: {build_dir / 'debug'}")
 
 
+def _intermediates_debug(build_dir: Path, r: Any, target: str, threshold: float) -> None:
+    """Op-by-op numerics for backends that dump their own intermediates (QNN HTP)."""
+    from rich.table import Table
+
+    from edgeq.checks.intermediates import debug_intermediates
+    from edgeq.checks.validate import load_reference
+    from edgeq.ship.package import write_json_atomic
+
+    result = debug_intermediates(
+        load_reference(build_dir / "reference.pt2"), r, target, out_dir=build_dir / "debug", threshold_db=threshold
+    )
+    write_json_atomic(build_dir / "debug" / "intermediates.json", result.to_json())
+    table = Table(title=f"model.pte op by op on the {target} simulator, 1 sample (execution order)")
+    for column in ("layer", "op", "program vs float dB"):
+        table.add_column(column, justify="right" if "dB" in column else "left")
+    for op in result.ops:
+        table.add_row(
+            op.layer or "(model)",
+            op.op,
+            f"{op.program_vs_float_db:.1f}",
+            style="bold red" if op.program_vs_float_db < threshold else None,
+        )
+    stdout.print(table)
+    stdout.print(
+        f"first op below {threshold:g} dB against float: {result.first_below}"
+        if result.first_below
+        else f"no op below {threshold:g} dB against float"
+    )
+    stdout.print(f"ETRecord, ETDump and debug buffer for executorch.devtools.Inspector: {build_dir / 'debug'}")
+
+
 @app.command()
 def debug(
     build_dir: Path = typer.Argument(..., help="An edgeq build output directory (holds model.pte and reference.pt2)."),
@@ -515,6 +554,7 @@ def debug(
     ),
 ) -> None:
     """Read the program's per-layer outputs (ETRecord + ETDump + Inspector); name the first divergence."""
+    set_verbose(False)
     try:
         from rich.table import Table
 

@@ -436,7 +436,16 @@ def debug_layers(
             f"{DEBUG_PROGRAM_LAYERS}); run `edgeq debug` on this directory, or build "
             "with --debug-program"
         }
-    elif config.debug_program is not False and backend.per_op_partitioners(target) is not None:
+    elif config.debug_program is not False and backend.per_op_partitioners(target) is None:
+        from edgeq.checks.intermediates import debug_intermediates
+
+        try:
+            program_layers = {"intermediates": debug_intermediates(quantized.reference, recipe, target).to_json()}
+        except EdgeqError:  # the backend cannot dump its intermediates
+            program_layers = None
+        except Exception as exc:  # noqa: BLE001 - a diagnostic must not fail a build that validated
+            program_layers = {"error": f"{type(exc).__name__}: {exc}"}
+    elif config.debug_program is not False:
         from edgeq.checks.program_debug import debug_program
 
         try:

@@ -128,3 +128,14 @@ def test_qualcomm_build_makes_no_network_connection(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "model.pte").is_file()
     assert not marker.exists(), marker.read_text()
+
+
+def test_build_reads_the_programs_own_intermediates_op_by_op(qnn_build):
+    """QNN dumps each op's output inside the HTP graph; the report compares them with float, op by op."""
+    dump = qnn_build.report["program_layers"]["intermediates"]
+    layers = [op["layer"] for op in dump["ops"]]
+    assert {"stem.0", "dw.0", "pw.0", "head"} <= set(layers)
+    convs = [op for op in dump["ops"] if "convolution" in op["op"]]
+    assert len(convs) == 3 and all(op["program_vs_float_db"] > 20 for op in convs)
+    html = (qnn_build.out_dir / "report.html").read_text()
+    assert "op by op" in html and "aten_linear_default" in html

@@ -70,6 +70,10 @@ class Backend(ABC):
         exported = torch.export.export(model, example_inputs)
         return to_edge_transform_and_lower(exported, partitioner=partitioners)
 
+    def to_edge_with_intermediates(self, model: torch.nn.Module, example_inputs: tuple, target: Target) -> Any:
+        """Lowered so that the delegate dumps each op's output to ETDump, with an ETRecord; None: unsupported."""
+        return None
+
     def per_op_partitioners(self, target: Target) -> list[Any] | None:
         """Partitioners giving one delegate call per layer, for reading a program's intermediates; None: unsupported."""
         return None

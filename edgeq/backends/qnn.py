@@ -142,7 +142,16 @@ class QnnBackend(Backend):
         with native_stderr(stdout=True):  # QNN's compiler logs every op at INFO from C++
             return to_edge_transform_and_lower_to_qnn(model, example_inputs, specs)
 
-    def compiler_specs(self, target: Target, allow_download: bool = False) -> list[Any]:
+    def to_edge_with_intermediates(self, model: torch.nn.Module, example_inputs: tuple, target: Target) -> Any:
+        from executorch.backends.qualcomm.utils.utils import to_edge_transform_and_lower_to_qnn
+
+        specs = self.compiler_specs(target, dump_intermediate_outputs=True)
+        with native_stderr(stdout=True):
+            return to_edge_transform_and_lower_to_qnn(model, example_inputs, specs, generate_etrecord=True)
+
+    def compiler_specs(
+        self, target: Target, allow_download: bool = False, dump_intermediate_outputs: bool = False
+    ) -> list[Any]:
         ensure_sdk(allow_download)
         from executorch.backends.qualcomm.serialization.qc_schema import QcomChipset
         from executorch.backends.qualcomm.utils.utils import (
@@ -153,6 +162,7 @@ class QnnBackend(Backend):
         return generate_qnn_executorch_compiler_spec(
             soc_model=getattr(QcomChipset, target.chipset),
             backend_options=generate_htp_compiler_spec(use_fp16=False),
+            dump_intermediate_outputs=dump_intermediate_outputs,
         )
 
     def partitioners(self, target: Target, allow_download: bool = False) -> list[Any]:

@@ -39,6 +39,10 @@ def environment() -> jinja2.Environment:
     env.filters["kotlin_floats"] = kotlin_floats
     env.filters["tojson"] = json.dumps
     env.filters["humanize_pair"] = lambda kv: [str(kv[0]).replace("_", " "), kv[1]]
+    env.filters["zip_ops"] = lambda _layers, ops: [
+        [op["layer"] or "(model)", op["op"], "—" if op["program_vs_float_db"] is None else op["program_vs_float_db"]]
+        for op in ops
+    ]
     return env
 
 
