@@ -22,7 +22,17 @@ def test_private_calls_still_exist_with_their_signatures():
     from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
     from torchao.quantization.pt2e.utils import _fuse_conv_bn_
 
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+
     assert tuple(inspect.signature(_fuse_conv_bn_).parameters) == ("m",)
+    assert tuple(inspect.signature(XNNPACKQuantizer._annotate_for_quantization_config).parameters) == ("self", "model")
+    assert tuple(inspect.signature(XNNPACKQuantizer._annotate_all_patterns).parameters) == (
+        "self",
+        "model",
+        "quantization_config",
+        "filter_fn",
+        "operator_target",
+    )
     assert tuple(inspect.signature(UniformQuantizationObserverBase._calculate_qparams).parameters) == (
         "self",
         "min_val",

@@ -52,8 +52,9 @@ def _plan_quantizer_class() -> type:
             self.layer_configs = layer_configs
 
         def _annotate_for_quantization_config(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-            # Overrides XNNPACKQuantizer's private dispatch: its public set_module_name
-            # cannot express "this layer and the ops fused into it" (see class docstring).
+            # Overrides XNNPACKQuantizer's private dispatch and calls its private
+            # _annotate_all_patterns: the public set_module_name cannot express "this layer
+            # and the ops fused into it" (see class docstring). tests/test_upstream.py pins both.
             owners = layer_owners(model, list(self.layer_configs))
             by_config: dict[int, tuple[Any, set[str]]] = {}
             for layer, config in self.layer_configs.items():
