@@ -273,7 +273,7 @@ def _summary(result) -> None:
     table.add_row("float", f"{s.float:.2f}")
     table.add_row("QAT (simulated)", f"{s.qat:.2f}")
     table.add_row("converted reference", f"{s.reference:.2f}")
-    table.add_row(f"model.pte ({result.report['runtime']})", f"{s.program:.2f}")
+    table.add_row(f"model.pte on {result.report['runtime'].split(',')[0]}", f"{s.program:.2f}")
     table.add_row("reference vs .pte top-1 agreement", f"{s.agreement['reference_vs_program']:.2f}%")
     table.add_row(
         "program size", f"{result.sizes['program_bytes']:,} B (float {result.sizes['float_program_bytes']:,} B)"

@@ -19,10 +19,9 @@ def test_patched_attribute_still_exists_with_its_signature(patch):
 
 
 def test_private_calls_still_exist_with_their_signatures():
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
     from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
     from torchao.quantization.pt2e.utils import _fuse_conv_bn_
-
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
 
     assert tuple(inspect.signature(_fuse_conv_bn_).parameters) == ("m",)
     assert tuple(inspect.signature(XNNPACKQuantizer._annotate_for_quantization_config).parameters) == ("self", "model")

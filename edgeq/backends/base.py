@@ -44,7 +44,7 @@ class Backend(ABC):
     #: the delegate as users know it, for reports ("XNNPACK (Arm CPU)")
     title: ClassVar[str]
     #: where a build runs this backend's programs, for the report
-    host_runtime: ClassVar[str] = "host CPU (executorch.runtime)"
+    host_runtime: ClassVar[str] = "the host CPU, via executorch.runtime"
 
     def check_target(self, data: dict[str, Any], precisions: dict[str, Precision], where: str) -> None:  # noqa: B027 - optional hook
         """Raise EdgeqError for what this backend needs beyond the common target schema."""

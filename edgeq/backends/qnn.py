@@ -79,7 +79,7 @@ def _owned_by(owner: Callable[[torch.fx.Node], str | None], name: str) -> Callab
 class QnnBackend(Backend):
     name = "qnn"
     title = "Qualcomm QNN (HTP)"
-    host_runtime = "QNN HTP simulator on the host (executorch.runtime)"
+    host_runtime = "the QNN HTP simulator on the host, via executorch.runtime"
 
     def check_target(self, data: dict[str, Any], precisions: dict[str, Precision], where: str) -> None:
         chipset = data.get("chipset")

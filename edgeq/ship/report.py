@@ -217,8 +217,14 @@ def render_html(report: dict[str, Any]) -> str:
         ]
         for p in program.get("layers", [])
     ]
+    notes = []
+    for key, value in (report.get("program") or {}).items():
+        if key == "delegate_payloads":
+            value = ", ".join(f"{p['backend']}: {p['bytes']:,} B" for p in value)
+        notes.append([key.replace("_", " "), value])
     return render(
         "report.html.j2",
+        note_rows=notes,
         report=report,
         plan_rows=plan_rows,
         analysis_rows=analysis_rows,
