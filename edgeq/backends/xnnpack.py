@@ -51,6 +51,11 @@ def _plan_quantizer_class() -> type:
             self.set_global(global_config)
             self.layer_configs = layer_configs
 
+        def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            model = super().transform_for_annotation(model)
+            keep_integer_constants_integer(model)
+            return model
+
         def _annotate_for_quantization_config(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             # Overrides XNNPACKQuantizer's private dispatch and calls its private
             # _annotate_all_patterns: the public set_module_name cannot express "this layer
@@ -69,6 +74,40 @@ def _plan_quantizer_class() -> type:
             return model
 
     return PlanXNNPACKQuantizer
+
+
+def keep_integer_constants_integer(model: torch.fx.GraphModule) -> int:
+    """Give back integer dtypes to the scalar constants XNNPACKQuantizer made float32.
+
+    XNNPACKQuantizer.transform_for_annotation turns every scalar operand of an
+    add or mul into a float32 tensor constant, so that float adds can be
+    annotated. On integer arithmetic (attention-mask code such as
+    ``torch.arange(n) + offset`` feeding an index) that makes the result float
+    and the index op fails at the first call. Where the op's own output is an
+    integer tensor in the exported graph, the constant gets that dtype back;
+    float arithmetic is untouched. Returns how many constants were changed.
+    """
+    changed = 0
+    for node in model.graph.nodes:
+        if node.op != "call_function" or node.target not in (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor):
+            continue
+        out = node.meta.get("val")
+        if not isinstance(out, torch.Tensor) or out.dtype.is_floating_point or out.dtype.is_complex:
+            continue
+        for arg in node.args:
+            if not (isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and "_tensor_constant_" in str(arg.target)):
+                continue
+            value = model.get_buffer(str(arg.target))
+            if value.dtype == out.dtype or not bool(value == value.round()):
+                continue
+            model.register_buffer(str(arg.target), value.to(out.dtype))
+            fake = arg.meta.get("val")
+            if fake is not None:
+                arg.meta["val"] = fake.to(out.dtype)
+            changed += 1
+    if changed:
+        model.recompile()
+    return changed
 
 
 def _owned_by(owners: dict[torch.fx.Node, str], layers: set[str]) -> Callable[[torch.fx.Node], bool]:
