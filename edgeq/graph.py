@@ -7,6 +7,8 @@ conv/linear before them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 #: ops that fuse into the conv/linear before them and so belong to its layer
@@ -49,3 +51,124 @@ def layer_owners(graph: torch.fx.GraphModule, layers: list[str]) -> dict[torch.f
 def call_names(graph: torch.fx.GraphModule) -> set[str]:
     """The targets of a graph's call_function nodes, as strings."""
     return {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+
+
+#: ops whose second operand is a layer's weight, by layer kind
+_WEIGHT_OPS = {
+    "conv": ("aten.conv1d.", "aten.conv2d.", "aten.convolution."),
+    "linear": ("aten.linear.", "aten.matmul.", "aten.mm.", "aten.addmm.", "aten.bmm."),
+}
+#: ops a weight may pass through on its way to the op (Hugging Face's Conv1D transposes it)
+_WEIGHT_VIEWS = ("aten.t.", "aten.permute.", "aten.transpose.", "aten.view.", "aten.reshape.")
+
+
+@dataclass(frozen=True)
+class WeightLayer:
+    """A plannable layer found in the exported graph: the module owning weight-bearing ops."""
+
+    name: str
+    kind: str
+    params: int
+    #: fully qualified names of the weight parameters its ops read
+    weights: tuple[str, ...]
+
+
+def _kind_of(node: torch.fx.Node) -> str | None:
+    name = str(node.target)
+    for kind, prefixes in _WEIGHT_OPS.items():
+        if name.startswith(prefixes):
+            return kind
+    return None
+
+
+def _weight_parameter(node: torch.fx.Node, parameters: dict[str, str]) -> str | None:
+    """The parameter FQN a weight operand comes from (through view-like ops), or None."""
+    operand_index = 2 if str(node.target).startswith("aten.addmm.") else 1
+    if len(node.args) <= operand_index:
+        return None
+    source = node.args[operand_index]
+    for _ in range(3):
+        if not isinstance(source, torch.fx.Node):
+            return None
+        if source.op == "placeholder":
+            return parameters.get(source.name)
+        if source.op == "call_function" and str(source.target).startswith(_WEIGHT_VIEWS) and source.args:
+            source = source.args[0]
+            continue
+        return None
+    return None
+
+
+def weight_layers(model: torch.nn.Module, example_inputs: tuple) -> list[WeightLayer]:
+    """Every conv, linear and weight-bearing matmul in the exported graph, by owning module.
+
+    A layer is the innermost module (``nn_module_stack``) that calls the op,
+    whatever its class: subclassed convolutions, functional ``F.linear``
+    inside a custom module, Hugging Face's ``Conv1D``. A module used twice is
+    one layer; ops at the model's top level (no owning submodule) follow the
+    target's default precision.
+    """
+    exported = torch.export.export(model, example_inputs)
+    parameters = dict(exported.graph_signature.inputs_to_parameters)
+    sizes = {name: int(p.numel()) for name, p in model.named_parameters(remove_duplicate=False)}
+    found: dict[str, tuple[str, list[str]]] = {}
+    for node in exported.graph.nodes:
+        if node.op != "call_function":
+            continue
+        kind = _kind_of(node)
+        if kind is None:
+            continue
+        weight = _weight_parameter(node, parameters)
+        stack = [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+        owner = module_path(stack[-1]) if stack else ""
+        if weight is None or not owner:
+            continue
+        entry = found.setdefault(owner, (kind, []))
+        if weight not in entry[1]:
+            entry[1].append(weight)
+    return [
+        WeightLayer(name, kind, sum(sizes.get(w, 0) for w in weights), tuple(weights))
+        for name, (kind, weights) in found.items()
+    ]
+
+
+def untie_shared_constants(graph: torch.fx.GraphModule) -> int:
+    """Give each user of a shared weight or bias its own copy, in place; returns how many copies.
+
+    A module applied twice (a shared or tied layer) leaves one get_attr node
+    feeding several quantized ops. ExecuTorch's XNNPACK lowering (1.5.1)
+    then computes the second use with constants prepared for the first (its
+    int32 bias is scaled by the first call's input scale): measured on a
+    Linear applied twice, the program was 9 dB from its own quantized
+    reference, with a plain XNNPACKQuantizer as well. Copies make each call
+    self-contained; the numbers the reference computes do not change.
+    """
+    copies = 0
+    for node in list(graph.graph.nodes):
+        if node.op != "get_attr" or len(node.users) < 2:
+            continue
+        tensor = _attr(graph, str(node.target))
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        for index, user in enumerate(list(node.users)[1:], start=1):
+            name = f"{str(node.target).replace('.', '_')}_use{index}"
+            while hasattr(graph, name):
+                name += "_"
+            graph.register_buffer(name, tensor.detach().clone())
+            with graph.graph.inserting_before(user):
+                copy = graph.graph.get_attr(name)
+            copy.meta = dict(node.meta)
+            user.replace_input_with(node, copy)
+            copies += 1
+    if copies:
+        graph.graph.lint()
+        graph.recompile()
+    return copies
+
+
+def _attr(graph: torch.fx.GraphModule, target: str) -> object:
+    owner = graph
+    *path, leaf = target.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    return getattr(owner, leaf)

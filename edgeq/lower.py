@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 
 from edgeq import upstream
 from edgeq.backends import get_backend
+from edgeq.graph import untie_shared_constants
 from edgeq.targets import Target
 
 # Ops that carry no compute: their presence outside a delegate is bookkeeping.
@@ -120,6 +122,9 @@ def lower(
     """Export at the example shape and lower to an ExecuTorch program."""
 
     upstream.apply()
+    if isinstance(model, torch.fx.GraphModule):
+        model = copy.deepcopy(model)
+        untie_shared_constants(model)
     edge = get_backend(target.backend).to_edge(model, example_inputs, target, allow_download)
     delegation = _delegation(edge, target, float_graph)
     program = edge.to_executorch()

@@ -243,9 +243,11 @@ def choose_plan(
     """An edited plan, a uniform precision, or a plan measured layer by layer."""
     if config.plan is not None:
         plan = config.plan if isinstance(config.plan, Plan) else Plan.load(config.plan)
-        return PlanChoice(validate_plan(copy.deepcopy(plan), baseline.model, target))
+        return PlanChoice(validate_plan(copy.deepcopy(plan), baseline.model, target, baseline.example_inputs))
     if config.precision is not None:
-        return PlanChoice(uniform_plan(baseline.model, target, config.precision))
+        return PlanChoice(
+            uniform_plan(baseline.model, target, config.precision, example_inputs=baseline.example_inputs)
+        )
     _announce(progress, "analyze")
     with stages("analyze"):
         analysis = analyze(baseline.model, recipe, target)

@@ -19,6 +19,7 @@ it: a bad range or a too narrow precision shows here).
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 import warnings
@@ -33,7 +34,7 @@ from edgeq.backends import get_backend
 from edgeq.checks.debug import record_values
 from edgeq.checks.evaluate import sqnr_db
 from edgeq.errors import EdgeqError
-from edgeq.graph import is_follower, layer_owners, module_path
+from edgeq.graph import is_follower, layer_owners, module_path, untie_shared_constants
 from edgeq.planning.plan import quantizable_layers
 from edgeq.recipe import as_tuple
 from edgeq.targets import Target, load_target
@@ -210,6 +211,9 @@ def _lower_per_op(reference: torch.nn.Module, inputs: tuple, target: Target) -> 
             "use `edgeq debug --reference-only` to compare the quantized reference with float layer by layer",
         )
     upstream.apply()
+    if isinstance(reference, torch.fx.GraphModule):  # as lower() does, so the layers match model.pte's
+        reference = copy.deepcopy(reference)
+        untie_shared_constants(reference)
     exported = torch.export.export(reference, inputs)
     edge = to_edge_transform_and_lower(exported, partitioner=partitioners, generate_etrecord=True)
     program = edge.to_executorch()
@@ -314,7 +318,7 @@ def _debug_program(
     # The reference, in the edge dialect the program was lowered from: same node names.
     edge_graph = etrecord.edge_dialect_program.module()
     reference_values = record_values(edge_graph, inputs)
-    layers = [name for name, _, _ in quantizable_layers(float_model)]
+    layers = [name for name, _, _ in quantizable_layers(float_model, recipe.example_inputs())]
     owners = layer_owners(edge_graph, layers)
     by_name = {n.name: n for n in edge_graph.graph.nodes}
     float_graph = capture(float_model.eval(), inputs)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from edgeq.errors import EdgeqError
-from edgeq.planning.plan import quantizable_layers
+from edgeq.planning.plan import model_layers
 from edgeq.recipe import Recipe, as_tuple
 from edgeq.targets import Precision, Target
 
@@ -135,7 +135,12 @@ def analyze(model: nn.Module, recipe: Recipe, target: Target, batches: int = 8) 
     """Measure every quantizable layer of ``model`` on ``batches`` calibration batches."""
     model = model.eval()
     data = _batches(recipe, batches)
-    layers = quantizable_layers(model)
+    # Layers come from the exported graph: any module owning a conv, linear or weight-bearing
+    # matmul. Its input range is read at the module's input (for a functional op inside a
+    # custom module, that is the module's first input).
+    graph_layers = model_layers(model, recipe.example_inputs())
+    layers = [(layer.name, layer.kind, layer.params) for layer in graph_layers]
+    weights_of = {layer.name: [model.get_parameter(w) for w in layer.weights] for layer in graph_layers}
     modules = dict(model.named_modules())
     samples: dict[str, list[torch.Tensor]] = {name: [] for name, _, _ in layers}
     extremes: dict[str, list[float]] = {name: [math.inf, -math.inf] for name, _, _ in layers}
@@ -168,7 +173,7 @@ def analyze(model: nn.Module, recipe: Recipe, target: Target, batches: int = 8) 
     results = []
     for name, kind, params in layers:
         module = modules[name]
-        w = module.weight.detach().float()
+        w = weights_of[name][0].detach().float()
         ch_absmax = w.flatten(1).abs().amax(1)
         lo, hi = extremes[name]
         acts = torch.cat(samples[name])
@@ -194,7 +199,7 @@ def analyze(model: nn.Module, recipe: Recipe, target: Target, batches: int = 8) 
             entry.weight_sqnr[pname] = round(_sqnr(w, fake_quant_weight(w, spec.weight_bits)), 3)
             if spec.activations == "static":
                 entry.act_sqnr[pname] = round(_sqnr(acts, fake_quant_act(acts, lo, hi, spec.activation_bits)), 3)
-            loss, metric = _layer_alone(model, module, recipe, data, spec, lo, hi)
+            loss, metric = _layer_alone(model, module, weights_of[name], recipe, data, spec, lo, hi)
             entry.loss_delta[pname] = round(loss - float_loss, 6)
             entry.metric_drop[pname] = round(float_metric - metric, 4)
         results.append(entry)
@@ -213,10 +218,13 @@ def analyze_recipe(recipe=None, target="android", batches: int = 8) -> Analysis:
     return analyze(recipe.model(), recipe, load_target(target), batches=batches)
 
 
-def _layer_alone(model, module, recipe, data, spec: Precision, lo: float, hi: float) -> tuple[float, float]:
-    """Loss and metric with only ``module`` quantized (weights and its input)."""
-    original = module.weight.data.clone()
-    module.weight.data = fake_quant_weight(original, spec.weight_bits)
+def _layer_alone(
+    model, module, weights: list[torch.nn.Parameter], recipe, data, spec: Precision, lo: float, hi: float
+) -> tuple[float, float]:
+    """Loss and metric with only ``module`` quantized (its weights and its input)."""
+    originals = [weight.data.clone() for weight in weights]
+    for weight, original in zip(weights, originals):
+        weight.data = fake_quant_weight(original, spec.weight_bits)
 
     def quantize_input(mod, args):
         x = args[0]
@@ -229,7 +237,8 @@ def _layer_alone(model, module, recipe, data, spec: Precision, lo: float, hi: fl
         return _score(model, recipe, data)
     finally:
         handle.remove()
-        module.weight.data = original
+        for weight, original in zip(weights, originals):
+            weight.data = original
 
 
 def print_analysis(analysis: Analysis, console=None) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from edgeq.errors import EdgeqError
+from edgeq.graph import WeightLayer, weight_layers
 from edgeq.targets import Target
 
 PLAN_VERSION = 1
@@ -83,22 +84,42 @@ _KINDS: tuple[tuple[type, str], ...] = (
 )
 
 
-def quantizable_layers(model: nn.Module) -> list[tuple[str, str, int]]:
-    """(name, kind, weight element count) of the layers a quantizer can take."""
+def model_layers(model: nn.Module, example_inputs: tuple | None = None) -> list[WeightLayer]:
+    """The plannable layers of ``model``, from its exported graph when example inputs are given.
+
+    From the graph, a layer is any module owning a conv, linear or
+    weight-bearing matmul, whatever its class (see :func:`edgeq.graph.weight_layers`).
+    Without inputs, modules that are (subclasses of) Conv1d, Conv2d or Linear.
+    """
+    if example_inputs is not None:
+        return weight_layers(model, example_inputs)
     layers = []
     for name, module in model.named_modules():
         for cls, kind in _KINDS:
-            if type(module) is cls:
-                layers.append((name, kind, int(module.weight.numel())))  # type: ignore[attr-defined]
+            if isinstance(module, cls):
+                weight = module.weight  # type: ignore[attr-defined]
+                layers.append(WeightLayer(name, kind, int(weight.numel()), (f"{name}.weight",)))
+                break
     return layers
 
 
-def uniform_plan(model: nn.Module, target: Target, precision: str | None = None, reason: str = "") -> Plan:
+def quantizable_layers(model: nn.Module, example_inputs: tuple | None = None) -> list[tuple[str, str, int]]:
+    """(name, kind, weight element count) of the layers a quantizer can take."""
+    return [(layer.name, layer.kind, layer.params) for layer in model_layers(model, example_inputs)]
+
+
+def uniform_plan(
+    model: nn.Module,
+    target: Target,
+    precision: str | None = None,
+    reason: str = "",
+    example_inputs: tuple | None = None,
+) -> Plan:
     """Every layer at one precision (the target's default unless named)."""
     precision = precision or target.default_precision
     spec = target.precision(precision)
     layers = []
-    for name, kind, params in quantizable_layers(model):
+    for name, kind, params in quantizable_layers(model, example_inputs):
         if kind in spec.ops:
             layers.append(LayerPlan(name, kind, precision, reason or f"uniform {precision}", params))
         else:
@@ -111,9 +132,9 @@ def uniform_plan(model: nn.Module, target: Target, precision: str | None = None,
     return plan
 
 
-def validate_plan(plan: Plan, model: nn.Module, target: Target) -> Plan:
+def validate_plan(plan: Plan, model: nn.Module, target: Target, example_inputs: tuple | None = None) -> Plan:
     """Refuse a plan that names unknown layers or precisions the target cannot run."""
-    known = {name: (kind, params) for name, kind, params in quantizable_layers(model)}
+    known = {name: (kind, params) for name, kind, params in quantizable_layers(model, example_inputs)}
     unknown = [entry.name for entry in plan.layers if entry.name not in known]
     if unknown:
         raise EdgeqError(
