@@ -271,8 +271,11 @@ def _summary(result) -> None:
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_row("float", f"{s.float:.2f}")
+    if s.ptq is not None:
+        table.add_row("PTQ, calibration only (reference)", f"{s.ptq:.2f}")
     table.add_row("QAT (simulated)", f"{s.qat:.2f}")
-    table.add_row("converted reference", f"{s.reference:.2f}")
+    table.add_row("QAT converted reference", f"{s.qat_reference if s.qat_reference is not None else s.reference:.2f}")
+    table.add_row("shipped", "PTQ (scored above QAT)" if s.shipped == "ptq" else "QAT")
     table.add_row(f"model.pte on {result.report['runtime'].split(',')[0]}", f"{s.program:.2f}")
     table.add_row("reference vs .pte top-1 agreement", f"{s.agreement['reference_vs_program']:.2f}%")
     table.add_row(

@@ -202,6 +202,9 @@ class BuildConfig:
     debug_program: bool | None = None
     #: evaluation samples the per-layer program debugging runs
     debug_samples: int = 8
+    #: calibration batches of the plain-PTQ program every build also measures; the build
+    #: ships PTQ when it scores above QAT (0: QAT only)
+    ptq_batches: int = 16
 
     def __post_init__(self) -> None:
         if not isinstance(self.qat, QATConfig):
@@ -215,6 +218,8 @@ class BuildConfig:
             raise EdgeqError(f"--max-drop {self.max_drop} is negative", "pass the points the program may lose, >= 0")
         if self.outlier_ratio <= 1:
             raise EdgeqError(f"--outlier-ratio {self.outlier_ratio} must be > 1", "the default is 8")
+        if self.ptq_batches < 0:
+            raise EdgeqError(f"ptq_batches {self.ptq_batches} is negative", "pass 0 (QAT only) or a batch count")
         if self.debug_samples < 1:
             raise EdgeqError("debug_samples must be >= 1", "pass a positive number of samples")
         if self.plan is not None and self.precision is not None:

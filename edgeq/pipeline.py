@@ -31,6 +31,7 @@ from edgeq.planning.plan import Plan, uniform_plan, validate_plan, weight_bytes
 from edgeq.planning.planner import Planned, make_plan
 from edgeq.quant.convert import convert, prepare
 from edgeq.quant.devices import check_device, init_distributed, seed_everything
+from edgeq.quant.ptq import post_training_quantize
 from edgeq.quant.qat import QATConfig, QATReport, run_qat, to_eval, world
 from edgeq.recipe import Recipe, load_recipe
 from edgeq.targets import Target, load_target
@@ -43,9 +44,16 @@ __all__ = ["BuildConfig", "BuildResult", "Scores", "build", "checkpoint_path", "
 class Scores:
     float: builtins.float
     qat: builtins.float
+    #: the shipped converted reference (QAT's, or PTQ's when it scored higher)
     reference: builtins.float
     program: builtins.float
     agreement: dict[str, builtins.float]
+    #: plain PTQ of the same plan, converted reference (None: not measured)
+    ptq: builtins.float | None = None
+    #: QAT's converted reference, whether shipped or not
+    qat_reference: builtins.float | None = None
+    #: "qat" or "ptq": which quantized model the program was lowered from
+    shipped: str = "qat"
 
 
 @dataclass
@@ -107,7 +115,9 @@ def quantize(
     """capture -> prepare -> QAT -> convert."""
     model = float_model if float_model is not None else recipe.model().eval()
     with stages("export"):
-        graph = capture_mod.capture(model, recipe.example_inputs())
+        # The exported graph shares parameter tensors with the module it came from, and QAT
+        # trains them in place: export a copy, so the float model stays the float model.
+        graph = capture_mod.capture(copy.deepcopy(model), recipe.example_inputs())
         if config.fold_bn:
             capture_mod.fold_batchnorm(graph)
     with stages("prepare"):
@@ -307,6 +317,17 @@ def _build(
     with stages("evaluate"):
         qat_eval = _score(quantized.fake_quant, recipe, progress, "QAT (simulated)")
         ref_eval = _score(quantized.reference, recipe, progress, "converted reference")
+    qat_ref_eval, ptq_eval, shipped = ref_eval, None, "qat"
+    if config.ptq_batches:
+        _announce(progress, "ptq")
+        with stages("ptq"):
+            ptq_reference = post_training_quantize(baseline.model, recipe, target, plan, config.qat, config.ptq_batches)
+        with stages("evaluate"):
+            ptq_eval = _score(ptq_reference, recipe, progress, "PTQ reference (calibration only)")
+        if ptq_eval.metric > ref_eval.metric:
+            # QAT made the model worse than calibration alone: ship the better one, and say so.
+            quantized = dataclasses.replace(quantized, reference=ptq_reference)
+            ref_eval, shipped = ptq_eval, "ptq"
     try:
         backend.ensure_sdk(config.allow_sdk_download)
     except SdkMissingError as exc:
@@ -334,8 +355,11 @@ def _build(
         qat=qat_eval.metric,
         reference=ref_eval.metric,
         program=program_eval.metric,
+        ptq=ptq_eval.metric if ptq_eval is not None else None,
+        qat_reference=qat_ref_eval.metric,
+        shipped=shipped,
         agreement={
-            "qat_vs_reference": agreement(qat_eval.outputs, ref_eval.outputs),
+            "qat_vs_reference": agreement(qat_eval.outputs, qat_ref_eval.outputs),
             "reference_vs_program": agreement(ref_eval.outputs, program_eval.outputs),
             "qat_vs_program": agreement(qat_eval.outputs, program_eval.outputs),
             "float_vs_program": agreement(float_eval.outputs, program_eval.outputs),

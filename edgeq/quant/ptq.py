@@ -1,0 +1,37 @@
+"""Post-training quantization of the same plan: the baseline every QAT build is measured against."""
+
+from __future__ import annotations
+
+import torch
+
+from edgeq import capture as capture_mod
+from edgeq.backends import build_quantizer
+from edgeq.configs import QATConfig
+from edgeq.planning.plan import Plan
+from edgeq.quant.convert import convert, prepare
+from edgeq.quant.qat import set_observers
+from edgeq.recipe import Recipe, as_tuple
+from edgeq.targets import Target
+
+
+def post_training_quantize(
+    model: torch.nn.Module, recipe: Recipe, target: Target, plan: Plan, config: QATConfig, batches: int
+) -> torch.fx.GraphModule:
+    """The plan quantized by calibration alone, with the backend's PTQ observers; the converted reference.
+
+    The observers are the backend quantizer's own for PTQ (XNNPACK's static activations use
+    a histogram observer that clips outliers), so this is the documented by-hand flow.
+    """
+    graph = capture_mod.capture(model, recipe.example_inputs())
+    if config.fold_bn:
+        capture_mod.fold_batchnorm(graph)
+    prepared = prepare(graph, build_quantizer(plan, target, qat=False), qat=False)
+    set_observers(prepared, True)
+    seen = 0
+    with torch.no_grad():
+        for inputs, _ in recipe.train_data():
+            prepared(*as_tuple(inputs))
+            seen += 1
+            if seen >= batches:
+                break
+    return convert(prepared)

@@ -1,0 +1,58 @@
+"""Every build also measures plain PTQ of the same plan, and never ships a QAT model that scores below it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgeq.configs import BuildConfig, QATConfig
+
+
+@pytest.mark.slow
+def test_a_qat_run_that_hurts_the_model_ships_the_ptq_program_and_says_so(tmp_path):
+    from edgeq.pipeline import build
+
+    # A learning rate far too high for this model: QAT wrecks it, calibration alone does not.
+    config = BuildConfig(
+        out=tmp_path / "out", precision="int8", qat=QATConfig(steps=40, lr=5.0), max_drop=100.0, debug_program=False
+    )
+    result = build(None, config)
+    s = result.scores
+    assert s.ptq is not None and s.qat_reference is not None
+    assert s.qat_reference < s.ptq - 5, (s.qat_reference, s.ptq)
+    assert s.shipped == "ptq"
+    assert s.reference == s.ptq and abs(s.program - s.ptq) <= 1.0
+    assert s.agreement["reference_vs_program"] >= 97.0
+    report = json.loads((result.out_dir / "report.json").read_text())
+    assert report["accuracy"]["shipped"] == "ptq"
+    assert "shipped the PTQ program" in (result.out_dir / "report.html").read_text()
+
+
+def test_ptq_comparison_can_be_turned_off_and_is_validated():
+    from edgeq.errors import EdgeqError
+
+    assert BuildConfig(ptq_batches=0).ptq_batches == 0
+    with pytest.raises(EdgeqError, match="ptq_batches"):
+        BuildConfig(ptq_batches=-1)
+
+
+def test_qat_does_not_train_the_users_float_model_in_place(tmp_path):
+    """torch.export shares parameter tensors with the module it exports; QAT must train a copy."""
+    import torch
+
+    from edgeq.pipeline import build
+    from edgeq.recipe import load_recipe
+
+    recipe = load_recipe(None)
+    model = recipe.model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    recipe.model = lambda: model  # the build gets this very object
+    build(
+        recipe,
+        BuildConfig(
+            out=tmp_path / "out", qat=QATConfig(steps=20, lr=0.5), max_drop=100.0, debug_program=False, ptq_batches=0
+        ),
+    )
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[name]), name
