@@ -494,7 +494,7 @@ def _score(model: Callable, recipe: Recipe, progress: Any, label: str) -> Evalua
         progress.eval_start(label)
         advance = progress.eval_advance
     try:
-        return evaluate(model, recipe.eval_data(), recipe.metric, progress=advance)
+        return evaluate(model, recipe.eval_data(), recipe.metric, progress=advance, select=recipe.score_output)
     finally:
         if progress is not None and hasattr(progress, "eval_end"):
             progress.eval_end()

@@ -28,13 +28,76 @@ REQUIRED = ("model", "example_inputs", "train_data", "eval_data")
 BUNDLED = "edgeq.examples.digits"
 
 
+def _check_classes(output: torch.Tensor, target: torch.Tensor, what: str) -> None:
+    """Class-index targets must name one of the model's outputs (the defaults' contract)."""
+    if target.dtype.is_floating_point or target.numel() == 0 or output.dim() < 2:
+        return
+    classes = output.shape[-1]
+    low, high = int(target.min()), int(target.max())
+    if low < 0 or high >= classes:
+        raise EdgeqError(
+            f"{what} targets reach class {high if high >= classes else low}, but the model has {classes} outputs",
+            "yield class indices 0..N-1 matching the model's outputs, or give the recipe its own loss()/metric()",
+        )
+
+
 def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    _check_classes(output, target, "train_data()")
     return torch.nn.functional.cross_entropy(output, target)
 
 
 def top1_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
+    if outputs.shape[0] != targets.shape[0] or (targets.dim() > 1 and targets.shape[-1] > 1):
+        raise EdgeqError(
+            f"the default top-1 metric got outputs of shape {tuple(outputs.shape)} and targets of shape "
+            f"{tuple(targets.shape)}",
+            "make eval_data() yield class-index targets, or give the recipe its own metric()",
+        )
+    _check_classes(outputs, targets, "eval_data()")
     return 100.0 * float((outputs.argmax(dim=-1) == targets).float().mean())
+
+
+def select_output(output: Any, key: str | int | None = None) -> torch.Tensor:
+    """The tensor a recipe scores from a model's output: the tensor itself, ``key`` of a tuple or dict,
+    else the first element of a tuple or a dict's ``logits``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        if key is None and "logits" in output:
+            key = "logits"
+        if key is None or key not in output:
+            raise EdgeqError(
+                f"the model returns a dict with keys {sorted(output)}",
+                'set the recipe\'s `output` to the key to score (e.g. output = "logits")',
+            )
+        return select_output(output[key])
+    if isinstance(output, (tuple, list)) and output:
+        index = key if isinstance(key, int) else 0
+        return select_output(output[index])
+    raise EdgeqError(f"the model returned a {type(output).__name__}", "return a tensor, a tuple or a dict of tensors")
+
+
+def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The user's loss/metric, with any exception it raises turned into one line naming it."""
+    if getattr(fn, "_edgeq_guarded", False):
+        return fn
+
+    def call(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except EdgeqError:
+            raise
+        except Exception as exc:  # the user's code: say which function, and what it got
+            shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args)
+            raise EdgeqError(
+                f"recipe {name}() raised {type(exc).__name__} on arguments of shape {shapes}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                f"fix the recipe's {name}()",
+            ) from exc
+
+    call._edgeq_guarded = True  # type: ignore[attr-defined]
+    return call
 
 
 @dataclass
@@ -53,6 +116,16 @@ class Recipe:
     source: str = ""
     #: sha256 of the recipe's source, recorded so a build can be traced to it
     fingerprint: str = ""
+    #: which output to score when the model returns a tuple (an index) or a dict (a key);
+    #: None: the tensor itself, a tuple's first element, or a dict's "logits"
+    output: str | int | None = None
+
+    def __post_init__(self) -> None:
+        self.loss = _guarded("loss", self.loss)
+        self.metric = _guarded("metric", self.metric)
+
+    def score_output(self, output: Any) -> torch.Tensor:
+        return select_output(output, self.output)
 
 
 def _import_file(path: Path) -> ModuleType:
@@ -144,6 +217,7 @@ def recipe_from_module(module: ModuleType, source: str = "") -> Recipe:
         eval_data=module.eval_data,
         loss=getattr(module, "loss", cross_entropy),
         metric=getattr(module, "metric", top1_accuracy),
+        output=getattr(module, "output", None),
         labels=labels,
         preprocessing=dict(getattr(module, "preprocessing", {}) or {}),
         source=source,

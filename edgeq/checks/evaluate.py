@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from edgeq.errors import EdgeqError
-from edgeq.recipe import as_tuple
+from edgeq.recipe import as_tuple, select_output
 
 
 @dataclass
@@ -25,16 +26,18 @@ class Evaluation:
 
 
 def collect(
-    run: Callable[..., torch.Tensor], data: Iterable, limit: int | None = None, progress=None
+    run: Callable[..., torch.Tensor],
+    data: Iterable,
+    limit: int | None = None,
+    progress=None,
+    select: Callable[[Any], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate the outputs of ``run(*inputs)`` and the targets over ``data``."""
+    """Concatenate the outputs of ``run(*inputs)`` (the scored one, see Recipe.output) and the targets."""
     outputs, targets = [], []
     seen = 0
     with torch.no_grad():
         for inputs, target in data:
-            out = run(*as_tuple(inputs))
-            if isinstance(out, (tuple, list)):
-                out = out[0]
+            out = (select or select_output)(run(*as_tuple(inputs)))
             outputs.append(out.detach().float().cpu())
             targets.append(torch.as_tensor(target).cpu())
             seen += len(outputs[-1])
@@ -49,8 +52,14 @@ def collect(
     return torch.cat(outputs), torch.cat(targets)
 
 
-def evaluate(run: Callable[..., torch.Tensor], data: Iterable, metric: Callable, progress=None) -> Evaluation:
-    outputs, targets = collect(run, data, progress=progress)
+def evaluate(
+    run: Callable[..., torch.Tensor],
+    data: Iterable,
+    metric: Callable,
+    progress=None,
+    select: Callable[[Any], torch.Tensor] | None = None,
+) -> Evaluation:
+    outputs, targets = collect(run, data, progress=progress, select=select)
     return Evaluation(float(metric(outputs, targets)), outputs, targets, len(outputs))
 
 

@@ -106,29 +106,37 @@ def _quantized_variants(target: Target, kind: str) -> dict[str, Precision]:
     return {name: p for name, p in target.precisions.items() if kind in p.ops and not p.is_float}
 
 
-def _batches(recipe: Recipe, count: int) -> list:
+def _first(data, count: int, what: str) -> list:
     batches = []
-    for batch in recipe.train_data():
+    for batch in data:
         batches.append(batch)
         if len(batches) >= count:
             break
     if not batches:
-        raise EdgeqError(
-            "train_data() yielded no batches", "make the recipe's train_data() yield (inputs, target) batches"
-        )
+        raise EdgeqError(f"{what}() yielded no batches", f"make the recipe's {what}() yield (inputs, target) batches")
     return batches
 
 
-def _score(model: nn.Module, recipe: Recipe, batches: list) -> tuple[float, float]:
-    losses, outputs, targets = [], [], []
+def _batches(recipe: Recipe, count: int) -> tuple[list, list]:
+    """Calibration batches from train_data() and scoring batches from eval_data()."""
+    return _first(recipe.train_data(), count, "train_data"), _first(recipe.eval_data(), count, "eval_data")
+
+
+def _score(model: nn.Module, recipe: Recipe, batches: tuple[list, list]) -> tuple[float, float]:
+    """The task loss on training batches and the metric on evaluation batches: each stage scores what
+    it is defined on (train targets may be a teacher's logits, eval targets the labels)."""
+    train, evaluation = batches
+    losses, seen = [], 0
     with torch.no_grad():
-        for inputs, target in batches:
-            out = model(*as_tuple(inputs))
+        for inputs, target in train:
+            out = recipe.score_output(model(*as_tuple(inputs)))
             losses.append(float(recipe.loss(out, target)) * len(out))
-            outputs.append(out)
-            targets.append(target)
-    outs, tgts = torch.cat(outputs), torch.cat(targets)
-    return sum(losses) / len(outs), float(recipe.metric(outs, tgts))
+            seen += len(out)
+        outputs, targets = [], []
+        for inputs, target in evaluation:
+            outputs.append(recipe.score_output(model(*as_tuple(inputs))))
+            targets.append(torch.as_tensor(target))
+    return sum(losses) / max(seen, 1), float(recipe.metric(torch.cat(outputs), torch.cat(targets)))
 
 
 def analyze(model: nn.Module, recipe: Recipe, target: Target, batches: int = 8) -> Analysis:
@@ -165,10 +173,14 @@ def analyze(model: nn.Module, recipe: Recipe, target: Target, batches: int = 8) 
 
     handles = [modules[name].register_forward_pre_hook(record(name)) for name, _, _ in layers]
     try:
-        float_loss, float_metric = _score(model, recipe, data)
+        # Ranges are calibration statistics: training batches only.
+        with torch.no_grad():
+            for inputs, _ in data[0]:
+                model(*as_tuple(inputs))
     finally:
         for handle in handles:
             handle.remove()
+    float_loss, float_metric = _score(model, recipe, data)
 
     results = []
     for name, kind, params in layers:

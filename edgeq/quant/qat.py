@@ -226,7 +226,7 @@ def run_qat(
         inputs = tuple(t.to(device) for t in as_tuple(inputs))
         target = target.to(device) if isinstance(target, torch.Tensor) else target
         opt.zero_grad(set_to_none=True)
-        loss = recipe.loss(trainer(*inputs), target)
+        loss = recipe.loss(recipe.score_output(trainer(*inputs)), target)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise EdgeqError(

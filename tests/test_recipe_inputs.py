@@ -1,0 +1,118 @@
+"""Recipes that real projects write: distillation targets, tuple/dict outputs, broken loss/metric, bad targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from edgeq.errors import EdgeqError
+from edgeq.recipe import Recipe, select_output
+
+
+def _data(n: int = 64, classes: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = (x[:, :classes].argmax(1)).long()
+    return x, y
+
+
+class Logits(nn.Module):
+    def __init__(self, kind: str = "tensor") -> None:
+        super().__init__()
+        self.kind = kind
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x: torch.Tensor):
+        out = self.net(x)
+        if self.kind == "tuple":
+            return out, out.softmax(-1)
+        if self.kind == "dict":
+            return {"logits": out, "probs": out.softmax(-1)}
+        return out
+
+
+def _recipe(kind: str = "tensor", **overrides) -> Recipe:
+    torch.manual_seed(0)
+    model = Logits(kind).eval()
+    x, y = _data()
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    fields = dict(
+        name=f"r_{kind}",
+        model=lambda: model,
+        example_inputs=lambda: (x[:1],),
+        train_data=lambda: batches,
+        eval_data=lambda: batches,
+    )
+    fields.update(overrides)
+    return Recipe(**fields)
+
+
+def test_analysis_scores_loss_on_train_data_and_the_metric_on_eval_data():
+    """A distillation recipe: train targets are the float model's logits, eval targets are labels."""
+    from edgeq.planning.analysis import analyze
+    from edgeq.targets import load_target
+
+    base = _recipe()
+    model = base.model()
+    x, y = _data()
+    with torch.no_grad():
+        teacher = model(x)
+    train = [(x[i : i + 16], teacher[i : i + 16]) for i in range(0, 64, 16)]
+    evaluation = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+
+    def kl(output, target):
+        return torch.nn.functional.kl_div(output.log_softmax(-1), target.softmax(-1), reduction="batchmean")
+
+    recipe = _recipe(train_data=lambda: train, eval_data=lambda: evaluation, loss=kl)
+    analysis = analyze(model, recipe, load_target("android"), batches=4)
+    assert analysis.float_loss == pytest.approx(0.0, abs=1e-6)  # the teacher is the model itself
+    assert 0 <= analysis.float_metric <= 100
+    assert [layer.name for layer in analysis.layers] == ["net.0", "net.2"]
+
+
+def test_an_exception_in_the_users_loss_or_metric_is_one_line_naming_it():
+    def bad_loss(output, target):
+        raise ValueError("shapes do not line up")
+
+    recipe = _recipe(loss=bad_loss)
+    x, y = _data()
+    with pytest.raises(EdgeqError) as info:
+        recipe.loss(torch.zeros(2, 4), y[:2])
+    message = str(info.value)
+    assert "recipe loss() raised ValueError" in message and "\n" not in message and "fix the recipe's loss()" in message
+
+
+def test_targets_outside_the_models_classes_are_refused_in_one_line():
+    recipe = _recipe()
+    with pytest.raises(EdgeqError, match="targets reach class 9, but the model has 4 outputs"):
+        recipe.loss(torch.zeros(2, 4), torch.tensor([1, 9]))
+    with pytest.raises(EdgeqError, match="default top-1 metric got outputs of shape"):
+        recipe.metric(torch.zeros(8, 4), torch.zeros(8, 256))
+
+
+def test_tuple_and_dict_outputs_are_scored_on_the_logits_or_the_named_output():
+    out = torch.randn(2, 4)
+    assert select_output((out, out.softmax(-1))) is out
+    assert select_output({"logits": out, "probs": out}) is out
+    assert select_output({"a": out, "b": out * 2}, "b").equal(out * 2)
+    with pytest.raises(EdgeqError, match="set the recipe's `output`"):
+        select_output({"a": out, "b": out})
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_a_model_returning_a_tuple_or_dict_builds(tmp_path, kind):
+    from edgeq.configs import BuildConfig, QATConfig
+    from edgeq.pipeline import build
+
+    recipe = _recipe(kind)
+    x, y = _data()
+    with torch.no_grad():
+        logits = select_output(recipe.model()(x))
+    expected = 100.0 * float((logits.argmax(1) == y).float().mean())
+    result = build(
+        recipe, BuildConfig(out=tmp_path / "out", qat=QATConfig(steps=10), max_drop=100.0, debug_program=False)
+    )
+    # Scored on the logits (not the probabilities, not the dict), and the program's output is the same tensor.
+    assert result.scores.float == pytest.approx(expected)
+    assert result.scores.agreement["reference_vs_program"] >= 90
