@@ -43,7 +43,8 @@ def test_report_has_accuracies_sizes_delegation_and_timings(digits_build):
         assert timings[stage] > 0, stage
     # Stages are timed one after another inside the build: together they fit in its wall time.
     assert sum(timings.values()) <= digits_build.wall_seconds
-    assert timings["qat"] == pytest.approx(report["qat"]["seconds"], rel=0.25)
+    # The training loop runs inside the QAT stage (which also calibrates).
+    assert 0 < report["qat"]["seconds"] <= timings["qat"]
     # Adaptive ranges were used, and some grids moved during training.
     assert report["qat"]["commits"] and sum(report["qat"]["commits"].values()) > 0
     html = (digits_build.out_dir / "report.html").read_text()
