@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 # Light modules only (no torch): `edgeq --help` stays fast.
-from edgeq.configs import BuildConfig, Optimizer, QATConfig, RangeConfig, RangeMode, Rule, VoteConfig
+from edgeq.configs import BuildConfig, Loss, Optimizer, QATConfig, RangeConfig, RangeMode, Rule, VoteConfig
 from edgeq.errors import EdgeqError
 from edgeq.logs import set_verbose
 
@@ -130,6 +130,11 @@ def build(
     steps: int = typer.Option(_Q.steps, help="QAT steps."),
     lr: float = typer.Option(_Q.lr, help="QAT learning rate."),
     optimizer: Optimizer = typer.Option(_Q.optimizer, help="QAT optimizer (sgd: momentum 0.9)."),
+    loss: Loss = typer.Option(
+        _Q.loss,
+        help="What QAT learns from: task (the recipe's loss on its targets), distill (the float model's outputs: "
+        "KL on logits, MSE otherwise; no labels needed) or both.",
+    ),
     ranges: RangeMode = typer.Option(
         _Q.ranges.mode,
         help="Range tracking during QAT: adaptive (edgeq's voting tracker), ema (PT2E's moving-average observers, "
@@ -206,6 +211,7 @@ def build(
             steps=steps,
             lr=lr,
             optimizer=optimizer.value,
+            loss=loss.value,
             ranges=range_config,
             fold_bn=fold_bn,
             freeze_ranges=freeze_ranges,

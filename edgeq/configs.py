@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 __all__ = [
     "BuildConfig",
     "DEBUG_PROGRAM_LAYERS",
+    "LOSSES",
+    "Loss",
     "OPTIMIZERS",
     "Optimizer",
     "QATConfig",
@@ -118,6 +120,17 @@ class Optimizer(StrEnum):
 OPTIMIZERS = tuple(o.value for o in Optimizer)
 
 
+class Loss(StrEnum):
+    """What QAT learns from."""
+
+    TASK = "task"  # the recipe's loss() against train_data()'s targets
+    DISTILL = "distill"  # the float model's own outputs (KL on logits, MSE otherwise); no labels needed
+    BOTH = "both"  # their sum
+
+
+LOSSES = tuple(item.value for item in Loss)
+
+
 @dataclass(frozen=True)
 class QATConfig:
     """How QAT trains; validated on construction, changed with ``dataclasses.replace``."""
@@ -140,11 +153,16 @@ class QATConfig:
     device: str = "cpu"
     #: write a resumable checkpoint every this many steps (0: never)
     checkpoint_every: int = 100
+    #: "task" (the recipe's loss), "distill" (the float model's outputs) or "both"
+    loss: str = "task"
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise EdgeqError(f"unknown optimizer {self.optimizer!r}", f"use one of: {', '.join(OPTIMIZERS)}")
         object.__setattr__(self, "optimizer", Optimizer(self.optimizer).value)
+        if self.loss not in LOSSES:
+            raise EdgeqError(f"unknown QAT loss {self.loss!r}", f"use one of: {', '.join(LOSSES)}")
+        object.__setattr__(self, "loss", Loss(self.loss).value)
         if not isinstance(self.ranges, RangeConfig):
             raise EdgeqError(f"QATConfig.ranges is a {type(self.ranges).__name__}", "pass an edgeq.RangeConfig")
         checks = [

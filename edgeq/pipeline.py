@@ -127,6 +127,7 @@ def quantize(
             prepared,
             recipe,
             config,
+            teacher=model if config.loss != "task" else None,
             on_step=on_step,
             checkpoint=checkpoint,
             fingerprint=fingerprint(recipe, target, plan, config),

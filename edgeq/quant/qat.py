@@ -140,6 +140,40 @@ def calibrate(model: torch.fx.GraphModule, recipe: Recipe, batches: int, device:
     return seen
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL divergence to the teacher's distribution for logits (last dimension > 1), MSE otherwise."""
+    if student.dim() >= 2 and student.shape[-1] > 1:
+        return torch.nn.functional.kl_div(
+            student.float().log_softmax(-1).flatten(0, -2),
+            teacher.float().log_softmax(-1).flatten(0, -2),
+            reduction="batchmean",
+            log_target=True,
+        )
+    return torch.nn.functional.mse_loss(student.float(), teacher.float())
+
+
+def qat_loss(
+    kind: str,
+    recipe: Recipe,
+    output: torch.Tensor,
+    target: Any,
+    teacher: torch.nn.Module | None,
+    inputs: tuple,
+) -> torch.Tensor:
+    """The loss a QAT step minimises: the recipe's task loss, distillation from the float model, or both."""
+    total: torch.Tensor | None = None
+    if kind in ("task", "both"):
+        total = recipe.loss(output, target)
+    if kind in ("distill", "both") and teacher is not None:
+        with torch.no_grad():
+            reference = recipe.score_output(teacher(*inputs))
+        distill = distillation_loss(output, reference)
+        total = distill if total is None else total + distill
+    if total is None:
+        raise EdgeqError(f"QAT loss '{kind}' has nothing to learn from", "pass the float model as teacher")
+    return total
+
+
 def run_qat(
     model: torch.fx.GraphModule,
     recipe: Recipe,
@@ -148,6 +182,7 @@ def run_qat(
     checkpoint: Path | None = None,
     fingerprint: str = "",
     resume: bool = False,
+    teacher: torch.nn.Module | None = None,
 ) -> QATReport:
     """Train the prepared graph in place; returns what happened.
 
@@ -158,6 +193,10 @@ def run_qat(
     """
     from edgeq.quant import checkpoint as ckpt
 
+    if config.loss != "task" and teacher is None:
+        raise EdgeqError(f"QAT loss '{config.loss}' needs the float model as teacher", "pass teacher= to run_qat")
+    if teacher is not None:
+        teacher = teacher.to(config.device).eval()
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     model.to(device)
@@ -226,7 +265,8 @@ def run_qat(
         inputs = tuple(t.to(device) for t in as_tuple(inputs))
         target = target.to(device) if isinstance(target, torch.Tensor) else target
         opt.zero_grad(set_to_none=True)
-        loss = recipe.loss(recipe.score_output(trainer(*inputs)), target)
+        output = recipe.score_output(trainer(*inputs))
+        loss = qat_loss(config.loss, recipe, output, target, teacher, inputs)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise EdgeqError(

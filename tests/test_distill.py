@@ -1,0 +1,53 @@
+"""QAT by distillation from the float model: no labels needed, and one-sided training data cannot bias it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from edgeq.configs import BuildConfig, QATConfig
+from edgeq.errors import EdgeqError
+from edgeq.quant.qat import distillation_loss
+
+
+def test_distillation_loss_is_zero_at_the_teacher_and_positive_elsewhere():
+    logits = torch.randn(8, 10)
+    assert distillation_loss(logits, logits).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(logits + torch.randn(8, 10), logits).item() > 0
+    embeddings = torch.randn(8, 1)  # not logits: mean squared error
+    assert distillation_loss(embeddings * 2, embeddings).item() == pytest.approx(float((embeddings**2).mean()))
+
+
+def test_unknown_loss_is_one_line():
+    with pytest.raises(EdgeqError, match="unknown QAT loss 'kl'"):
+        QATConfig(loss="kl")
+
+
+@pytest.mark.slow
+def test_distillation_ignores_useless_labels_that_the_task_loss_learns(tmp_path):
+    """Every training target is class 0: the task loss teaches the model to say 0, distillation does not."""
+    from edgeq.pipeline import build
+    from edgeq.recipe import load_recipe
+
+    base = load_recipe(None)
+
+    def zero_targets():
+        for inputs, target in base.train_data():
+            yield inputs, torch.zeros_like(target)
+
+    recipe = dataclasses.replace(base, train_data=zero_targets)
+    scores = {}
+    for loss in ("task", "distill"):
+        config = BuildConfig(
+            out=tmp_path / loss,
+            precision="int8",
+            qat=QATConfig(steps=60, lr=0.05, loss=loss),
+            max_drop=100.0,
+            debug_program=False,
+            ptq_batches=0,
+        )
+        scores[loss] = build(recipe, config).scores
+    assert scores["task"].program < scores["task"].float - 20  # learned the label bias
+    assert scores["distill"].program >= scores["distill"].float - 1.0
