@@ -262,6 +262,9 @@ def choose_plan(
     _announce(progress, "analyze")
     with stages("analyze"):
         analysis = analyze(baseline.model, recipe, target)
+        overhead = None
+        if config.size_budget is not None and not get_backend(target.backend).float_baseline_overhead:
+            overhead = program_overhead(recipe, target, config, baseline)
         planned = make_plan(
             analysis,
             target,
@@ -270,8 +273,17 @@ def choose_plan(
             size_budget=config.size_budget,
             outlier_ratio=config.outlier_ratio,
             intermediate_bits=config.qat.intermediate_bits,
+            program_overhead=overhead,
         )
     return PlanChoice(planned.plan, analysis, planned)
+
+
+def program_overhead(recipe: Recipe, target: Target, config: BuildConfig, baseline: FloatBaseline) -> float:
+    """Bytes a real program of this target carries beyond its weights: the default plan, PTQ, lowered."""
+    plan = uniform_plan(baseline.model, target, example_inputs=baseline.example_inputs)
+    reference = post_training_quantize(baseline.model, recipe, target, plan, config.qat, batches=2)
+    program = lower(reference, baseline.example_inputs, target, allow_download=config.allow_sdk_download).program
+    return max(0.0, len(program) - weight_bytes(plan, target))
 
 
 def check_lowered_size(config: BuildConfig, baseline: FloatBaseline, lowered: Lowered) -> None:

@@ -139,3 +139,55 @@ def test_build_reads_the_programs_own_intermediates_op_by_op(qnn_build):
     assert len(convs) == 3 and all(op["program_vs_float_db"] > 20 for op in convs)
     html = (qnn_build.out_dir / "report.html").read_text()
     assert "op by op" in html and "aten_linear_default" in html
+
+
+def test_planner_meets_a_size_budget_on_the_real_htp_program(tmp_path):
+    """HTP programs carry their own fixed overhead; under --size-budget the planner measures it on a real
+    program, narrows layers to 16a4w and the lowered context binary fits."""
+    from torch import nn
+
+    from edgeq.configs import BuildConfig, QATConfig
+    from edgeq.pipeline import build
+    from edgeq.recipe import Recipe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(16, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 16),
+    ).eval()
+    x = torch.randn(64, 16, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    recipe = Recipe(
+        name="htp_budget",
+        model=lambda: model,
+        example_inputs=lambda: (x[:1],),
+        train_data=lambda: batches,
+        eval_data=lambda: batches,
+    )
+    budget = 200_000  # the default plan (all 8a8w) lowers to about 235 KB here
+    result = build(
+        recipe,
+        BuildConfig(
+            target="qualcomm-sm8650",
+            out=tmp_path / "out",
+            size_budget=budget,
+            qat=QATConfig(steps=10),
+            max_drop=100.0,
+            debug_program=False,
+            ptq_batches=0,
+        ),
+    )
+    precisions = {entry.name: entry.precision for entry in result.plan.layers}
+    assert "16a4w" in precisions.values(), (
+        precisions,
+        [e.reason for e in result.plan.layers],
+        result.report["planner"] and result.report["planner"]["estimated_program_bytes"],
+    )
+    assert result.sizes["program_bytes"] <= budget
+    assert result.scores.agreement["reference_vs_program"] >= 90

@@ -45,6 +45,9 @@ class Backend(ABC):
     title: ClassVar[str]
     #: where a build runs this backend's programs, for the report
     host_runtime: ClassVar[str] = "the host CPU, via executorch.runtime"
+    #: the float baseline (float_partitioners) carries the same fixed overhead as this backend's
+    #: quantized programs; False: the planner measures the overhead under --size-budget
+    float_baseline_overhead: ClassVar[bool] = True
 
     def check_target(self, data: dict[str, Any], precisions: dict[str, Precision], where: str) -> None:  # noqa: B027 - optional hook
         """Raise EdgeqError for what this backend needs beyond the common target schema."""

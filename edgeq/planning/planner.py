@@ -68,6 +68,7 @@ def make_plan(
     outlier_ratio: float = OUTLIER_RATIO,
     channel_spread: float = CHANNEL_SPREAD,
     intermediate_bits: int = 8,
+    program_overhead: float | None = None,
 ) -> Planned:
     """The smallest plan predicted within ``max_drop``, or the best that fits ``size_budget``.
 
@@ -75,7 +76,9 @@ def make_plan(
     """
     layers = analysis.layers
     float_weight_bytes = sum(4.0 * l.params for l in layers)
-    overhead = max(0.0, float_program_bytes - float_weight_bytes)
+    # Program bytes beyond the weights: the float program's by default; a backend whose programs
+    # carry overhead of their own (an HTP context binary) passes what it measured.
+    overhead = max(0.0, float_program_bytes - float_weight_bytes) if program_overhead is None else program_overhead
     budget = None
     if size_budget is not None:
         budget = size_budget * float_program_bytes if size_budget <= 1 else size_budget
