@@ -35,6 +35,8 @@ def test_report_has_accuracies_sizes_delegation_and_timings(digits_build):
     acc = report["accuracy"]
     assert acc["program"] == pytest.approx(digits_build.scores.program)
     assert set(acc) >= {"float", "qat", "reference", "program"}
+    # The planner's prediction sits beside what the program measured.
+    assert report["planner"]["measured_drop"] == pytest.approx(acc["float"] - acc["program"])
     assert report["size"]["program_bytes"] < report["size"]["float_program_bytes"]
     assert report["delegation"]["outside_ops"] == 0 and report["delegation"]["delegated_ops"] > 0
     assert report["delegation"]["flops_in_delegate"] == pytest.approx(1.0)

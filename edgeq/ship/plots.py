@@ -62,7 +62,10 @@ def sensitivity_figure(layers: list[dict[str, Any]]) -> str:
     return _png(fig)
 
 
-def tradeoff_figure(points: list[dict[str, Any]], float_metric: float) -> str:
+def tradeoff_figure(
+    points: list[dict[str, Any]], float_metric: float, measured: tuple[int, float] | None = None
+) -> str:
+    """The planner's predicted metric per plan considered, and what the shipped program measured."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3))
     xs = [p["program_bytes"] for p in points]
@@ -71,8 +74,10 @@ def tradeoff_figure(points: list[dict[str, Any]], float_metric: float) -> str:
     chosen = [p for p in points if p["chosen"]]
     if chosen:
         ax.plot([chosen[0]["program_bytes"]], [float_metric - chosen[0]["predicted_drop"]], "r*", ms=14, label="chosen")
-    ax.set_xlabel("estimated program bytes")
-    ax.set_ylabel("predicted metric")
-    ax.set_title("Predicted accuracy against size")
+    if measured is not None:
+        ax.plot([measured[0]], [measured[1]], "gD", ms=9, label="measured (model.pte)")
+    ax.set_xlabel("program bytes (estimated; measured for model.pte)")
+    ax.set_ylabel("metric")
+    ax.set_title("Predicted and measured accuracy against size")
     ax.legend(fontsize=8)
     return _png(fig)

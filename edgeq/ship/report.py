@@ -161,6 +161,9 @@ def build_report(
         "analysis": analysis.to_dict() if analysis is not None else None,
         "planner": {
             "predicted_drop": planned.predicted_drop,
+            # The prediction sums single-layer drops measured on calibration data; the program's
+            # measured drop beside it confirms or refutes it.
+            "measured_drop": scores.float - scores.program,
             "estimated_program_bytes": planned.program_bytes,
             "considered": [asdict(p) for p in planned.considered],
         }
@@ -205,7 +208,8 @@ def render_html(report: dict[str, Any]) -> str:
             )
         figures = [plots.ranges_figure(analysis["layers"]), plots.sensitivity_figure(analysis["layers"])]
         if report.get("planner"):
-            figures.append(plots.tradeoff_figure(report["planner"]["considered"], analysis["float_metric"]))
+            measured = (report["size"]["program_bytes"], report["accuracy"]["program"])
+            figures.append(plots.tradeoff_figure(report["planner"]["considered"], analysis["float_metric"], measured))
     program = report.get("program_layers") or {}
     program_rows = [
         [
