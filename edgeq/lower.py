@@ -120,7 +120,6 @@ def lower(
     allow_download: bool = False,
 ) -> Lowered:
     """Export at the example shape and lower to an ExecuTorch program."""
-
     upstream.apply()
     if isinstance(model, torch.fx.GraphModule):
         model = copy.deepcopy(model)

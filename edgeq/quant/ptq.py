@@ -9,7 +9,6 @@ from edgeq.backends import build_quantizer
 from edgeq.configs import QATConfig
 from edgeq.planning.plan import Plan
 from edgeq.quant.convert import convert, prepare
-from edgeq.quant.qat import set_observers
 from edgeq.recipe import Recipe, as_tuple
 from edgeq.targets import Target
 
@@ -26,7 +25,6 @@ def post_training_quantize(
     if config.fold_bn:
         capture_mod.fold_batchnorm(graph)
     prepared = prepare(graph, build_quantizer(plan, target, qat=False), qat=False)
-    set_observers(prepared, True)
     seen = 0
     with torch.no_grad():
         for inputs, _ in recipe.train_data():
