@@ -169,19 +169,9 @@ class QnnBackend(Backend):
         )
 
     def partitioners(self, target: Target, allow_download: bool = False) -> list[Any]:
-        ensure_sdk(allow_download)
         from executorch.backends.qualcomm.partition.qnn_partitioner import QnnPartitioner
-        from executorch.backends.qualcomm.serialization.qc_schema import QcomChipset
-        from executorch.backends.qualcomm.utils.utils import (
-            generate_htp_compiler_spec,
-            generate_qnn_executorch_compiler_spec,
-        )
 
-        backend_options = generate_htp_compiler_spec(use_fp16=False)
-        specs = generate_qnn_executorch_compiler_spec(
-            soc_model=getattr(QcomChipset, target.chipset), backend_options=backend_options
-        )
-        return [QnnPartitioner(specs)]
+        return [QnnPartitioner(self.compiler_specs(target, allow_download))]
 
     def runner(self, program: bytes | str | Path) -> ProgramRunner:
         # The runtime's QnnBackend dlopens libQnnHtp.so and libQnnSystem.so; activate() loads them first.
