@@ -8,6 +8,7 @@ that point at the user's source line.
 
 from __future__ import annotations
 
+import copy
 import re
 import traceback
 
@@ -87,6 +88,18 @@ def capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool = True)
     """torch.export the float model; returns the graph module PT2E works on."""
     _check_inputs(model, example_inputs)
     return export(model, example_inputs, dynamic_batch).module()
+
+
+def capture_for_quantization(model: nn.Module, example_inputs: tuple, fold_bn: bool) -> torch.fx.GraphModule:
+    """The graph PT2E quantizes: captured from a copy of ``model``, BatchNorm folded if asked.
+
+    An exported graph shares parameter tensors with the module it came from, and QAT trains
+    them in place: the copy keeps the user's float model the float model.
+    """
+    graph = capture(copy.deepcopy(model), example_inputs)
+    if fold_bn:
+        fold_batchnorm(graph)
+    return graph
 
 
 def fold_batchnorm(graph: torch.fx.GraphModule) -> int:

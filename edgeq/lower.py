@@ -102,6 +102,16 @@ def _reason(op: str, target: Target) -> str:
     return get_backend(target.backend).outside_reason(op)
 
 
+def untied(model: torch.nn.Module) -> torch.nn.Module:
+    """What is lowered: a quantized graph with each use of a shared weight or bias given its own copy
+    (see :func:`edgeq.graph.untie_shared_constants`); a plain module as it is."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return model
+    model = copy.deepcopy(model)
+    untie_shared_constants(model)
+    return model
+
+
 def lower_float(model: torch.nn.Module, example_inputs: tuple, target: Target) -> bytes:
     """The float baseline program that sizes are measured against."""
     from executorch.exir import to_edge_transform_and_lower
@@ -121,10 +131,7 @@ def lower(
 ) -> Lowered:
     """Export at the example shape and lower to an ExecuTorch program."""
     upstream.apply()
-    if isinstance(model, torch.fx.GraphModule):
-        model = copy.deepcopy(model)
-        untie_shared_constants(model)
-    edge = get_backend(target.backend).to_edge(model, example_inputs, target, allow_download)
+    edge = get_backend(target.backend).to_edge(untied(model), example_inputs, target, allow_download)
     delegation = _delegation(edge, target, float_graph)
     program = edge.to_executorch()
     return Lowered(program=bytes(program.buffer), delegation=delegation, edge=edge)

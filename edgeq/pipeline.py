@@ -115,11 +115,7 @@ def quantize(
     """capture -> prepare -> QAT -> convert."""
     model = float_model if float_model is not None else recipe.model().eval()
     with stages("export"):
-        # The exported graph shares parameter tensors with the module it came from, and QAT
-        # trains them in place: export a copy, so the float model stays the float model.
-        graph = capture_mod.capture(copy.deepcopy(model), recipe.example_inputs())
-        if config.fold_bn:
-            capture_mod.fold_batchnorm(graph)
+        graph = capture_mod.capture_for_quantization(model, recipe.example_inputs(), config.fold_bn)
     with stages("prepare"):
         prepared = prepare(graph, build_quantizer(plan, target, qat=True, ranges=config.ranges), qat=True)
     with stages("qat"):

@@ -38,11 +38,6 @@ SDK_HELP = upstream.QNN_SDK_HELP
 HTP_ARCH = {"SM8550": "V73", "SM8650": "V75", "SM8750": "V79"}
 
 
-def sdk_available() -> bool:
-    """QNN libraries are here (an SDK or the host runtime); nothing is downloaded to find out."""
-    return qnn_host.available()
-
-
 def ensure_sdk(allow_download: bool = False) -> qnn_host.QnnLibraries:
     """Load this machine's QNN libraries, or refuse in one line; never downloads unless allowed."""
     if qnn_host.available():

@@ -19,7 +19,6 @@ it: a bad range or a too narrow precision shows here).
 
 from __future__ import annotations
 
-import copy
 import math
 import tempfile
 import warnings
@@ -34,7 +33,8 @@ from edgeq.backends import get_backend
 from edgeq.checks.debug import record_values
 from edgeq.checks.evaluate import sqnr_db
 from edgeq.errors import EdgeqError
-from edgeq.graph import is_follower, layer_owners, module_path, untie_shared_constants
+from edgeq.graph import is_follower, layer_owners, module_path
+from edgeq.lower import untied
 from edgeq.planning.plan import quantizable_layers
 from edgeq.recipe import as_tuple
 from edgeq.targets import Target, load_target
@@ -211,10 +211,8 @@ def _lower_per_op(reference: torch.nn.Module, inputs: tuple, target: Target) -> 
             "use `edgeq debug --reference-only` to compare the quantized reference with float layer by layer",
         )
     upstream.apply()
-    if isinstance(reference, torch.fx.GraphModule):  # as lower() does, so the layers match model.pte's
-        reference = copy.deepcopy(reference)
-        untie_shared_constants(reference)
-    exported = torch.export.export(reference, inputs)
+    # Untied as lower() does, so the layers are model.pte's.
+    exported = torch.export.export(untied(reference), inputs)
     edge = to_edge_transform_and_lower(exported, partitioner=partitioners, generate_etrecord=True)
     program = edge.to_executorch()
     etrecord = program.get_etrecord()

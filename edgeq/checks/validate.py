@@ -73,9 +73,10 @@ def validate(
 
         chosen = get_backend(backend or program_backend(program))
         run, where = chosen.runner(program), chosen.host_runtime
-    outputs, targets = collect(run, recipe.eval_data())
-    float_out, _ = collect(recipe.model().eval(), recipe.eval_data())
-    ref_out = collect(reference, recipe.eval_data())[0] if reference is not None else None
+    select = recipe.score_output  # the output the build scored
+    outputs, targets = collect(run, recipe.eval_data(), select=select)
+    float_out, _ = collect(recipe.model().eval(), recipe.eval_data(), select=select)
+    ref_out = collect(reference, recipe.eval_data(), select=select)[0] if reference is not None else None
     against = ref_out if ref_out is not None else float_out
     return Validation(
         where=where,

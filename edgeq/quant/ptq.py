@@ -21,9 +21,7 @@ def post_training_quantize(
     The observers are the backend quantizer's own for PTQ (XNNPACK's static activations use
     a histogram observer that clips outliers), so this is the documented by-hand flow.
     """
-    graph = capture_mod.capture(model, recipe.example_inputs())
-    if config.fold_bn:
-        capture_mod.fold_batchnorm(graph)
+    graph = capture_mod.capture_for_quantization(model, recipe.example_inputs(), config.fold_bn)
     prepared = prepare(graph, build_quantizer(plan, target, qat=False), qat=False)
     seen = 0
     with torch.no_grad():
