@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from edgeq import upstream
 from edgeq.backends.base import AppRuntime, Backend
 from edgeq.graph import layer_owners
 from edgeq.quant.configs import RangeConfig, swap_fake_quants, weight_range
@@ -60,6 +61,10 @@ def _plan_quantizer_class() -> type:
             # Overrides XNNPACKQuantizer's private dispatch and calls its private
             # _annotate_all_patterns: the public set_module_name cannot express "this layer
             # and the ops fused into it" (see class docstring). tests/test_upstream.py pins both.
+            with upstream.fuse_relu6():
+                return self._annotate_by_layer(model)
+
+        def _annotate_by_layer(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             owners = layer_owners(model, list(self.layer_configs))
             by_config: dict[int, tuple[Any, set[str]]] = {}
             for layer, config in self.layer_configs.items():
