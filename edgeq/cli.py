@@ -127,7 +127,20 @@ def build(
     outlier_ratio: float = typer.Option(
         _B.outlier_ratio, help="Planner: layers whose input has max |x| / p99.9 above this keep a wide precision."
     ),
-    steps: int = typer.Option(_Q.steps, help="QAT steps."),
+    steps: Optional[int] = typer.Option(
+        _Q.steps, help="QAT steps (default: --epochs passes over the training batches)."
+    ),
+    epochs: float = typer.Option(_Q.epochs, help="QAT length in passes over the training data, when --steps is unset."),
+    holdout: float = typer.Option(
+        _Q.holdout,
+        help="Share of train_data()'s batches held out of training: QAT stops early on it, and it picks what ships.",
+    ),
+    patience: int = typer.Option(
+        _Q.patience, help="Held-out checks without improvement before QAT stops (0: never stop early)."
+    ),
+    bias_correction: bool = typer.Option(
+        _B.bias_correction, help="Also measure PTQ with empirical bias correction as a candidate to ship."
+    ),
     lr: float = typer.Option(_Q.lr, help="QAT learning rate."),
     optimizer: Optimizer = typer.Option(_Q.optimizer, help="QAT optimizer (sgd: momentum 0.9)."),
     loss: Loss = typer.Option(
@@ -209,6 +222,9 @@ def build(
             raise EdgeqError(f"invalid range option: {exc}", "see `edgeq build --help`") from exc
         qat = QATConfig(
             steps=steps,
+            epochs=epochs,
+            holdout=holdout,
+            patience=patience,
             lr=lr,
             optimizer=optimizer.value,
             loss=loss.value,
@@ -232,6 +248,7 @@ def build(
             allow_sdk_download=allow_sdk_download,
             resume=resume,
             debug_program=debug_program,
+            bias_correction=bias_correction,
         )
         with RichProgress() as progress:
             result = run_build(recipe, config, progress=progress)
@@ -277,12 +294,26 @@ def _summary(result) -> None:
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_row("float", f"{s.float:.2f}")
-    if s.ptq is not None:
-        table.add_row("PTQ, calibration only (reference)", f"{s.ptq:.2f}")
     table.add_row("QAT (simulated)", f"{s.qat:.2f}")
-    table.add_row("QAT converted reference", f"{s.qat_reference if s.qat_reference is not None else s.reference:.2f}")
-    table.add_row("shipped", "PTQ (scored above QAT)" if s.shipped == "ptq" else "QAT")
+    labels = {"qat": "QAT", "ptq": "PTQ, calibration only", "ptq+bias-correction": "PTQ + bias correction"}
+    for name, measured in s.candidates.items():
+        loss = measured.get("holdout_loss")
+        table.add_row(
+            f"{labels.get(name, name)} (reference){'  <- shipped' if name == s.shipped else ''}",
+            f"{measured['metric']:.2f}" + (f"  (held-out loss {loss:.4f})" if loss is not None else ""),
+        )
+    if s.selected_on:
+        table.add_row("shipped", f"{s.shipped}: lowest held-out loss on {s.selected_on}")
+    fallback = result.report.get("fallback")
+    if fallback:
+        moved = ", ".join(step["layer"] for step in fallback["steps"])
+        table.add_row("accuracy fallback to float", f"{moved} ({'shipped' if fallback['shipped'] else 'no gain'})")
     table.add_row(f"model.pte on {result.report['runtime'].split(',')[0]}", f"{s.program:.2f}")
+    latency = result.report.get("latency")
+    if latency:
+        table.add_row(
+            "host latency, .pte / float", f"{latency['program_ms']:.2f} / {latency['float_program_ms']:.2f} ms"
+        )
     table.add_row("reference vs .pte top-1 agreement", f"{s.agreement['reference_vs_program']:.2f}%")
     table.add_row(
         "program size", f"{result.sizes['program_bytes']:,} B (float {result.sizes['float_program_bytes']:,} B)"

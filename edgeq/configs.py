@@ -135,7 +135,15 @@ LOSSES = tuple(item.value for item in Loss)
 class QATConfig:
     """How QAT trains; validated on construction, changed with ``dataclasses.replace``."""
 
-    steps: int = 300
+    #: optimizer steps; None: ``epochs`` passes over the training batches (held-out ones excluded)
+    steps: int | None = None
+    #: QAT length in passes over the training data, when ``steps`` is None
+    epochs: float = 15.0
+    #: share of train_data()'s batches held out of training (never the eval data): QAT stops
+    #: early when its loss there stops improving, and the build picks between PTQ and QAT on it
+    holdout: float = 0.1
+    #: held-out checks without improvement before QAT stops (0: never stop early)
+    patience: int = 2
     lr: float = 1e-3
     #: "sgd" (momentum 0.9) or "adam"
     optimizer: str = "sgd"
@@ -153,8 +161,8 @@ class QATConfig:
     device: str = "cpu"
     #: write a resumable checkpoint every this many steps (0: never)
     checkpoint_every: int = 100
-    #: "task" (the recipe's loss), "distill" (the float model's outputs) or "both"
-    loss: str = "task"
+    #: "distill" (the float model's outputs: no labels needed), "task" (the recipe's loss) or "both"
+    loss: str = "distill"
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -166,7 +174,10 @@ class QATConfig:
         if not isinstance(self.ranges, RangeConfig):
             raise EdgeqError(f"QATConfig.ranges is a {type(self.ranges).__name__}", "pass an edgeq.RangeConfig")
         checks = [
-            (self.steps >= 0, "steps must be >= 0"),
+            (self.steps is None or self.steps >= 0, "steps must be >= 0"),
+            (self.epochs >= 0, "epochs must be >= 0"),
+            (0.0 <= self.holdout < 1.0, "holdout is a share of the training batches, in [0, 1)"),
+            (self.patience >= 0, "patience must be >= 0"),
             (self.lr > 0, "lr must be > 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.calibration_batches >= 1, "calibration_batches must be >= 1"),
@@ -223,6 +234,15 @@ class BuildConfig:
     #: calibration batches of the plain-PTQ program every build also measures; the build
     #: ships PTQ when it scores above QAT (0: QAT only)
     ptq_batches: int = 16
+    #: when the shipped reference misses max_drop, send up to this many of its most sensitive
+    #: layers to float, one at a time, re-measuring each step (0: never)
+    fallback_layers: int = 5
+    #: seconds the per-layer sensitivity scoring may take; beyond it each score uses fewer batches
+    analysis_seconds: float = 180.0
+    #: also measure PTQ with empirical bias correction as a candidate (needs ptq_batches > 0)
+    bias_correction: bool = True
+    #: training samples bias correction measures channel means on
+    bias_correction_samples: int = 64
 
     def __post_init__(self) -> None:
         if not isinstance(self.qat, QATConfig):
@@ -238,6 +258,12 @@ class BuildConfig:
             raise EdgeqError(f"--outlier-ratio {self.outlier_ratio} must be > 1", "the default is 8")
         if self.ptq_batches < 0:
             raise EdgeqError(f"ptq_batches {self.ptq_batches} is negative", "pass 0 (QAT only) or a batch count")
+        if self.fallback_layers < 0:
+            raise EdgeqError("fallback_layers must be >= 0", "pass 0 (never) or a number of layers")
+        if self.analysis_seconds <= 0:
+            raise EdgeqError("analysis_seconds must be > 0", "pass the seconds the layer analysis may take")
+        if self.bias_correction_samples < 1:
+            raise EdgeqError("bias_correction_samples must be >= 1", "pass a positive number of samples")
         if self.debug_samples < 1:
             raise EdgeqError("debug_samples must be >= 1", "pass a positive number of samples")
         if self.plan is not None and self.precision is not None:

@@ -52,8 +52,13 @@ class Scores:
     ptq: builtins.float | None = None
     #: QAT's converted reference, whether shipped or not
     qat_reference: builtins.float | None = None
-    #: "qat" or "ptq": which quantized model the program was lowered from
+    #: which candidate the program was lowered from: "qat", "ptq" or "ptq+bias-correction"
     shipped: str = "qat"
+    #: every quantized candidate measured: name -> {"holdout_loss", "metric"}; the build ships the
+    #: lowest held-out loss (a slice of train_data(), never the eval data)
+    candidates: dict[str, dict[str, builtins.float | None]] = dataclasses.field(default_factory=dict)
+    #: what the choice was measured on
+    selected_on: str = ""
 
 
 @dataclass
@@ -84,6 +89,8 @@ class FloatBaseline:
     example_inputs: tuple
     graph: torch.fx.GraphModule
     program_bytes: int
+    #: the lowered float program itself (host latency is measured against it)
+    program: bytes = b""
 
 
 @dataclass
@@ -240,8 +247,10 @@ def float_baseline(recipe: Recipe, target: Target, stages: Stages) -> FloatBasel
         # Checks the example inputs and export-ability first, with errors that name the cause.
         graph = capture_mod.capture(model, example_inputs, dynamic_batch=False)
     with stages("lower"):
-        program_bytes = len(lower_float(model, example_inputs, target))
-    return FloatBaseline(model=model, example_inputs=example_inputs, graph=graph, program_bytes=program_bytes)
+        program = lower_float(model, example_inputs, target)
+    return FloatBaseline(
+        model=model, example_inputs=example_inputs, graph=graph, program_bytes=len(program), program=program
+    )
 
 
 def choose_plan(
@@ -257,7 +266,7 @@ def choose_plan(
         )
     _announce(progress, "analyze")
     with stages("analyze"):
-        analysis = analyze(baseline.model, recipe, target)
+        analysis = analyze(baseline.model, recipe, target, seconds=config.analysis_seconds)
         overhead = None
         if config.size_budget is not None and not get_backend(target.backend).float_baseline_overhead:
             overhead = program_overhead(recipe, target, config, baseline)
@@ -316,7 +325,9 @@ def _build(
     _announce(progress, "qat")
     on_step = getattr(progress, "step", None) if progress is not None else None
     if progress is not None and hasattr(progress, "qat_start"):
-        progress.qat_start(config.qat.steps)
+        from edgeq.quant.qat import schedule
+
+        progress.qat_start(schedule(recipe, config.qat).steps)
     quantized = quantize(
         recipe, target, plan, config.qat, stages, on_step, baseline.model, checkpoint=checkpoint, resume=config.resume
     )
@@ -326,17 +337,31 @@ def _build(
     with stages("evaluate"):
         qat_eval = _score(quantized.fake_quant, recipe, progress, "QAT (simulated)")
         ref_eval = _score(quantized.reference, recipe, progress, "converted reference")
-    qat_ref_eval, ptq_eval, shipped = ref_eval, None, "qat"
-    if config.ptq_batches:
-        _announce(progress, "ptq")
-        with stages("ptq"):
-            ptq_reference = post_training_quantize(baseline.model, recipe, target, plan, config.qat, config.ptq_batches)
+    qat_ref_eval, ptq_eval = ref_eval, None
+    choice_made = choose_candidate(recipe, target, config, plan, baseline, quantized, stages, progress)
+    candidates, shipped, selected_on = choice_made.measured, choice_made.shipped, choice_made.selected_on
+    candidates["qat"]["metric"] = ref_eval.metric
+    for name, reference in choice_made.references.items():
+        if name == "qat":
+            continue
         with stages("evaluate"):
-            ptq_eval = _score(ptq_reference, recipe, progress, "PTQ reference (calibration only)")
-        if ptq_eval.metric > ref_eval.metric:
-            # QAT made the model worse than calibration alone: ship the better one, and say so.
-            quantized = dataclasses.replace(quantized, reference=ptq_reference)
-            ref_eval, shipped = ptq_eval, "ptq"
+            evaluation = _score(reference, recipe, progress, f"{name} reference")
+        candidates[name]["metric"] = evaluation.metric
+        if name == "ptq":
+            ptq_eval = evaluation
+        if name == shipped:
+            ref_eval = evaluation
+    if shipped != "qat":
+        quantized = dataclasses.replace(quantized, reference=choice_made.references[shipped])
+    fallback = accuracy_fallback(
+        recipe, target, config, plan, baseline, choice, shipped, float_eval.metric, ref_eval.metric, stages, progress
+    )
+    before_fallback = quantized.reference
+    if fallback is not None and fallback.improved:
+        plan = fallback.plan
+        quantized = dataclasses.replace(quantized, reference=fallback.reference)
+        ref_eval = fallback.evaluation
+        shipped = f"{shipped}+float-fallback"
     try:
         backend.ensure_sdk(config.allow_sdk_download)
     except SdkMissingError as exc:
@@ -355,6 +380,35 @@ def _build(
             allow_download=config.allow_sdk_download,
         )
     check_lowered_size(config, baseline, lowered)
+    latency: dict[str, Any] = {}
+    if backend.host_latency:
+        from edgeq.checks.latency import host_latency_ms
+
+        with stages("latency"):
+            latency = {
+                "program_ms": host_latency_ms(lowered.program, baseline.example_inputs),
+                "float_program_ms": host_latency_ms(baseline.program, baseline.example_inputs),
+            }
+            latency["ratio"] = latency["program_ms"] / latency["float_program_ms"]
+    fallback_report: dict[str, Any] | None = None
+    if fallback is not None:
+        fallback_report = {
+            "ranked_by": fallback.ranked_by,
+            "start_metric": fallback.start_metric,
+            "steps": fallback.steps,
+            "shipped": fallback.improved,
+        }
+        if fallback.improved:
+            # The price of the float layers: the same build without them, lowered and timed.
+            with stages("fallback"):
+                without = lower(
+                    before_fallback, baseline.example_inputs, target, allow_download=config.allow_sdk_download
+                )
+                fallback_report["program_bytes_without"] = len(without.program)
+                if backend.host_latency:
+                    from edgeq.checks.latency import host_latency_ms
+
+                    fallback_report["program_ms_without"] = host_latency_ms(without.program, baseline.example_inputs)
     _announce(progress, "validate")
     with stages("validate"):
         runner = backend.runner(lowered.program)
@@ -367,6 +421,8 @@ def _build(
         ptq=ptq_eval.metric if ptq_eval is not None else None,
         qat_reference=qat_ref_eval.metric,
         shipped=shipped,
+        candidates=candidates,
+        selected_on=selected_on,
         agreement={
             "qat_vs_reference": agreement(qat_eval.outputs, qat_ref_eval.outputs),
             "reference_vs_program": agreement(ref_eval.outputs, program_eval.outputs),
@@ -428,6 +484,8 @@ def _build(
         program_notes=notes,
         runtime=backend.host_runtime,
         warnings=backend.warnings(notes),
+        latency=latency,
+        fallback=fallback_report,
     )
     write_json_atomic(output.path("report.json"), report)
     write_html(output.path("report.html"), report)
@@ -444,6 +502,204 @@ def _build(
         report=report,
         reference_model=quantized.reference,
     )
+
+
+@dataclass
+class Fallback:
+    """Layers sent back to float one at a time, by measured sensitivity, until the drop fits."""
+
+    plan: Plan
+    reference: torch.fx.GraphModule
+    evaluation: Evaluation
+    #: per step: the layer sent to float, the reference's metric after it, planned weight bytes
+    steps: list[dict[str, Any]]
+    improved: bool
+    #: how the layers were ranked
+    ranked_by: str
+    start_metric: builtins.float
+
+
+def _sensitivity_ranking(
+    choice: PlanChoice, plan: Plan, baseline: FloatBaseline, reference: torch.fx.GraphModule, recipe: Recipe
+) -> tuple[list[str], str]:
+    """Planned, quantized layers, most sensitive first: by the analysis' single-layer loss increase
+    where there is one, else by the reference's per-layer SQNR against float (lowest first)."""
+    quantized = {e.name: e for e in plan.layers}
+    if choice.analysis is not None:
+        deltas = {
+            layer.name: layer.loss_delta.get(quantized[layer.name].precision, 0.0)
+            for layer in choice.analysis.layers
+            if layer.name in quantized
+        }
+        return sorted(deltas, key=lambda name: -deltas[name]), "single-layer loss increase (analysis)"
+    from edgeq.checks.debug import debug as layer_debug
+
+    errors, _ = layer_debug(baseline.model, reference, recipe)
+    # A layer's SQNR includes its inputs' error; the drop from the previous layer is its own.
+    own, previous = {}, None
+    for error in errors:
+        own[error.layer] = (previous if previous is not None else error.sqnr_db) - error.sqnr_db
+        previous = error.sqnr_db
+    ranked = sorted((n for n in own if n in quantized), key=lambda n: -own[n])
+    return ranked, "SQNR lost at the layer (quantized reference against float)"
+
+
+def accuracy_fallback(
+    recipe: Recipe,
+    target: Target,
+    config: BuildConfig,
+    plan: Plan,
+    baseline: FloatBaseline,
+    choice: PlanChoice,
+    shipped: str,
+    float_metric: builtins.float,
+    metric: builtins.float,
+    stages: Stages,
+    progress: Any = None,
+) -> Fallback | None:
+    """When the shipped reference misses ``max_drop``, keep its most sensitive layers in float.
+
+    As in NNCF's accuracy-aware quantization: one layer at a time, most sensitive first,
+    each step re-quantized (calibration, plus bias correction when that shipped; QAT is not
+    rerun) and measured on the evaluation data, until the drop fits or ``fallback_layers``
+    layers are float. The build ships the best step, and the report shows every step with its
+    size (and, on a CPU target, latency) price.
+    """
+    floats = [name for name, spec in target.precisions.items() if spec.is_float]
+    if not config.fallback_layers or not floats or float_metric - metric <= config.max_drop:
+        return None
+    from edgeq.quant.bias_correction import correct_bias
+    from edgeq.quant.qat import holdout_every, schedule
+
+    _announce(progress, "fallback")
+    with stages("fallback"):
+        current = copy.deepcopy(plan)
+        reference_now = post_training_quantize(
+            baseline.model, recipe, target, current, config.qat, config.ptq_batches or 16
+        )
+        ranking, ranked_by = _sensitivity_ranking(choice, current, baseline, reference_now, recipe)
+        sched = schedule(recipe, config.qat)
+        every = holdout_every(config.qat, sched.train_batches + sched.holdout_batches)
+        best: tuple[builtins.float, Plan, torch.fx.GraphModule, Evaluation] | None = None
+        steps: list[dict[str, Any]] = []
+        for layer in ranking[: config.fallback_layers]:
+            entry = next(e for e in current.layers if e.name == layer)
+            float_name = next(n for n in floats if entry.kind in target.precisions[n].ops)
+            entry.precision = float_name
+            entry.reason = (
+                f"{float_name}: accuracy fallback, step {len(steps) + 1} (most sensitive quantized layer by "
+                f"{ranked_by}); the plan missed --max-drop {config.max_drop:g}"
+            )
+            reference = post_training_quantize(
+                baseline.model, recipe, target, current, config.qat, config.ptq_batches or 16, every
+            )
+            if "bias-correction" in shipped:
+                float_graph = capture_mod.capture_for_quantization(
+                    baseline.model, baseline.example_inputs, config.qat.fold_bn
+                )
+                correct_bias(reference, float_graph, _calibration_inputs(recipe, every, config.bias_correction_samples))
+            evaluation = _score(reference, recipe, progress, f"fallback: {layer} in float")
+            steps.append(
+                {
+                    "layer": layer,
+                    "metric": evaluation.metric,
+                    "planned_weight_bytes": int(weight_bytes(current, target)),
+                }
+            )
+            if best is None or evaluation.metric > best[0]:
+                best = (evaluation.metric, copy.deepcopy(current), reference, evaluation)
+            if float_metric - evaluation.metric <= config.max_drop:
+                break
+    if best is None:
+        return None
+    return Fallback(
+        plan=best[1],
+        reference=best[2],
+        evaluation=best[3],
+        steps=steps,
+        improved=best[0] > metric,
+        ranked_by=ranked_by,
+        start_metric=metric,
+    )
+
+
+@dataclass
+class CandidateChoice:
+    references: dict[str, torch.fx.GraphModule]
+    measured: dict[str, dict[str, Any]]
+    shipped: str
+    selected_on: str
+
+
+def choose_candidate(
+    recipe: Recipe,
+    target: Target,
+    config: BuildConfig,
+    plan: Plan,
+    baseline: FloatBaseline,
+    quantized: Quantized,
+    stages: Stages,
+    progress: Any = None,
+) -> CandidateChoice:
+    """QAT, plain PTQ and PTQ with bias correction of the same plan; the lowest held-out loss ships.
+
+    The loss is QAT's own (distillation from the float model by default), measured on the slice
+    of train_data() held out of training, so the eval data never decides what ships. Without a
+    held-out slice (one training batch, or ``holdout=0``) the training batches decide.
+    """
+    from edgeq.quant.bias_correction import correct_bias
+    from edgeq.quant.qat import HeldOut, held_out_batches, holdout_every, schedule
+
+    qat_config = config.qat
+    sched = schedule(recipe, qat_config)
+    every = holdout_every(qat_config, sched.train_batches + sched.holdout_batches)
+    held_batches = held_out_batches(recipe, every)
+    selected_on = f"{len(held_batches)} held-out training batches"
+    if not held_batches:
+        held_batches = [b for _, b in zip(range(max(1, qat_config.calibration_batches)), recipe.train_data())]
+        selected_on = f"{len(held_batches)} training batches (no held-out slice)"
+    teacher = baseline.model if qat_config.loss != "task" else None
+    held = HeldOut(qat_config.loss, recipe, held_batches, teacher, "cpu")
+    references: dict[str, torch.fx.GraphModule] = {"qat": quantized.reference}
+    if config.ptq_batches:
+        _announce(progress, "ptq")
+        with stages("ptq"):
+            ptq = post_training_quantize(baseline.model, recipe, target, plan, qat_config, config.ptq_batches, every)
+        references["ptq"] = ptq
+        if config.bias_correction:
+            with stages("bias correction"):
+                calibration = _calibration_inputs(recipe, every, config.bias_correction_samples)
+                float_graph = capture_mod.capture_for_quantization(
+                    baseline.model, baseline.example_inputs, qat_config.fold_bn
+                )
+                corrected = copy.deepcopy(ptq)
+                result = correct_bias(corrected, float_graph, calibration)
+            if result.shifts:  # a backend that quantizes biases itself leaves nothing to correct
+                references["ptq+bias-correction"] = corrected
+    measured: dict[str, dict[str, Any]] = {}
+    with stages("select"):
+        for name, reference in references.items():
+            measured[name] = {"holdout_loss": held.loss(reference), "metric": None}
+    shipped = min(measured, key=lambda name: measured[name]["holdout_loss"])
+    return CandidateChoice(references, measured, shipped, selected_on)
+
+
+def _calibration_inputs(recipe: Recipe, holdout: int, samples: int) -> tuple[torch.Tensor, ...]:
+    """Up to ``samples`` training samples (held-out batches skipped), concatenated into one batch."""
+    from edgeq.quant.qat import is_held_out
+    from edgeq.recipe import as_tuple
+
+    parts: list[tuple] = []
+    seen = 0
+    for index, (inputs, _) in enumerate(recipe.train_data()):
+        if is_held_out(index, holdout):
+            continue
+        inputs = as_tuple(inputs)
+        parts.append(inputs)
+        seen += int(inputs[0].shape[0])
+        if seen >= samples:
+            break
+    return tuple(torch.cat(column)[:samples] for column in zip(*parts))
 
 
 def debug_layers(

@@ -201,7 +201,7 @@ def main() -> None:
             ft, ft_float = [], []
             runs = {mode: [] for mode in MODES}
             for seed in range(args.seeds):
-                base = dict(steps=args.steps, lr=args.lr, seed=seed)
+                base = dict(steps=args.steps, lr=args.lr, seed=seed, loss="task", holdout=0.0, patience=0)
                 seed_everything(seed)
                 tuned = float_finetune(model, recipe, QATConfig(**base))
                 ft_float.append(evaluate(tuned, recipe.eval_data(), recipe.metric).metric)
@@ -383,6 +383,9 @@ def sweep(args) -> None:
                         steps=args.steps,
                         lr=args.lr,
                         seed=seed,
+                        loss="task",
+                        holdout=0.0,
+                        patience=0,
                         ranges=RangeConfig(mode="adaptive", vote=VoteConfig(**knobs)),
                     ),
                 )

@@ -16,8 +16,16 @@ def _worker(fn, rank: int, world: int, port: int, queue) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         queue.put((rank, fn(rank)))
+    except BaseException:  # the parent fails at once with the rank's traceback instead of timing out
+        import traceback
+
+        queue.put((rank, _Failed(traceback.format_exc())))
     finally:
         dist.destroy_process_group()
+
+
+class _Failed(str):
+    """A rank's traceback, sent in place of its result."""
 
 
 def run_ranks(fn, world: int = 2, timeout: float = 600) -> dict:
@@ -34,4 +42,7 @@ def run_ranks(fn, world: int = 2, timeout: float = 600) -> dict:
     results = dict(queue.get(timeout=timeout) for _ in procs)
     for p in procs:
         p.join(timeout=60)
+    failed = {rank: value for rank, value in results.items() if isinstance(value, _Failed)}
+    if failed:
+        raise RuntimeError("\n".join(f"rank {rank} failed:\n{trace}" for rank, trace in failed.items()))
     return results

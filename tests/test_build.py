@@ -50,7 +50,8 @@ def test_report_has_accuracies_sizes_delegation_and_timings(digits_build):
     # Adaptive ranges were used, and some grids moved during training.
     assert report["qat"]["commits"] and sum(report["qat"]["commits"].values()) > 0
     html = (digits_build.out_dir / "report.html").read_text()
-    assert "model.pte (lowered from QAT), run on the host CPU" in html and "Numeric debugging" in html
+    shipped = report["accuracy"]["shipped"]
+    assert f"model.pte (lowered from {shipped.upper()}), run on the host CPU" in html and "Numeric debugging" in html
     sqnr = report["layer_sqnr"]["reference_vs_float_db"]
     assert list(sqnr) == ["stem.0", "dw.0", "pw.0", "head"] and min(sqnr.values()) > 20
     assert report["layer_sqnr"]["first_divergence"] is None

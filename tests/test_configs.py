@@ -73,6 +73,6 @@ def test_cli_defaults_and_choices_come_from_the_configs():
     out = CliRunner().invoke(app, ["build", "--help"], terminal_width=200).output
     assert "ema-fused" in out and "adaptive" in out  # --ranges lists every mode
     assert "sgd" in out and "adam" in out
-    assert f"default: {QATConfig().steps}" in out
+    assert f"default: {QATConfig().epochs}" in out
     bad = CliRunner().invoke(app, ["build", "--ranges", "minmax"])
     assert bad.exit_code == 2 and "minmax" in bad.output

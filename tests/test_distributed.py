@@ -45,7 +45,11 @@ def _train(pairs: bool):
     graph = capture(model, recipe.example_inputs())
     fold_batchnorm(graph)
     prepared = prepare(graph, build_quantizer(uniform_plan(model, target), target))
-    run_qat(prepared, recipe, QATConfig(steps=STEPS, calibration_batches=4, checkpoint_every=0, lr=5e-3))
+    run_qat(
+        prepared,
+        recipe,
+        QATConfig(steps=STEPS, calibration_batches=4, checkpoint_every=0, lr=5e-3, loss="task", holdout=0.0),
+    )
     # NumPy copies: they cross process boundaries by value, unlike tensors' shared memory.
     ranges = {
         n: m.committed.numpy().copy() for n, m in prepared.named_modules() if isinstance(m, AdaptiveRangeFakeQuantize)

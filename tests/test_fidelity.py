@@ -83,6 +83,8 @@ def test_fake_quant_and_converted_agree_at_4_bit_weights(fold_bn, mode):
         checkpoint_every=0,
         ranges=RangeConfig(mode=mode),
         lr=1e-2,
+        loss="task",
+        patience=0,
     )
     prepared = prepare(graph, build_quantizer(uniform_plan(model, target, "w4a8"), target, ranges=config.ranges))
     run_qat(prepared, recipe, config)

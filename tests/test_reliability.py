@@ -36,7 +36,8 @@ class KillAt:
 
 
 def _config(out, **kw):
-    return BuildConfig(out=out, precision="int8", qat=QATConfig(steps=STEPS, checkpoint_every=10), **kw)
+    # No early stopping: the kill must land mid-training.
+    return BuildConfig(out=out, precision="int8", qat=QATConfig(steps=STEPS, checkpoint_every=10, patience=0), **kw)
 
 
 def test_a_killed_build_resumes_to_the_same_program_and_ranges(tmp_path, digits_build):
@@ -202,6 +203,8 @@ def model():
             "int8",
             "--checkpoint-every",
             "2",
+            "--loss",
+            "task",
         ],
     )
     assert result.exit_code == 2

@@ -48,6 +48,9 @@ class Backend(ABC):
     #: the float baseline (float_partitioners) carries the same fixed overhead as this backend's
     #: quantized programs; False: the planner measures the overhead under --size-budget
     float_baseline_overhead: ClassVar[bool] = True
+    #: the host runtime runs the target's kernels on the host CPU, so its latency means something
+    #: (False for a simulator)
+    host_latency: ClassVar[bool] = True
 
     def check_target(self, data: dict[str, Any], precisions: dict[str, Precision], where: str) -> None:  # noqa: B027 - optional hook
         """Raise EdgeqError for what this backend needs beyond the common target schema."""

@@ -78,6 +78,7 @@ class QnnBackend(Backend):
     # An HTP context binary carries ~60 KB of its own beyond the weights; the XNNPACK float
     # baseline does not, so a size budget needs the overhead measured on a real HTP program.
     float_baseline_overhead = False
+    host_latency = False  # the HTP simulator's speed says nothing about a phone's
 
     def check_target(self, data: dict[str, Any], precisions: dict[str, Precision], where: str) -> None:
         chipset = data.get("chipset")

@@ -63,6 +63,12 @@ class Analysis:
     float_metric: float
     batches: int
     layers: list[LayerAnalysis]
+    #: (training, evaluation) batches each sensitivity was scored on: fewer than ``batches``
+    #: when scoring every layer on all of them would overrun the time budget
+    sensitivity_batches: tuple[int, int] = (0, 0)
+    #: precisions not scored because they save no bytes over the target's default
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
 
     def layer(self, name: str) -> LayerAnalysis:
         for entry in self.layers:
@@ -139,8 +145,37 @@ def _score(model: nn.Module, recipe: Recipe, batches: tuple[list, list]) -> tupl
     return sum(losses) / max(seen, 1), float(recipe.metric(torch.cat(outputs), torch.cat(targets)))
 
 
-def analyze(model: nn.Module, recipe: Recipe, target: Target, batches: int = 8) -> Analysis:
-    """Measure every quantizable layer of ``model`` on ``batches`` calibration batches."""
+def _scored_variants(target: Target, kind: str) -> tuple[dict[str, Precision], list[str]]:
+    """The precisions worth a sensitivity score: the default, and those that save bytes over it.
+
+    A precision that costs as many bytes as the default (4-bit conv weights that XNNPACK
+    holds in int8) can only lose accuracy, so the planner never picks it and scoring it
+    would only cost time (on a 50-layer CNN, half the analysis).
+    """
+    variants = _quantized_variants(target, kind)
+    default = target.precisions.get(target.default_precision)
+    if default is None or kind not in default.ops:
+        return variants, []
+    keep = {
+        name: p
+        for name, p in variants.items()
+        if name == target.default_precision or p.weight_bytes < default.weight_bytes
+    }
+    return keep, sorted(set(variants) - set(keep))
+
+
+def analyze(
+    model: nn.Module, recipe: Recipe, target: Target, batches: int = 8, seconds: float | None = None
+) -> Analysis:
+    """Measure every quantizable layer of ``model`` on ``batches`` calibration batches.
+
+    ``seconds`` bounds the sensitivity scoring (one model evaluation per layer and precision):
+    when scoring on all batches would take longer, each score uses fewer batches (at least one
+    training and one evaluation batch), and the analysis records how many.
+    """
+    import time
+
+    start = time.perf_counter()
     model = model.eval()
     data = _batches(recipe, batches)
     # Layers come from the exported graph: any module owning a conv, linear or weight-bearing
@@ -180,7 +215,20 @@ def analyze(model: nn.Module, recipe: Recipe, target: Target, batches: int = 8) 
     finally:
         for handle in handles:
             handle.remove()
+    scored = time.perf_counter()
     float_loss, float_metric = _score(model, recipe, data)
+    score_seconds = time.perf_counter() - scored
+    scores = sum(len(_scored_variants(target, kind)[0]) for _, kind, _ in layers)
+    train, evaluation = data
+    if seconds is not None and scores * score_seconds > seconds:
+        share = seconds / (scores * score_seconds)
+        train = train[: max(1, int(len(train) * share))]
+        evaluation = evaluation[: max(1, int(len(evaluation) * share))]
+    sensitivity = (train, evaluation)
+    if len(train) < len(data[0]) or len(evaluation) < len(data[1]):
+        # The single-layer scores compare against float on the same batches.
+        float_loss, float_metric = _score(model, recipe, sensitivity)
+    skipped: dict[str, str] = {}
 
     results = []
     for name, kind, params in layers:
@@ -207,16 +255,26 @@ def analyze(model: nn.Module, recipe: Recipe, target: Target, batches: int = 8) 
             act_p9999=p9999,
             outlier_ratio=float(max(abs(lo), abs(hi)) / p999) if p999 > 0 else 1.0,
         )
-        for pname, spec in _quantized_variants(target, kind).items():
+        variants, unscored = _scored_variants(target, kind)
+        for pname in unscored:
+            skipped[pname] = f"saves no bytes over {target.default_precision}"
+        for pname, spec in variants.items():
             entry.weight_sqnr[pname] = round(_sqnr(w, fake_quant_weight(w, spec.weight_bits)), 3)
             if spec.activations == "static":
                 entry.act_sqnr[pname] = round(_sqnr(acts, fake_quant_act(acts, lo, hi, spec.activation_bits)), 3)
-            loss, metric = _layer_alone(model, module, weights_of[name], recipe, data, spec, lo, hi)
+            loss, metric = _layer_alone(model, module, weights_of[name], recipe, sensitivity, spec, lo, hi)
             entry.loss_delta[pname] = round(loss - float_loss, 6)
             entry.metric_drop[pname] = round(float_metric - metric, 4)
         results.append(entry)
     return Analysis(
-        target=target.name, float_loss=float_loss, float_metric=float_metric, batches=len(data), layers=results
+        target=target.name,
+        float_loss=float_loss,
+        float_metric=float_metric,
+        batches=len(data[0]),
+        layers=results,
+        sensitivity_batches=(len(train), len(evaluation)),
+        skipped=skipped,
+        seconds=round(time.perf_counter() - start, 3),
     )
 
 

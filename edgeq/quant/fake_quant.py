@@ -155,6 +155,19 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
             self._fast["flags"] = flags
         return flags
 
+    @torch.no_grad()
+    def set_range(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Replace the committed range (calibration only: e.g. with an outlier-clipping one)."""
+        if self.symmetric:
+            value = torch.maximum(low.abs(), high.abs()).reshape(1, -1)
+        else:
+            value = torch.stack([low.reshape(-1), high.reshape(-1)])
+        if self.committed.shape != value.shape:
+            self._resize(value.shape[1], value.device)
+        self.committed.copy_(value.to(self.committed))
+        self._fast.clear()
+        self._refresh_qparams()
+
     def commits(self) -> int:
         """How many times any of this tensor's tracked values was committed."""
         return int(self.commit_count.sum())

@@ -46,6 +46,71 @@ class QATReport:
     losses: list[float]
     #: weight fake-quants trained at the intermediate width first, and for how many steps
     intermediate: dict[str, Any] = field(default_factory=dict)
+    #: the schedule's steps (``steps`` is where training actually ended)
+    planned_steps: int = 0
+    #: passes over the training batches the schedule asked for
+    passes: float = 0.0
+    #: (step, held-out loss) at each check; step 0 is the calibrated model before training
+    holdout_losses: list[tuple[int, float]] = field(default_factory=list)
+    #: the step whose state was kept (the best held-out loss)
+    best_step: int | None = None
+    stopped_early: bool = False
+    warnings: list[str] = field(default_factory=list)
+    #: initial activation ranges: held-out loss at min/max and at the histogram observer's, and the choice
+    initial_ranges: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Schedule:
+    """How long QAT trains, resolved against the recipe's data."""
+
+    steps: int
+    #: batches per pass that train, and that are held out
+    train_batches: int
+    holdout_batches: int
+    samples: int
+    #: steps between held-out checks (0: no checks)
+    check_every: int
+
+    @property
+    def passes(self) -> float:
+        return self.steps / max(self.train_batches, 1)
+
+
+#: more passes than this over the training data draws a warning: the model may memorise it
+MANY_PASSES = 20
+
+
+def holdout_every(config: QATConfig, batches: int) -> int:
+    """Every k-th training batch is held out (0: none): a fixed, order-independent slice."""
+    if not config.holdout or batches < 2:
+        return 0
+    return max(2, round(1.0 / config.holdout))
+
+
+def is_held_out(index: int, every: int) -> bool:
+    return every > 0 and index % every == every - 1
+
+
+def schedule(recipe: Recipe, config: QATConfig) -> Schedule:
+    """Count the recipe's training batches once and resolve steps, hold-out and check interval."""
+    batches = samples = 0
+    for inputs, _ in recipe.train_data():
+        batches += 1
+        first = as_tuple(inputs)[0]
+        samples += int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
+    if batches == 0:
+        raise EdgeqError(
+            "train_data() yielded no batches", "make the recipe's train_data() yield (inputs, target) batches"
+        )
+    every = holdout_every(config, batches)
+    held = sum(is_held_out(i, every) for i in range(batches))
+    train = batches - held
+    steps = config.steps if config.steps is not None else int(math.ceil(config.epochs * train))
+    check = 0
+    if held and config.patience and steps:
+        check = max(1, min(train, math.ceil(steps / 10)))
+    return Schedule(steps=steps, train_batches=train, holdout_batches=held, samples=samples, check_every=check)
 
 
 def fake_quants(model: torch.nn.Module) -> dict[str, FakeQuantizeBase]:
@@ -73,8 +138,8 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def _batches(recipe: Recipe) -> Iterator:
-    """Cycle over train_data(), calling it again at the end of each epoch.
+def _batches(recipe: Recipe, holdout: int = 0) -> Iterator:
+    """Cycle over train_data()'s training batches (held-out ones skipped), calling it again each epoch.
 
     Under torch.distributed, rank r of w takes batches r, r + w, r + 2w, ...
     so that one step's global batch is w consecutive recipe batches.
@@ -83,8 +148,10 @@ def _batches(recipe: Recipe) -> Iterator:
     index = 0
     while True:
         empty = True
-        for batch in recipe.train_data():
+        for position, batch in enumerate(recipe.train_data()):
             empty = False
+            if is_held_out(position, holdout):
+                continue
             if index % size == rank:
                 yield batch
             index += 1
@@ -124,20 +191,104 @@ def narrow_weight_quants(model: torch.nn.Module, below_bits: int = 8) -> dict[st
     return found
 
 
-def calibrate(model: torch.fx.GraphModule, recipe: Recipe, batches: int, device: str = "cpu") -> int:
-    """Set initial ranges from a few batches, with BatchNorm in inference form."""
+def held_out_batches(recipe: Recipe, holdout: int) -> list:
+    """The held-out slice of train_data() (empty when nothing is held out)."""
+    if not holdout:
+        return []
+    return [batch for i, batch in enumerate(recipe.train_data()) if is_held_out(i, holdout)]
+
+
+def _activation_quants(model: torch.fx.GraphModule) -> dict[str, AdaptiveRangeFakeQuantize]:
+    """Per-tensor adaptive fake-quants on activations (not on a weight constant)."""
+    found = {}
+    modules = dict(model.named_modules())
+    for node in model.graph.nodes:
+        if node.op != "call_module":
+            continue
+        fq = modules.get(str(node.target))
+        if not isinstance(fq, AdaptiveRangeFakeQuantize) or fq.ch_axis >= 0:
+            continue
+        source = node.args[0] if node.args else None
+        if isinstance(source, torch.fx.Node) and source.op != "get_attr":
+            found[str(node.target)] = fq
+    return found
+
+
+def _histogram_ranges(observers: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    ranges = {}
+    for name, observer in observers.items():
+        if observer.min_val.numel() == 0 or not torch.isfinite(observer.min_val).all():
+            continue
+        scale, zero_point = observer.calculate_qparams()
+        low = (observer.quant_min - zero_point.float()) * scale
+        high = (observer.quant_max - zero_point.float()) * scale
+        ranges[name] = (low.reshape(1), high.reshape(1))
+    return ranges
+
+
+def calibrate(
+    model: torch.fx.GraphModule,
+    recipe: Recipe,
+    batches: int,
+    device: str = "cpu",
+    holdout: int = 0,
+    held: HeldOut | None = None,
+) -> dict[str, Any]:
+    """Set initial ranges from a few batches, with BatchNorm in inference form.
+
+    Activation ranges start either at the calibration min/max or where a histogram observer
+    (XNNPACK's own PTQ observer, which clips outliers to minimise the quantization error)
+    puts them; with held-out batches the build measures both and starts from the better,
+    otherwise from min/max. Returns what was measured and chosen.
+    """
+    from torchao.quantization.pt2e.observer import HistogramObserver
+
     move_exported_model_to_eval(model)
     set_observers(model, True)
+    activations = _activation_quants(model) if held else {}
+    observers = {}
+    for name, fq in activations.items():
+        if fq.quant_max - fq.quant_min > 255:
+            continue  # 16-bit activations: clipping buys little, and the observer takes 8 bits only
+        observers[name] = HistogramObserver(dtype=torch.int8, quant_min=fq.quant_min, quant_max=fq.quant_max).to(device)
+    modules = dict(model.named_modules())
+
+    def feed(name: str) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            observers[name](args[0].detach())
+
+        return hook
+
+    handles = [modules[name].register_forward_pre_hook(feed(name)) for name in observers]
     seen = 0
-    data = _batches(recipe)  # this rank's share; the trackers reduce observations across ranks
-    with torch.no_grad():
-        for inputs, _ in data:
-            model(*(t.to(device) for t in as_tuple(inputs)))
-            seen += 1
-            if seen >= batches:
-                break
+    data = _batches(recipe, holdout)  # this rank's share; the trackers reduce observations across ranks
+    try:
+        with torch.no_grad():
+            for inputs, _ in data:
+                model(*(t.to(device) for t in as_tuple(inputs)))
+                seen += 1
+                if seen >= batches:
+                    break
+    finally:
+        for handle in handles:
+            handle.remove()
+    chosen: dict[str, Any] = {"batches": seen, "chosen": "minmax"}
+    histogram = _histogram_ranges(observers)
+    if held and histogram:
+        set_observers(model, False)
+        chosen["minmax"] = held.loss(model)
+        minmax = {name: activations[name].committed_range() for name in histogram}
+        for name, (low, high) in histogram.items():
+            activations[name].set_range(low, high)
+        chosen["histogram"] = held.loss(model)
+        if chosen["histogram"] < chosen["minmax"]:
+            chosen["chosen"] = "histogram"
+        else:
+            for name, (low, high) in minmax.items():
+                activations[name].set_range(low, high)
+        set_observers(model, True)
     start_tracking(model)
-    return seen
+    return chosen
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -174,6 +325,52 @@ def qat_loss(
     return total
 
 
+class HeldOut:
+    """The loss QAT minimises, measured on the held-out batches with everything frozen."""
+
+    def __init__(self, kind: str, recipe: Recipe, batches: list, teacher: torch.nn.Module | None, device: str):
+        self.kind, self.recipe, self.device = kind, recipe, torch.device(device)
+        self.batches = []
+        with torch.no_grad():
+            for inputs, target in batches:
+                inputs = tuple(t.to(self.device) for t in as_tuple(inputs))
+                target = target.to(self.device) if isinstance(target, torch.Tensor) else target
+                reference = recipe.score_output(teacher(*inputs)) if teacher is not None else None
+                self.batches.append((inputs, target, reference))
+
+    def __bool__(self) -> bool:
+        return bool(self.batches)
+
+    @torch.no_grad()
+    def loss(self, model: Callable) -> float:
+        total = 0.0
+        for inputs, target, reference in self.batches:
+            output = self.recipe.score_output(model(*inputs))
+            value = torch.zeros(())
+            if self.kind in ("task", "both") or reference is None:
+                value = value + self.recipe.loss(output, target)
+            if self.kind in ("distill", "both") and reference is not None:
+                value = value + distillation_loss(output, reference)
+            total += float(value)
+        return total / len(self.batches)
+
+
+def _frozen_loss(model: torch.fx.GraphModule, held: HeldOut, observing: bool, bn_training: bool) -> float:
+    """Held-out loss with inference numerics, leaving the training state as it was."""
+    move_exported_model_to_eval(model)
+    set_observers(model, False)
+    try:
+        return held.loss(model)
+    finally:
+        if bn_training:
+            move_exported_model_to_train(model)
+        set_observers(model, observing)
+
+
+def _state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def run_qat(
     model: torch.fx.GraphModule,
     recipe: Recipe,
@@ -195,6 +392,14 @@ def run_qat(
 
     if config.loss != "task" and teacher is None:
         raise EdgeqError(f"QAT loss '{config.loss}' needs the float model as teacher", "pass teacher= to run_qat")
+    plan = schedule(recipe, config)
+    every = holdout_every(config, plan.train_batches + plan.holdout_batches)
+    warnings: list[str] = []
+    if plan.passes > MANY_PASSES:
+        warnings.append(
+            f"QAT runs {plan.steps} steps, {plan.passes:.0f} passes over {plan.samples} training samples: "
+            "it may memorise them; add training data or lower --steps"
+        )
     if teacher is not None:
         teacher = teacher.to(config.device).eval()
     torch.manual_seed(config.seed)
@@ -208,15 +413,20 @@ def run_qat(
                 f"checkpoint {checkpoint} is from a different build (recipe, plan, target or QAT settings changed)",
                 "rebuild without --resume, or restore the settings it was made with",
             )
+    held = HeldOut(config.loss, recipe, held_out_batches(recipe, every), teacher, config.device)
+    initial: dict[str, Any] = {}
     if saved is None:  # a checkpoint carries the calibrated, tracked ranges
-        calibrate(model, recipe, config.calibration_batches, config.device)
+        # Under torch.distributed each rank's histogram would see its own share: min/max there.
+        initial = calibrate(
+            model, recipe, config.calibration_batches, config.device, every, held if world()[1] == 1 else None
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     opt: torch.optim.Optimizer
     if config.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    steps = config.steps
+    steps = plan.steps
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))
     )
@@ -226,20 +436,30 @@ def run_qat(
     freeze_ranges_at = int(round(config.freeze_ranges * steps))
     first = 0
     losses: list[float] = []
+    checks: list[tuple[int, float]] = []
+    best: dict[str, Any] | None = None  # {"step", "loss", "state"}
+    stale = 0
     if saved is not None:
         first = int(saved["step"])
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         losses = list(saved["losses"])
+        checks = [tuple(c) for c in saved.get("checks", [])]  # type: ignore[misc]
+        best, stale = saved.get("best"), int(saved.get("stale", 0))
         ckpt.set_rng_state(saved["rng"])
+    elif plan.check_every and held:
+        # The calibrated model is a candidate too: QAT that only makes it worse keeps it.
+        value = _frozen_loss(model, held, observing=False, bn_training=False)
+        checks.append((0, value))
+        best = {"step": 0, "loss": value, "state": _state_copy(model)}
     if inter_steps and first < inter_steps:
         _set_weight_width(model, narrow, config.intermediate_bits)
     move_exported_model_to_train(model)
     if first >= freeze_bn_at:
         move_exported_model_to_eval(model)
     set_observers(model, first < freeze_ranges_at)
-    batches = _batches(recipe)
+    batches = _batches(recipe, every)
     for _ in range(first):  # the data order is the recipe's: replay up to the checkpoint
         next(batches)
     rank, size = world()
@@ -277,6 +497,18 @@ def run_qat(
         opt.step()
         sched.step()
         losses.append(value)
+        done = step + 1
+        # Checks compare the planned widths only: none while narrow layers train at the intermediate width.
+        final_width = not inter_steps or done > inter_steps
+        if plan.check_every and held and final_width and (done % plan.check_every == 0 or done == steps):
+            observing = done < freeze_ranges_at
+            check = _frozen_loss(model, held, observing=observing, bn_training=done < freeze_bn_at)
+            checks.append((done, check))
+            if best is None or check < best["loss"]:
+                best, stale = {"step": done, "loss": check, "state": _state_copy(model)}, 0
+            else:
+                stale += 1
+        stop = bool(config.patience) and stale >= config.patience
         if (
             checkpoint is not None
             and rank == 0
@@ -294,20 +526,30 @@ def run_qat(
                     "scheduler": sched.state_dict(),
                     "losses": losses,
                     "rng": ckpt.rng_state(),
+                    "checks": checks,
+                    "best": best,
+                    "stale": stale,
                 },
             )
         if on_step is not None:
             on_step(step, value)
+        if stop:
+            break
     seconds = time.perf_counter() - start
+    trained = len(losses)
+    if inter_steps and trained <= inter_steps:
+        _set_weight_width(model, narrow, None)
+    if best is not None and best["step"] != trained:
+        model.load_state_dict(best["state"])
     to_eval(model)
     model.to("cpu")
     commits = {
         name: fq.commits() for name, fq in fake_quants(model).items() if isinstance(fq, AdaptiveRangeFakeQuantize)
     }
     return QATReport(
-        steps=steps,
+        steps=trained,
         seconds=seconds,
-        step_seconds=seconds / max(steps, 1),
+        step_seconds=seconds / max(trained - first, 1),
         first_loss=losses[0] if losses else float("nan"),
         last_loss=losses[-1] if losses else float("nan"),
         commits=commits,
@@ -319,4 +561,11 @@ def run_qat(
         }
         if inter_steps
         else {},
+        planned_steps=steps,
+        passes=plan.passes,
+        holdout_losses=checks,
+        best_step=best["step"] if best is not None else None,
+        stopped_early=trained < steps,
+        warnings=warnings,
+        initial_ranges=initial,
     )

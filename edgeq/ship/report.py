@@ -17,7 +17,7 @@ MANIFEST_SCHEMA = 1
 
 
 #: report.json's layout version; bump when a field changes meaning or disappears
-REPORT_SCHEMA = 2
+REPORT_SCHEMA = 3
 
 
 def check_manifest(manifest: dict[str, Any]) -> None:
@@ -110,6 +110,8 @@ def build_report(
     program_notes: dict[str, Any] | None = None,
     runtime: str = "host",
     warnings: list[str] | None = None,
+    latency: dict[str, Any] | None = None,
+    fallback: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     delegation = lowered.delegation
     return {
@@ -119,7 +121,7 @@ def build_report(
         "backend": target.backend,
         "backend_title": get_backend(target.backend).title,
         "runtime": runtime,
-        "warnings": list(warnings or []),
+        "warnings": list(warnings or []) + list(qat_report.warnings),
         "program": dict(program_notes or {}),
         "samples": samples,
         "accuracy": {
@@ -130,10 +132,14 @@ def build_report(
             "ptq": scores.ptq,
             "qat_reference": scores.qat_reference,
             "shipped": scores.shipped,
+            "candidates": scores.candidates,
+            "selected_on": scores.selected_on,
             "drop": scores.float - scores.program,
             "max_drop": config.max_drop,
         },
         "agreement": scores.agreement,
+        "latency": dict(latency or {}),
+        "fallback": fallback,
         "size": {
             **sizes,
             "ratio": sizes["program_bytes"] / sizes["float_program_bytes"] if sizes["float_program_bytes"] else None,
@@ -157,6 +163,12 @@ def build_report(
             "commits": qat_report.commits,
             "intermediate": qat_report.intermediate,
             "losses": qat_report.losses,
+            "planned_steps": qat_report.planned_steps,
+            "passes": qat_report.passes,
+            "holdout_losses": qat_report.holdout_losses,
+            "best_step": qat_report.best_step,
+            "stopped_early": qat_report.stopped_early,
+            "initial_ranges": qat_report.initial_ranges,
         },
         "analysis": analysis.to_dict() if analysis is not None else None,
         "planner": {

