@@ -86,6 +86,12 @@ PATCHES: tuple[Patch, ...] = (
         "while edgeq annotates: ReLU6 (hardtanh) fuses into the conv/linear/add before it as ReLU does",
     ),
     Patch(
+        "executorch.backends.xnnpack._passes.insert_pad_qdq",
+        "InsertPadQDQPass.call",
+        ("self", "graph_module"),
+        "leave a pad that feeds a float conv unquantized, so a plan may keep that conv in float",
+    ),
+    Patch(
         "executorch.backends.qualcomm.utils.qnn_sdk_setup",
         "setup_qnn_sdk",
         (),
@@ -192,6 +198,53 @@ def skip_idle_bilinear_matching() -> None:
     cls.call = call  # type: ignore[method-assign]
 
 
+def float_conv_after_pad() -> None:
+    """Keep XNNPACK's InsertPadQDQPass from quantizing a pad that feeds a float conv.
+
+    The pass gives every zero pad whose input is dequantized an implicit q/dq,
+    assuming a quantized conv follows (EfficientNet's static "same" padding sits
+    between a ReLU6 and a stride-2 depthwise conv). When the plan keeps that conv
+    in float, the conv then meets a quantized input and float weights, and
+    lowering fails ("Weight and Input should both be quantized"). Pads feeding
+    such a conv are hidden from the pass (their pad value reads as non-zero,
+    which the pass skips) and restored right after.
+    """
+    if not _once("pad"):
+        return
+    from executorch.backends.xnnpack._passes import insert_pad_qdq as module
+    from executorch.backends.xnnpack.utils.quant_utils import is_dequant
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    cls = module.InsertPadQDQPass
+    original = cls.call
+    gemms = (exir_ops.edge.aten.convolution.default, exir_ops.edge.aten.linear.default)
+
+    def feeds_float_gemm(node: torch.fx.Node) -> bool:
+        return any(
+            user.target in gemms
+            and len(user.args) > 1
+            and isinstance(user.args[1], torch.fx.Node)
+            and not is_dequant(user.args[1])
+            for user in node.users
+        )
+
+    @functools.wraps(original)
+    def call(self: Any, graph_module: torch.fx.GraphModule) -> Any:
+        hidden = []
+        for node in graph_module.graph.nodes:
+            if node.op == "call_function" and node.target == exir_ops.edge.aten.constant_pad_nd.default:
+                if feeds_float_gemm(node):
+                    hidden.append((node, node.args))
+                    node.args = (node.args[0], node.args[1], float("nan"))
+        try:
+            return original(self, graph_module)
+        finally:
+            for node, args in hidden:
+                node.args = args
+
+    cls.call = call  # type: ignore[method-assign]
+
+
 QNN_SDK_HELP = (
     "install the host HTP runtime with `pip install -e '.[qnn]'` (then `edgeq qnn-setup` checks it), or install "
     "the Qualcomm AI Engine Direct (QAIRT) SDK and export QNN_SDK_ROOT=/path/to/qairt/<version>, or rerun with "
@@ -274,5 +327,6 @@ def apply() -> None:
     memoise_pattern_graphs()
     try:
         skip_idle_bilinear_matching()
+        float_conv_after_pad()
     except ImportError:  # torchao without ExecuTorch
         pass

@@ -65,13 +65,10 @@ def by_hand(recipe, calibration_images: int = 128) -> tuple[float, int]:
     graph = torch.export.export(model, example).module()
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     prepared = prepare_pt2e(graph, quantizer)
-    seen = 0
+    images = torch.cat([inputs for inputs, _ in recipe.train_data()])[:calibration_images]
     with torch.no_grad():
-        for inputs, _ in recipe.train_data():
-            prepared(inputs)
-            seen += len(inputs)
-            if seen >= calibration_images:
-                break
+        for i in range(len(images)):  # the exported graph has the example's batch of one
+            prepared(images[i : i + 1])
     converted = convert_pt2e(prepared)
     program = (
         to_edge_transform_and_lower(torch.export.export(converted, example), partitioner=[XnnpackPartitioner()])
@@ -93,6 +90,7 @@ def edgeq_build(recipe, out: Path, **settings) -> dict:
     report = json.loads((out / "report.json").read_text())
     report["wall_seconds"] = time.perf_counter() - start
     report["program"] = (out / "model.pte").read_bytes()
+    report["plan"] = json.loads((out / "plan.json").read_text())["layers"]
     return report
 
 
@@ -100,13 +98,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["lite0", "lite1"])
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep the other models' rows from scripts/bench_imagenet.json"
+    )
     args = parser.parse_args()
     if not imagenet_recipes.available():
         sys.exit(f"no ImageNet sample at {imagenet_recipes.ROOT}: see ../shared/data/README.md")
     from edgeq.lower import lower_float
     from edgeq.targets import load_target
 
-    rows, stage_rows, details = [], [], {}
+    saved = Path(__file__).with_name("bench_imagenet.json")
+    details = json.loads(saved.read_text()) if args.reuse and saved.exists() else {}
     for name in args.models:
         recipe = imagenet_recipes.recipe(name)
         model = recipe.model().eval()
@@ -118,40 +120,49 @@ def main() -> None:
             task = edgeq_build(
                 recipe, Path(tmp) / "task", precision="int8", qat=QATConfig(loss="task"), debug_program=False
             )
-        acc, cand = default["accuracy"], default["accuracy"]["candidates"]
         base_latency = latency(float_program, example, 2, 20)
-        ratio = latency(default["program"], example, 2, 20) / base_latency
-        hand_ratio = hand_bytes / len(float_program)
+        details[name] = {
+            "default": {k: default[k] for k in ("accuracy", "size", "timings", "qat", "wall_seconds", "plan")},
+            "task": {k: task[k] for k in ("accuracy", "timings", "qat", "wall_seconds")},
+            "by_hand": {"top1": hand_top1, "bytes": hand_bytes},
+            "float_program_bytes": len(float_program),
+            "latency_ratio": latency(default["program"], example, 2, 20) / base_latency,
+            "weights": sum(p.numel() for p in model.parameters()),
+            "measured": time.strftime("%Y-%m-%d %H:%M"),
+        }
+        print(json.dumps(details[name]["default"]["accuracy"], indent=1), flush=True)
+        if not args.no_write:
+            saved.write_text(json.dumps(details, indent=1, default=str))
+    rows, stage_rows = [], []
+    for name, d in details.items():
+        default, acc = d["default"], d["default"]["accuracy"]
+        cand = acc["candidates"]
+        floats = sum(1 for layer in default.get("plan", []) if layer["precision"] == "float")
         rows.append(
             [
-                f"EfficientNet-{name.title()} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M)",
+                f"EfficientNet-{name.title()} ({d['weights'] / 1e6:.2f}M)",
                 f"{acc['float']:.1f}",
-                f"{hand_top1:.1f} ({hand_ratio:.3f}x)",
+                f"{d['by_hand']['top1']:.1f} ({d['by_hand']['bytes'] / d['float_program_bytes']:.3f}x)",
                 f"{cand['ptq']['metric']:.1f}",
-                f"{cand['ptq+bias-correction']['metric']:.1f}",
+                f"{cand['ptq+bias-correction']['metric']:.1f}" if "ptq+bias-correction" in cand else "-",
                 f"{cand['qat']['metric']:.1f}",
-                f"{task['accuracy']['candidates']['qat']['metric']:.1f}",
-                acc["shipped"],
+                f"{d['task']['accuracy']['candidates']['qat']['metric']:.1f}",
+                acc["shipped"] + (f" ({floats} float layers)" if floats else ""),
                 f"**{acc['program']:.1f}** ({acc['program'] - acc['float']:+.1f})",
                 f"{default['size']['ratio']:.3f}x",
-                f"{ratio:.2f}x",
+                f"{d['latency_ratio']:.2f}x",
                 f"{default['wall_seconds'] / 60:.1f} min",
             ]
         )
         stages = default["timings"]
         stage_rows.append(
             [f"EfficientNet-{name.title()}"]
-            + [f"{stages.get(s, 0):.0f}" for s in ("analyze", "qat", "ptq", "bias correction", "evaluate", "lower")]
+            + [
+                f"{stages.get(s, 0):.0f}"
+                for s in ("analyze", "qat", "ptq", "bias correction", "evaluate", "lower", "fallback")
+            ]
             + [f"{sum(stages.values()):.0f}"]
         )
-        details[name] = {
-            "default": {k: default[k] for k in ("accuracy", "size", "timings", "qat", "wall_seconds")},
-            "task": {k: task[k] for k in ("accuracy", "timings", "qat", "wall_seconds")},
-            "by_hand": {"top1": hand_top1, "bytes": hand_bytes},
-            "float_program_bytes": len(float_program),
-            "latency_ratio": ratio,
-        }
-        print(json.dumps(details[name], indent=1, default=str), flush=True)
     header = [
         "model (weights)",
         "float",
@@ -179,13 +190,14 @@ def main() -> None:
         "program in executorch.runtime, 2 threads, median of 20 runs.\n\n"
         + table(header, rows)
         + "\n\nTime per stage of the default build (s):\n\n"
-        + table(["model", "analyze", "qat", "ptq", "bias correction", "evaluate", "lower", "total"], stage_rows)
+        + table(
+            ["model", "analyze", "qat", "ptq", "bias correction", "evaluate", "lower", "fallback", "total"], stage_rows
+        )
         + "\n"
     )
     print(body)
     if not args.no_write:
         write_section("imagenet", body)
-        Path(__file__).with_name("bench_imagenet.json").write_text(json.dumps(details, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,16 @@ def _quantize(model: nn.Module, quantizer, data: torch.Tensor) -> torch.fx.Graph
     return convert(prepared)
 
 
+def _edgeq_reference(model: nn.Module, data: torch.Tensor) -> torch.fx.GraphModule:
+    """PTQ through edgeq's plan quantizer (the one that fuses ReLU6), uniform int8 on android."""
+    from edgeq.backends import build_quantizer
+
+    upstream.apply()
+    target = load_target("android")
+    plan = uniform_plan(model, target, "int8", example_inputs=(data[:1],))
+    return _quantize(model, build_quantizer(plan, target, qat=False), data)
+
+
 def _quantized_conv_outputs(graph: torch.fx.GraphModule) -> int:
     """Conv outputs that go through a quantize op before their activation (unfused)."""
     return sum(
@@ -65,14 +75,9 @@ def test_relu6_fuses_into_its_conv_and_keeps_the_signal():
         get_symmetric_quantization_config,
     )
 
-    from edgeq.backends import build_quantizer
-
-    upstream.apply()
     model = _model()
     data = torch.randn(16, 3, 16, 16)
-    target = load_target("android")
-    plan = uniform_plan(model, target, "int8", example_inputs=(data[:1],))
-    ours = _quantize(model, build_quantizer(plan, target, qat=False), data)
+    ours = _edgeq_reference(model, data)
     by_hand = _quantize(
         model, XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True)), data
     )
@@ -81,21 +86,18 @@ def test_relu6_fuses_into_its_conv_and_keeps_the_signal():
     with torch.no_grad():
         reference = model(data)
         ours_sqnr, by_hand_sqnr = _sqnr(reference, ours(data)), _sqnr(reference, by_hand(data))
-    # Measured: about 30 dB fused, about 17 dB unfused.
+    # Measured: 22.2 dB fused, 13.2 dB unfused.
     assert ours_sqnr > by_hand_sqnr + 6, (ours_sqnr, by_hand_sqnr)
 
 
 def test_the_fused_relu6_lowers_into_xnnpack_and_runs_as_the_reference():
-    from edgeq.backends import build_quantizer, get_backend
+    from edgeq.backends import get_backend
     from edgeq.lower import lower
 
-    upstream.apply()
     model = _model()
     data = torch.randn(16, 3, 16, 16)
-    target = load_target("android")
-    plan = uniform_plan(model, target, "int8", example_inputs=(data[:1],))
-    reference = _quantize(model, build_quantizer(plan, target, qat=False), data)
-    lowered = lower(reference, (data[:1],), target)
+    reference = _edgeq_reference(model, data)
+    lowered = lower(reference, (data[:1],), load_target("android"))
     assert lowered.delegation.outside_ops == 0, lowered.delegation.outside
     runner = get_backend("xnnpack").runner(lowered.program)
     with torch.no_grad():
