@@ -102,3 +102,26 @@ def test_layer_too_sensitive_even_at_int8_goes_to_float():
     chosen = {e.name: e for e in make_plan(a, TARGET, FLOAT_BYTES, max_drop=1.0).plan.layers}
     assert chosen["a"].precision == "float" and "over --max-drop" in chosen["a"].reason
     assert chosen["b"].precision == "w4"
+
+
+def test_time_budgeted_sensitivities_never_send_a_layer_to_float_on_their_own():
+    """A few dozen samples flip a prediction or two per layer: noise, not a reason for float.
+    The build's measured fallback decides those instead (tests/test_fallback.py)."""
+    import dataclasses
+
+    noisy = dataclasses.replace(
+        analysis(layer("a", 1000, 5.0, 6.0), layer("b", 1000, 0.0, 0.1)), full_sensitivity=False
+    )
+    chosen = {entry.name: entry.precision for entry in make_plan(noisy, TARGET, FLOAT_BYTES, max_drop=1.0).plan.layers}
+    assert chosen["a"] == "int8"
+
+
+def test_the_sensitivity_share_keeps_whole_batches_then_slices_one():
+    import torch
+
+    from edgeq.planning.analysis import _share
+
+    batches = [(torch.zeros(25, 3), torch.zeros(25, dtype=torch.long)) for _ in range(4)]
+    kept = _share(batches, 0.3)  # 30 of 100 samples: one batch of 25 and 5 rows of the next
+    assert [len(x) for x, _ in kept] == [25, 5] and [len(y) for _, y in kept] == [25, 5]
+    assert sum(len(x) for x, _ in _share(batches, 0.001)) == 8  # never fewer than 8 samples

@@ -63,9 +63,12 @@ class Analysis:
     float_metric: float
     batches: int
     layers: list[LayerAnalysis]
-    #: (training, evaluation) batches each sensitivity was scored on: fewer than ``batches``
-    #: when scoring every layer on all of them would overrun the time budget
-    sensitivity_batches: tuple[int, int] = (0, 0)
+    #: (training, evaluation) samples each sensitivity was scored on: fewer than the analysis
+    #: batches hold when scoring every layer on all of them would overrun the time budget
+    sensitivity_samples: tuple[int, int] = (0, 0)
+    #: whether the sensitivities were scored on every analysis batch (False: on a time-budgeted
+    #: share, too noisy for the planner to send layers to float on their own)
+    full_sensitivity: bool = True
     #: precisions not scored because they save no bytes over the target's default
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -145,6 +148,32 @@ def _score(model: nn.Module, recipe: Recipe, batches: tuple[list, list]) -> tupl
     return sum(losses) / max(seen, 1), float(recipe.metric(torch.cat(outputs), torch.cat(targets)))
 
 
+def _samples(batches: list) -> int:
+    return sum(len(as_tuple(inputs)[0]) for inputs, _ in batches)
+
+
+def _share(batches: list, share: float) -> list:
+    """About ``share`` of the samples in ``batches``: whole batches first, then the first rows of
+    one batch (at least 8 samples), so a model with many layers still fits the time budget."""
+    sizes = [len(as_tuple(inputs)[0]) for inputs, _ in batches]
+    want = max(8, int(sum(sizes) * share))
+    kept: list = []
+    total = 0
+    for (inputs, target), size in zip(batches, sizes):
+        if total + size > want:
+            rows = want - total
+            if not isinstance(target, torch.Tensor):
+                kept.append((inputs, target))  # targets we cannot slice: the whole batch
+            elif rows > 0 or not kept:
+                rows = max(rows, 1)
+                inputs = tuple(t[:rows] for t in as_tuple(inputs))
+                kept.append((inputs if len(inputs) > 1 else inputs[0], target[:rows]))
+            break
+        kept.append((inputs, target))
+        total += size
+    return kept
+
+
 def _scored_variants(target: Target, kind: str) -> tuple[dict[str, Precision], list[str]]:
     """The precisions worth a sensitivity score: the default, and those that save bytes over it.
 
@@ -222,10 +251,10 @@ def analyze(
     train, evaluation = data
     if seconds is not None and scores * score_seconds > seconds:
         share = seconds / (scores * score_seconds)
-        train = train[: max(1, int(len(train) * share))]
-        evaluation = evaluation[: max(1, int(len(evaluation) * share))]
+        train = _share(train, share)
+        evaluation = _share(evaluation, share)
     sensitivity = (train, evaluation)
-    if len(train) < len(data[0]) or len(evaluation) < len(data[1]):
+    if _samples(train) < _samples(data[0]) or _samples(evaluation) < _samples(data[1]):
         # The single-layer scores compare against float on the same batches.
         float_loss, float_metric = _score(model, recipe, sensitivity)
     skipped: dict[str, str] = {}
@@ -272,7 +301,8 @@ def analyze(
         float_metric=float_metric,
         batches=len(data[0]),
         layers=results,
-        sensitivity_batches=(len(train), len(evaluation)),
+        sensitivity_samples=(_samples(train), _samples(evaluation)),
+        full_sensitivity=_samples(train) == _samples(data[0]) and _samples(evaluation) == _samples(data[1]),
         skipped=skipped,
         seconds=round(time.perf_counter() - start, 3),
     )

@@ -103,9 +103,12 @@ def make_plan(
             reason[l.name] = f"{choice[l.name]}: kept wide, {why}"
     considered = [PlanPoint(size(choice), drop(choice), dict(choice))]
 
-    # Too damaging even at the default: send the most sensitive layers to float.
+    # Too damaging even at the default: send the most sensitive layers to float. Only on
+    # sensitivities scored on every analysis batch: a time-budgeted share of a few dozen samples
+    # flips a prediction or two per layer, which would send sound layers to float; the build's
+    # measured fallback (after quantization, on the evaluation data) handles those models.
     floatable = [l for l in layers if any(target.precisions[p].is_float for p in _options(l, target))]
-    while drop(choice) > max_drop and budget is None:
+    while drop(choice) > max_drop and budget is None and analysis.full_sensitivity:
         worst = max(
             (l for l in floatable if not target.precisions[choice[l.name]].is_float),
             key=lambda l: _drop(l, choice[l.name]),
