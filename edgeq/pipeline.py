@@ -354,7 +354,18 @@ def _build(
     if shipped != "qat":
         quantized = dataclasses.replace(quantized, reference=choice_made.references[shipped])
     fallback = accuracy_fallback(
-        recipe, target, config, plan, baseline, choice, shipped, float_eval.metric, ref_eval.metric, stages, progress
+        recipe,
+        target,
+        config,
+        plan,
+        baseline,
+        choice,
+        shipped,
+        quantized.reference,
+        float_eval.metric,
+        ref_eval.metric,
+        stages,
+        progress,
     )
     before_fallback = quantized.reference
     if fallback is not None and fallback.improved:
@@ -380,10 +391,10 @@ def _build(
             allow_download=config.allow_sdk_download,
         )
     check_lowered_size(config, baseline, lowered)
+    from edgeq.checks.latency import host_latency_ms
+
     latency: dict[str, Any] = {}
     if backend.host_latency:
-        from edgeq.checks.latency import host_latency_ms
-
         with stages("latency"):
             latency = {
                 "program_ms": host_latency_ms(lowered.program, baseline.example_inputs),
@@ -406,8 +417,6 @@ def _build(
                 )
                 fallback_report["program_bytes_without"] = len(without.program)
                 if backend.host_latency:
-                    from edgeq.checks.latency import host_latency_ms
-
                     fallback_report["program_ms_without"] = host_latency_ms(without.program, baseline.example_inputs)
     _announce(progress, "validate")
     with stages("validate"):
@@ -552,6 +561,7 @@ def accuracy_fallback(
     baseline: FloatBaseline,
     choice: PlanChoice,
     shipped: str,
+    reference: torch.fx.GraphModule,
     float_metric: builtins.float,
     metric: builtins.float,
     stages: Stages,
@@ -569,17 +579,20 @@ def accuracy_fallback(
     if not config.fallback_layers or not floats or float_metric - metric <= config.max_drop:
         return None
     from edgeq.quant.bias_correction import correct_bias
-    from edgeq.quant.qat import holdout_every, schedule
+    from edgeq.quant.qat import schedule
 
     _announce(progress, "fallback")
     with stages("fallback"):
         current = copy.deepcopy(plan)
-        reference_now = post_training_quantize(
-            baseline.model, recipe, target, current, config.qat, config.ptq_batches or 16
-        )
-        ranking, ranked_by = _sensitivity_ranking(choice, current, baseline, reference_now, recipe)
-        sched = schedule(recipe, config.qat)
-        every = holdout_every(config.qat, sched.train_batches + sched.holdout_batches)
+        # Ranked on the reference that missed (the one that would have shipped).
+        ranking, ranked_by = _sensitivity_ranking(choice, current, baseline, reference, recipe)
+        every = schedule(recipe, config.qat).holdout
+        corrects_bias = "bias-correction" in shipped
+        if corrects_bias:
+            float_graph = capture_mod.capture_for_quantization(
+                baseline.model, baseline.example_inputs, config.qat.fold_bn
+            )
+            calibration = _calibration_inputs(recipe, every, config.bias_correction_samples)
         best: tuple[builtins.float, Plan, torch.fx.GraphModule, Evaluation] | None = None
         steps: list[dict[str, Any]] = []
         for layer in ranking[: config.fallback_layers]:
@@ -590,15 +603,12 @@ def accuracy_fallback(
                 f"{float_name}: accuracy fallback, step {len(steps) + 1} (most sensitive quantized layer by "
                 f"{ranked_by}); the plan missed --max-drop {config.max_drop:g}"
             )
-            reference = post_training_quantize(
+            step_reference = post_training_quantize(
                 baseline.model, recipe, target, current, config.qat, config.ptq_batches or 16, every
             )
-            if "bias-correction" in shipped:
-                float_graph = capture_mod.capture_for_quantization(
-                    baseline.model, baseline.example_inputs, config.qat.fold_bn
-                )
-                correct_bias(reference, float_graph, _calibration_inputs(recipe, every, config.bias_correction_samples))
-            evaluation = _score(reference, recipe, progress, f"fallback: {layer} in float")
+            if corrects_bias:
+                correct_bias(step_reference, float_graph, calibration)
+            evaluation = _score(step_reference, recipe, progress, f"fallback: {layer} in float")
             steps.append(
                 {
                     "layer": layer,
@@ -607,7 +617,7 @@ def accuracy_fallback(
                 }
             )
             if best is None or evaluation.metric > best[0]:
-                best = (evaluation.metric, copy.deepcopy(current), reference, evaluation)
+                best = (evaluation.metric, copy.deepcopy(current), step_reference, evaluation)
             if float_metric - evaluation.metric <= config.max_drop:
                 break
     if best is None:
@@ -648,11 +658,10 @@ def choose_candidate(
     held-out slice (one training batch, or ``holdout=0``) the training batches decide.
     """
     from edgeq.quant.bias_correction import correct_bias
-    from edgeq.quant.qat import HeldOut, held_out_batches, holdout_every, schedule
+    from edgeq.quant.qat import HeldOut, held_out_batches, schedule
 
     qat_config = config.qat
-    sched = schedule(recipe, qat_config)
-    every = holdout_every(qat_config, sched.train_batches + sched.holdout_batches)
+    every = schedule(recipe, qat_config).holdout
     held_batches = held_out_batches(recipe, every)
     selected_on = f"{len(held_batches)} held-out training batches"
     if not held_batches:

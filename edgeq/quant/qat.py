@@ -71,6 +71,8 @@ class Schedule:
     samples: int
     #: steps between held-out checks (0: no checks)
     check_every: int
+    #: every this-many-th training batch is held out (0: none; see :func:`is_held_out`)
+    holdout: int = 0
 
     @property
     def passes(self) -> float:
@@ -110,7 +112,9 @@ def schedule(recipe: Recipe, config: QATConfig) -> Schedule:
     check = 0
     if held and config.patience and steps:
         check = max(1, min(train, math.ceil(steps / 10)))
-    return Schedule(steps=steps, train_batches=train, holdout_batches=held, samples=samples, check_every=check)
+    return Schedule(
+        steps=steps, train_batches=train, holdout_batches=held, samples=samples, check_every=check, holdout=every
+    )
 
 
 def fake_quants(model: torch.nn.Module) -> dict[str, FakeQuantizeBase]:
@@ -312,12 +316,21 @@ def qat_loss(
     inputs: tuple,
 ) -> torch.Tensor:
     """The loss a QAT step minimises: the recipe's task loss, distillation from the float model, or both."""
-    total: torch.Tensor | None = None
-    if kind in ("task", "both"):
-        total = recipe.loss(output, target)
+    reference = None
     if kind in ("distill", "both") and teacher is not None:
         with torch.no_grad():
             reference = recipe.score_output(teacher(*inputs))
+    return combined_loss(kind, recipe, output, target, reference)
+
+
+def combined_loss(
+    kind: str, recipe: Recipe, output: torch.Tensor, target: Any, reference: torch.Tensor | None
+) -> torch.Tensor:
+    """``kind``'s loss given the float model's output ``reference`` (None: no teacher)."""
+    total: torch.Tensor | None = None
+    if kind in ("task", "both"):
+        total = recipe.loss(output, target)
+    if kind in ("distill", "both") and reference is not None:
         distill = distillation_loss(output, reference)
         total = distill if total is None else total + distill
     if total is None:
@@ -346,12 +359,7 @@ class HeldOut:
         total = 0.0
         for inputs, target, reference in self.batches:
             output = self.recipe.score_output(model(*inputs))
-            value = torch.zeros(())
-            if self.kind in ("task", "both") or reference is None:
-                value = value + self.recipe.loss(output, target)
-            if self.kind in ("distill", "both") and reference is not None:
-                value = value + distillation_loss(output, reference)
-            total += float(value)
+            total += float(combined_loss(self.kind, self.recipe, output, target, reference))
         return total / len(self.batches)
 
 
@@ -393,7 +401,7 @@ def run_qat(
     if config.loss != "task" and teacher is None:
         raise EdgeqError(f"QAT loss '{config.loss}' needs the float model as teacher", "pass teacher= to run_qat")
     plan = schedule(recipe, config)
-    every = holdout_every(config, plan.train_batches + plan.holdout_batches)
+    every = plan.holdout
     warnings: list[str] = []
     if plan.passes > MANY_PASSES:
         warnings.append(
