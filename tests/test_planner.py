@@ -101,18 +101,9 @@ def test_edited_plan_round_trips_and_bad_edits_are_refused(tmp_path, digits):
 
     data["layers"][0]["precision"] = "int3"
     path.write_text(json.dumps(data))
-    with pytest.raises(EdgeqError, match="cannot run.*use one of: int8, w4a8, w4dyn, float"):
+    with pytest.raises(EdgeqError, match="cannot run.*use one of: int8, w4a8, w4dyn, w8dyn, float"):
         validate_plan(Plan.load(path), model, target)
     data["layers"][0]["precision"] = "w4dyn"
     path.write_text(json.dumps(data))
     with pytest.raises(EdgeqError, match="runs only for linear layers.*use one of"):
         validate_plan(Plan.load(path), model, target)
-
-
-def test_dynamic_and_static_precisions_do_not_mix(digits):
-    _, model = digits
-    target = load_target("android")
-    plan = uniform_plan(model, target, "int8")
-    plan.layers[-1].precision = "w4dyn"
-    with pytest.raises(EdgeqError, match="mixes dynamically quantized layers"):
-        validate_plan(plan, model, target)

@@ -50,6 +50,7 @@ def _plan_quantizer_class() -> type:
         def __init__(self, global_config: Any, layer_configs: dict[str, Any]) -> None:
             super().__init__()
             self.set_global(global_config)
+            #: layer -> config; None leaves the layer to another quantizer (or to float)
             self.layer_configs = layer_configs
 
         def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -68,7 +69,8 @@ def _plan_quantizer_class() -> type:
             owners = layer_owners(model, list(self.layer_configs))
             by_config: dict[int, tuple[Any, set[str]]] = {}
             for layer, config in self.layer_configs.items():
-                by_config.setdefault(id(config), (config, set()))[1].add(layer)
+                if config is not None:
+                    by_config.setdefault(id(config), (config, set()))[1].add(layer)
             # Weights and biases (get_attr nodes) follow the op that consumes them.
             for config, layers in by_config.values():
                 self._annotate_all_patterns(model, config, _owned_by(owners, layers))
@@ -124,17 +126,43 @@ class XnnpackBackend(Backend):
     title = "XNNPACK"
 
     def quantizer(self, plan: Plan, target: Target, qat: bool, ranges: RangeConfig) -> Any:
-        # The global config covers ops outside the planned layers (pooling,
-        # adds, concatenations); layers that differ from it are overridden.
-        default = target.default_precision
-        configs: dict[str, Any] = {}
+        """One quantizer for the static layers, and one before it for dynamically quantized ones.
+
+        PT2E's convert cannot take dynamic and static specs from one
+        XNNPACKQuantizer pass (the dynamic input's choose_qparams node is not
+        found once a static spec has claimed the tensor), but it converts
+        them from torchao's ComposableQuantizer with the dynamic quantizer
+        first, as ExecuTorch's test_composable_quantizer_linear_conv does.
+        The global config covers ops outside the planned layers (pooling,
+        adds, concatenations); layers that differ from it are overridden.
+        """
+        default = target.precisions[target.default_precision]
         made: dict[str, Any] = {}
+
+        def config(precision: str) -> Any:
+            if precision not in made:
+                made[precision] = xnnpack_config(target.precisions[precision], qat, ranges)
+            return made[precision]
+
+        # layer -> config per activation mode; None keeps a quantizer's global config off the layer
+        by_mode: dict[bool, dict[str, Any]] = {False: {}, True: {}}
         for entry in plan.layers:
-            if entry.precision != default:
-                if entry.precision not in made:
-                    made[entry.precision] = xnnpack_config(target.precisions[entry.precision], qat, ranges)
-                configs[entry.name] = made[entry.precision]
-        return _plan_quantizer_class()(xnnpack_config(target.precisions[default], qat, ranges), configs)
+            if entry.precision == default.name:
+                continue
+            is_dynamic = target.precisions[entry.precision].activations == "dynamic"
+            by_mode[is_dynamic][entry.name] = config(entry.precision)
+            by_mode[not is_dynamic][entry.name] = None
+        default_dynamic = default.activations == "dynamic"
+        cls = _plan_quantizer_class()
+        static = cls(None if default_dynamic else config(default.name), by_mode[False])
+        dynamic = cls(config(default.name) if default_dynamic else None, by_mode[True])
+        if default_dynamic and not any(by_mode[False].values()):
+            return dynamic
+        if not default_dynamic and not any(by_mode[True].values()):
+            return static
+        from torchao.quantization.pt2e.quantizer import ComposableQuantizer
+
+        return ComposableQuantizer([dynamic, static])
 
     def partitioners(self, target: Target, allow_download: bool = False) -> list[Any]:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner

@@ -127,9 +127,7 @@ def uniform_plan(
             layers.append(
                 LayerPlan(name, kind, fallback, f"{precision} does not run {kind} layers on {target.name}", params)
             )
-    plan = Plan(target=target.name, layers=layers)
-    check_activation_modes(plan, target)
-    return plan
+    return Plan(target=target.name, layers=layers)
 
 
 def validate_plan(plan: Plan, model: nn.Module, target: Target, example_inputs: tuple | None = None) -> Plan:
@@ -167,25 +165,7 @@ def validate_plan(plan: Plan, model: nn.Module, target: Target, example_inputs: 
             )
     if plan.target != target.name:
         plan.target = target.name
-    check_activation_modes(plan, target)
     return plan
-
-
-def check_activation_modes(plan: Plan, target: Target) -> None:
-    """Refuse plans that feed static quantized tensors into dynamically quantized layers.
-
-    Measured with torch 2.13 / torchao 0.18: PT2E's convert fails ("No chose
-    qparams node found") when an XNNPACK plan mixes the two, so a plan takes a
-    dynamic precision for every layer or for none.
-    """
-    modes = {target.precisions[e.precision].activations for e in plan.layers} - {"float"}
-    if "dynamic" in modes and "static" in modes:
-        dynamic = sorted({e.precision for e in plan.layers if target.precisions[e.precision].activations == "dynamic"})
-        raise EdgeqError(
-            f"plan mixes dynamically quantized layers ({', '.join(dynamic)}) with statically quantized ones, "
-            "which PT2E cannot convert",
-            "give every layer a dynamic precision (e.g. --precision w4dyn for a model of linear layers) or none",
-        )
 
 
 def weight_bytes(plan: Plan, target: Target) -> float:

@@ -2,7 +2,7 @@
 
 Greedy on measured sensitivity: start every layer at the target's default
 precision, keep outlier-heavy layers there, then narrow the layer that costs
-the least predicted metric per byte saved (static precisions only), while the prediction stays within
+the least predicted metric per byte saved, while the prediction stays within
 ``max_drop`` (or until the program fits ``size_budget``). If even the default
 costs more than ``max_drop``, the most sensitive layers go back to float
 where the target offers it. Every layer gets a one-line reason.
@@ -46,9 +46,7 @@ def _drop(layer: LayerAnalysis, precision: str) -> float:
 
 
 def _options(layer: LayerAnalysis, target: Target) -> list[str]:
-    # Dynamic precisions cannot sit beside static ones (see plan.check_activation_modes),
-    # so a per-layer search leaves them to --precision and edited plans.
-    return [name for name, p in target.precisions.items() if layer.kind in p.ops and p.activations != "dynamic"]
+    return [name for name, p in target.precisions.items() if layer.kind in p.ops]
 
 
 def _outlier(layer: LayerAnalysis, outlier_ratio: float, channel_spread: float) -> str:

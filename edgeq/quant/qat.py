@@ -123,7 +123,9 @@ def fake_quants(model: torch.nn.Module) -> dict[str, FakeQuantizeBase]:
 
 def set_observers(model: torch.nn.Module, enabled: bool) -> None:
     for fq in fake_quants(model).values():
-        fq.enable_observer(enabled)
+        # A dynamically quantized input is measured on every call in the program, so its
+        # fake-quant keeps measuring too: frozen, it would replay the last batch's range.
+        fq.enable_observer(enabled or bool(getattr(fq, "is_dynamic", False)))
 
 
 def to_eval(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
