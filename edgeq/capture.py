@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 import re
 import traceback
+from typing import Any
 
 import torch
 from torch import nn
 
 from edgeq.errors import EdgeqError
+from edgeq.graph import MAGNITUDES
 
 
 def _check_inputs(model: nn.Module, example_inputs: tuple) -> None:
@@ -87,7 +89,26 @@ def export(model: nn.Module, example_inputs: tuple, dynamic_batch: bool = True) 
 def capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool = True) -> torch.fx.GraphModule:
     """torch.export the float model; returns the graph module PT2E works on."""
     _check_inputs(model, example_inputs)
-    return export(model, example_inputs, dynamic_batch).module()
+    graph = export(model, example_inputs, dynamic_batch).module()
+    record_magnitudes(graph, example_inputs)
+    return graph
+
+
+def record_magnitudes(graph: torch.fx.GraphModule, example_inputs: tuple) -> None:
+    """Run the example once and keep each node's largest float magnitude (``graph.meta[MAGNITUDES]``),
+    so quantizers can tell sentinel tensors (see :func:`edgeq.graph.sentinel_nodes`) from signal."""
+    magnitudes: dict[str, float] = {}
+
+    class Probe(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
+                magnitudes[n.name] = float(out.detach().abs().max())
+            return out
+
+    with torch.no_grad():
+        Probe(graph).run(*example_inputs)
+    graph.meta[MAGNITUDES] = magnitudes
 
 
 def capture_for_quantization(model: nn.Module, example_inputs: tuple, fold_bn: bool) -> torch.fx.GraphModule:

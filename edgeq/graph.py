@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+#: graph.meta key: node name -> largest float magnitude on the example input (edgeq.capture)
+MAGNITUDES = "edgeq_magnitudes"
+#: magnitudes above this are sentinels (an additive attention mask's dtype-minimum), not signal
+SENTINEL = 1e6
+
 #: ops that fuse into the conv/linear before them and so belong to its layer
 FOLLOWERS = ("batch_norm", "relu", "hardtanh", "clamp", "getitem")
 
@@ -48,6 +53,26 @@ def layer_owners(graph: torch.fx.GraphModule, layers: list[str]) -> dict[torch.f
     return owners
 
 
+def sentinel_nodes(graph: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """Ops that produce or read sentinel magnitudes (see :data:`SENTINEL`).
+
+    An attention mask added to the scores as ``finfo.min`` where a token is
+    padding makes that add's output span 3e38: one int8 scale over it leaves
+    every real score on the same level and the softmax uniform (measured on
+    MiniLM: cosine to float 0.41 with the add quantized). Such ops stay in
+    float; the matmuls on either side are quantized as usual.
+    """
+    magnitudes = graph.meta.get(MAGNITUDES, {})
+    big = {name for name, value in magnitudes.items() if value > SENTINEL}
+    found = set()
+    for node in graph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.name in big or any(isinstance(a, torch.fx.Node) and a.name in big for a in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
 def call_names(graph: torch.fx.GraphModule) -> set[str]:
     """The targets of a graph's call_function nodes, as strings."""
     return {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
@@ -57,6 +82,7 @@ def call_names(graph: torch.fx.GraphModule) -> set[str]:
 _WEIGHT_OPS = {
     "conv": ("aten.conv1d.", "aten.conv2d.", "aten.convolution."),
     "linear": ("aten.linear.", "aten.matmul.", "aten.mm.", "aten.addmm.", "aten.bmm."),
+    "embedding": ("aten.embedding.",),
 }
 #: ops a weight may pass through on its way to the op (Hugging Face's Conv1D transposes it)
 _WEIGHT_VIEWS = ("aten.t.", "aten.permute.", "aten.transpose.", "aten.view.", "aten.reshape.")
@@ -83,7 +109,8 @@ def _kind_of(node: torch.fx.Node) -> str | None:
 
 def _weight_parameter(node: torch.fx.Node, parameters: dict[str, str]) -> str | None:
     """The parameter FQN a weight operand comes from (through view-like ops), or None."""
-    operand_index = 2 if str(node.target).startswith("aten.addmm.") else 1
+    target = str(node.target)
+    operand_index = 2 if target.startswith("aten.addmm.") else 0 if target.startswith("aten.embedding.") else 1
     if len(node.args) <= operand_index:
         return None
     source = node.args[operand_index]
@@ -100,7 +127,7 @@ def _weight_parameter(node: torch.fx.Node, parameters: dict[str, str]) -> str | 
 
 
 def weight_layers(model: torch.nn.Module, example_inputs: tuple) -> list[WeightLayer]:
-    """Every conv, linear and weight-bearing matmul in the exported graph, by owning module.
+    """Every conv, linear, weight-bearing matmul and embedding lookup in the exported graph, by owning module.
 
     A layer is the innermost module (``nn_module_stack``) that calls the op,
     whatever its class: subclassed convolutions, functional ``F.linear``

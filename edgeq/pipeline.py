@@ -27,7 +27,7 @@ from edgeq.configs import DEBUG_PROGRAM_LAYERS, BuildConfig
 from edgeq.errors import AccuracyError, EdgeqError, SdkMissingError
 from edgeq.lower import Lowered, lower, lower_float
 from edgeq.planning.analysis import Analysis, analyze
-from edgeq.planning.plan import Plan, uniform_plan, validate_plan, weight_bytes
+from edgeq.planning.plan import OTHER_OPS, Plan, uniform_plan, validate_plan, weight_bytes
 from edgeq.planning.planner import Planned, make_plan
 from edgeq.quant.convert import convert, prepare
 from edgeq.quant.devices import check_device, init_distributed, seed_everything
@@ -315,6 +315,10 @@ def _build(
     baseline = float_baseline(recipe, target, stages)
     choice = choose_plan(recipe, target, config, baseline, stages, progress)
     plan = choice.plan
+    other_ops = None
+    if config.plan is None and backend.plans_other_ops:
+        with stages("analyze"):
+            other_ops = choose_other_ops(recipe, target, config, plan, baseline)
     if config.plan is not None:
         # An edited plan may change the intermediate width (0 turns it off).
         config = dataclasses.replace(
@@ -464,7 +468,7 @@ def _build(
         write_json_atomic(output.path("manifest.json"), man)
         if choice.analysis is not None:
             choice.analysis.save(output.path("analysis.json"))
-        write_bundle(output.path("bundle"), lowered.program, man)
+        write_bundle(output.path("bundle"), lowered.program, man, vocab=_vocab(recipe))
         # The converted reference, for `edgeq validate` and numeric debugging.
         torch.export.save(
             capture_mod.export(quantized.reference, baseline.example_inputs), str(output.path("reference.pt2"))
@@ -496,6 +500,7 @@ def _build(
         latency=latency,
         fallback=fallback_report,
     )
+    report["other_ops"] = other_ops
     write_json_atomic(output.path("report.json"), report)
     write_html(output.path("report.html"), report)
     return BuildResult(
@@ -691,6 +696,46 @@ def choose_candidate(
             measured[name] = {"holdout_loss": held.loss(reference), "metric": None}
     shipped = min(measured, key=lambda name: measured[name]["holdout_loss"])
     return CandidateChoice(references, measured, shipped, selected_on)
+
+
+def _vocab(recipe: Recipe) -> bytes | None:
+    if not recipe.text:
+        return None
+    path = Path(str(recipe.text.get("vocab_file", "")))
+    if not path.is_file():
+        raise EdgeqError(
+            f"recipe {recipe.name}: text['vocab_file'] {str(path)!r} is not a file",
+            "point it at the tokenizer's vocab.txt",
+        )
+    return path.read_bytes()
+
+
+def choose_other_ops(
+    recipe: Recipe, target: Target, config: BuildConfig, plan: Plan, baseline: FloatBaseline
+) -> dict[str, Any]:
+    """Quantize the ops between planned layers, or leave them in float: PTQ both ways, the lower
+    held-out loss wins (sets ``plan.other_ops``).
+
+    For a CNN, int8 adds and pooling keep the program in int8 at no measurable cost; a
+    transformer's residual stream and attention (adds into LayerNorm, score matmuls, softmax
+    inputs) carry outlier channels that one per-tensor scale crushes (MiniLM: cosine to float
+    0.87 with them quantized, 1.00 with only the linears quantized).
+    """
+    from edgeq.quant.qat import HeldOut, held_out_batches, schedule
+
+    every = schedule(recipe, config.qat).holdout
+    batches = held_out_batches(recipe, every) or [
+        b for _, b in zip(range(max(1, config.qat.calibration_batches)), recipe.train_data())
+    ]
+    teacher = baseline.model if config.qat.loss != "task" else None
+    held = HeldOut(config.qat.loss, recipe, batches, teacher, "cpu")
+    losses: dict[str, float] = {}
+    for option in OTHER_OPS:
+        trial = dataclasses.replace(plan, other_ops=option)
+        reference = post_training_quantize(baseline.model, recipe, target, trial, config.qat, 2, every)
+        losses[option] = held.loss(reference)
+    plan.other_ops = min(OTHER_OPS, key=lambda option: losses[option])  # ties keep "quantized"
+    return {"chosen": plan.other_ops, "holdout_loss": losses}
 
 
 def _calibration_inputs(recipe: Recipe, holdout: int, samples: int) -> tuple[torch.Tensor, ...]:

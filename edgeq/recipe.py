@@ -119,6 +119,9 @@ class Recipe:
     #: which output to score when the model returns a tuple (an index) or a dict (a key);
     #: None: the tensor itself, a tuple's first element, or a dict's "logits"
     output: str | int | None = None
+    #: for text models: tokenizer facts the app bundle needs ("tokenizer": "wordpiece", "lowercase",
+    #: "max_length", "inputs", "pooling", "vocab_file": path to vocab.txt)
+    text: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.loss = _guarded("loss", self.loss)
@@ -220,6 +223,7 @@ def recipe_from_module(module: ModuleType, source: str = "") -> Recipe:
         output=getattr(module, "output", None),
         labels=labels,
         preprocessing=dict(getattr(module, "preprocessing", {}) or {}),
+        text=dict(getattr(module, "text", {}) or {}),
         source=source,
         fingerprint=hashlib.sha256(text.encode()).hexdigest(),
     )

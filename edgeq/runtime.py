@@ -41,6 +41,10 @@ class ProgramRunner:
     def __init__(self, program: bytes | str | Path) -> None:
         from executorch.runtime import Runtime
 
+        from edgeq import upstream
+
+        upstream.register_quantized_embedding_ops()  # kernels for quantized embedding tables
+
         data = Path(program).read_bytes() if isinstance(program, (str, Path)) else program
         # The native runtime prints CPU probing lines when it first sets up a delegate.
         with native_stderr(stdout=True):
@@ -80,6 +84,12 @@ class ProgramRunner:
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         for (shape, _), tensor in zip(self.signature.inputs, inputs):
+            if tuple(tensor.shape[1:]) != tuple(shape[1:]) and not tensor.is_floating_point() and len(shape) == 2:
+                raise EdgeqError(
+                    f"input of {tensor.shape[-1]} tokens does not fit the program, exported for exactly "
+                    f"{shape[-1]} tokens",
+                    f"pad (or cut) every sequence to {shape[-1]} tokens, as the recipe's tokenizer does",
+                )
             if tuple(tensor.shape[1:]) != tuple(shape[1:]):
                 raise EdgeqError(
                     f"input of shape {tuple(tensor.shape)} does not fit the program's input {shape}",

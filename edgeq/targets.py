@@ -18,7 +18,7 @@ from edgeq.backends import get_backend, known_backends
 from edgeq.errors import EdgeqError
 
 ACTIVATION_MODES = ("static", "dynamic", "float")
-OP_KINDS = ("conv", "linear")
+OP_KINDS = ("conv", "linear", "embedding")
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ class Target:
     op_limits: dict[str, str] = field(default_factory=dict)
     soc_model: str = ""
     path: str = ""
+
+    @property
+    def kinds(self) -> set[str]:
+        """Layer kinds some precision of the menu runs; layers of other kinds are left as they are."""
+        return {kind for p in self.precisions.values() for kind in p.ops}
 
     def precision(self, name: str) -> Precision:
         if name not in self.precisions:

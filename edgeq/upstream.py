@@ -322,6 +322,20 @@ def fuse_relu6() -> Iterator[None]:
         utils.is_relu_node = original
 
 
+def register_quantized_embedding_ops() -> None:
+    """Make ``quantized_decomposed::embedding_byte/_4bit`` callable ops and runnable kernels.
+
+    ExecuTorch defines the ops' Python side (for the reference graph and for
+    export) in a private module that its own LLM export imports, and their
+    host-runtime kernels in ``executorch.kernels.quantized``; without both
+    imports a quantized embedding neither runs in torch nor loads in
+    executorch.runtime. tests/test_embeddings.py checks the module still exists.
+    """
+    if _once("quantized_embedding_ops"):
+        importlib.import_module("executorch.exir.passes._quant_patterns_and_replacements")
+        importlib.import_module("executorch.kernels.quantized")
+
+
 def apply() -> None:
     """The patches every build needs (the Qualcomm one is applied by the QNN backend)."""
     memoise_pattern_graphs()

@@ -119,7 +119,9 @@ def test_a_conv_at_a_linear_only_precision_is_refused(setup):
     model, _, target, plan, data = setup
     bad = copy.deepcopy(plan)
     bad.layers[0].precision = "w4dyn"
-    with pytest.raises(EdgeqError, match="conv layer 'conv' precision 'w4dyn'.*runs only for linear.*use one of"):
+    with pytest.raises(
+        EdgeqError, match="conv layer 'conv' precision 'w4dyn'.*runs only for linear, embedding layers.*use one of"
+    ):
         validate_plan(bad, model, target, (data[0][0][:1],))
 
 

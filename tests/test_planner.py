@@ -105,5 +105,5 @@ def test_edited_plan_round_trips_and_bad_edits_are_refused(tmp_path, digits):
         validate_plan(Plan.load(path), model, target)
     data["layers"][0]["precision"] = "w4dyn"
     path.write_text(json.dumps(data))
-    with pytest.raises(EdgeqError, match="runs only for linear layers.*use one of"):
+    with pytest.raises(EdgeqError, match="runs only for linear, embedding layers.*use one of"):
         validate_plan(Plan.load(path), model, target)

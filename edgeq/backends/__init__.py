@@ -57,4 +57,11 @@ def build_quantizer(plan: Plan, target: Target, qat: bool = True, ranges: RangeC
     """A PT2E quantizer configured layer by layer from ``plan`` for ``target``'s backend."""
     from edgeq.quant.configs import RangeConfig
 
-    return get_backend(target.backend).quantizer(plan, target, qat, ranges or RangeConfig())
+    quantizer = get_backend(target.backend).quantizer(plan, target, qat, ranges or RangeConfig())
+    # Embedding tables are quantized by edgeq itself, whatever the backend (see edgeq.quant.embeddings).
+    quantizer.edgeq_embedding_bits = {
+        entry.name: target.precisions[entry.precision].weight_bits
+        for entry in plan.layers
+        if entry.kind == "embedding" and not target.precisions[entry.precision].is_float
+    }
+    return quantizer

@@ -51,6 +51,9 @@ class Backend(ABC):
     #: the host runtime runs the target's kernels on the host CPU, so its latency means something
     #: (False for a simulator)
     host_latency: ClassVar[bool] = True
+    #: its quantizer can leave the ops between planned layers in float (Plan.other_ops), so the
+    #: build measures both (False: it quantizes them as its delegate requires)
+    plans_other_ops: ClassVar[bool] = False
 
     def check_target(self, data: dict[str, Any], precisions: dict[str, Precision], where: str) -> None:  # noqa: B027 - optional hook
         """Raise EdgeqError for what this backend needs beyond the common target schema."""

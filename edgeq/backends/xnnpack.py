@@ -9,7 +9,7 @@ import torch
 
 from edgeq import upstream
 from edgeq.backends.base import AppRuntime, Backend
-from edgeq.graph import layer_owners
+from edgeq.graph import layer_owners, sentinel_nodes
 from edgeq.quant.configs import RangeConfig, swap_fake_quants, weight_range
 
 if TYPE_CHECKING:
@@ -75,8 +75,11 @@ def _plan_quantizer_class() -> type:
             for config, layers in by_config.values():
                 self._annotate_all_patterns(model, config, _owned_by(owners, layers))
             overridden = set(self.layer_configs)
+            sentinels = sentinel_nodes(model)
             self._annotate_all_patterns(
-                model, self.global_config, lambda n: n.op != "call_function" or owners.get(n) not in overridden
+                model,
+                self.global_config,
+                lambda n: n.op != "call_function" or (owners.get(n) not in overridden and n not in sentinels),
             )
             return model
 
@@ -124,6 +127,7 @@ def _owned_by(owners: dict[torch.fx.Node, str], layers: set[str]) -> Callable[[t
 class XnnpackBackend(Backend):
     name = "xnnpack"
     title = "XNNPACK"
+    plans_other_ops = True
 
     def quantizer(self, plan: Plan, target: Target, qat: bool, ranges: RangeConfig) -> Any:
         """One quantizer for the static layers, and one before it for dynamically quantized ones.
@@ -146,19 +150,21 @@ class XnnpackBackend(Backend):
 
         # layer -> config per activation mode; None keeps a quantizer's global config off the layer
         by_mode: dict[bool, dict[str, Any]] = {False: {}, True: {}}
+        between = plan.other_ops == "quantized"
         for entry in plan.layers:
-            if entry.precision == default.name:
+            if entry.precision == default.name and between:
                 continue
             is_dynamic = target.precisions[entry.precision].activations == "dynamic"
             by_mode[is_dynamic][entry.name] = config(entry.precision)
             by_mode[not is_dynamic][entry.name] = None
         default_dynamic = default.activations == "dynamic"
         cls = _plan_quantizer_class()
-        static = cls(None if default_dynamic else config(default.name), by_mode[False])
-        dynamic = cls(config(default.name) if default_dynamic else None, by_mode[True])
-        if default_dynamic and not any(by_mode[False].values()):
+        global_config = config(default.name) if between else None
+        static = cls(None if default_dynamic else global_config, by_mode[False])
+        dynamic = cls(global_config if default_dynamic else None, by_mode[True])
+        if not any(by_mode[False].values()) and (default_dynamic or not between):
             return dynamic
-        if not default_dynamic and not any(by_mode[True].values()):
+        if not any(by_mode[True].values()) and (not default_dynamic or not between):
             return static
         from torchao.quantization.pt2e.quantizer import ComposableQuantizer
 

@@ -175,11 +175,13 @@ def _share(batches: list, share: float) -> list:
 
 
 def _scored_variants(target: Target, kind: str) -> tuple[dict[str, Precision], list[str]]:
-    """The precisions worth a sensitivity score: the default, and those that save bytes over it.
+    """The precisions worth a sensitivity score: the default, those that save bytes over it, and
+    those as small as it with weights as wide but activations measured another way (dynamic int8
+    beside static int8), which can only gain accuracy.
 
-    A precision that costs as many bytes as the default (4-bit conv weights that XNNPACK
-    holds in int8) can only lose accuracy, so the planner never picks it and scoring it
-    would only cost time (on a 50-layer CNN, half the analysis).
+    A precision that costs as many bytes as the default with narrower weights (4-bit conv
+    weights that XNNPACK holds in int8) can only lose accuracy, so the planner never picks it
+    and scoring it would only cost time (on a 50-layer CNN, half the analysis).
     """
     variants = _quantized_variants(target, kind)
     default = target.precisions.get(target.default_precision)
@@ -188,7 +190,13 @@ def _scored_variants(target: Target, kind: str) -> tuple[dict[str, Precision], l
     keep = {
         name: p
         for name, p in variants.items()
-        if name == target.default_precision or p.weight_bytes < default.weight_bytes
+        if name == target.default_precision
+        or p.weight_bytes < default.weight_bytes
+        or (
+            p.weight_bytes == default.weight_bytes
+            and p.weight_bits >= default.weight_bits
+            and p.activations != default.activations
+        )
     }
     return keep, sorted(set(variants) - set(keep))
 
@@ -210,7 +218,7 @@ def analyze(
     # Layers come from the exported graph: any module owning a conv, linear or weight-bearing
     # matmul. Its input range is read at the module's input (for a functional op inside a
     # custom module, that is the module's first input).
-    graph_layers = model_layers(model, recipe.example_inputs())
+    graph_layers = [layer for layer in model_layers(model, recipe.example_inputs()) if layer.kind in target.kinds]
     layers = [(layer.name, layer.kind, layer.params) for layer in graph_layers]
     weights_of = {layer.name: [model.get_parameter(w) for w in layer.weights] for layer in graph_layers}
     modules = dict(model.named_modules())
@@ -269,6 +277,7 @@ def analyze(
         mags = acts.abs()
         p999 = float(torch.quantile(mags, 0.999)) if mags.numel() else 0.0
         p9999 = float(torch.quantile(mags, 0.9999)) if mags.numel() else 0.0
+        lookup = kind == "embedding"  # weight-only, one scale per row; its input is token ids
         entry = LayerAnalysis(
             name=name,
             kind=kind,
@@ -276,20 +285,20 @@ def analyze(
             weight_min=float(w.min()),
             weight_max=float(w.max()),
             weight_absmax=float(ch_absmax.max()),
-            channel_spread=float(ch_absmax.max() / ch_absmax.median().clamp(min=1e-12)),
+            channel_spread=1.0 if lookup else float(ch_absmax.max() / ch_absmax.median().clamp(min=1e-12)),
             channel_absmax=[round(float(v), 6) for v in ch_absmax],
             act_min=lo,
             act_max=hi,
             act_p999=p999,
             act_p9999=p9999,
-            outlier_ratio=float(max(abs(lo), abs(hi)) / p999) if p999 > 0 else 1.0,
+            outlier_ratio=float(max(abs(lo), abs(hi)) / p999) if p999 > 0 and not lookup else 1.0,
         )
         variants, unscored = _scored_variants(target, kind)
         for pname in unscored:
             skipped[pname] = f"saves no bytes over {target.default_precision}"
         for pname, spec in variants.items():
             entry.weight_sqnr[pname] = round(_sqnr(w, fake_quant_weight(w, spec.weight_bits)), 3)
-            if spec.activations == "static":
+            if spec.activations == "static" and not lookup:
                 entry.act_sqnr[pname] = round(_sqnr(acts, fake_quant_act(acts, lo, hi, spec.activation_bits)), 3)
             loss, metric = _layer_alone(model, module, weights_of[name], recipe, sensitivity, spec, lo, hi)
             entry.loss_delta[pname] = round(loss - float_loss, 6)
@@ -328,6 +337,8 @@ def _layer_alone(
 
     def quantize_input(mod, args):
         x = args[0]
+        if not torch.is_floating_point(x):  # token ids into an embedding: weight-only
+            return None
         if spec.activations == "dynamic":
             return (fake_quant_act(x, float(x.min()), float(x.max()), spec.activation_bits),) + tuple(args[1:])
         return (fake_quant_act(x, lo, hi, spec.activation_bits),) + tuple(args[1:])

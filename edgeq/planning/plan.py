@@ -35,6 +35,9 @@ class Plan:
     layers: list[LayerPlan] = field(default_factory=list)
     #: QAT runs layers below 8 bits at this weight width first (0: off)
     intermediate_bits: int = 8
+    #: ops outside the planned layers (adds, pooling, matmuls of two activations): "quantized" at the
+    #: target's default precision, or left "float" (a transformer's residual adds and attention)
+    other_ops: str = "quantized"
     version: int = PLAN_VERSION
 
     def precision_of(self, layer: str) -> str:
@@ -57,6 +60,7 @@ class Plan:
                 target=str(data["target"]),
                 layers=layers,
                 intermediate_bits=int(data.get("intermediate_bits", 8)),
+                other_ops=_other_ops(data.get("other_ops", "quantized"), where),
                 version=int(data.get("version", PLAN_VERSION)),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -77,10 +81,20 @@ class Plan:
         return cls.from_dict(data, str(path))
 
 
+OTHER_OPS = ("quantized", "float")
+
+
+def _other_ops(value: object, where: str) -> str:
+    if value not in OTHER_OPS:
+        raise EdgeqError(f"{where}: other_ops is {value!r}", f"use one of: {', '.join(OTHER_OPS)}")
+    return str(value)
+
+
 _KINDS: tuple[tuple[type, str], ...] = (
     (nn.Conv1d, "conv"),
     (nn.Conv2d, "conv"),
     (nn.Linear, "linear"),
+    (nn.Embedding, "embedding"),
 )
 
 
@@ -103,9 +117,16 @@ def model_layers(model: nn.Module, example_inputs: tuple | None = None) -> list[
     return layers
 
 
-def quantizable_layers(model: nn.Module, example_inputs: tuple | None = None) -> list[tuple[str, str, int]]:
-    """(name, kind, weight element count) of the layers a quantizer can take."""
-    return [(layer.name, layer.kind, layer.params) for layer in model_layers(model, example_inputs)]
+def quantizable_layers(
+    model: nn.Module, example_inputs: tuple | None = None, target: Target | None = None
+) -> list[tuple[str, str, int]]:
+    """(name, kind, weight element count) of the layers a quantizer can take (on ``target``'s menu)."""
+    kinds = target.kinds if target is not None else None
+    return [
+        (layer.name, layer.kind, layer.params)
+        for layer in model_layers(model, example_inputs)
+        if kinds is None or layer.kind in kinds
+    ]
 
 
 def uniform_plan(
@@ -119,7 +140,7 @@ def uniform_plan(
     precision = precision or target.default_precision
     spec = target.precision(precision)
     layers = []
-    for name, kind, params in quantizable_layers(model, example_inputs):
+    for name, kind, params in quantizable_layers(model, example_inputs, target):
         if kind in spec.ops:
             layers.append(LayerPlan(name, kind, precision, reason or f"uniform {precision}", params))
         else:
@@ -132,7 +153,7 @@ def uniform_plan(
 
 def validate_plan(plan: Plan, model: nn.Module, target: Target, example_inputs: tuple | None = None) -> Plan:
     """Refuse a plan that names unknown layers or precisions the target cannot run."""
-    known = {name: (kind, params) for name, kind, params in quantizable_layers(model, example_inputs)}
+    known = {name: (kind, params) for name, kind, params in quantizable_layers(model, example_inputs, target)}
     unknown = [entry.name for entry in plan.layers if entry.name not in known]
     if unknown:
         raise EdgeqError(

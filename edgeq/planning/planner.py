@@ -99,6 +99,26 @@ def make_plan(
         if why:
             locked.add(l.name)
             reason[l.name] = f"{choice[l.name]}: kept wide, {why}"
+    # A precision as small as the default that is predicted to hurt less (dynamic int8 where
+    # static int8 ranges are outlier-bound) replaces it before any narrowing.
+    for l in layers:
+        if l.name in locked:
+            continue
+        here = target.precisions[choice[l.name]]
+        same = [
+            p
+            for p in _options(l, target)
+            if target.precisions[p].weight_bytes == here.weight_bytes
+            and not target.precisions[p].is_float
+            and p in l.metric_drop
+        ]
+        best_same = min(same, key=lambda p: _drop(l, p), default=choice[l.name])
+        if _drop(l, best_same) < _drop(l, choice[l.name]):
+            reason[l.name] = (
+                f"{best_same}: as small as {choice[l.name]}, predicted {_drop(l, best_same):.2f} points "
+                f"instead of {_drop(l, choice[l.name]):.2f}"
+            )
+            choice[l.name] = best_same
     considered = [PlanPoint(size(choice), drop(choice), dict(choice))]
 
     # Too damaging even at the default: send the most sensitive layers to float. Only on
@@ -158,7 +178,9 @@ def make_plan(
             "raise --size-budget, or pick a target with narrower precisions",
         )
     for l in layers:
-        if l.name in locked or reason[l.name].startswith(choice[l.name] + ": saves"):
+        if l.name in locked or reason[l.name].startswith(
+            (choice[l.name] + ": saves", choice[l.name] + ": as small as")
+        ):
             continue
         narrower = [
             p

@@ -7,12 +7,15 @@ from typing import Any
 import torch
 
 from edgeq import upstream
+from edgeq.quant.embeddings import lower_tables, quantize_tables
 
 
 def prepare(graph: torch.fx.GraphModule, quantizer: Any, qat: bool = True) -> torch.fx.GraphModule:
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
     upstream.apply()
+    # Planned embedding tables are rounded to their grid before PT2E sees the graph (see quant.embeddings).
+    quantize_tables(graph, getattr(quantizer, "edgeq_embedding_bits", {}))
     return prepare_qat_pt2e(graph, quantizer) if qat else prepare_pt2e(graph, quantizer)
 
 
@@ -22,7 +25,9 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
     upstream.apply()
     rebind_annotations(prepared)
-    return convert_pt2e(prepared)
+    reference = convert_pt2e(prepared)
+    lower_tables(reference)
+    return reference
 
 
 def rebind_annotations(graph: torch.fx.GraphModule) -> int:
@@ -30,10 +35,13 @@ def rebind_annotations(graph: torch.fx.GraphModule) -> int:
 
     A deep copy of a prepared graph (edgeq converts copies, to keep training
     the original) keeps annotations whose input keys are the original graph's
-    nodes. convert_pt2e's PortNodeMetaForQDQ looks for a dynamically quantized
-    input's choose_qparams among the users of that key, finds none in a
-    foreign graph, and fails ("No chose qparams node found"); static inputs
-    only lose their metadata. Keys are matched by node name, which deepcopy keeps.
+    nodes, and putting a prepared graph in eval mode replaces its dropout
+    nodes, leaving keys that name no node at all. convert_pt2e's
+    PortNodeMetaForQDQ looks for a dynamically quantized input's
+    choose_qparams among the users of that key, finds none, and fails ("No
+    chose qparams node found"); static inputs only lose their metadata. Keys
+    are matched by node name, which deepcopy keeps; a key whose node is gone
+    takes the node's input (behind its fake-quant) that no other key claims.
     """
     from torchao.quantization.pt2e.quantizer.port_metadata_pass import Q_ANNOTATION_KEY
 
@@ -42,13 +50,25 @@ def rebind_annotations(graph: torch.fx.GraphModule) -> int:
     for node in graph.graph.nodes:
         annotation = node.meta.get(Q_ANNOTATION_KEY)
         qspecs = getattr(annotation, "input_qspec_map", None)
-        if not qspecs:
+        if not qspecs or all(key.graph is graph.graph for key in qspecs):
             continue
+        current = [key if key.graph is graph.graph else by_name.get(key.name) for key in qspecs]
+        free = [src for src in map(_behind_fake_quants, node.all_input_nodes) if src not in current]
         rebound = {}
-        for key, qspec in qspecs.items():
-            if key.graph is not graph.graph and key.name in by_name:
-                key = by_name[key.name]
-                moved += 1
-            rebound[key] = qspec
+        for key, found, qspec in zip(qspecs, current, qspecs.values()):
+            if found is None and free:
+                found = free.pop(0)
+            rebound[found if found is not None else key] = qspec
+            moved += found is not None and found is not key
         annotation.input_qspec_map = rebound
     return moved
+
+
+def _behind_fake_quants(node: torch.fx.Node) -> torch.fx.Node:
+    """The tensor a chain of observers/fake-quants (prepare's call_module nodes) starts from."""
+    while node.op == "call_module" and "activation_post_process" in str(node.target) and node.args:
+        source = node.args[0]
+        if not isinstance(source, torch.fx.Node):
+            break
+        node = source
+    return node

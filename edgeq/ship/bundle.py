@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeq.backends import get_backend
+from edgeq.errors import EdgeqError
 from edgeq.ship.templating import render, schema_text
 
 
@@ -23,6 +24,42 @@ def class_name(recipe_name: str) -> str:
     words = re.split(r"[^0-9A-Za-z]+", recipe_name)
     name = "".join(w[:1].upper() + w[1:] for w in words if w) or "Edgeq"
     return (name if not name[0].isdigit() else "M" + name) + "Model"
+
+
+def text_sources(manifest: dict[str, Any], package: str = "org.edgeq.generated") -> dict[str, str]:
+    """For a text model: the Kotlin class returning an embedding, and the WordPiece tokenizer it uses."""
+    text = manifest["text"]
+    if text.get("tokenizer") != "wordpiece":
+        raise EdgeqError(
+            f"the app bundle has no {text.get('tokenizer')!r} tokenizer",
+            'set the recipe\'s text["tokenizer"] to "wordpiece" (BERT-style vocab.txt)',
+        )
+    names = [i["name"] for i in manifest["inputs"]]
+    if names != ["input_ids", "attention_mask"] or any(i["dtype"] != "int64" for i in manifest["inputs"]):
+        raise EdgeqError(
+            f"a text model's program must take input_ids and attention_mask as int64, this one takes {names}",
+            "make the model's forward(input_ids, attention_mask) and the example inputs int64 token tensors",
+        )
+    common = {
+        "edgeq_version": manifest["versions"]["edgeq"],
+        "executorch_version": manifest["versions"]["executorch"],
+        "recipe": manifest["recipe"]["name"],
+        "package": package,
+        "max_length": manifest["inputs"][0]["shape"][-1],
+    }
+    name = class_name(manifest["recipe"]["name"])
+    return {
+        f"{name}.kt": render(
+            "TextModel.kt.j2",
+            name=name,
+            inputs=names,
+            lowercase=bool(text.get("lowercase", True)),
+            pooling=text.get("pooling", ""),
+            dimension=manifest["outputs"][0]["shape"][-1],
+            **common,
+        ),
+        "WordPieceTokenizer.java": render("WordPieceTokenizer.java.j2", **common),
+    }
 
 
 def kotlin_source(manifest: dict[str, Any], package: str = "org.edgeq.generated") -> str:
@@ -58,8 +95,15 @@ def kotlin_source(manifest: dict[str, Any], package: str = "org.edgeq.generated"
     )
 
 
-def write_bundle(directory: Path, program: bytes, manifest: dict[str, Any]) -> list[str]:
-    """Write bundle/ into ``directory``; returns the file names."""
+def write_bundle(directory: Path, program: bytes, manifest: dict[str, Any], vocab: bytes | None = None) -> list[str]:
+    """Write bundle/ into ``directory``; returns the file names. ``vocab``: a text model's vocab.txt."""
+    if manifest.get("text") and vocab is None:
+        raise EdgeqError("a text model's bundle needs its vocab.txt", 'set the recipe\'s text["vocab_file"]')
+    sources = (
+        text_sources(manifest)
+        if manifest.get("text")
+        else {f"{class_name(manifest['recipe']['name'])}.kt": kotlin_source(manifest)}
+    )
     directory.mkdir(parents=True, exist_ok=True)
     runtime = get_backend(manifest["target"]["backend"]).app_runtime(manifest)
     name = class_name(manifest["recipe"]["name"])
@@ -78,7 +122,8 @@ def write_bundle(directory: Path, program: bytes, manifest: dict[str, Any]) -> l
         "manifest.json": (json.dumps(manifest, indent=2) + "\n").encode(),
         "manifest.schema.json": schema_text().encode(),
         "labels.txt": ("\n".join(labels) + "\n").encode() if labels else b"",
-        f"{name}.kt": kotlin_source(manifest).encode(),
+        **{fname: text.encode() for fname, text in sources.items()},
+        **({"vocab.txt": vocab} if vocab is not None else {}),
         "dependencies.gradle": render("dependencies.gradle.j2", runtime=runtime).encode(),
         "README.md": readme.encode(),
     }

@@ -62,6 +62,7 @@ def manifest(
             for i, (shape, dtype) in enumerate(signature.outputs)
         ],
         "preprocessing": recipe.preprocessing,
+        **({"text": text_manifest(recipe.text)} if getattr(recipe, "text", None) else {}),
         "labels": recipe.labels,
         "versions": versions(),
         # Everything else that determines the program's bytes.
@@ -74,6 +75,13 @@ def manifest(
         },
         **({"program": program_notes} if program_notes else {}),
     }
+
+
+def text_manifest(text: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's tokenizer facts as the app sees them: the vocabulary is the bundle's vocab.txt."""
+    public = {key: value for key, value in text.items() if key != "vocab_file"}
+    public["vocab"] = "vocab.txt"
+    return public
 
 
 def _input_names(model: torch.nn.Module, count: int) -> list[str]:
