@@ -315,10 +315,10 @@ def _build(
     baseline = float_baseline(recipe, target, stages)
     choice = choose_plan(recipe, target, config, baseline, stages, progress)
     plan = choice.plan
-    other_ops = None
+    refined = None
     if config.plan is None and backend.plans_other_ops:
         with stages("analyze"):
-            other_ops = choose_other_ops(recipe, target, config, plan, baseline)
+            refined = refine_plan(recipe, target, config, choice, baseline)
     if config.plan is not None:
         # An edited plan may change the intermediate width (0 turns it off).
         config = dataclasses.replace(
@@ -499,8 +499,8 @@ def _build(
         warnings=backend.warnings(notes),
         latency=latency,
         fallback=fallback_report,
+        refined=refined,
     )
-    report["other_ops"] = other_ops
     write_json_atomic(output.path("report.json"), report)
     write_html(output.path("report.html"), report)
     return BuildResult(
@@ -710,32 +710,124 @@ def _vocab(recipe: Recipe) -> bytes | None:
     return path.read_bytes()
 
 
-def choose_other_ops(
-    recipe: Recipe, target: Target, config: BuildConfig, plan: Plan, baseline: FloatBaseline
+def refine_plan(
+    recipe: Recipe, target: Target, config: BuildConfig, choice: PlanChoice, baseline: FloatBaseline
 ) -> dict[str, Any]:
-    """Quantize the ops between planned layers, or leave them in float: PTQ both ways, the lower
-    held-out loss wins (sets ``plan.other_ops``).
+    """Check a plan by quantizing it (PTQ on the training batches, scored on the held-out slice)
+    and change what the measurement contradicts; sets ``choice.plan`` fields in place.
 
-    For a CNN, int8 adds and pooling keep the program in int8 at no measurable cost; a
-    transformer's residual stream and attention (adds into LayerNorm, score matmuls, softmax
-    inputs) carry outlier channels that one per-tensor scale crushes (MiniLM: cosine to float
-    0.87 with them quantized, 1.00 with only the linears quantized).
+    1. The ops between planned layers: quantized or float, the lower held-out loss wins. For a
+       CNN, int8 adds and pooling cost nothing measurable; a transformer's residual stream and
+       attention carry outlier channels that one per-tensor scale crushes (MiniLM: cosine to
+       float 0.87 with them quantized, 0.95 without, PTQ).
+    2. A planned plan's layers left at a static default move, as a group, to the same-size
+       dynamic precision of their kind when that lowers the held-out loss (the single-layer
+       predictions cannot see that static ranges fail together).
+    3. Under ``--max-drop`` (no size budget), the held-out metric of the narrowed plan is
+       measured; when it misses, the narrowest plan on the planner's own path that holds is
+       found by bisection (single-layer predictions add up; a transformer's errors compound).
     """
+    from edgeq.checks.evaluate import collect
     from edgeq.quant.qat import HeldOut, held_out_batches, schedule
 
+    plan = choice.plan
     every = schedule(recipe, config.qat).holdout
     batches = held_out_batches(recipe, every) or [
         b for _, b in zip(range(max(1, config.qat.calibration_batches)), recipe.train_data())
     ]
     teacher = baseline.model if config.qat.loss != "task" else None
     held = HeldOut(config.qat.loss, recipe, batches, teacher, "cpu")
+    measured: list[dict[str, Any]] = []
+
+    def metric(model: Any) -> float:
+        outputs, targets = collect(model, batches, select=recipe.score_output)
+        return float(recipe.metric(outputs, targets))
+
+    def measure(trial: Plan, what: str) -> dict[str, Any]:
+        reference = post_training_quantize(baseline.model, recipe, target, trial, config.qat, 2, every)
+        entry = {"what": what, "holdout_loss": held.loss(reference), "holdout_metric": metric(reference)}
+        measured.append(entry)
+        return entry
+
+    float_metric = metric(baseline.model)
     losses: dict[str, float] = {}
     for option in OTHER_OPS:
-        trial = dataclasses.replace(plan, other_ops=option)
-        reference = post_training_quantize(baseline.model, recipe, target, trial, config.qat, 2, every)
-        losses[option] = held.loss(reference)
+        losses[option] = measure(dataclasses.replace(plan, other_ops=option), f"other ops {option}")["holdout_loss"]
     plan.other_ops = min(OTHER_OPS, key=lambda option: losses[option])  # ties keep "quantized"
-    return {"chosen": plan.other_ops, "holdout_loss": losses}
+    result: dict[str, Any] = {"other_ops": {"chosen": plan.other_ops, "holdout_loss": losses}}
+    if choice.planned is None:
+        result["measured"] = measured
+        return result
+
+    default = target.precisions[target.default_precision]
+    swaps: dict[str, str] = {}
+    for entry in plan.layers:
+        if entry.precision != default.name or default.activations != "static":
+            continue
+        same = [
+            name
+            for name, spec in target.precisions.items()
+            if entry.kind in spec.ops
+            and spec.activations == "dynamic"
+            and spec.weight_bytes == default.weight_bytes
+            and spec.weight_bits >= default.weight_bits
+        ]
+        if same:
+            swaps[entry.name] = same[0]
+    current = measured[-1] if plan.other_ops == OTHER_OPS[-1] else measured[0]
+    if swaps:
+        trial = copy.deepcopy(plan)
+        for entry in trial.layers:
+            if entry.name in swaps:
+                entry.precision = swaps[entry.name]
+        swapped = measure(
+            trial, f"{len(swaps)} static {default.name} layers -> {', '.join(sorted(set(swaps.values())))}"
+        )
+        if swapped["holdout_loss"] < current["holdout_loss"]:
+            for entry in plan.layers:
+                if entry.name in swaps:
+                    entry.precision = swaps[entry.name]
+                    entry.reason = f"{swaps[entry.name]}: as small as {default.name}, lower measured held-out loss"
+            current = swapped
+        else:
+            swaps = {}
+
+    path = choice.planned.considered
+    if config.size_budget is None and float_metric - current["holdout_metric"] > config.max_drop and len(path) > 1:
+
+        def step_plan(k: int) -> Plan:
+            trial = copy.deepcopy(plan)
+            for entry in trial.layers:
+                chosen = path[k].precisions.get(entry.name, entry.precision)
+                entry.precision = swaps.get(entry.name, chosen) if chosen == default.name else chosen
+            return trial
+
+        # path[0] is the plan before any narrowing; the last step is the plan as planned.
+        low, high = 0, len(path) - 1
+        best = 0
+        while low <= high:
+            mid = (low + high) // 2
+            trial_metric = measure(step_plan(mid), f"planner step {mid} of {len(path) - 1}")["holdout_metric"]
+            if float_metric - trial_metric <= config.max_drop:
+                best, low = mid, mid + 1
+            else:
+                high = mid - 1
+        narrowed = step_plan(best)
+        kept = {e.name: e.precision for e in narrowed.layers}
+        for entry in plan.layers:
+            if kept[entry.name] != entry.precision:
+                entry.reason = (
+                    f"{kept[entry.name]}: kept wider, the measured held-out drop of the narrower plan was over "
+                    f"--max-drop {config.max_drop:g}"
+                )
+                entry.precision = kept[entry.name]
+        for point in path:
+            point.chosen = False
+        path[best].chosen = True
+        result["backed_off_to_step"] = best
+    result["float_holdout_metric"] = float_metric
+    result["measured"] = measured
+    return result
 
 
 def _calibration_inputs(recipe: Recipe, holdout: int, samples: int) -> tuple[torch.Tensor, ...]:

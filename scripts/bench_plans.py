@@ -29,6 +29,7 @@ VARIANTS = {
     "uniform int8": dict(precision="int8"),
     "uniform w4a8, intermediate 8-bit first": dict(precision="w4a8"),
     "uniform w4a8, no intermediate width": dict(precision="w4a8", intermediate_share=0.0),
+    "int8 conv + 4-bit dynamic linear (w4dyn)": dict(precision="w4dyn"),
     "planner (default, --max-drop 1)": dict(),
 }
 
@@ -77,9 +78,10 @@ def main() -> None:
             "",
             f"Machine: {machine()}. Target android (XNNPACK), {args.steps} QAT steps with adaptive ranges, seed 0; "
             "accuracy of the `.pte` in ExecuTorch's runtime and its size. On XNNPACK, 4-bit conv weights are held "
-            "in int8 (its qc4w packing is for linear layers, and mixing dynamic and static layers does not convert), so "
-            "`w4a8` buys no bytes there and the planner, which minimises size within `--max-drop`, keeps int8; its "
-            "menu on Qualcomm HTP (16a4w at half a byte per weight) is where it narrows layers.",
+            "in int8 (its qc4w packing is for linear layers), so `w4a8` buys no bytes; `w4dyn` packs a linear's "
+            "weights two per byte with activations quantized at run time, and sits beside static int8 convolutions "
+            "in one program (`--precision w4dyn`: convs stay at the int8 default). The planner picks from the whole "
+            "menu per layer within `--max-drop`.",
             "",
             table(["task", "plan", ".pte accuracy", "program bytes", "size / float", "precisions used"], rows),
         ]

@@ -125,3 +125,28 @@ def test_the_sensitivity_share_keeps_whole_batches_then_slices_one():
     kept = _share(batches, 0.3)  # 30 of 100 samples: one batch of 25 and 5 rows of the next
     assert [len(x) for x, _ in kept] == [25, 5] and [len(y) for _, y in kept] == [25, 5]
     assert sum(len(x) for x, _ in _share(batches, 0.001)) == 8  # never fewer than 8 samples
+
+
+def test_a_same_size_precision_that_hurts_less_replaces_the_default():
+    dyn = dict(MENU["int8"], activations="dynamic", ops=["linear"])
+    target = parse_target(
+        {"name": "t", "backend": "xnnpack", "default_precision": "int8", "precisions": {**MENU, "w8dyn": dyn}}, "t.toml"
+    )
+    outlier_bound = layer("attn", 1000, 3.0, 9.0)
+    outlier_bound.kind = "linear"
+    outlier_bound.metric_drop["w8dyn"] = 0.1
+    calm = layer("conv", 1000, 0.1, 0.2)
+    planned = make_plan(analysis(outlier_bound, calm), target, 8000, max_drop=1.0)
+    assert planned.plan.precision_of("attn") == "w8dyn"
+    assert "as small as int8" in planned.plan.layers[0].reason
+    assert planned.plan.precision_of("conv") == "w4"  # 0.1 + 0.2 fits; the conv still narrows
+
+
+def test_plan_other_ops_round_trips_and_is_checked(tmp_path):
+    from edgeq.planning.plan import Plan
+
+    plan = Plan(target="android", other_ops="float")
+    plan.save(tmp_path / "plan.json")
+    assert Plan.load(tmp_path / "plan.json").other_ops == "float"
+    with pytest.raises(EdgeqError, match="other_ops is 'int4'.*use one of: quantized, float"):
+        Plan.from_dict({"target": "android", "layers": [], "other_ops": "int4"})

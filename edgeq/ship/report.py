@@ -120,6 +120,7 @@ def build_report(
     warnings: list[str] | None = None,
     latency: dict[str, Any] | None = None,
     fallback: dict[str, Any] | None = None,
+    refined: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     delegation = lowered.delegation
     return {
@@ -161,6 +162,10 @@ def build_report(
             "by_op": {op: {"delegated": d, "outside": o} for op, (d, o) in delegation.by_op.items()},
         },
         "plan": [asdict(layer) for layer in plan.layers],
+        #: ops between planned layers: quantized or float, and the held-out losses that decided it
+        "other_ops": {"chosen": plan.other_ops, **((refined or {}).get("other_ops") or {})},
+        #: the plan quantized (PTQ) and measured on the held-out slice before training, and what changed
+        "plan_checks": refined,
         "qat": {
             "config": config.qat.to_dict(),
             "steps": qat_report.steps,

@@ -1,0 +1,175 @@
+"""A pretrained transformer on android: all-MiniLM-L6-v2 through edgeq, precision by precision, side by side.
+
+In one run on one machine, every row an ``edgeq build --target android`` of the MiniLM
+example recipe (``pip install -e '.[text]'``), its .pte run in executorch.runtime on the
+256 held-out sentences:
+
+- float: the lowered float program (size and latency base);
+- uniform precisions (``--precision``): int8 (static activations), w8dyn (8-bit weights,
+  dynamic int8 activations), w4dyn (4-bit weights, dynamic activations, 4-bit embedding rows);
+- the planner at ``--max-drop 1`` and at ``--size-budget 0.18``;
+- adaptive ranges against PT2E's moving-average (``ema``) ranges: the QAT candidate of the
+  w4dyn build, both ways.
+
+Columns: program bytes / float program, mean cosine of the program's embeddings to the float
+model's, nearest-neighbour retrieval agreement with float (each held-out sentence's nearest
+other sentence), host latency / float program (median of 20 calls, 2 threads).
+
+    python scripts/bench_transformer.py [--rows ...] [--reuse] [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_report import machine, table, write_section  # noqa: E402
+from bench_runtime import latency  # noqa: E402
+
+from edgeq.configs import BuildConfig, QATConfig  # noqa: E402
+from edgeq.errors import AccuracyError  # noqa: E402
+
+ROWS = {
+    "int8": {"precision": "int8"},
+    "w8dyn": {"precision": "w8dyn"},
+    "w4dyn": {"precision": "w4dyn"},
+    "planner --max-drop 1": {},
+    "planner --size-budget 0.18": {"size_budget": 0.18},
+    "w4dyn, ema ranges": {"precision": "w4dyn", "ranges": "ema"},
+}
+
+
+def program_embeddings(program: bytes, recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    from edgeq.backends import get_backend
+
+    runner = get_backend("xnnpack").runner(program)
+    got, want = [], []
+    with torch.no_grad():
+        for (ids, mask), target in recipe.eval_data():
+            got.append(runner(ids, mask))
+            want.append(target)
+    return torch.cat(got), torch.cat(want)
+
+
+def run_row(recipe, name: str, settings: dict, out: Path, epochs: int) -> dict:
+    from edgeq.examples import minilm
+    from edgeq.pipeline import build
+    from edgeq.quant.configs import RangeConfig
+
+    ranges = settings.pop("ranges", "adaptive")
+    qat = QATConfig(epochs=epochs, ranges=RangeConfig(mode=ranges))
+    # Uniform rows are measured, not gated: no accuracy fallback, whatever they reach.
+    settings.setdefault("max_drop", 100.0 if "precision" in settings else 1.0)
+    start = time.perf_counter()
+    try:
+        build(recipe, BuildConfig(out=out, qat=qat, debug_program=False, **settings))
+    except AccuracyError:
+        pass  # the artifacts stay; the row shows what it reached
+    wall = time.perf_counter() - start
+    report = json.loads((out / "report.json").read_text())
+    program = (out / "model.pte").read_bytes()
+    embeddings, reference = program_embeddings(program, recipe)
+    plan = json.loads((out / "plan.json").read_text())
+    mix: dict[str, int] = {}
+    for layer in plan["layers"]:
+        key = f"{layer['kind']} {layer['precision']}"
+        mix[key] = mix.get(key, 0) + 1
+    return {
+        "row": name,
+        "bytes": len(program),
+        "cosine": float(torch.nn.functional.cosine_similarity(embeddings, reference).mean()),
+        "retrieval": minilm.retrieval_agreement(embeddings, reference),
+        "latency_s": latency(program, recipe.example_inputs(), 2, 20),
+        "accuracy": report["accuracy"],
+        "other_ops": plan.get("other_ops"),
+        "mix": mix,
+        "timings": report["timings"],
+        "wall_seconds": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="*", default=list(ROWS), help=f"of: {', '.join(ROWS)}")
+    parser.add_argument("--epochs", type=int, default=2, help="QAT passes over the 240 training sentences")
+    parser.add_argument("--reuse", action="store_true", help="keep other rows from scripts/bench_transformer.json")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    from edgeq import upstream
+    from edgeq.lower import lower_float
+    from edgeq.recipe import load_recipe
+    from edgeq.targets import load_target
+
+    upstream.register_quantized_embedding_ops()
+    recipe = load_recipe("edgeq.examples.minilm")
+    model = recipe.model().eval()
+    example = recipe.example_inputs()
+    saved = Path(__file__).with_name("bench_transformer.json")
+    details = json.loads(saved.read_text()) if args.reuse and saved.exists() else {}
+    float_program = lower_float(model, example, load_target("android"))
+    details["float"] = {
+        "bytes": len(float_program),
+        "latency_s": latency(float_program, example, 2, 20),
+        "weights": sum(p.numel() for p in model.parameters()),
+        "sentences": sum(len(t) for _, t in recipe.eval_data()),
+        "machine": machine(),
+    }
+    for name in args.rows:
+        with tempfile.TemporaryDirectory() as tmp:
+            details[name] = run_row(recipe, name, dict(ROWS[name]), Path(tmp) / "out", args.epochs)
+            details[name]["measured"] = time.strftime("%Y-%m-%d %H:%M")
+        print(name, json.dumps({k: details[name][k] for k in ("bytes", "cosine", "retrieval", "mix")}), flush=True)
+        if not args.no_write:
+            saved.write_text(json.dumps(details, indent=1, default=str))
+    base = details["float"]
+    rows = [["float", "1.000x", "1.0000", "100.0%", "1.00x", "-", "-", "-"]]
+    for name in ROWS:
+        if name not in details:
+            continue
+        d = details[name]
+        cand = d["accuracy"].get("candidates", {})
+        rows.append(
+            [
+                name,
+                f"{d['bytes'] / base['bytes']:.3f}x",
+                f"**{d['cosine']:.4f}**",
+                f"{d['retrieval']:.1f}%",
+                f"{d['latency_s'] / base['latency_s']:.2f}x",
+                ", ".join(f"{v} {k}" for k, v in sorted(d["mix"].items())) + f"; other ops {d['other_ops']}",
+                " / ".join(f"{k} {v['metric']:.2f}" for k, v in cand.items() if v.get("metric") is not None)
+                + f" -> {d['accuracy'].get('shipped')}",
+                f"{d['wall_seconds'] / 60:.1f} min",
+            ]
+        )
+    header = [
+        "build",
+        "program / float",
+        "cosine to float (.pte)",
+        "retrieval agreement",
+        "latency / float",
+        "plan (layers: kind precision)",
+        "candidates' cosine x100 (reference) -> shipped",
+        "build time",
+    ]
+    body = (
+        "## Transformer on android: all-MiniLM-L6-v2 (scripts/bench_transformer.py)\n\n"
+        f"all-MiniLM-L6-v2 ({base['weights'] / 1e6:.1f}M weights, sequence 128, inputs input_ids + attention_mask), "
+        f"float program {base['bytes']:,} bytes; {base['sentences']} held-out sentences (the example recipe's "
+        f"standard-library docstring text), .pte in executorch.runtime. QAT {args.epochs} passes by distillation. "
+        f"Machine: {base['machine']}.\n\n" + table(header, rows)
+    )
+    if not args.no_write:
+        write_section("Transformer on android (all-MiniLM-L6-v2)", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
