@@ -34,6 +34,8 @@ class Precision:
     weight_bytes: float
     #: backend-specific name (e.g. a QnnQuantizer QuantDtype); empty for xnnpack
     backend_dtype: str = ""
+    #: weights quantized in groups of this many input channels, one scale per group (0: per channel)
+    group_size: int = 0
 
     @property
     def is_float(self) -> bool:
@@ -123,6 +125,12 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
         for key, bits in (("weight_bits", wbits), ("activation_bits", abits)):
             if bits not in (2, 4, 8, 16, 32):
                 raise EdgeqError(f"{pwhere}: field '{key}' is {bits}", "use 2, 4, 8, 16 or 32")
+        group_size = int(table.get("group_size", 0))
+        if group_size < 0 or (group_size and (ops != ["linear"] or activations != "dynamic")):
+            raise EdgeqError(
+                f"{pwhere}: group_size {group_size} needs a dynamic precision for linear layers only",
+                'set ops = ["linear"] and activations = "dynamic", or drop group_size',
+            )
         wbytes = float(_need(table, "weight_bytes", (int, float), pwhere))
         if wbytes <= 0:
             raise EdgeqError(f"{pwhere}: field 'weight_bytes' must be positive", "fix the target file")
@@ -135,6 +143,7 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
             ops=tuple(ops),
             weight_bytes=wbytes,
             backend_dtype=str(table.get("backend_dtype", "")),
+            group_size=group_size,
         )
     default = _need(data, "default_precision", str, where)
     if default not in precisions:

@@ -6,7 +6,8 @@ example recipe (``pip install -e '.[text]'``), its .pte run in executorch.runtim
 
 - float: the lowered float program (size and latency base);
 - uniform precisions (``--precision``): int8 (static activations), w8dyn (8-bit weights,
-  dynamic int8 activations), w4dyn (4-bit weights, dynamic activations, 4-bit embedding rows);
+  dynamic int8 activations), w4dyn (4-bit weights per channel, dynamic activations, 4-bit embedding
+  rows), w4g32 (4-bit weights in groups of 32 input channels, dynamic activations);
 - the planner at ``--max-drop 1`` and at ``--size-budget 0.18``;
 - adaptive ranges against PT2E's moving-average (``ema``) ranges: the QAT candidate of the
   w4dyn build, both ways.
@@ -41,6 +42,7 @@ ROWS = {
     "int8": {"precision": "int8"},
     "w8dyn": {"precision": "w8dyn"},
     "w4dyn": {"precision": "w4dyn"},
+    "w4g32": {"precision": "w4g32"},
     "planner --max-drop 1": {},
     "planner --size-budget 0.18": {"size_budget": 0.18},
     "w4dyn, ema ranges": {"precision": "w4dyn", "ranges": "ema"},

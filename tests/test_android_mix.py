@@ -7,6 +7,7 @@ convert, ExecuTorch lowering with the XNNPACK delegate, executorch.runtime.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -136,3 +137,72 @@ def test_converting_a_copy_needs_its_annotations_rebound(setup):
     with pytest.raises(Exception, match="PortNodeMetaForQDQ"):
         convert_pt2e(copy.deepcopy(prepared))
     assert convert(copy.deepcopy(prepared)) is not None
+
+
+class Wide(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(128, 256)
+        self.fc2 = nn.Linear(256, 96)
+        self.odd = nn.Linear(96, 10)  # 96 input channels: groups of 64 do not fit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.odd(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def test_groupwise_4bit_linears_train_convert_and_run_as_simulated():
+    torch.manual_seed(0)
+    model = Wide().eval()
+    gen = torch.Generator().manual_seed(2)
+    data = [(torch.randn(16, 128, generator=gen), torch.randint(0, 10, (16,), generator=gen)) for _ in range(4)]
+    recipe = Recipe(
+        name="wide",
+        model=lambda: copy.deepcopy(model),
+        example_inputs=lambda: (torch.zeros(1, 128),),
+        train_data=lambda: data,
+        eval_data=lambda: data[:2],
+    )
+    target = load_target("android")
+    plan = uniform_plan(model, target, "w4g32", example_inputs=recipe.example_inputs())
+    config = QATConfig(steps=6, calibration_batches=2, checkpoint_every=0, lr=1e-2, loss="task", patience=0)
+    graph = capture(copy.deepcopy(model), recipe.example_inputs())
+    prepared = prepare(graph, build_quantizer(plan, target, ranges=config.ranges))
+    before = prepared.fc1.weight.detach().clone()
+    run_qat(prepared, recipe, config)
+    assert not torch.equal(prepared.fc1.weight, before), "the groupwise weights did not train"
+    reference = convert(copy.deepcopy(prepared))
+    simulated = to_eval(prepared)
+    ops = [str(n.target) for n in reference.graph.nodes if n.op == "call_function"]
+    assert ops.count("quantized_decomposed.dequantize_per_channel_group.default") == 3
+    x = torch.cat([b[0] for b in data[:2]])
+    with torch.no_grad():
+        assert sqnr_db(reference(x), simulated(x)) >= 40.0  # one grid: the same weights in both
+    lowered = lower(reference, recipe.example_inputs(), target)
+    with torch.no_grad():
+        assert sqnr_db(reference(x[:1]), get_backend("xnnpack").runner(lowered.program)(x[:1])) >= 30.0
+    float_bytes = len(lower_float(model, recipe.example_inputs(), target))
+    predicted = weight_bytes(plan, target) + float_bytes - 4.0 * sum(e.params for e in plan.layers)
+    assert abs(len(lowered.program) - predicted) / len(lowered.program) < 0.05, (len(lowered.program), predicted)
+
+
+def test_a_group_size_that_does_not_divide_the_layer_is_refused():
+    model = Wide().eval()
+    target = load_target("android")
+    spec = target.precisions["w4g32"]
+    wide_groups = dataclasses.replace(spec, name="w4g64", group_size=64)
+    target = dataclasses.replace(target, precisions={**target.precisions, "w4g64": wide_groups})
+    plan = uniform_plan(model, target, "w8dyn", example_inputs=(torch.zeros(1, 128),))
+    plan.layers[-1].precision = "w4g64"
+    with pytest.raises(EdgeqError, match="'odd' precision 'w4g64' .groups of 64 input channels., but its 96 input"):
+        validate_plan(plan, model, target, (torch.zeros(1, 128),))
+
+
+def test_an_xnnpack_group_size_off_its_multiple_is_refused():
+    from edgeq.targets import parse_target
+
+    menu = {
+        "int8": {"weight_bits": 8, "activation_bits": 8, "activations": "static", "ops": ["linear"], "weight_bytes": 1}
+    }
+    menu["w4g48"] = {**menu["int8"], "weight_bits": 4, "activations": "dynamic", "group_size": 48, "weight_bytes": 0.6}
+    with pytest.raises(EdgeqError, match="group_size 48 .* multiple of 32"):
+        parse_target({"name": "t", "backend": "xnnpack", "default_precision": "int8", "precisions": menu}, "t.toml")

@@ -59,6 +59,12 @@ def build_quantizer(plan: Plan, target: Target, qat: bool = True, ranges: RangeC
 
     quantizer = get_backend(target.backend).quantizer(plan, target, qat, ranges or RangeConfig())
     # Embedding tables are quantized by edgeq itself, whatever the backend (see edgeq.quant.embeddings).
+    # So are groupwise linear weights (see edgeq.quant.groupwise); the backend quantizes their inputs.
+    quantizer.edgeq_groupwise = {
+        entry.name: (target.precisions[entry.precision].group_size, target.precisions[entry.precision].weight_bits)
+        for entry in plan.layers
+        if target.precisions[entry.precision].group_size
+    }
     quantizer.edgeq_embedding_bits = {
         entry.name: target.precisions[entry.precision].weight_bits
         for entry in plan.layers

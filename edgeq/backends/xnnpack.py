@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -9,6 +10,7 @@ import torch
 
 from edgeq import upstream
 from edgeq.backends.base import AppRuntime, Backend
+from edgeq.errors import EdgeqError
 from edgeq.graph import layer_owners, sentinel_nodes
 from edgeq.quant.configs import RangeConfig, swap_fake_quants, weight_range
 
@@ -33,6 +35,9 @@ def xnnpack_config(precision: Precision, qat: bool, ranges: RangeConfig) -> Any:
     config = get_symmetric_quantization_config(
         is_per_channel=True, is_qat=qat, is_dynamic=dynamic, weight_qmin=wmin, weight_qmax=wmax
     )
+    if precision.group_size:
+        # PT2E has no groupwise weight spec: edgeq quantizes these weights (edgeq.quant.groupwise).
+        config = dataclasses.replace(config, weight=None)
     return swap_fake_quants(config, qat, ranges)
 
 
@@ -129,6 +134,17 @@ class XnnpackBackend(Backend):
     title = "XNNPACK"
     plans_other_ops = True
 
+    def check_target(self, data: dict[str, Any], precisions: dict[str, Precision], where: str) -> None:
+        from edgeq.quant.groupwise import GROUP_MULTIPLE, RANGES
+
+        for name, spec in precisions.items():
+            if spec.group_size and (spec.group_size % GROUP_MULTIPLE or spec.weight_bits not in RANGES):
+                raise EdgeqError(
+                    f"{where}: precisions.{name} has group_size {spec.group_size} at {spec.weight_bits}-bit weights; "
+                    f"XNNPACK runs groups of a multiple of {GROUP_MULTIPLE} input channels at 4 bits only",
+                    f"use group_size = {GROUP_MULTIPLE}, 64 or 128 with weight_bits = 4",
+                )
+
     def quantizer(self, plan: Plan, target: Target, qat: bool, ranges: RangeConfig) -> Any:
         """One quantizer for the static layers, and one before it for dynamically quantized ones.
 
@@ -184,5 +200,9 @@ class XnnpackBackend(Backend):
         version = manifest["versions"]["executorch"]
         return AppRuntime(
             gradle=(f"{GRADLE_ARTIFACT}:{version}",),
-            note=f"ExecuTorch Android runtime matching the exporter (executorch {version}); XNNPACK is built in.",
+            note=(
+                f"ExecuTorch Android runtime matching the exporter (executorch {version}); XNNPACK is built in, "
+                "and so (per ExecuTorch's Android documentation) are its portable and quantized kernels, which run "
+                "what stays outside the delegate, quantized embedding lookups included."
+            ),
         )

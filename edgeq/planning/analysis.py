@@ -93,8 +93,13 @@ def _sqnr(x: torch.Tensor, q: torch.Tensor) -> float:
     return float(10 * torch.log10(x.double().pow(2).mean() / noise))
 
 
-def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel symmetric fake-quantization, as the targets' quantizers do."""
+def fake_quant_weight(w: torch.Tensor, bits: int, group: int = 0) -> torch.Tensor:
+    """Per-output-channel (or per group of ``group`` input channels) symmetric fake-quantization,
+    as the targets' quantizers do."""
+    if group:
+        from edgeq.quant.groupwise import fake_quant_groups
+
+        return fake_quant_groups(w.detach().float().flatten(1), group, bits).reshape(w.shape)
     top = 2 ** (bits - 1) - 1
     absmax = w.detach().flatten(1).abs().amax(1).clamp(min=2**-12)
     scale = absmax / top
@@ -297,7 +302,9 @@ def analyze(
         for pname in unscored:
             skipped[pname] = f"saves no bytes over {target.default_precision}"
         for pname, spec in variants.items():
-            entry.weight_sqnr[pname] = round(_sqnr(w, fake_quant_weight(w, spec.weight_bits)), 3)
+            if spec.group_size and w.flatten(1).shape[1] % spec.group_size:
+                continue  # its input channels do not split into groups: the planner cannot pick it
+            entry.weight_sqnr[pname] = round(_sqnr(w, fake_quant_weight(w, spec.weight_bits, spec.group_size)), 3)
             if spec.activations == "static" and not lookup:
                 entry.act_sqnr[pname] = round(_sqnr(acts, fake_quant_act(acts, lo, hi, spec.activation_bits)), 3)
             loss, metric = _layer_alone(model, module, weights_of[name], recipe, sensitivity, spec, lo, hi)
@@ -333,7 +340,7 @@ def _layer_alone(
     """Loss and metric with only ``module`` quantized (its weights and its input)."""
     originals = [weight.data.clone() for weight in weights]
     for weight, original in zip(weights, originals):
-        weight.data = fake_quant_weight(original, spec.weight_bits)
+        weight.data = fake_quant_weight(original, spec.weight_bits, spec.group_size)
 
     def quantize_input(mod, args):
         x = args[0]

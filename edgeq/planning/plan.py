@@ -160,6 +160,7 @@ def validate_plan(plan: Plan, model: nn.Module, target: Target, example_inputs: 
             f"plan names unknown layers: {', '.join(unknown)}",
             f"valid layers are: {', '.join(known)}",
         )
+    channels: dict[str, int] | None = None
     for entry in plan.layers:
         if entry.precision not in target.precisions:
             raise EdgeqError(
@@ -176,6 +177,17 @@ def validate_plan(plan: Plan, model: nn.Module, target: Target, example_inputs: 
                 f"which {target.name} runs only for {', '.join(spec.ops)} layers",
                 f"use one of: {', '.join(valid)}",
             )
+        if spec.group_size:
+            if channels is None:
+                channels = _input_channels(model, example_inputs)
+            inputs = channels.get(entry.name, 0)
+            if inputs % spec.group_size:
+                fits = [p for p, s in target.precisions.items() if kind in s.ops and inputs % max(s.group_size, 1) == 0]
+                raise EdgeqError(
+                    f"plan gives layer '{entry.name}' precision '{entry.precision}' (groups of {spec.group_size} "
+                    f"input channels), but its {inputs} input channels do not split into such groups",
+                    f"use one of: {', '.join(fits)}",
+                )
         entry.kind, entry.params = kind, known[entry.name][1]
     # Layers the plan leaves out keep the target's default, and say so.
     named = {entry.name for entry in plan.layers}
@@ -187,6 +199,15 @@ def validate_plan(plan: Plan, model: nn.Module, target: Target, example_inputs: 
     if plan.target != target.name:
         plan.target = target.name
     return plan
+
+
+def _input_channels(model: nn.Module, example_inputs: tuple | None) -> dict[str, int]:
+    """Layer name -> input channels of its (first) weight."""
+    return {
+        found.name: int(model.get_parameter(found.weights[0]).flatten(1).shape[1])
+        for found in model_layers(model, example_inputs)
+        if found.weights
+    }
 
 
 def weight_bytes(plan: Plan, target: Target) -> float:

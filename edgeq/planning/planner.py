@@ -46,7 +46,14 @@ def _drop(layer: LayerAnalysis, precision: str) -> float:
 
 
 def _options(layer: LayerAnalysis, target: Target) -> list[str]:
-    return [name for name, p in target.precisions.items() if layer.kind in p.ops]
+    # A precision the analysis did not score for this layer (groups that do not divide its
+    # input channels) is not an option; the default and float always are.
+    return [
+        name
+        for name, p in target.precisions.items()
+        if layer.kind in p.ops
+        and (name == target.default_precision or p.is_float or name in layer.metric_drop or not layer.metric_drop)
+    ]
 
 
 def _outlier(layer: LayerAnalysis, outlier_ratio: float, channel_spread: float) -> str:

@@ -8,6 +8,7 @@ import torch
 
 from edgeq import upstream
 from edgeq.quant.embeddings import lower_tables, quantize_tables
+from edgeq.quant.groupwise import insert_fake_quants, lower_groups
 
 
 def prepare(graph: torch.fx.GraphModule, quantizer: Any, qat: bool = True) -> torch.fx.GraphModule:
@@ -16,7 +17,9 @@ def prepare(graph: torch.fx.GraphModule, quantizer: Any, qat: bool = True) -> to
     upstream.apply()
     # Planned embedding tables are rounded to their grid before PT2E sees the graph (see quant.embeddings).
     quantize_tables(graph, getattr(quantizer, "edgeq_embedding_bits", {}))
-    return prepare_qat_pt2e(graph, quantizer) if qat else prepare_pt2e(graph, quantizer)
+    prepared = prepare_qat_pt2e(graph, quantizer) if qat else prepare_pt2e(graph, quantizer)
+    insert_fake_quants(prepared, getattr(quantizer, "edgeq_groupwise", {}))
+    return prepared
 
 
 def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -27,6 +30,7 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     rebind_annotations(prepared)
     reference = convert_pt2e(prepared)
     lower_tables(reference)
+    lower_groups(reference)
     return reference
 
 

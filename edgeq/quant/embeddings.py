@@ -23,6 +23,7 @@ import torch
 
 from edgeq import upstream
 from edgeq.graph import layer_owners
+from edgeq.quant.groupwise import drop_unused_attributes
 
 #: graph.meta key: get_attr target of a quantized table -> (bits, per-row scales)
 TABLES = "edgeq_embedding_tables"
@@ -128,7 +129,5 @@ def lower_tables(reference: torch.fx.GraphModule) -> int:
         node.replace_all_uses_with(lookup)
         reference.graph.erase_node(node)
         swapped += 1
-    reference.graph.eliminate_dead_code()
-    reference.delete_all_unused_submodules()
-    reference.recompile()
+    drop_unused_attributes(reference)
     return swapped
