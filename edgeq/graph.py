@@ -73,6 +73,14 @@ def sentinel_nodes(graph: torch.fx.GraphModule) -> set[torch.fx.Node]:
     return found
 
 
+def attr_tensor(graph: torch.fx.GraphModule, target: str) -> torch.Tensor:
+    """The parameter or buffer a get_attr node names."""
+    try:
+        return graph.get_parameter(target)
+    except AttributeError:
+        return graph.get_buffer(target)
+
+
 def call_names(graph: torch.fx.GraphModule) -> set[str]:
     """The targets of a graph's call_function nodes, as strings."""
     return {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}

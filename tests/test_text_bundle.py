@@ -101,12 +101,10 @@ def test_generated_tokenizer_matches_a_wordpiece_tokenizer(tmp_path, sentences):
     if shutil.which("javac") is None:
         pytest.skip("no JDK (javac) on this machine")
     from tokenizers import BertWordPieceTokenizer
+    from wordpiece import learn_vocab
 
     # A WordPiece vocabulary learned here from real text (the standard library's docstrings).
-    trainer = BertWordPieceTokenizer(lowercase=True)
-    trainer.train_from_iterator(sentences, vocab_size=3000, min_frequency=2)
-    trainer.save_model(str(tmp_path), "small")
-    vocab = tmp_path / "small-vocab.txt"
+    vocab = learn_vocab(sentences, tmp_path, 3000)
     reference = BertWordPieceTokenizer(str(vocab), lowercase=True)
     reference.enable_truncation(MAX_LENGTH)
 

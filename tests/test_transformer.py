@@ -29,15 +29,12 @@ SEQ = 32
 def text_recipe(tmp_path_factory):
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertConfig, BertModel
+    from wordpiece import learn_vocab
 
     from edgeq.examples import minilm
 
     sentences = list(minilm.sentences())[:320]
-    folder = tmp_path_factory.mktemp("vocab")
-    trainer = BertWordPieceTokenizer(lowercase=True)
-    trainer.train_from_iterator(sentences, vocab_size=1200, min_frequency=2)
-    trainer.save_model(str(folder), "tiny")
-    vocab = folder / "tiny-vocab.txt"
+    vocab = learn_vocab(sentences, tmp_path_factory.mktemp("vocab"), 1200)
     tokenizer = BertWordPieceTokenizer(str(vocab), lowercase=True)
     tokenizer.enable_truncation(SEQ)
     tokenizer.enable_padding(length=SEQ)

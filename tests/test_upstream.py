@@ -64,3 +64,17 @@ def test_no_module_outside_upstream_assigns_to_an_upstream_attribute(repo_root):
             if re.match(r"\s*(xnn|utils|qat_utils|module|cls|qnn_sdk_setup)\.\w+\s*=[^=]", line):
                 offenders.append(f"{path.name}:{number}: {line.strip()}")
     assert not offenders
+
+
+def test_quantized_embedding_ops_are_still_where_edgeq_registers_them():
+    import torch
+
+    upstream.register_quantized_embedding_ops()
+    weight = torch.tensor([[1, -2], [3, 4]], dtype=torch.int8)
+    scales = torch.tensor([0.5, 0.25])
+    ids = torch.tensor([1, 0])
+    out = torch.ops.quantized_decomposed.embedding_byte.default(weight, scales, None, -128, 127, ids)
+    assert torch.equal(out, torch.tensor([[0.75, 1.0], [0.5, -1.0]]))
+    packed = torch.tensor([[(1 + 8) << 4 | (-2 + 8)]], dtype=torch.uint8)
+    out4 = torch.ops.quantized_decomposed.embedding_4bit.default(packed, torch.tensor([2.0]), None, -8, 7, ids[:1] * 0)
+    assert torch.equal(out4, torch.tensor([[2.0, -4.0]]))

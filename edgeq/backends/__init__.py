@@ -58,16 +58,20 @@ def build_quantizer(plan: Plan, target: Target, qat: bool = True, ranges: RangeC
     from edgeq.quant.configs import RangeConfig
 
     quantizer = get_backend(target.backend).quantizer(plan, target, qat, ranges or RangeConfig())
-    # Embedding tables are quantized by edgeq itself, whatever the backend (see edgeq.quant.embeddings).
-    # So are groupwise linear weights (see edgeq.quant.groupwise); the backend quantizes their inputs.
-    quantizer.edgeq_groupwise = {
+    # Embedding tables and groupwise linear weights are quantized by edgeq itself, whatever the
+    # backend (edgeq.quant.embeddings, edgeq.quant.groupwise); prepare() reads these from the quantizer.
+    groupwise = {
         entry.name: (target.precisions[entry.precision].group_size, target.precisions[entry.precision].weight_bits)
         for entry in plan.layers
         if target.precisions[entry.precision].group_size
     }
-    quantizer.edgeq_embedding_bits = {
+    tables = {
         entry.name: target.precisions[entry.precision].weight_bits
         for entry in plan.layers
         if entry.kind == "embedding" and not target.precisions[entry.precision].is_float
     }
+    if groupwise:
+        quantizer.edgeq_groupwise = groupwise
+    if tables:
+        quantizer.edgeq_embedding_bits = tables
     return quantizer

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from edgeq import upstream
-from edgeq.graph import layer_owners
+from edgeq.graph import attr_tensor, layer_owners
 from edgeq.quant.groupwise import drop_unused_attributes
 
 #: graph.meta key: get_attr target of a quantized table -> (bits, per-row scales)
@@ -68,7 +68,7 @@ def quantize_tables(graph: torch.fx.GraphModule, layer_bits: dict[str, int]) -> 
         if target in tables:
             continue
         bits = layer_bits[owners[node]]
-        weight = graph.get_parameter(target) if _is_parameter(graph, target) else graph.get_buffer(target)
+        weight = attr_tensor(graph, target)
         scales = row_scales(weight, bits)
         grid = quantize_rows(weight, scales, bits).float() * scales[:, None]
         module_path, _, attr = target.rpartition(".")
@@ -78,14 +78,6 @@ def quantize_tables(graph: torch.fx.GraphModule, layer_bits: dict[str, int]) -> 
         done[target] = bits
     graph.meta[TABLES] = tables
     return done
-
-
-def _is_parameter(graph: torch.fx.GraphModule, target: str) -> bool:
-    try:
-        graph.get_parameter(target)
-        return True
-    except AttributeError:
-        return False
 
 
 def pack_4bit(q: torch.Tensor) -> torch.Tensor:
@@ -108,7 +100,7 @@ def lower_tables(reference: torch.fx.GraphModule) -> int:
         if target not in tables:
             continue
         bits, scales = tables[target]
-        weight = reference.get_parameter(target) if _is_parameter(reference, target) else reference.get_buffer(target)
+        weight = attr_tensor(reference, target)
         q = quantize_rows(weight, scales, bits)
         if bits == 4:
             if q.shape[1] % 2:

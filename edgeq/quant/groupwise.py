@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from edgeq.graph import layer_owners
+from edgeq.graph import attr_tensor, layer_owners
 
 #: graph.meta key: layer name -> (group size, bits) for the layers quantized here
 GROUPS = "edgeq_groupwise"
@@ -102,7 +102,7 @@ def lower_groups(reference: torch.fx.GraphModule) -> int:
         source, group, bits = node.args
         assert isinstance(source, torch.fx.Node)
         target = str(source.target)
-        weight = reference.get_parameter(target) if _is_parameter(reference, target) else reference.get_buffer(target)
+        weight = attr_tensor(reference, target)
         scales = group_scales(weight, group, bits)
         q = quantize_groups(weight.detach(), scales, group, bits).to(torch.int8)
         stem = target.replace(".", "_")
@@ -136,11 +136,3 @@ def drop_unused_attributes(graph: torch.fx.GraphModule) -> None:
             delattr(owner, attr)
     graph.delete_all_unused_submodules()
     graph.recompile()
-
-
-def _is_parameter(graph: torch.fx.GraphModule, target: str) -> bool:
-    try:
-        graph.get_parameter(target)
-        return True
-    except AttributeError:
-        return False
