@@ -119,7 +119,8 @@ def test_plan_json_round_trips(digits_build):
 
     plan = Plan.load(digits_build.out_dir / "plan.json")
     assert [l.name for l in plan.layers] == [l.name for l in digits_build.plan.layers]
-    assert {l.precision for l in plan.layers} == {"int8"}
+    assert [l.precision for l in plan.layers] == [l.precision for l in digits_build.plan.layers]
+    assert plan.other_ops == digits_build.plan.other_ops
 
 
 USER_RECIPE = '''
