@@ -600,6 +600,19 @@ def accuracy_fallback(
             calibration = _calibration_inputs(recipe, every, config.bias_correction_samples)
         best: tuple[builtins.float, Plan, torch.fx.GraphModule, Evaluation] | None = None
         steps: list[dict[str, Any]] = []
+        if config.size_budget is not None:
+            # --size-budget is a hard limit: only layers whose float weights still fit it may fall back.
+            budget = config.size_budget * baseline.program_bytes if config.size_budget <= 1 else config.size_budget
+            overhead = baseline.program_bytes - 4.0 * sum(e.params for e in current.layers)
+            room = budget - overhead - weight_bytes(current, target)
+            fits = []
+            for layer in ranking:
+                entry = next(e for e in current.layers if e.name == layer)
+                extra = entry.params * (4.0 - target.precisions[entry.precision].weight_bytes)
+                if extra <= room:
+                    fits.append(layer)
+                    room -= extra
+            ranking = fits
         for layer in ranking[: config.fallback_layers]:
             entry = next(e for e in current.layers if e.name == layer)
             float_name = next(n for n in floats if entry.kind in target.precisions[n].ops)
