@@ -8,7 +8,7 @@ example recipe (``pip install -e '.[text]'``), its .pte run in executorch.runtim
 - uniform precisions (``--precision``): int8 (static activations), w8dyn (8-bit weights,
   dynamic int8 activations), w4dyn (4-bit weights per channel, dynamic activations, 4-bit embedding
   rows), w4g32 (4-bit weights in groups of 32 input channels, dynamic activations);
-- the planner at ``--max-drop 1`` and at ``--size-budget 0.18``;
+- the planner at ``--max-drop 1`` and at ``--size-budget 0.175``;
 - adaptive ranges against PT2E's moving-average (``ema``) ranges: the QAT candidate of the
   w4dyn build, both ways.
 
@@ -44,12 +44,28 @@ ROWS = {
     "w4dyn": {"precision": "w4dyn"},
     "w4g32": {"precision": "w4g32"},
     "planner --max-drop 1": {},
-    "planner --size-budget 0.18": {"size_budget": 0.18},
+    # 0.175: the planner counts weights, not the ~2% of per-channel scales and biases on top (see android.toml)
+    "planner --size-budget 0.175": {"size_budget": 0.175},
     "w4dyn, ema ranges": {"precision": "w4dyn", "ranges": "ema"},
 }
 
 
-READING = """Reading it: (filled in from the measured rows)"""
+READING = """Reading it:
+
+- Static per-tensor int8 does not hold a transformer: one scale per activation tensor over outlier channels
+  (and, before edgeq kept it float, over the attention mask's dtype-minimum) loses 3 points of cosine. The
+  same bytes with activations quantized at run time per row (`w8dyn`, XNNPACK's qd8 kernels) keep 0.997.
+- The build measures, before training, what single-layer predictions cannot see: the ops between layers
+  (float won on MiniLM), static default layers moved to `w8dyn` as a group, and (under `--max-drop`) a
+  bisection back along the planner's path when the held-out drop misses.
+- 4-bit weights per output channel lose 10 points of cosine on MiniLM; groups of 32 input channels
+  (`w4g32`, bf16 scale per group) recover most of it. The default plan uses them where predicted cheap.
+- Retrieval agreement (each held-out sentence's nearest other sentence, program vs float) stays below 97%
+  even at cosine 0.997: many of these docstring sentences have near-tied neighbours.
+- QAT ran 2 passes over 240 sentences and stopped early on the held-out loss; on these rows it changed the
+  cosine by at most 0.02 (static int8: PTQ 95.2 -> QAT 96.8, reference metric x100). Latency ratios were
+  measured while other jobs shared this 2-core VM: indicative only.
+"""
 
 
 def program_embeddings(program: bytes, recipe) -> tuple[torch.Tensor, torch.Tensor]:
