@@ -291,10 +291,16 @@ def program_overhead(recipe: Recipe, target: Target, config: BuildConfig, baseli
     return max(0.0, len(program) - weight_bytes(plan, target))
 
 
+def budget_bytes(config: BuildConfig, baseline: FloatBaseline) -> float:
+    """--size-budget in bytes: given as bytes (> 1) or as a fraction of the float program (<= 1)."""
+    assert config.size_budget is not None
+    return config.size_budget * baseline.program_bytes if config.size_budget <= 1 else config.size_budget
+
+
 def check_lowered_size(config: BuildConfig, baseline: FloatBaseline, lowered: Lowered) -> None:
     if config.size_budget is None:
         return
-    budget = config.size_budget * baseline.program_bytes if config.size_budget <= 1 else config.size_budget
+    budget = budget_bytes(config, baseline)
     if len(lowered.program) > budget:
         raise EdgeqError(
             f"model.pte is {len(lowered.program):,} bytes, over --size-budget {budget:,.0f}",
@@ -602,7 +608,7 @@ def accuracy_fallback(
         steps: list[dict[str, Any]] = []
         if config.size_budget is not None:
             # --size-budget is a hard limit: only layers whose float weights still fit it may fall back.
-            budget = config.size_budget * baseline.program_bytes if config.size_budget <= 1 else config.size_budget
+            budget = budget_bytes(config, baseline)
             overhead = baseline.program_bytes - 4.0 * sum(e.params for e in current.layers)
             room = budget - overhead - weight_bytes(current, target)
             fits = []
@@ -676,17 +682,9 @@ def choose_candidate(
     held-out slice (one training batch, or ``holdout=0``) the training batches decide.
     """
     from edgeq.quant.bias_correction import correct_bias
-    from edgeq.quant.qat import HeldOut, held_out_batches, schedule
 
     qat_config = config.qat
-    every = schedule(recipe, qat_config).holdout
-    held_batches = held_out_batches(recipe, every)
-    selected_on = f"{len(held_batches)} held-out training batches"
-    if not held_batches:
-        held_batches = [b for _, b in zip(range(max(1, qat_config.calibration_batches)), recipe.train_data())]
-        selected_on = f"{len(held_batches)} training batches (no held-out slice)"
-    teacher = baseline.model if qat_config.loss != "task" else None
-    held = HeldOut(qat_config.loss, recipe, held_batches, teacher, "cpu")
+    held, _, every, selected_on = _held_out(recipe, config, baseline)
     references: dict[str, torch.fx.GraphModule] = {"qat": quantized.reference}
     if config.ptq_batches:
         _announce(progress, "ptq")
@@ -709,6 +707,22 @@ def choose_candidate(
             measured[name] = {"holdout_loss": held.loss(reference), "metric": None}
     shipped = min(measured, key=lambda name: measured[name]["holdout_loss"])
     return CandidateChoice(references, measured, shipped, selected_on)
+
+
+def _held_out(recipe: Recipe, config: BuildConfig, baseline: FloatBaseline) -> tuple[Any, list, int, str]:
+    """The slice of train_data() held out of training that picks between candidates, its QAT loss
+    (distillation from the float model unless --loss task), the hold-out stride, and what it is.
+    Without a held-out slice (one training batch, or ``holdout=0``) the first training batches."""
+    from edgeq.quant.qat import HeldOut, held_out_batches, schedule
+
+    every = schedule(recipe, config.qat).holdout
+    batches = held_out_batches(recipe, every)
+    selected_on = f"{len(batches)} held-out training batches"
+    if not batches:
+        batches = [b for _, b in zip(range(max(1, config.qat.calibration_batches)), recipe.train_data())]
+        selected_on = f"{len(batches)} training batches (no held-out slice)"
+    teacher = baseline.model if config.qat.loss != "task" else None
+    return HeldOut(config.qat.loss, recipe, batches, teacher, "cpu"), batches, every, selected_on
 
 
 def _vocab(recipe: Recipe) -> bytes | None:
@@ -741,15 +755,9 @@ def refine_plan(
        found by bisection (single-layer predictions add up; a transformer's errors compound).
     """
     from edgeq.checks.evaluate import collect
-    from edgeq.quant.qat import HeldOut, held_out_batches, schedule
 
     plan = choice.plan
-    every = schedule(recipe, config.qat).holdout
-    batches = held_out_batches(recipe, every) or [
-        b for _, b in zip(range(max(1, config.qat.calibration_batches)), recipe.train_data())
-    ]
-    teacher = baseline.model if config.qat.loss != "task" else None
-    held = HeldOut(config.qat.loss, recipe, batches, teacher, "cpu")
+    held, batches, every, _ = _held_out(recipe, config, baseline)
     measured: list[dict[str, Any]] = []
 
     def metric(model: Any) -> float:
