@@ -105,6 +105,9 @@ class WeightLayer:
     params: int
     #: fully qualified names of the weight parameters its ops read
     weights: tuple[str, ...]
+    #: output channels (table rows, for an embedding) of its first weight: each carries
+    #: per-channel scales and a bias in the program
+    channels: int = 0
 
 
 def _kind_of(node: torch.fx.Node) -> str | None:
@@ -146,6 +149,7 @@ def weight_layers(model: torch.nn.Module, example_inputs: tuple) -> list[WeightL
     exported = torch.export.export(model, example_inputs)
     parameters = dict(exported.graph_signature.inputs_to_parameters)
     sizes = {name: int(p.numel()) for name, p in model.named_parameters(remove_duplicate=False)}
+    rows = {name: int(p.shape[0]) if p.dim() else 1 for name, p in model.named_parameters(remove_duplicate=False)}
     found: dict[str, tuple[str, list[str]]] = {}
     for node in exported.graph.nodes:
         if node.op != "call_function":
@@ -162,7 +166,7 @@ def weight_layers(model: torch.nn.Module, example_inputs: tuple) -> list[WeightL
         if weight not in entry[1]:
             entry[1].append(weight)
     return [
-        WeightLayer(name, kind, sum(sizes.get(w, 0) for w in weights), tuple(weights))
+        WeightLayer(name, kind, sum(sizes.get(w, 0) for w in weights), tuple(weights), rows.get(weights[0], 0))
         for name, (kind, weights) in found.items()
     ]
 
@@ -207,3 +211,16 @@ def _attr(graph: torch.fx.GraphModule, target: str) -> object:
     for part in path:
         owner = getattr(owner, part)
     return getattr(owner, leaf)
+
+
+def drop_unused_attributes(graph: torch.fx.GraphModule) -> None:
+    """Delete top-level tensors no node reads: an exported program would carry them as constants."""
+    graph.graph.eliminate_dead_code()
+    used = {str(n.target) for n in graph.graph.nodes if n.op == "get_attr"}
+    for name in [n for n, _ in graph.named_buffers()] + [n for n, _ in graph.named_parameters()]:
+        if name not in used:
+            path, _, attr = name.rpartition(".")
+            owner = graph.get_submodule(path) if path else graph
+            delattr(owner, attr)
+    graph.delete_all_unused_submodules()
+    graph.recompile()

@@ -27,7 +27,7 @@ from edgeq.configs import DEBUG_PROGRAM_LAYERS, BuildConfig
 from edgeq.errors import AccuracyError, EdgeqError, SdkMissingError
 from edgeq.lower import Lowered, lower, lower_float
 from edgeq.planning.analysis import Analysis, analyze
-from edgeq.planning.plan import OTHER_OPS, Plan, uniform_plan, validate_plan, weight_bytes
+from edgeq.planning.plan import OTHER_OPS, Plan, layer_bytes, uniform_plan, validate_plan, weight_bytes
 from edgeq.planning.planner import Planned, make_plan
 from edgeq.quant.convert import convert, prepare
 from edgeq.quant.devices import check_device, init_distributed, seed_everything
@@ -539,6 +539,12 @@ class Fallback:
     start_metric: builtins.float
 
 
+def _float_name(target: Target, kind: str) -> str:
+    """The narrowest float precision (fp16 before fp32 where the menu has it) for a layer kind."""
+    floats = [n for n, spec in target.precisions.items() if spec.is_float and kind in spec.ops]
+    return min(floats, key=lambda n: target.precisions[n].weight_bytes)
+
+
 def _sensitivity_ranking(
     choice: PlanChoice, plan: Plan, baseline: FloatBaseline, reference: torch.fx.GraphModule, recipe: Recipe
 ) -> tuple[list[str], str]:
@@ -614,14 +620,17 @@ def accuracy_fallback(
             fits = []
             for layer in ranking:
                 entry = next(e for e in current.layers if e.name == layer)
-                extra = entry.params * (4.0 - target.precisions[entry.precision].weight_bytes)
+                wide, now = target.precisions[_float_name(target, entry.kind)], target.precisions[entry.precision]
+                extra = layer_bytes(entry.params, entry.channels, entry.kind, wide) - layer_bytes(
+                    entry.params, entry.channels, entry.kind, now
+                )
                 if extra <= room:
                     fits.append(layer)
                     room -= extra
             ranking = fits
         for layer in ranking[: config.fallback_layers]:
             entry = next(e for e in current.layers if e.name == layer)
-            float_name = next(n for n in floats if entry.kind in target.precisions[n].ops)
+            float_name = _float_name(target, entry.kind)
             entry.precision = float_name
             entry.reason = (
                 f"{float_name}: accuracy fallback, step {len(steps) + 1} (most sensitive quantized layer by "

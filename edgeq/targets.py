@@ -36,10 +36,22 @@ class Precision:
     backend_dtype: str = ""
     #: weights quantized in groups of this many input channels, one scale per group (0: per channel)
     group_size: int = 0
+    #: program bytes per output channel (embedding row) beyond the float32 layer's (its bias):
+    #: scales, zero points, a narrower bias; (kind, bytes) pairs, kind "" for every kind
+    channel_bytes: tuple[tuple[str, float], ...] = ()
+
+    def channel_cost(self, kind: str) -> float:
+        costs = dict(self.channel_bytes)
+        return costs.get(kind, costs.get("", 0.0))
 
     @property
     def is_float(self) -> bool:
         return self.activations == "float"
+
+    @property
+    def half(self) -> bool:
+        """Float arithmetic in float16 (weights stored in 2 bytes) rather than float32."""
+        return self.is_float and self.weight_bits == 16
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,20 @@ def _need(table: dict, key: str, kind: type | tuple, where: str) -> Any:
     return value
 
 
+def _channel_bytes(value: Any, ops: list[str], where: str) -> tuple[tuple[str, float], ...]:
+    """``channel_bytes = 8`` (every kind) or ``channel_bytes = { linear = 8, embedding = 4 }``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (("", float(value)),) if value else ()
+    if isinstance(value, dict) and all(
+        k in ops and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in value.items()
+    ):
+        return tuple((str(k), float(v)) for k, v in value.items())
+    raise EdgeqError(
+        f"{where}: field 'channel_bytes' is {value!r}",
+        f"give bytes per output channel, or a table by kind of: {', '.join(ops)}",
+    )
+
+
 def parse_target(data: dict[str, Any], where: str) -> Target:
     """Validate a parsed TOML table against the target schema."""
     name = _need(data, "name", str, where)
@@ -134,6 +160,7 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
         wbytes = float(_need(table, "weight_bytes", (int, float), pwhere))
         if wbytes <= 0:
             raise EdgeqError(f"{pwhere}: field 'weight_bytes' must be positive", "fix the target file")
+        channel_bytes = _channel_bytes(table.get("channel_bytes", 0.0), ops, pwhere)
         precisions[pname] = Precision(
             name=pname,
             description=str(table.get("description", "")),
@@ -144,6 +171,7 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
             weight_bytes=wbytes,
             backend_dtype=str(table.get("backend_dtype", "")),
             group_size=group_size,
+            channel_bytes=channel_bytes,
         )
     default = _need(data, "default_precision", str, where)
     if default not in precisions:

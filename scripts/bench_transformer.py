@@ -80,13 +80,13 @@ def program_embeddings(program: bytes, recipe) -> tuple[torch.Tensor, torch.Tens
     return torch.cat(got), torch.cat(want)
 
 
-def run_row(recipe, name: str, settings: dict, out: Path, epochs: int) -> dict:
+def run_row(recipe, name: str, settings: dict, out: Path, epochs: int, **qat_settings) -> dict:
     from edgeq.examples import minilm
     from edgeq.pipeline import build
     from edgeq.quant.configs import RangeConfig
 
     ranges = settings.pop("ranges", "adaptive")
-    qat = QATConfig(epochs=epochs, ranges=RangeConfig(mode=ranges))
+    qat = QATConfig(epochs=epochs, ranges=RangeConfig(mode=ranges), **qat_settings)
     # Uniform rows are measured, not gated: no accuracy fallback, whatever they reach.
     settings.setdefault("max_drop", 100.0 if "precision" in settings else 1.0)
     start = time.perf_counter()

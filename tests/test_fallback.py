@@ -66,7 +66,7 @@ def test_a_layer_that_breaks_int8_goes_to_float_and_the_build_says_what_it_cost(
     assert fallback["start_metric"] < result.scores.float - 2.0  # int8 everywhere missed the goal
     assert fallback["steps"][0]["layer"] == "4"  # the layer reading the wrecked activation, found first
     assert result.scores.shipped.endswith("+float-fallback")
-    assert result.plan.precision_of("4") == "float"
+    assert result.plan.precision_of("4") == "fp16"  # the narrowest float precision on the android menu
     assert result.drop <= 2.0
     assert report["accuracy"]["program"] == result.scores.program
     # The price, measured: the program with the float layer against the same build without it.

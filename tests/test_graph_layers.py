@@ -66,7 +66,7 @@ def test_subclassed_conv_functional_linear_and_shared_layer_are_all_found():
     assert layers["shared"].kind == "linear" and layers["shared"].params == 64  # one layer, counted once
     assert layers["proj"].kind == "linear" and layers["proj"].weights == ("proj.w",)
     # Without example inputs: modules by class, subclasses included (the functional one is invisible then).
-    assert [name for name, _, _ in quantizable_layers(recipe.model())] == ["stem", "shared"]
+    assert [layer.name for layer in quantizable_layers(recipe.model())] == ["stem", "shared"]
 
 
 def test_every_graph_layer_is_analysed_planned_and_built(tmp_path):

@@ -150,3 +150,17 @@ def test_plan_other_ops_round_trips_and_is_checked(tmp_path):
     assert Plan.load(tmp_path / "plan.json").other_ops == "float"
     with pytest.raises(EdgeqError, match="other_ops is 'int4'.*use one of: quantized, float"):
         Plan.from_dict({"target": "android", "layers": [], "other_ops": "int4"})
+
+
+def test_a_layer_sent_to_float_gets_fp16_unless_its_activations_overflow_it():
+    half = {"weight_bits": 16, "activation_bits": 16, "activations": "float", "ops": ["conv"], "weight_bytes": 2.0}
+    target = parse_target(
+        {"name": "half", "backend": "xnnpack", "default_precision": "int8", "precisions": {**MENU, "fp16": half}},
+        "half.toml",
+    )
+    big = layer("big", 1000, 3.0, 5.0)
+    big.act_max = 1e5  # beyond float16's 65504 once summed: fp32
+    a = analysis(layer("a", 1000, 3.0, 5.0), big, layer("b", 1000, 0.1, 0.3))
+    chosen = {e.name: e for e in make_plan(a, target, FLOAT_BYTES, max_drop=1.0).plan.layers}
+    assert chosen["a"].precision == "fp16" and chosen["a"].reason.startswith("fp16: quantizing it alone")
+    assert chosen["big"].precision == "float"

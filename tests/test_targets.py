@@ -38,6 +38,12 @@ def test_a_users_own_file_loads(tmp_path):
     assert load_target(str(path)).name == "mine"
 
 
+def test_channel_bytes_are_per_kind_or_for_every_kind():
+    android = load_target("android").precisions
+    assert android["int8"].channel_cost("linear") == 8 and android["int8"].channel_cost("embedding") == 4
+    assert android["w8dyn"].channel_cost("linear") == 4 and android["float"].channel_cost("conv") == 0
+
+
 @pytest.mark.parametrize(
     "edit,message",
     [
@@ -47,6 +53,10 @@ def test_a_users_own_file_loads(tmp_path):
         (lambda s: s.replace('ops = ["conv", "linear"]', 'ops = ["attention"]'), "field 'ops'"),
         (lambda s: s.replace('activations = "static"\n', ""), "missing field 'activations'"),
         (lambda s: s.replace("[precisions.int8]", "[precisions.int8\n"), "not valid TOML"),
+        (
+            lambda s: s.replace("weight_bits = 8", "weight_bits = 8\nchannel_bytes = { embedding = 4 }"),
+            "field 'channel_bytes' is {'embedding': 4}",
+        ),
     ],
 )
 def test_a_broken_file_is_refused_naming_field_and_reason(tmp_path, edit, message):

@@ -58,8 +58,9 @@ def build_quantizer(plan: Plan, target: Target, qat: bool = True, ranges: RangeC
     from edgeq.quant.configs import RangeConfig
 
     quantizer = get_backend(target.backend).quantizer(plan, target, qat, ranges or RangeConfig())
-    # Embedding tables and groupwise linear weights are quantized by edgeq itself, whatever the
-    # backend (edgeq.quant.embeddings, edgeq.quant.groupwise); prepare() reads these from the quantizer.
+    # Embedding tables, groupwise linear weights and float16 layers are handled by edgeq itself,
+    # whatever the backend (edgeq.quant.embeddings, .groupwise, .half); prepare() reads these
+    # from the quantizer.
     groupwise = {
         entry.name: (target.precisions[entry.precision].group_size, target.precisions[entry.precision].weight_bits)
         for entry in plan.layers
@@ -70,8 +71,11 @@ def build_quantizer(plan: Plan, target: Target, qat: bool = True, ranges: RangeC
         for entry in plan.layers
         if entry.kind == "embedding" and not target.precisions[entry.precision].is_float
     }
+    half = {entry.name for entry in plan.layers if target.precisions[entry.precision].half}
     if groupwise:
         quantizer.edgeq_groupwise = groupwise
+    if half:
+        quantizer.edgeq_half = half
     if tables:
         quantizer.edgeq_embedding_bits = tables
     return quantizer

@@ -57,7 +57,7 @@ def layer_errors(
     """SQNR of each planned layer's output, reference against float, in execution order."""
     from edgeq.capture import capture
 
-    layers = [name for name, _, _ in quantizable_layers(float_model, example_inputs)]
+    layers = [layer.name for layer in quantizable_layers(float_model, example_inputs)]
     float_graph = capture(float_model, example_inputs)
     ref = _layer_outputs(reference, layers, inputs)
     flt = _layer_outputs(float_graph, layers, inputs)

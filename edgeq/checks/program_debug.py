@@ -316,7 +316,7 @@ def _debug_program(
     # The reference, in the edge dialect the program was lowered from: same node names.
     edge_graph = etrecord.edge_dialect_program.module()
     reference_values = record_values(edge_graph, inputs)
-    layers = [name for name, _, _ in quantizable_layers(float_model, recipe.example_inputs())]
+    layers = [layer.name for layer in quantizable_layers(float_model, recipe.example_inputs())]
     owners = layer_owners(edge_graph, layers)
     by_name = {n.name: n for n in edge_graph.graph.nodes}
     float_graph = capture(float_model.eval(), inputs)

@@ -15,7 +15,7 @@ from torch import nn
 
 from edgeq.errors import EdgeqError
 from edgeq.graph import WeightLayer, weight_layers
-from edgeq.targets import Target
+from edgeq.targets import Precision, Target
 
 PLAN_VERSION = 1
 
@@ -27,6 +27,8 @@ class LayerPlan:
     precision: str  # a name from the target's precision menu
     reason: str = ""
     params: int = 0
+    #: output channels (embedding rows): per-channel scales and biases cost bytes too
+    channels: int = 0
 
 
 @dataclass
@@ -112,21 +114,17 @@ def model_layers(model: nn.Module, example_inputs: tuple | None = None) -> list[
         for cls, kind in _KINDS:
             if isinstance(module, cls):
                 weight = module.weight  # type: ignore[attr-defined]
-                layers.append(WeightLayer(name, kind, int(weight.numel()), (f"{name}.weight",)))
+                layers.append(WeightLayer(name, kind, int(weight.numel()), (f"{name}.weight",), int(weight.shape[0])))
                 break
     return layers
 
 
 def quantizable_layers(
     model: nn.Module, example_inputs: tuple | None = None, target: Target | None = None
-) -> list[tuple[str, str, int]]:
-    """(name, kind, weight element count) of the layers a quantizer can take (on ``target``'s menu)."""
+) -> list[WeightLayer]:
+    """The layers a quantizer can take (on ``target``'s menu)."""
     kinds = target.kinds if target is not None else None
-    return [
-        (layer.name, layer.kind, layer.params)
-        for layer in model_layers(model, example_inputs)
-        if kinds is None or layer.kind in kinds
-    ]
+    return [layer for layer in model_layers(model, example_inputs) if kinds is None or layer.kind in kinds]
 
 
 def uniform_plan(
@@ -140,20 +138,20 @@ def uniform_plan(
     precision = precision or target.default_precision
     spec = target.precision(precision)
     layers = []
-    for name, kind, params in quantizable_layers(model, example_inputs, target):
+    for found in quantizable_layers(model, example_inputs, target):
+        name, kind, params, channels = found.name, found.kind, found.params, found.channels
         if kind in spec.ops:
-            layers.append(LayerPlan(name, kind, precision, reason or f"uniform {precision}", params))
+            layers.append(LayerPlan(name, kind, precision, reason or f"uniform {precision}", params, channels))
         else:
             fallback = target.default_precision if kind in target.precision(target.default_precision).ops else "float"
-            layers.append(
-                LayerPlan(name, kind, fallback, f"{precision} does not run {kind} layers on {target.name}", params)
-            )
+            why = f"{precision} does not run {kind} layers on {target.name}"
+            layers.append(LayerPlan(name, kind, fallback, why, params, channels))
     return Plan(target=target.name, layers=layers)
 
 
 def validate_plan(plan: Plan, model: nn.Module, target: Target, example_inputs: tuple | None = None) -> Plan:
     """Refuse a plan that names unknown layers or precisions the target cannot run."""
-    known = {name: (kind, params) for name, kind, params in quantizable_layers(model, example_inputs, target)}
+    known = {found.name: found for found in quantizable_layers(model, example_inputs, target)}
     unknown = [entry.name for entry in plan.layers if entry.name not in known]
     if unknown:
         raise EdgeqError(
@@ -168,7 +166,7 @@ def validate_plan(plan: Plan, model: nn.Module, target: Target, example_inputs: 
                 f"which target '{target.name}' cannot run",
                 f"use one of: {', '.join(target.precisions)}",
             )
-        kind = known[entry.name][0]
+        kind = known[entry.name].kind
         spec = target.precisions[entry.precision]
         if kind not in spec.ops:
             valid = [p for p, s in target.precisions.items() if kind in s.ops]
@@ -188,13 +186,20 @@ def validate_plan(plan: Plan, model: nn.Module, target: Target, example_inputs: 
                     f"input channels), but its {inputs} input channels do not split into such groups",
                     f"use one of: {', '.join(fits)}",
                 )
-        entry.kind, entry.params = kind, known[entry.name][1]
+        entry.kind, entry.params, entry.channels = kind, known[entry.name].params, known[entry.name].channels
     # Layers the plan leaves out keep the target's default, and say so.
     named = {entry.name for entry in plan.layers}
-    for name, (kind, params) in known.items():
+    for name, found in known.items():
         if name not in named:
             plan.layers.append(
-                LayerPlan(name, kind, target.default_precision, "not in the plan: target default", params)
+                LayerPlan(
+                    name,
+                    found.kind,
+                    target.default_precision,
+                    "not in the plan: target default",
+                    found.params,
+                    found.channels,
+                )
             )
     if plan.target != target.name:
         plan.target = target.name
@@ -211,5 +216,17 @@ def _input_channels(model: nn.Module, example_inputs: tuple | None) -> dict[str,
 
 
 def weight_bytes(plan: Plan, target: Target) -> float:
-    """Bytes the plan's quantizable weights take in the program."""
-    return sum(entry.params * target.precisions[entry.precision].weight_bytes for entry in plan.layers)
+    """Bytes the plan's quantizable weights take in the program, beyond what their float32 biases take.
+
+    Per weight the precision's ``weight_bytes``; per output channel (embedding row) its
+    ``channel_bytes`` for the kind: scales and zero points, and a bias narrower than float32.
+    """
+    return sum(
+        layer_bytes(entry.params, entry.channels, entry.kind, target.precisions[entry.precision])
+        for entry in plan.layers
+    )
+
+
+def layer_bytes(params: int, channels: int, kind: str, precision: Precision) -> float:
+    """Program bytes of one layer's weights at ``precision``, counted as :func:`weight_bytes` does."""
+    return params * precision.weight_bytes + channels * precision.channel_cost(kind)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from edgeq.errors import EdgeqError
 from edgeq.planning.analysis import Analysis, LayerAnalysis
-from edgeq.planning.plan import LayerPlan, Plan
+from edgeq.planning.plan import LayerPlan, Plan, layer_bytes
 from edgeq.targets import Target
 
 #: max |x| over the 99.9th percentile of |x| above which an input is outlier-heavy
@@ -56,6 +56,19 @@ def _options(layer: LayerAnalysis, target: Target) -> list[str]:
     ]
 
 
+def _float_option(layer: LayerAnalysis, target: Target) -> str:
+    """The narrowest float precision the layer's activations fit (float16 overflows at 65504)."""
+    from edgeq.quant.half import SAFE_MAGNITUDE
+
+    fits = [
+        p
+        for p in _options(layer, target)
+        if target.precisions[p].is_float
+        and not (target.precisions[p].half and max(abs(layer.act_min), abs(layer.act_max)) > SAFE_MAGNITUDE)
+    ]
+    return min(fits, key=lambda p: target.precisions[p].weight_bytes)
+
+
 def _outlier(layer: LayerAnalysis, outlier_ratio: float, channel_spread: float) -> str:
     if layer.outlier_ratio > outlier_ratio:
         return f"outlier-heavy input (max |x| / p99.9 = {layer.outlier_ratio:.1f} > {outlier_ratio:g})"
@@ -88,8 +101,11 @@ def make_plan(
     if size_budget is not None:
         budget = size_budget * float_program_bytes if size_budget <= 1 else size_budget
 
+    def layer_size(l: LayerAnalysis, precision: str) -> float:
+        return layer_bytes(l.params, len(l.channel_absmax), l.kind, target.precisions[precision])
+
     def size(choice: dict[str, str]) -> int:
-        return int(overhead + sum(l.params * target.precisions[choice[l.name]].weight_bytes for l in layers))
+        return int(overhead + sum(layer_size(l, choice[l.name]) for l in layers))
 
     def drop(choice: dict[str, str]) -> float:
         return sum(_drop(l, choice[l.name]) for l in layers if not target.precisions[choice[l.name]].is_float)
@@ -142,8 +158,10 @@ def make_plan(
         if worst is None or _drop(worst, choice[worst.name]) == 0:
             break
         cost = _drop(worst, choice[worst.name])
-        choice[worst.name] = next(p for p in _options(worst, target) if target.precisions[p].is_float)
-        reason[worst.name] = f"float: quantizing it alone is predicted to cost {cost:.2f} points, over --max-drop"
+        choice[worst.name] = _float_option(worst, target)
+        reason[worst.name] = (
+            f"{choice[worst.name]}: quantizing it alone is predicted to cost {cost:.2f} points, over --max-drop"
+        )
         locked.add(worst.name)
         considered.append(PlanPoint(size(choice), drop(choice), dict(choice)))
 
@@ -155,10 +173,9 @@ def make_plan(
         for l in layers:
             if l.name in locked:
                 continue
-            here = target.precisions[choice[l.name]]
             for p in _options(l, target):
                 spec = target.precisions[p]
-                saved = l.params * (here.weight_bytes - spec.weight_bytes)
+                saved = layer_size(l, choice[l.name]) - layer_size(l, p)
                 if spec.is_float or saved <= 0:
                     continue
                 cost = _drop(l, p) - _drop(l, choice[l.name])
@@ -211,7 +228,9 @@ def make_plan(
     considered[-1].chosen = True
     plan = Plan(
         target=target.name,
-        layers=[LayerPlan(l.name, l.kind, choice[l.name], reason[l.name], l.params) for l in layers],
+        layers=[
+            LayerPlan(l.name, l.kind, choice[l.name], reason[l.name], l.params, len(l.channel_absmax)) for l in layers
+        ],
         intermediate_bits=intermediate_bits,
     )
     return Planned(plan=plan, predicted_drop=drop(choice), program_bytes=final_size, considered=considered)

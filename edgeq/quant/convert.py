@@ -9,6 +9,7 @@ import torch
 from edgeq import upstream
 from edgeq.quant.embeddings import lower_tables, quantize_tables
 from edgeq.quant.groupwise import insert_fake_quants, lower_groups
+from edgeq.quant.half import insert_casts, lower_casts
 
 
 def prepare(graph: torch.fx.GraphModule, quantizer: Any, qat: bool = True) -> torch.fx.GraphModule:
@@ -19,6 +20,7 @@ def prepare(graph: torch.fx.GraphModule, quantizer: Any, qat: bool = True) -> to
     quantize_tables(graph, getattr(quantizer, "edgeq_embedding_bits", {}))
     prepared = prepare_qat_pt2e(graph, quantizer) if qat else prepare_pt2e(graph, quantizer)
     insert_fake_quants(prepared, getattr(quantizer, "edgeq_groupwise", {}))
+    insert_casts(prepared, getattr(quantizer, "edgeq_half", set()))
     return prepared
 
 
@@ -31,6 +33,7 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     reference = convert_pt2e(prepared)
     lower_tables(reference)
     lower_groups(reference)
+    lower_casts(reference)
     return reference
 
 

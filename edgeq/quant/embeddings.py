@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from edgeq import upstream
-from edgeq.graph import attr_tensor, layer_owners
-from edgeq.quant.groupwise import drop_unused_attributes
+from edgeq.graph import attr_tensor, drop_unused_attributes, layer_owners
 
 #: graph.meta key: get_attr target of a quantized table -> (bits, per-row scales)
 TABLES = "edgeq_embedding_tables"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from edgeq.graph import attr_tensor, layer_owners
+from edgeq.graph import attr_tensor, drop_unused_attributes, layer_owners
 
 #: graph.meta key: layer name -> (group size, bits) for the layers quantized here
 GROUPS = "edgeq_groupwise"
@@ -123,16 +123,3 @@ def lower_groups(reference: torch.fx.GraphModule) -> int:
     if swapped:
         drop_unused_attributes(reference)
     return swapped
-
-
-def drop_unused_attributes(graph: torch.fx.GraphModule) -> None:
-    """Delete top-level tensors no node reads: an exported program would carry them as constants."""
-    graph.graph.eliminate_dead_code()
-    used = {str(n.target) for n in graph.graph.nodes if n.op == "get_attr"}
-    for name in [n for n, _ in graph.named_buffers()] + [n for n, _ in graph.named_parameters()]:
-        if name not in used:
-            path, _, attr = name.rpartition(".")
-            owner = graph.get_submodule(path) if path else graph
-            delattr(owner, attr)
-    graph.delete_all_unused_submodules()
-    graph.recompile()
