@@ -26,9 +26,15 @@ from bench_report import machine, table, write_section  # noqa: E402
 from bench_transformer import run_row  # noqa: E402
 
 
+def _training(qat: dict) -> str:
+    losses = ", ".join(f"{step}: {loss:.4f}" for step, loss in qat.get("holdout_losses") or [])
+    early = " (stopped early)" if qat.get("stopped_early") else ""
+    return f"{qat['steps']}/{qat['planned_steps']} steps{early}; {losses}; kept {qat['best_step']}; {qat['commits']} commits"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--precisions", nargs="*", default=["int8", "w4dyn"])
+    parser.add_argument("--precisions", nargs="*", default=["int8", "w4dyn", "w4g32"])
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--train", type=int, default=560, help="training sentences (the recipe's default is 256)")
@@ -51,7 +57,9 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 details[name] = run_row(recipe, name, settings, Path(tmp) / "out", args.epochs, **qat)
             details[name]["measured"] = time.strftime("%Y-%m-%d %H:%M")
-            print(name, json.dumps({k: details[name][k] for k in ("cosine", "retrieval", "accuracy")}), flush=True)
+            print(
+                name, json.dumps({k: details[name][k] for k in ("cosine", "retrieval", "accuracy", "qat")}), flush=True
+            )
             if not args.no_write:
                 saved.write_text(json.dumps(details, indent=1, default=str))
     rows = []
@@ -66,10 +74,19 @@ def main() -> None:
                     f"**{d['cosine']:.4f}**",
                     f"{d['retrieval']:.1f}%",
                     " / ".join(f"{k} {v['metric']:.2f}" for k, v in cand.items() if v.get("metric") is not None),
+                    _training(d["qat"]),
                     f"{d['wall_seconds'] / 60:.1f} min",
                 ]
             )
-    header = ["precision", "ranges", "cosine to float (.pte)", "retrieval agreement", "candidates x100", "build time"]
+    header = [
+        "precision",
+        "ranges",
+        "cosine to float (.pte)",
+        "retrieval agreement",
+        "QAT reference x100",
+        "training (held-out 1 - cosine by step; kept step; range commits)",
+        "build time",
+    ]
     body = (
         "## MiniLM: adaptive ranges against ema, QAT that trains (scripts/bench_transformer_ranges.py)\n\n"
         f"QAT only (the .pte is the QAT program): Adam lr {args.lr:g}, loss 1 - cosine to float, {args.epochs:g} "

@@ -21,6 +21,8 @@ from edgeq.lower import lower, lower_float
 from edgeq.planning.plan import uniform_plan, validate_plan, weight_bytes
 from edgeq.quant.configs import RangeConfig
 from edgeq.quant.convert import convert, prepare
+from edgeq.quant.fake_quant import TRACKING
+from edgeq.quant.groupwise import EMA_VOTE, GroupwiseFakeQuantize
 from edgeq.quant.qat import QATConfig, narrow_weight_quants, run_qat, to_eval
 from edgeq.recipe import Recipe
 from edgeq.targets import load_target
@@ -203,9 +205,17 @@ def test_groupwise_4bit_linears_train_convert_and_run_as_simulated():
     config = QATConfig(steps=6, calibration_batches=2, checkpoint_every=0, lr=1e-2, loss="task", patience=0)
     graph = capture(copy.deepcopy(model), recipe.example_inputs())
     prepared = prepare(graph, build_quantizer(plan, target, ranges=config.ranges))
+    groups = {n: m for n, m in prepared.named_modules() if isinstance(m, GroupwiseFakeQuantize)}
+    assert len(groups) == 3
+    # 4-bit groups train at the intermediate 8-bit width first, like every 4-bit weight.
+    assert set(groups) <= set(narrow_weight_quants(prepared))
     before = prepared.fc1.weight.detach().clone()
     run_qat(prepared, recipe, config)
     assert not torch.equal(prepared.fc1.weight, before), "the groupwise weights did not train"
+    for module in groups.values():
+        assert int(module.mode) == TRACKING and (module.quant_min, module.quant_max) == (-8, 7)
+        assert torch.equal(module.scale, module.scale.to(torch.bfloat16).float()), "scales off XNNPACK's bf16"
+    assert groups["edgeq_groupwise_0"].scale.shape == (256 * 128 // 32,)  # one tracked range per group
     reference = convert(copy.deepcopy(prepared))
     simulated = to_eval(prepared)
     ops = [str(n.target) for n in reference.graph.nodes if n.op == "call_function"]
@@ -220,6 +230,31 @@ def test_groupwise_4bit_linears_train_convert_and_run_as_simulated():
     predicted = weight_bytes(plan, target) + float_bytes - 4.0 * sum(e.params for e in plan.layers)
     # A 38 KB program: the delegate's fixed tables weigh more here than in a real model.
     assert abs(len(lowered.program) - predicted) / len(lowered.program) < 0.05, (len(lowered.program), predicted)
+
+
+def test_groupwise_ranges_vote_or_follow_a_moving_average():
+    """One tracked absmax per group: with the vote it moves only on a majority, with ema every step."""
+    torch.manual_seed(0)
+    weight = torch.randn(4, 64)
+    adaptive, ema = GroupwiseFakeQuantize(32), GroupwiseFakeQuantize(32, vote=EMA_VOTE)
+    for module in (adaptive, ema):
+        module(weight)  # calibration: the groups' absmax
+        module.start_tracking()
+    calibrated = adaptive.committed.clone()
+    wider = weight * 1.5
+    for step in range(3):
+        adaptive(wider)
+        ema(wider)
+    assert torch.equal(adaptive.committed, calibrated), "fewer votes than min_votes moved the range"
+    assert torch.allclose(ema.committed, calibrated * (1 + 0.5 * (1 - 0.99**3)), rtol=1e-5)
+    # The program's integer weight on the module's grid reproduces the fake-quantized weight exactly.
+    adaptive.eval()
+    adaptive.disable_observer()
+    q, scales = adaptive.integer_weight(wider)
+    program = torch.ops.quantized_decomposed.dequantize_per_channel_group.default(
+        q, scales, torch.zeros_like(scales, dtype=torch.int8), -8, 7, torch.int8, 32, torch.float32
+    )
+    assert torch.equal(program, adaptive(wider))
 
 
 def test_a_group_size_that_does_not_divide_the_layer_is_refused():

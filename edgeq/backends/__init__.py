@@ -74,6 +74,7 @@ def build_quantizer(plan: Plan, target: Target, qat: bool = True, ranges: RangeC
     half = {entry.name for entry in plan.layers if target.precisions[entry.precision].half}
     if groupwise:
         quantizer.edgeq_groupwise = groupwise
+        quantizer.edgeq_ranges = ranges or RangeConfig()
     if half:
         quantizer.edgeq_half = half
     if tables:

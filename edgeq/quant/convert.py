@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from edgeq import upstream
+from edgeq.graph import drop_unused_attributes
 from edgeq.quant.embeddings import lower_tables, quantize_tables
 from edgeq.quant.groupwise import insert_fake_quants, lower_groups
 from edgeq.quant.half import insert_casts, lower_casts
@@ -19,7 +20,7 @@ def prepare(graph: torch.fx.GraphModule, quantizer: Any, qat: bool = True) -> to
     # Planned embedding tables are rounded to their grid before PT2E sees the graph (see quant.embeddings).
     quantize_tables(graph, getattr(quantizer, "edgeq_embedding_bits", {}))
     prepared = prepare_qat_pt2e(graph, quantizer) if qat else prepare_pt2e(graph, quantizer)
-    insert_fake_quants(prepared, getattr(quantizer, "edgeq_groupwise", {}))
+    insert_fake_quants(prepared, getattr(quantizer, "edgeq_groupwise", {}), getattr(quantizer, "edgeq_ranges", None))
     insert_casts(prepared, getattr(quantizer, "edgeq_half", set()))
     return prepared
 
@@ -30,10 +31,12 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
     upstream.apply()
     rebind_annotations(prepared)
+    groups = lower_groups(prepared)  # before convert_pt2e, which would take the groupwise fake-quants for its own
     reference = convert_pt2e(prepared)
     lower_tables(reference)
-    lower_groups(reference)
     lower_casts(reference)
+    if groups:
+        drop_unused_attributes(reference)  # the float weights their integer copies replaced
     return reference
 
 
