@@ -134,6 +134,8 @@ def test_fp16_layers_run_in_their_own_xnnpack_partitions(setup):
     )
     casts = [n for n in graph.nodes if "_to_dim_order_copy" in str(n.target)]
     assert len(casts) == 4, "expected a cast into and out of each fp16 partition"
+    assert list(lowered.delegation.outside) == ["dim_order_ops__to_dim_order_copy_default"]
+    assert "dtype cast" in lowered.delegation.outside["dim_order_ops__to_dim_order_copy_default"]
     with torch.no_grad():
         assert sqnr_db(reference(x[:1]), get_backend("xnnpack").runner(lowered.program)(x[:1])) >= 35.0
     float_bytes = len(lower_float(model, recipe.example_inputs(), target))
