@@ -2,7 +2,9 @@
 
 A layer planned at a ``float`` precision with 16-bit weights (``fp16`` on the
 android menu) keeps float arithmetic at half the bytes. XNNPACK runs a float16
-linear or convolution as its own partition; the casts either side of it are
+linear or convolution as its own partition (the android menu offers linears
+only: ExecuTorch 1.5.1 serializes convolution weights in float32 whatever
+their dtype, so a float16 conv saves no bytes); the casts either side of it are
 ExecuTorch's dim-order copy ops, run outside the delegate (XNNPACK's partitioner
 takes no dtype conversions). edgeq, not PT2E, handles these layers:
 
