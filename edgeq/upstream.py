@@ -336,6 +336,58 @@ def register_quantized_embedding_ops() -> None:
         importlib.import_module("executorch.kernels.quantized")
 
 
+#: graph.meta key: each dropout's rate, in graph order, as the model had them
+DROPOUT_RATES = "edgeq_dropout_rates"
+
+
+def _dropouts(model: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in model.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.dropout.default]
+
+
+def record_dropout_rates(model: torch.fx.GraphModule) -> list[float]:
+    """Remember the model's dropout rates (once; later calls return what was recorded)."""
+    if DROPOUT_RATES not in model.meta:
+        model.meta[DROPOUT_RATES] = [float(n.args[1]) for n in _dropouts(model)]
+    return list(model.meta[DROPOUT_RATES])
+
+
+def _switch(model: torch.fx.GraphModule, train: bool) -> torch.fx.GraphModule:
+    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+
+    rates = record_dropout_rates(model)
+    (move_exported_model_to_train if train else move_exported_model_to_eval)(model)
+    nodes = _dropouts(model)
+    if len(nodes) != len(rates):
+        raise RuntimeError(
+            f"torchao's train/eval switch left {len(nodes)} dropout ops where the model had {len(rates)}: "
+            "edgeq.upstream.move_to_train needs updating for this torchao"
+        )
+    for node, rate in zip(nodes, rates):
+        node.args = (node.args[0], rate, *node.args[2:])
+    model.recompile()
+    return model
+
+
+def move_to_train(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """torchao's ``move_exported_model_to_train``, keeping every dropout's own rate.
+
+    torchao (0.18) switches dropout by rewriting each ``aten.dropout`` with a
+    pattern written as ``F.dropout(x, p=0.5)``; it matches any rate
+    (``ignore_literals``) but writes 0.5 back, so a BERT layer's 0.1 trained
+    at 0.5: the prepared MiniLM's training-mode output fell to cosine 0.17 of
+    float (0.96 with the real rates) and QAT could not improve it. The rates
+    are recorded from the captured graph and put back after each switch, in
+    graph order (the rewrite keeps it). tests/test_upstream.py notices when
+    torchao keeps the rate itself.
+    """
+    return _switch(model, train=True)
+
+
+def move_to_eval(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """torchao's ``move_exported_model_to_eval``, keeping every dropout's own rate (see :func:`move_to_train`)."""
+    return _switch(model, train=False)
+
+
 def apply() -> None:
     """The patches every build needs (the Qualcomm one is applied by the QNN backend)."""
     memoise_pattern_graphs()

@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_report import machine, table, write_section  # noqa: E402
 from bench_tasks import tasks  # noqa: E402
 
-from edgeq.backends import build_quantizer
+from edgeq import upstream  # noqa: E402
+from edgeq.backends import build_quantizer  # noqa: E402
 from edgeq.capture import capture, fold_batchnorm  # noqa: E402
 from edgeq.checks.evaluate import agreement, evaluate  # noqa: E402
 from edgeq.checks.validate import run_program  # noqa: E402
@@ -139,7 +140,6 @@ def qat(model, recipe, precision: str, config: QATConfig) -> dict:
 def step_times(model, recipe, steps: int, repeats: int = 5, precision: str = "int8") -> dict[str, float]:
     """Median QAT step time per range mode, the modes interleaved step by step on the same
     batches (one step of each in turn), so that this shared VM's slow drifts hit all alike."""
-    from torchao.quantization.pt2e import move_exported_model_to_train
 
     from edgeq.quant.qat import calibrate, set_observers
 
@@ -150,7 +150,7 @@ def step_times(model, recipe, steps: int, repeats: int = 5, precision: str = "in
         fold_batchnorm(graph)
         prepared = prepare(graph, build_quantizer(plan, TARGET, qat=True, ranges=RangeConfig(mode=mode)))
         calibrate(prepared, recipe, 4)
-        move_exported_model_to_train(prepared)
+        upstream.move_to_train(prepared)
         set_observers(prepared, True)
         models[mode] = prepared
         optimizers[mode] = torch.optim.SGD([p for p in prepared.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)

@@ -78,3 +78,34 @@ def test_quantized_embedding_ops_are_still_where_edgeq_registers_them():
     packed = torch.tensor([[(1 + 8) << 4 | (-2 + 8)]], dtype=torch.uint8)
     out4 = torch.ops.quantized_decomposed.embedding_4bit.default(packed, torch.tensor([2.0]), None, -8, 7, ids[:1] * 0)
     assert torch.equal(out4, torch.tensor([[2.0, -4.0]]))
+
+
+def test_torchao_train_switch_rewrites_dropout_rates_and_edgeq_keeps_them():
+    """torchao writes p=0.5 into every dropout it switches; when this starts failing on the
+    first assertion, torchao keeps rates itself and edgeq.upstream.move_to_train can go."""
+    import torch
+    from torchao.quantization.pt2e import move_exported_model_to_train
+
+    from edgeq.capture import capture
+
+    model = torch.nn.Sequential(torch.nn.Dropout(0.1), torch.nn.Dropout(0.0)).eval()
+    x = torch.ones(64, 256)
+
+    def dropouts(graph):
+        return [n.args[1:] for n in graph.graph.nodes if n.target is torch.ops.aten.dropout.default]
+
+    plain = capture(model, (x[:1],))
+    assert dropouts(plain) == [(0.1, False), (0.0, False)]
+    move_exported_model_to_train(plain)
+    assert dropouts(plain) == [(0.5, True), (0.5, True)], "torchao keeps dropout rates now: drop the workaround"
+
+    graph = capture(model, (x[:1],))
+    upstream.move_to_train(graph)
+    assert dropouts(graph) == [(0.1, True), (0.0, True)]
+    with torch.no_grad():
+        zeros = float((graph(x) == 0).float().mean())
+    assert 0.07 < zeros < 0.13, f"training mode dropped {zeros:.0%} of the input, not the model's 10%"
+    upstream.move_to_eval(graph)
+    assert dropouts(graph) == [(0.1, False), (0.0, False)]
+    with torch.no_grad():
+        assert torch.equal(graph(x), x)

@@ -19,9 +19,11 @@ def prepare(graph: torch.fx.GraphModule, quantizer: Any, qat: bool = True) -> to
     upstream.apply()
     # Planned embedding tables are rounded to their grid before PT2E sees the graph (see quant.embeddings).
     quantize_tables(graph, getattr(quantizer, "edgeq_embedding_bits", {}))
+    rates = upstream.record_dropout_rates(graph)  # before anything rewrites them (see upstream.move_to_train)
     prepared = prepare_qat_pt2e(graph, quantizer) if qat else prepare_pt2e(graph, quantizer)
     insert_fake_quants(prepared, getattr(quantizer, "edgeq_groupwise", {}), getattr(quantizer, "edgeq_ranges", None))
     insert_casts(prepared, getattr(quantizer, "edgeq_half", set()))
+    prepared.meta[upstream.DROPOUT_RATES] = rates
     return prepared
 
 

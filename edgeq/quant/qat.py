@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
+from edgeq import upstream
 from edgeq.configs import QATConfig
 from edgeq.errors import EdgeqError
 from edgeq.quant.configs import RangeConfig
@@ -130,7 +130,7 @@ def set_observers(model: torch.nn.Module, enabled: bool) -> None:
 
 def to_eval(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Inference numerics: BatchNorm on running statistics, ranges frozen."""
-    move_exported_model_to_eval(model)
+    upstream.move_to_eval(model)
     set_observers(model, False)
     return model
 
@@ -249,7 +249,7 @@ def calibrate(
     """
     from torchao.quantization.pt2e.observer import HistogramObserver
 
-    move_exported_model_to_eval(model)
+    upstream.move_to_eval(model)
     set_observers(model, True)
     activations = _activation_quants(model) if held else {}
     observers = {}
@@ -367,13 +367,13 @@ class HeldOut:
 
 def _frozen_loss(model: torch.fx.GraphModule, held: HeldOut, observing: bool, bn_training: bool) -> float:
     """Held-out loss with inference numerics, leaving the training state as it was."""
-    move_exported_model_to_eval(model)
+    upstream.move_to_eval(model)
     set_observers(model, False)
     try:
         return held.loss(model)
     finally:
         if bn_training:
-            move_exported_model_to_train(model)
+            upstream.move_to_train(model)
         set_observers(model, observing)
 
 
@@ -465,9 +465,9 @@ def run_qat(
         best = {"step": 0, "loss": value, "state": _state_copy(model)}
     if inter_steps and first < inter_steps:
         _set_weight_width(model, narrow, config.intermediate_bits)
-    move_exported_model_to_train(model)
+    upstream.move_to_train(model)
     if first >= freeze_bn_at:
-        move_exported_model_to_eval(model)
+        upstream.move_to_eval(model)
     set_observers(model, first < freeze_ranges_at)
     batches = _batches(recipe, every)
     for _ in range(first):  # the data order is the recipe's: replay up to the checkpoint
@@ -488,7 +488,7 @@ def run_qat(
             _set_weight_width(model, narrow, None)
         if step == freeze_bn_at:
             # Inference-form BatchNorm from here on: running statistics frozen.
-            move_exported_model_to_eval(model)
+            upstream.move_to_eval(model)
         if step == freeze_ranges_at:
             set_observers(model, False)
         inputs, target = next(batches)
