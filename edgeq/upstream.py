@@ -347,7 +347,7 @@ def _dropouts(model: torch.fx.GraphModule) -> list[torch.fx.Node]:
 def record_dropout_rates(model: torch.fx.GraphModule) -> list[float]:
     """Remember the model's dropout rates (once; later calls return what was recorded)."""
     if DROPOUT_RATES not in model.meta:
-        model.meta[DROPOUT_RATES] = [float(n.args[1]) for n in _dropouts(model)]
+        model.meta[DROPOUT_RATES] = [float(n.args[1]) for n in _dropouts(model)]  # type: ignore[arg-type]
     return list(model.meta[DROPOUT_RATES])
 
 

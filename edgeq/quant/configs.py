@@ -13,23 +13,14 @@ from typing import Any
 import torch
 
 from edgeq.configs import RangeConfig
-from edgeq.quant.fake_quant import AdaptiveRangeFakeQuantize
+from edgeq.quant.fake_quant import AdaptiveRangeFakeQuantize, vote_kwargs
 from edgeq.quant.ranges import VoteConfig
 
 
 def _adaptive(spec: Any, vote: VoteConfig) -> Any:
     if spec is None or spec.is_dynamic:
         return spec
-    ctr = AdaptiveRangeFakeQuantize.with_args(
-        eps=2**-12,
-        up_ratio=vote.up_ratio,
-        down_ratio=vote.down_ratio,
-        min_votes=vote.min_votes,
-        window=vote.window,
-        rule=vote.rule,
-        keep=vote.keep,
-        step=vote.step,
-    )
+    ctr = AdaptiveRangeFakeQuantize.with_args(eps=2**-12, **vote_kwargs(vote))
     return dataclasses.replace(spec, observer_or_fake_quant_ctr=ctr)
 
 

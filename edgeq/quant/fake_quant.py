@@ -543,6 +543,11 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
         )
 
 
+def vote_kwargs(vote: VoteConfig) -> dict:
+    """The tracker's knobs as AdaptiveRangeFakeQuantize keyword arguments."""
+    return {k: getattr(vote, k) for k in ("up_ratio", "down_ratio", "min_votes", "window", "rule", "keep", "step")}
+
+
 def start_tracking(model: torch.nn.Module) -> int:
     """End calibration in every adaptive fake-quant of ``model``; returns how many."""
     count = 0

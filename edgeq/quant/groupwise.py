@@ -27,7 +27,7 @@ import torch
 
 from edgeq.configs import RangeConfig
 from edgeq.graph import attr_tensor, layer_owners
-from edgeq.quant.fake_quant import AdaptiveRangeFakeQuantize
+from edgeq.quant.fake_quant import AdaptiveRangeFakeQuantize, vote_kwargs
 from edgeq.quant.ranges import VoteConfig
 
 #: graph.meta key: layer name -> (group size, bits) for the layers quantized here
@@ -90,13 +90,7 @@ class GroupwiseFakeQuantize(AdaptiveRangeFakeQuantize):
             quant_max=qmax,
             qscheme=torch.per_channel_symmetric,
             ch_axis=0,
-            up_ratio=vote.up_ratio,
-            down_ratio=vote.down_ratio,
-            min_votes=vote.min_votes,
-            window=vote.window,
-            rule=vote.rule,
-            keep=vote.keep,
-            step=vote.step,
+            **vote_kwargs(vote),
         )
         self.group = group
         self.bits = bits
