@@ -244,7 +244,7 @@ def test_groupwise_ranges_vote_or_follow_a_moving_average():
         module.start_tracking()
     calibrated = adaptive.committed.clone()
     wider = weight * 1.5
-    for step in range(3):
+    for _ in range(3):
         adaptive(wider)
         ema(wider)
     assert torch.equal(adaptive.committed, calibrated), "fewer votes than min_votes moved the range"
