@@ -101,7 +101,7 @@ def test_edited_plan_round_trips_and_bad_edits_are_refused(tmp_path, digits):
 
     data["layers"][0]["precision"] = "int3"
     path.write_text(json.dumps(data))
-    with pytest.raises(EdgeqError, match="cannot run.*use one of: int8, w4a8, w4dyn, w4g32, w8dyn, float"):
+    with pytest.raises(EdgeqError, match="cannot run.*use one of: int8, w4a8, w4dyn, w4g32, w8dyn, fp16, float"):
         validate_plan(Plan.load(path), model, target)
     data["layers"][0]["precision"] = "w4dyn"
     path.write_text(json.dumps(data))
