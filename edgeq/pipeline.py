@@ -924,6 +924,8 @@ def debug_layers(
                 shipped=lowered.program,
                 samples=config.debug_samples,
             ).to_json()
+        except EdgeqError as exc:  # this program cannot be read back layer by layer
+            program_layers = {"skipped": str(exc)}
         except Exception as exc:  # noqa: BLE001 - a diagnostic must not fail a build that validated
             program_layers = {"error": f"{type(exc).__name__}: {exc}"}
     return layer_errors, first_divergence, program_layers

@@ -138,6 +138,11 @@ def test_fp16_layers_run_in_their_own_xnnpack_partitions(setup):
     assert "dtype cast" in lowered.delegation.outside["dim_order_ops__to_dim_order_copy_default"]
     with torch.no_grad():
         assert sqnr_db(reference(x[:1]), get_backend("xnnpack").runner(lowered.program)(x[:1])) >= 35.0
+    # ExecuTorch's ETDump logs no float16 tensor: the per-layer program debugging says so in one line.
+    from edgeq.checks.program_debug import debug_program
+
+    with pytest.raises(EdgeqError, match="not available for plans with fp16 layers.*--reference-only"):
+        debug_program(model, reference, recipe, target, samples=2)
     float_bytes = len(lower_float(model, recipe.example_inputs(), target))
     predicted = weight_bytes(half, target) + float_bytes - 4.0 * sum(e.params for e in half.layers)
     assert abs(len(lowered.program) - predicted) / len(lowered.program) < 0.01, (len(lowered.program), predicted)

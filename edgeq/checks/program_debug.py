@@ -205,6 +205,14 @@ def _lower_per_op(reference: torch.nn.Module, inputs: tuple, target: Target) -> 
 
     backend = get_backend(target.backend)
     partitioners = backend.per_op_partitioners(target)
+    if any(t.dtype == torch.float16 for t in (*reference.parameters(), *reference.buffers())):
+        # ExecuTorch 1.5.1's ETDump logs no float16 tensor ("ScalarType = 5 is not yet supported in
+        # ETDump"), and its Inspector then fails to read the dump at all.
+        raise EdgeqError(
+            "reading a program's intermediate outputs is not available for plans with fp16 layers "
+            "(ExecuTorch's ETDump does not log float16 tensors)",
+            "use `edgeq debug --reference-only` to compare the quantized reference with float layer by layer",
+        )
     if partitioners is None:
         raise EdgeqError(
             f"reading a program's intermediate outputs is not available for {backend.title} programs",
