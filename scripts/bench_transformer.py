@@ -44,6 +44,7 @@ ROWS = {
     "w4g32": {"precision": "w4g32"},
     "planner --max-drop 1": {},
     "planner --max-drop 0.1": {"max_drop": 0.1},
+    "planner --max-drop 0.01": {"max_drop": 0.01},
     "planner --size-budget 0.18": {"size_budget": 0.18},
 }
 
@@ -60,6 +61,8 @@ READING = """Reading it:
   (`w4g32`, bf16 scale per group) recover most of it. The default plan uses them where predicted cheap.
 - Retrieval agreement (each held-out sentence's nearest other sentence, program vs float) stays below 97%
   even at cosine 0.9992 (`--max-drop 0.1`: five linears in fp16, the rest `w8dyn`, 0.287x): 94.5%.
+  `--max-drop 0.01` ends at the same plan: the accuracy fallback stops after its 5 layers
+  (`fallback_layers`), and the build refuses the program for missing the goal (the row shows what it reached).
 - `--size-budget 0.18` now lands on the budget (16,261,376 bytes, 0.180x): the menu's `channel_bytes` count the
   per-channel scales the planner used to leave out (at 0.18 it overshot by 1.2% and failed its post-lowering
   check, so the previous run used 0.175).
