@@ -27,7 +27,15 @@ from edgeq.configs import DEBUG_PROGRAM_LAYERS, BuildConfig
 from edgeq.errors import AccuracyError, EdgeqError, SdkMissingError
 from edgeq.lower import Lowered, lower, lower_float
 from edgeq.planning.analysis import Analysis, analyze
-from edgeq.planning.plan import OTHER_OPS, Plan, layer_bytes, uniform_plan, validate_plan, weight_bytes
+from edgeq.planning.plan import (
+    OTHER_OPS,
+    Plan,
+    budget_in_bytes,
+    layer_bytes,
+    uniform_plan,
+    validate_plan,
+    weight_bytes,
+)
 from edgeq.planning.planner import Planned, make_plan
 from edgeq.quant.convert import convert, prepare
 from edgeq.quant.devices import check_device, init_distributed, seed_everything
@@ -292,9 +300,9 @@ def program_overhead(recipe: Recipe, target: Target, config: BuildConfig, baseli
 
 
 def budget_bytes(config: BuildConfig, baseline: FloatBaseline) -> float:
-    """--size-budget in bytes: given as bytes (> 1) or as a fraction of the float program (<= 1)."""
+    """--size-budget in bytes, against this build's float program."""
     assert config.size_budget is not None
-    return config.size_budget * baseline.program_bytes if config.size_budget <= 1 else config.size_budget
+    return budget_in_bytes(config.size_budget, baseline.program_bytes)
 
 
 def check_lowered_size(config: BuildConfig, baseline: FloatBaseline, lowered: Lowered) -> None:
@@ -539,12 +547,6 @@ class Fallback:
     start_metric: builtins.float
 
 
-def _float_name(target: Target, kind: str) -> str:
-    """The narrowest float precision (fp16 before fp32 where the menu has it) for a layer kind."""
-    floats = [n for n, spec in target.precisions.items() if spec.is_float and kind in spec.ops]
-    return min(floats, key=lambda n: target.precisions[n].weight_bytes)
-
-
 def _sensitivity_ranking(
     choice: PlanChoice, plan: Plan, baseline: FloatBaseline, reference: torch.fx.GraphModule, recipe: Recipe
 ) -> tuple[list[str], str]:
@@ -620,7 +622,7 @@ def accuracy_fallback(
             fits = []
             for layer in ranking:
                 entry = next(e for e in current.layers if e.name == layer)
-                wide, now = target.precisions[_float_name(target, entry.kind)], target.precisions[entry.precision]
+                wide, now = target.precisions[target.narrowest_float(entry.kind)], target.precisions[entry.precision]
                 extra = layer_bytes(entry.params, entry.channels, entry.kind, wide) - layer_bytes(
                     entry.params, entry.channels, entry.kind, now
                 )
@@ -630,7 +632,7 @@ def accuracy_fallback(
             ranking = fits
         for layer in ranking[: config.fallback_layers]:
             entry = next(e for e in current.layers if e.name == layer)
-            float_name = _float_name(target, entry.kind)
+            float_name = target.narrowest_float(entry.kind)
             entry.precision = float_name
             entry.reason = (
                 f"{float_name}: accuracy fallback, step {len(steps) + 1} (most sensitive quantized layer by "

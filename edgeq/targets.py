@@ -18,6 +18,8 @@ from edgeq.backends import get_backend, known_backends
 from edgeq.errors import EdgeqError
 
 ACTIVATION_MODES = ("static", "dynamic", "float")
+#: activations beyond this may overflow float16 (65504) once a layer sums over its inputs
+FP16_SAFE_MAGNITUDE = 65504.0 / 16
 OP_KINDS = ("conv", "linear", "embedding")
 
 
@@ -70,6 +72,16 @@ class Target:
     def kinds(self) -> set[str]:
         """Layer kinds some precision of the menu runs; layers of other kinds are left as they are."""
         return {kind for p in self.precisions.values() for kind in p.ops}
+
+    def narrowest_float(self, kind: str, magnitude: float = 0.0) -> str:
+        """The float precision with the fewest bytes for ``kind`` whose range holds activations
+        of ``magnitude`` (fp16 before fp32 where the menu has both)."""
+        fits = [
+            name
+            for name, p in self.precisions.items()
+            if p.is_float and kind in p.ops and not (p.half and magnitude > FP16_SAFE_MAGNITUDE)
+        ]
+        return min(fits, key=lambda name: self.precisions[name].weight_bytes)
 
     def precision(self, name: str) -> Precision:
         if name not in self.precisions:

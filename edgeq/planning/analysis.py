@@ -97,9 +97,11 @@ def fake_quant_weight(w: torch.Tensor, bits: int, group: int = 0) -> torch.Tenso
     """Per-output-channel (or per group of ``group`` input channels) symmetric fake-quantization,
     as the targets' quantizers do."""
     if group:
-        from edgeq.quant.groupwise import fake_quant_groups
+        from edgeq.quant.groupwise import GroupwiseFakeQuantize
 
-        return fake_quant_groups(w.detach().float().flatten(1), group, bits).reshape(w.shape)
+        # The QAT fake-quant itself, calibrated on this weight: the grid that ships.
+        with torch.no_grad():
+            return GroupwiseFakeQuantize(group, bits)(w.detach().float().flatten(1)).reshape(w.shape)
     top = 2 ** (bits - 1) - 1
     absmax = w.detach().flatten(1).abs().amax(1).clamp(min=2**-12)
     scale = absmax / top

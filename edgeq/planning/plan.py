@@ -215,6 +215,11 @@ def _input_channels(model: nn.Module, example_inputs: tuple | None) -> dict[str,
     }
 
 
+def budget_in_bytes(size_budget: float, float_program_bytes: float) -> float:
+    """--size-budget in bytes: given as bytes (> 1) or as a fraction of the float program (<= 1)."""
+    return size_budget * float_program_bytes if size_budget <= 1 else size_budget
+
+
 def weight_bytes(plan: Plan, target: Target) -> float:
     """Bytes the plan's quantizable weights take in the program, beyond what their float32 biases take.
 

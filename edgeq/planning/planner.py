@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from edgeq.errors import EdgeqError
 from edgeq.planning.analysis import Analysis, LayerAnalysis
-from edgeq.planning.plan import LayerPlan, Plan, layer_bytes
+from edgeq.planning.plan import LayerPlan, Plan, budget_in_bytes, layer_bytes
 from edgeq.targets import Target
 
 #: max |x| over the 99.9th percentile of |x| above which an input is outlier-heavy
@@ -56,19 +56,6 @@ def _options(layer: LayerAnalysis, target: Target) -> list[str]:
     ]
 
 
-def _float_option(layer: LayerAnalysis, target: Target) -> str:
-    """The narrowest float precision the layer's activations fit (float16 overflows at 65504)."""
-    from edgeq.quant.half import SAFE_MAGNITUDE
-
-    fits = [
-        p
-        for p in _options(layer, target)
-        if target.precisions[p].is_float
-        and not (target.precisions[p].half and max(abs(layer.act_min), abs(layer.act_max)) > SAFE_MAGNITUDE)
-    ]
-    return min(fits, key=lambda p: target.precisions[p].weight_bytes)
-
-
 def _outlier(layer: LayerAnalysis, outlier_ratio: float, channel_spread: float) -> str:
     if layer.outlier_ratio > outlier_ratio:
         return f"outlier-heavy input (max |x| / p99.9 = {layer.outlier_ratio:.1f} > {outlier_ratio:g})"
@@ -97,9 +84,7 @@ def make_plan(
     # Program bytes beyond the weights: the float program's by default; a backend whose programs
     # carry overhead of their own (an HTP context binary) passes what it measured.
     overhead = max(0.0, float_program_bytes - float_weight_bytes) if program_overhead is None else program_overhead
-    budget = None
-    if size_budget is not None:
-        budget = size_budget * float_program_bytes if size_budget <= 1 else size_budget
+    budget = None if size_budget is None else budget_in_bytes(size_budget, float_program_bytes)
 
     def layer_size(l: LayerAnalysis, precision: str) -> float:
         return layer_bytes(l.params, len(l.channel_absmax), l.kind, target.precisions[precision])
@@ -158,7 +143,7 @@ def make_plan(
         if worst is None or _drop(worst, choice[worst.name]) == 0:
             break
         cost = _drop(worst, choice[worst.name])
-        choice[worst.name] = _float_option(worst, target)
+        choice[worst.name] = target.narrowest_float(worst.kind, max(abs(worst.act_min), abs(worst.act_max)))
         reason[worst.name] = (
             f"{choice[worst.name]}: quantizing it alone is predicted to cost {cost:.2f} points, over --max-drop"
         )

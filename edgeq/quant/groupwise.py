@@ -39,40 +39,6 @@ RANGES = {4: (-8, 7)}
 GROUP_MULTIPLE = 32
 
 
-def group_scales(weight: torch.Tensor, group: int, bits: int) -> torch.Tensor:
-    """[out, in / group] symmetric scales: each group's absmax over half the integer range."""
-    qmin, qmax = RANGES[bits]
-    out, inp = weight.shape
-    absmax = weight.detach().float().reshape(out, inp // group, group).abs().amax(-1).clamp(min=2**-12)
-    # bf16, as XNNPACK stores them, so that the reference and the program share one grid
-    return (absmax / ((qmax - qmin) / 2)).to(torch.bfloat16).float()
-
-
-def quantize_groups(weight: torch.Tensor, scales: torch.Tensor, group: int, bits: int) -> torch.Tensor:
-    qmin, qmax = RANGES[bits]
-    out, inp = weight.shape
-    grouped = weight.float().reshape(out, inp // group, group) / scales[..., None]
-    return torch.clamp(torch.round(grouped), qmin, qmax).reshape(out, inp)
-
-
-class _FakeQuantGroups(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, group: int, bits: int) -> torch.Tensor:  # type: ignore[override]
-        scales = group_scales(weight, group, bits)
-        q = quantize_groups(weight, scales, group, bits)
-        out, inp = weight.shape
-        return (q.reshape(out, inp // group, group) * scales[..., None]).reshape(out, inp).to(weight.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad, None, None  # straight-through
-
-
-def fake_quant_groups(weight: torch.Tensor, group: int, bits: int) -> torch.Tensor:
-    """The weight on its groupwise grid, with a straight-through gradient."""
-    return _FakeQuantGroups.apply(weight, group, bits)
-
-
 class GroupwiseFakeQuantize(AdaptiveRangeFakeQuantize):
     """The adaptive-range fake-quant over groups of ``group`` input channels of a 2-D weight.
 

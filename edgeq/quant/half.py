@@ -27,8 +27,6 @@ from edgeq.graph import attr_tensor, drop_unused_attributes, layer_owners
 HALF = "edgeq_half"
 #: ops a float16 layer may hold
 _OPS = (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv1d.default)
-#: activations beyond this may overflow float16 (65504) once a layer sums over its inputs
-SAFE_MAGNITUDE = torch.finfo(torch.float16).max / 16
 
 
 def _cast(graph: torch.fx.Graph, node: torch.fx.Node, dtype: torch.dtype) -> torch.fx.Node:
