@@ -110,8 +110,17 @@ _V = VoteConfig()
 _B = BuildConfig()
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user set option ``name`` (on the command line or through the environment)."""
+    import click
+
+    source = ctx.get_parameter_source(name)
+    return source not in (None, click.core.ParameterSource.DEFAULT)
+
+
 @app.command()
 def build(
+    ctx: typer.Context,
     target: str = typer.Option("android", help="Built-in target name (see `edgeq targets`) or a .toml file."),
     recipe: Optional[str] = typer.Option(
         None, help="Recipe .py file or importable module (default: bundled digits example)."
@@ -206,6 +215,7 @@ def build(
     set_verbose(verbose)
     try:
         from edgeq.pipeline import build as run_build
+        from edgeq.recipe import load_recipe
 
         try:
             vote = VoteConfig(
@@ -220,21 +230,24 @@ def build(
             range_config = RangeConfig(mode=ranges.value, vote=vote)
         except ValueError as exc:
             raise EdgeqError(f"invalid range option: {exc}", "see `edgeq build --help`") from exc
-        qat = QATConfig(
-            steps=steps,
-            epochs=epochs,
-            holdout=holdout,
-            patience=patience,
-            lr=lr,
-            optimizer=optimizer.value,
-            loss=loss.value,
-            ranges=range_config,
-            fold_bn=fold_bn,
-            freeze_ranges=freeze_ranges,
-            freeze_bn=freeze_bn,
-            device=device,
-            checkpoint_every=checkpoint_every,
-        )
+        flags = {
+            "steps": steps,
+            "epochs": epochs,
+            "holdout": holdout,
+            "patience": patience,
+            "lr": lr,
+            "optimizer": optimizer.value,
+            "loss": loss.value,
+            "fold_bn": fold_bn,
+            "freeze_ranges": freeze_ranges,
+            "freeze_bn": freeze_bn,
+            "device": device,
+            "checkpoint_every": checkpoint_every,
+        }
+        # The recipe's QAT settings fill what the command line leaves at its defaults.
+        loaded = load_recipe(recipe)
+        given = {name: value for name, value in flags.items() if _given(ctx, name)}
+        qat = QATConfig(**{**flags, **loaded.qat, **given}, ranges=range_config)
         config = BuildConfig(
             target=target,
             out=out,
@@ -251,7 +264,7 @@ def build(
             bias_correction=bias_correction,
         )
         with RichProgress() as progress:
-            result = run_build(recipe, config, progress=progress)
+            result = run_build(loaded, config, progress=progress)
         if result is not None:  # ranks other than 0 of a torchrun job return None
             _summary(result)
     except Exception as exc:  # noqa: BLE001 - user errors become one line

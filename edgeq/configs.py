@@ -217,7 +217,8 @@ class BuildConfig:
     size_budget: float | None = None
     #: planner: inputs with max |x| / p99.9 above this keep a wide precision
     outlier_ratio: float = 8.0
-    qat: QATConfig = field(default_factory=QATConfig)
+    #: None: QATConfig's defaults updated with the recipe's own ``qat`` settings
+    qat: QATConfig | None = None
     #: fail when the .pte's metric falls more than this below float
     max_drop: float = 1.0
     seed: int = 0
@@ -244,8 +245,14 @@ class BuildConfig:
     #: training samples bias correction measures channel means on
     bias_correction_samples: int = 64
 
+    @property
+    def training(self) -> QATConfig:
+        """The QAT settings a build runs with: ``qat``, or the defaults when it is None
+        (``edgeq.build`` puts the recipe's settings there first)."""
+        return self.qat if self.qat is not None else QATConfig()
+
     def __post_init__(self) -> None:
-        if not isinstance(self.qat, QATConfig):
+        if self.qat is not None and not isinstance(self.qat, QATConfig):
             raise EdgeqError(f"BuildConfig.qat is a {type(self.qat).__name__}", "pass an edgeq.QATConfig")
         if self.size_budget is not None and self.size_budget <= 0:
             raise EdgeqError(

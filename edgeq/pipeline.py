@@ -193,13 +193,14 @@ def build(
     except TypeError as exc:
         names = ", ".join(f.name for f in dataclasses.fields(BuildConfig))
         raise EdgeqError(f"build() got an unknown setting: {exc}", f"use one of: {names}") from None
-    config = dataclasses.replace(config, qat=dataclasses.replace(config.qat, device=check_device(config.qat.device)))
-    rank = init_distributed(config.qat.device)
-    upstream.apply()
     stages = Stages()
     with stages("load"):
         recipe = load_recipe(recipe)
         target = load_target(config.target)
+    qat = config.qat if config.qat is not None else QATConfig(**recipe.qat)
+    config = dataclasses.replace(config, qat=dataclasses.replace(qat, device=check_device(qat.device)))
+    rank = init_distributed(config.training.device)
+    upstream.apply()
     out_dir = Path(config.out) if config.out else Path("edgeq-out") / recipe.name
     checkpoint = checkpoint_path(out_dir)  # every rank resumes from rank 0's checkpoint
     from edgeq.ship.package import OutputDir
@@ -285,7 +286,7 @@ def choose_plan(
             max_drop=config.max_drop,
             size_budget=config.size_budget,
             outlier_ratio=config.outlier_ratio,
-            intermediate_bits=config.qat.intermediate_bits,
+            intermediate_bits=config.training.intermediate_bits,
             program_overhead=overhead,
         )
     return PlanChoice(planned.plan, analysis, planned)
@@ -294,7 +295,7 @@ def choose_plan(
 def program_overhead(recipe: Recipe, target: Target, config: BuildConfig, baseline: FloatBaseline) -> float:
     """Bytes a real program of this target carries beyond its weights: the default plan, PTQ, lowered."""
     plan = uniform_plan(baseline.model, target, example_inputs=baseline.example_inputs)
-    reference = post_training_quantize(baseline.model, recipe, target, plan, config.qat, batches=2)
+    reference = post_training_quantize(baseline.model, recipe, target, plan, config.training, batches=2)
     program = lower(reference, baseline.example_inputs, target, allow_download=config.allow_sdk_download).program
     return max(0.0, len(program) - weight_bytes(plan, target))
 
@@ -324,7 +325,7 @@ def _build(
 
     backend = get_backend(target.backend)
     seed_everything(config.seed)
-    config = dataclasses.replace(config, qat=dataclasses.replace(config.qat, seed=config.seed))
+    config = dataclasses.replace(config, qat=dataclasses.replace(config.training, seed=config.seed))
     _announce(progress, "model")
     baseline = float_baseline(recipe, target, stages)
     choice = choose_plan(recipe, target, config, baseline, stages, progress)
@@ -336,7 +337,7 @@ def _build(
     if config.plan is not None:
         # An edited plan may change the intermediate width (0 turns it off).
         config = dataclasses.replace(
-            config, qat=dataclasses.replace(config.qat, intermediate_bits=plan.intermediate_bits)
+            config, qat=dataclasses.replace(config.training, intermediate_bits=plan.intermediate_bits)
         )
     with stages("evaluate"):
         float_eval = _score(baseline.model, recipe, progress, "float model")
@@ -345,9 +346,17 @@ def _build(
     if progress is not None and hasattr(progress, "qat_start"):
         from edgeq.quant.qat import schedule
 
-        progress.qat_start(schedule(recipe, config.qat).steps)
+        progress.qat_start(schedule(recipe, config.training).steps)
     quantized = quantize(
-        recipe, target, plan, config.qat, stages, on_step, baseline.model, checkpoint=checkpoint, resume=config.resume
+        recipe,
+        target,
+        plan,
+        config.training,
+        stages,
+        on_step,
+        baseline.model,
+        checkpoint=checkpoint,
+        resume=config.resume,
     )
     if world()[0] != 0:
         return None
@@ -605,11 +614,11 @@ def accuracy_fallback(
         current = copy.deepcopy(plan)
         # Ranked on the reference that missed (the one that would have shipped).
         ranking, ranked_by = _sensitivity_ranking(choice, current, baseline, reference, recipe)
-        every = schedule(recipe, config.qat).holdout
+        every = schedule(recipe, config.training).holdout
         corrects_bias = "bias-correction" in shipped
         if corrects_bias:
             float_graph = capture_mod.capture_for_quantization(
-                baseline.model, baseline.example_inputs, config.qat.fold_bn
+                baseline.model, baseline.example_inputs, config.training.fold_bn
             )
             calibration = _calibration_inputs(recipe, every, config.bias_correction_samples)
         best: tuple[builtins.float, Plan, torch.fx.GraphModule, Evaluation] | None = None
@@ -639,7 +648,7 @@ def accuracy_fallback(
                 f"{ranked_by}); the plan missed --max-drop {config.max_drop:g}"
             )
             step_reference = post_training_quantize(
-                baseline.model, recipe, target, current, config.qat, config.ptq_batches or 16, every
+                baseline.model, recipe, target, current, config.training, config.ptq_batches or 16, every
             )
             if corrects_bias:
                 correct_bias(step_reference, float_graph, calibration)
@@ -694,7 +703,7 @@ def choose_candidate(
     """
     from edgeq.quant.bias_correction import correct_bias
 
-    qat_config = config.qat
+    qat_config = config.training
     held, _, every, selected_on = _held_out(recipe, config, baseline)
     references: dict[str, torch.fx.GraphModule] = {"qat": quantized.reference}
     if config.ptq_batches:
@@ -726,14 +735,14 @@ def _held_out(recipe: Recipe, config: BuildConfig, baseline: FloatBaseline) -> t
     Without a held-out slice (one training batch, or ``holdout=0``) the first training batches."""
     from edgeq.quant.qat import HeldOut, held_out_batches, schedule
 
-    every = schedule(recipe, config.qat).holdout
+    every = schedule(recipe, config.training).holdout
     batches = held_out_batches(recipe, every)
     selected_on = f"{len(batches)} held-out training batches"
     if not batches:
-        batches = [b for _, b in zip(range(max(1, config.qat.calibration_batches)), recipe.train_data())]
+        batches = [b for _, b in zip(range(max(1, config.training.calibration_batches)), recipe.train_data())]
         selected_on = f"{len(batches)} training batches (no held-out slice)"
-    teacher = baseline.model if config.qat.loss != "task" else None
-    return HeldOut(config.qat.loss, recipe, batches, teacher, "cpu"), batches, every, selected_on
+    teacher = baseline.model if config.training.loss != "task" else None
+    return HeldOut(config.training.loss, recipe, batches, teacher, "cpu"), batches, every, selected_on
 
 
 def _vocab(recipe: Recipe) -> bytes | None:
@@ -776,7 +785,7 @@ def refine_plan(
         return float(recipe.metric(outputs, targets))
 
     def measure(trial: Plan, what: str) -> dict[str, Any]:
-        reference = post_training_quantize(baseline.model, recipe, target, trial, config.qat, 2, every)
+        reference = post_training_quantize(baseline.model, recipe, target, trial, config.training, 2, every)
         entry = {"what": what, "holdout_loss": held.loss(reference), "holdout_metric": metric(reference)}
         measured.append(entry)
         return entry

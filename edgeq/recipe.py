@@ -122,13 +122,58 @@ class Recipe:
     #: for text models: tokenizer facts the app bundle needs ("tokenizer": "wordpiece", "lowercase",
     #: "max_length", "inputs", "pooling", "vocab_file": path to vocab.txt)
     text: dict[str, Any] = field(default_factory=dict)
+    #: QAT settings the model trains best with (QATConfig field names, e.g. a pretrained
+    #: transformer's {"optimizer": "adam", "lr": 1e-5}); a build uses them unless it is given
+    #: its own QATConfig, and `edgeq build` flags override them one by one
+    qat: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.qat = recipe_qat(self.qat, self.name)
         self.loss = _guarded("loss", self.loss)
         self.metric = _guarded("metric", self.metric)
 
     def score_output(self, output: Any) -> torch.Tensor:
         return select_output(output, self.output)
+
+
+#: QATConfig fields a recipe may set (the rest belong to the build: ranges, device, seed, checkpoints)
+RECIPE_QAT_FIELDS = (
+    "steps",
+    "epochs",
+    "holdout",
+    "patience",
+    "lr",
+    "optimizer",
+    "weight_decay",
+    "calibration_batches",
+    "freeze_bn",
+    "freeze_ranges",
+    "intermediate_share",
+    "loss",
+)
+
+
+def recipe_qat(settings: Any, where: str) -> dict[str, Any]:
+    """A recipe's QAT defaults, checked: known fields with values QATConfig accepts."""
+    from edgeq.configs import QATConfig
+
+    if not isinstance(settings, dict):
+        raise EdgeqError(
+            f"recipe {where}: qat is a {type(settings).__name__}", 'make it a dict, e.g. qat = {"lr": 1e-5}'
+        )
+    unknown = sorted(set(settings) - set(RECIPE_QAT_FIELDS))
+    if unknown:
+        raise EdgeqError(
+            f"recipe {where}: qat has unknown setting(s) {', '.join(unknown)}",
+            f"use some of: {', '.join(RECIPE_QAT_FIELDS)}",
+        )
+    try:
+        QATConfig(**settings)
+    except EdgeqError as exc:
+        raise EdgeqError(f"recipe {where}: qat: {exc.cause}", exc.fix) from exc
+    except TypeError as exc:
+        raise EdgeqError(f"recipe {where}: qat {exc}", "give each setting a value of QATConfig's type") from exc
+    return dict(settings)
 
 
 def _import_file(path: Path) -> ModuleType:
@@ -224,6 +269,7 @@ def recipe_from_module(module: ModuleType, source: str = "") -> Recipe:
         labels=labels,
         preprocessing=dict(getattr(module, "preprocessing", {}) or {}),
         text=dict(getattr(module, "text", {}) or {}),
+        qat=getattr(module, "qat", None) or {},
         source=source,
         fingerprint=hashlib.sha256(text.encode()).hexdigest(),
     )

@@ -163,6 +163,9 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
         for key, bits in (("weight_bits", wbits), ("activation_bits", abits)):
             if bits not in (2, 4, 8, 16, 32):
                 raise EdgeqError(f"{pwhere}: field '{key}' is {bits}", "use 2, 4, 8, 16 or 32")
+        if activations == "dynamic" and abits != 8:
+            # Dynamic inputs are quantized per token to int8 (XNNPACK's qd8; see edgeq.quant.dynamic).
+            raise EdgeqError(f"{pwhere}: dynamic activations are 8-bit, not {abits}", "set activation_bits = 8")
         group_size = int(table.get("group_size", 0))
         if group_size < 0 or (group_size and (ops != ["linear"] or activations != "dynamic")):
             raise EdgeqError(

@@ -44,6 +44,7 @@ ROWS = {
     "w4g32": {"precision": "w4g32"},
     "planner --max-drop 1": {},
     "planner --max-drop 0.1": {"max_drop": 0.1},
+    "planner --max-drop 0.05": {"max_drop": 0.05},
     "planner --max-drop 0.01": {"max_drop": 0.01},
     "planner --size-budget 0.18": {"size_budget": 0.18},
 }
@@ -115,7 +116,9 @@ def run_row(recipe, name: str, settings: dict, out: Path, epochs: int, **qat_set
     from edgeq.quant.configs import RangeConfig
 
     ranges = settings.pop("ranges", "adaptive")
-    qat = QATConfig(epochs=epochs, ranges=RangeConfig(mode=ranges), **qat_settings)
+    # The recipe's own QAT settings (Adam 1e-5 on 1 - cosine), as `edgeq build` uses them.
+    given = {"epochs": epochs} if epochs is not None else {}
+    qat = QATConfig(**{**recipe.qat, **given, **qat_settings}, ranges=RangeConfig(mode=ranges))
     # Uniform rows are measured, not gated: no accuracy fallback, whatever they reach.
     settings.setdefault("max_drop", 100.0 if "precision" in settings else 1.0)
     start = time.perf_counter()
@@ -148,13 +151,16 @@ def run_row(recipe, name: str, settings: dict, out: Path, epochs: int, **qat_set
         }
         | {"commits": sum(report["qat"].get("commits", {}).values()), "first_loss": report["qat"].get("first_loss")},
         "wall_seconds": wall,
+        "qat_config": {k: report["qat"]["config"][k] for k in ("optimizer", "lr", "loss", "epochs")},
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="*", default=list(ROWS), help=f"of: {', '.join(ROWS)}")
-    parser.add_argument("--epochs", type=int, default=2, help="QAT passes over the 240 training sentences")
+    parser.add_argument(
+        "--epochs", type=float, default=None, help="QAT passes over the training sentences (default: the recipe's)"
+    )
     parser.add_argument("--reuse", action="store_true", help="keep other rows from scripts/bench_transformer.json")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -215,11 +221,13 @@ def main() -> None:
         "candidates' cosine x100 (reference) -> shipped",
         "build time",
     ]
+    recipe_qat = {**recipe.qat, **({"epochs": args.epochs} if args.epochs is not None else {})}
+    qat_words = ", ".join(f"{k} {v}" for k, v in recipe_qat.items())
     body = (
         "## Transformer on android: all-MiniLM-L6-v2 (scripts/bench_transformer.py)\n\n"
         f"all-MiniLM-L6-v2 ({base['weights'] / 1e6:.1f}M weights, sequence 128, inputs input_ids + attention_mask), "
         f"float program {base['bytes']:,} bytes; {base['sentences']} held-out sentences (the example recipe's "
-        f"standard-library docstring text), .pte in executorch.runtime. QAT {args.epochs} passes by distillation. "
+        f"standard-library docstring text), .pte in executorch.runtime. QAT: {qat_words}. "
         f"Machine: {base['machine']}.\n\n" + table(header, rows)
     )
     reference = torch.cat([t for _, t in recipe.eval_data()])

@@ -131,6 +131,8 @@ from sklearn.datasets import load_wine
 from sklearn.model_selection import train_test_split
 
 labels = ["class_0", "class_1", "class_2"]
+# QAT settings for this model; the command line's --steps overrides the recipe's
+qat = {"steps": 30, "weight_decay": 1e-5}
 _x, _y = load_wine(return_X_y=True)
 _x = (_x - _x.mean(0)) / _x.std(0)
 xtr, xte, ytr, yte = train_test_split(_x, _y, test_size=0.3, random_state=1, stratify=_y)
@@ -184,6 +186,8 @@ def test_an_unseen_user_recipe_builds_through_the_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["recipe"] == "wine_recipe"
+    settings = report["qat"]["config"]
+    assert (settings["steps"], settings["weight_decay"], settings["lr"]) == (60, 1e-5, 1e-3)
     assert report["accuracy"]["float"] - report["accuracy"]["program"] <= 1.0
     man = json.loads((out / "manifest.json").read_text())
     assert man["labels"] == ["class_0", "class_1", "class_2"]

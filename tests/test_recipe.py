@@ -45,3 +45,25 @@ def test_default_metric_is_top1_percent():
     import torch
 
     assert top1_accuracy(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([1, 1])) == 50.0
+
+
+def test_recipe_qat_settings_are_checked_in_one_line(tmp_path):
+    from edgeq.configs import BuildConfig
+    from edgeq.recipe import Recipe
+
+    path = tmp_path / "tuned.py"
+    body = "def model(): pass\ndef example_inputs(): pass\ndef train_data(): pass\ndef eval_data(): pass\n"
+    path.write_text(body + 'qat = {"optimizer": "adam", "lr": 1e-5}\n')
+    assert load_recipe(str(path)).qat == {"optimizer": "adam", "lr": 1e-5}
+    assert BuildConfig().qat is None  # a build without its own QATConfig takes the recipe's
+    for bad, message in [
+        ('qat = {"learning_rate": 1e-5}', "recipe tuned: qat has unknown setting.s. learning_rate. use some of: steps"),
+        ('qat = {"lr": -1.0}', "recipe tuned: qat: invalid QAT setting: lr must be > 0"),
+        ('qat = ["adam"]', "recipe tuned: qat is a list"),
+    ]:
+        path.write_text(body + bad + "\n")
+        with pytest.raises(EdgeqError, match=message) as info:
+            load_recipe(str(path))
+        assert "\n" not in str(info.value)
+    with pytest.raises(EdgeqError, match="qat has unknown setting"):
+        Recipe("r", model=list, example_inputs=tuple, train_data=list, eval_data=list, qat={"ranges": "ema"})

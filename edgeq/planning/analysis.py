@@ -24,6 +24,7 @@ from torch import nn
 
 from edgeq.errors import EdgeqError
 from edgeq.planning.plan import model_layers
+from edgeq.quant.dynamic import fake_quant_per_token
 from edgeq.recipe import Recipe, as_tuple
 from edgeq.targets import Precision, Target
 
@@ -348,8 +349,8 @@ def _layer_alone(
         x = args[0]
         if not torch.is_floating_point(x):  # token ids into an embedding: weight-only
             return None
-        if spec.activations == "dynamic":
-            return (fake_quant_act(x, float(x.min()), float(x.max()), spec.activation_bits),) + tuple(args[1:])
+        if spec.activations == "dynamic":  # per token, as XNNPACK quantizes it (see quant.dynamic)
+            return (fake_quant_per_token(x),) + tuple(args[1:])
         return (fake_quant_act(x, lo, hi, spec.activation_bits),) + tuple(args[1:])
 
     handle = module.register_forward_pre_hook(quantize_input)

@@ -2,7 +2,8 @@
 
 Static activation and weight specs get edgeq's adaptive-range fake-quant for
 QAT (``ranges="adaptive"``) or PT2E's moving-average default (``"ema"``),
-or plain observers for post-training quantization (``qat=False``).
+or plain observers for post-training quantization (``qat=False``); dynamic
+inputs get the per-token fake-quant of :mod:`edgeq.quant.dynamic`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from edgeq.configs import RangeConfig
+from edgeq.quant.dynamic import PerTokenFakeQuantize
 from edgeq.quant.fake_quant import AdaptiveRangeFakeQuantize, vote_kwargs
 from edgeq.quant.ranges import VoteConfig
 
@@ -41,10 +43,21 @@ def weight_range(bits: int) -> tuple[int, int]:
     return -top, top
 
 
+def _per_token(spec: Any) -> Any:
+    if spec is None or not spec.is_dynamic:
+        return spec
+    return dataclasses.replace(spec, observer_or_fake_quant_ctr=PerTokenFakeQuantize.with_args(eps=2**-12))
+
+
 def swap_fake_quants(config: Any, qat: bool, ranges: RangeConfig) -> Any:
-    """Put the chosen QAT fake-quant into a backend's QuantizationConfig."""
+    """Put the chosen QAT fake-quant into a backend's QuantizationConfig.
+
+    Dynamic inputs get the program's per-token grid whatever the range method (they have no
+    range to track); ``ema-fused`` stays PT2E's default as shipped, per-tensor dynamic inputs
+    included."""
     if not qat or ranges.mode == "ema-fused":
         return config
+    config = dataclasses.replace(config, input_activation=_per_token(config.input_activation))
     swap = (lambda spec: _adaptive(spec, ranges.vote)) if ranges.mode == "adaptive" else _unfused
     return dataclasses.replace(
         config,

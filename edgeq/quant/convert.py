@@ -8,6 +8,7 @@ import torch
 
 from edgeq import upstream
 from edgeq.graph import drop_unused_attributes
+from edgeq.quant.dynamic import per_token_activations
 from edgeq.quant.embeddings import lower_tables, quantize_tables
 from edgeq.quant.groupwise import insert_fake_quants, lower_groups
 from edgeq.quant.half import insert_casts, lower_casts
@@ -35,6 +36,7 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     rebind_annotations(prepared)
     groups = lower_groups(prepared)  # before convert_pt2e, which would take the groupwise fake-quants for its own
     reference = convert_pt2e(prepared)
+    per_token_activations(reference)  # the program's dynamic grid (see quant.dynamic)
     lower_tables(reference)
     lower_casts(reference)
     if groups:

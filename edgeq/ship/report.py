@@ -70,7 +70,7 @@ def manifest(
             "seed": config.seed,
             "precision": config.precision,
             "plan": str(config.plan) if config.plan is not None else None,
-            "qat": config.qat.to_dict(),
+            "qat": config.training.to_dict(),
             "python": platform.python_version(),
         },
         **({"program": program_notes} if program_notes else {}),
@@ -167,7 +167,7 @@ def build_report(
         #: the plan quantized (PTQ) and measured on the held-out slice before training, and what changed
         "plan_checks": refined,
         "qat": {
-            "config": config.qat.to_dict(),
+            "config": config.training.to_dict(),
             "steps": qat_report.steps,
             "seconds": qat_report.seconds,
             "step_seconds": qat_report.step_seconds,
