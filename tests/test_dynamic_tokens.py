@@ -151,3 +151,14 @@ def test_dynamic_activations_other_than_8_bits_are_refused(tmp_path):
     path.write_text(text)
     with pytest.raises(EdgeqError, match="dynamic activations are 8-bit, not 4.*activation_bits = 8"):
         load_target(path)
+
+
+def test_program_debugging_reads_per_token_layers(setup):
+    """Per-layer debugging sees each dynamic linear, and its kernel equals the reference's ops."""
+    from edgeq.checks.program_debug import debug_program
+
+    model, recipe, target = setup
+    report = debug_program(model, _ptq(model, recipe, target, "w8dyn"), recipe, target, samples=2)
+    linears = [layer for layer in report.layers if "linear" in layer.ops]
+    assert [layer.name for layer in linears] == ["fc1", "fc2"]
+    assert all(layer.kernel_vs_reference_db >= 80.0 for layer in linears), linears

@@ -39,7 +39,7 @@ from edgeq.planning.plan import quantizable_layers
 from edgeq.recipe import as_tuple
 from edgeq.targets import Target, load_target
 
-_QDQ = ("quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel")
+_QDQ = ("quantize_per_tensor", "quantize_per_token", "quantize_per_channel")  # and their dequantize_ ops
 # Ops that move or relabel values without arithmetic: their output repeats their input's numbers.
 _LAYOUT = {"view_copy", "squeeze_copy", "unsqueeze_copy", "permute_copy", "clone", "expand_copy", "_clone_dim_order"}
 
