@@ -157,6 +157,11 @@ def build(
         help="What QAT learns from: task (the recipe's loss on its targets), distill (the float model's outputs: "
         "KL on logits, MSE otherwise; no labels needed) or both.",
     ),
+    dropout: bool = typer.Option(
+        _Q.dropout,
+        "--dropout/--no-dropout",
+        help="QAT with the model's dropout rates; --no-dropout trains with every dropout off.",
+    ),
     ranges: RangeMode = typer.Option(
         _Q.ranges.mode,
         help="Range tracking during QAT: adaptive (edgeq's voting tracker), ema (PT2E's moving-average observers, "
@@ -238,6 +243,7 @@ def build(
             "lr": lr,
             "optimizer": optimizer.value,
             "loss": loss.value,
+            "dropout": dropout,
             "fold_bn": fold_bn,
             "freeze_ranges": freeze_ranges,
             "freeze_bn": freeze_bn,

@@ -163,6 +163,9 @@ class QATConfig:
     checkpoint_every: int = 100
     #: "distill" (the float model's outputs: no labels needed), "task" (the recipe's loss) or "both"
     loss: str = "distill"
+    #: train with the model's own dropout rates; False: every dropout off while training (a model
+    #: learning to reproduce its float self: dropout noise would swamp a quantization error that small)
+    dropout: bool = True
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:

@@ -150,6 +150,7 @@ RECIPE_QAT_FIELDS = (
     "freeze_ranges",
     "intermediate_share",
     "loss",
+    "dropout",
 )
 
 

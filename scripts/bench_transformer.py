@@ -45,7 +45,6 @@ ROWS = {
     "planner --max-drop 1": {},
     "planner --max-drop 0.1": {"max_drop": 0.1},
     "planner --max-drop 0.05": {"max_drop": 0.05},
-    "planner --max-drop 0.01": {"max_drop": 0.01},
     "planner --size-budget 0.18": {"size_budget": 0.18},
 }
 

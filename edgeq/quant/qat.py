@@ -396,8 +396,28 @@ def run_qat(
     With ``checkpoint``, the state (model with its range trackers, optimizer,
     schedule, RNG states, step) is saved there every ``checkpoint_every``
     steps; ``resume`` continues from it and ends exactly where an
-    uninterrupted run would.
+    uninterrupted run would. With ``config.dropout`` False every dropout of
+    the graph trains at rate 0.
     """
+    rates = upstream.record_dropout_rates(model)
+    if not config.dropout:
+        model.meta[upstream.DROPOUT_RATES] = [0.0] * len(rates)
+    try:
+        return _run_qat(model, recipe, config, on_step, checkpoint, fingerprint, resume, teacher)
+    finally:
+        model.meta[upstream.DROPOUT_RATES] = rates
+
+
+def _run_qat(
+    model: torch.fx.GraphModule,
+    recipe: Recipe,
+    config: QATConfig,
+    on_step: Callable[[int, float], None] | None,
+    checkpoint: Path | None,
+    fingerprint: str,
+    resume: bool,
+    teacher: torch.nn.Module | None,
+) -> QATReport:
     from edgeq.quant import checkpoint as ckpt
 
     if config.loss != "task" and teacher is None:
