@@ -87,3 +87,36 @@ def test_many_passes_over_a_small_set_warn():
     teacher, prepared = _quantized(small, config)
     warnings = run_qat(prepared, small, config, teacher=teacher).warnings
     assert len(warnings) == 1 and "30 passes" in warnings[0] and "memorise" in warnings[0]
+
+
+@pytest.mark.parametrize("dropout", [True, False])
+def test_qat_trains_at_the_model_dropout_rate_or_with_dropout_off(dropout):
+    import copy
+
+    from torch import nn
+
+    from edgeq import upstream
+    from edgeq.quant.qat import run_qat
+    from edgeq.recipe import Recipe
+
+    digits = load_recipe(None)
+    float_model = digits.model().eval()
+    model = nn.Sequential(float_model, nn.Dropout(0.3)).eval()
+    recipe = Recipe(
+        name="digits-dropout",
+        model=lambda: copy.deepcopy(model),
+        example_inputs=digits.example_inputs,
+        train_data=digits.train_data,
+        eval_data=digits.eval_data,
+    )
+    config = QATConfig(steps=4, patience=0, checkpoint_every=0, dropout=dropout)
+    teacher, prepared = _quantized(recipe, config)
+    seen = []
+
+    def rates(step, loss):
+        seen.append([n.args[1:] for n in prepared.graph.nodes if n.target is torch.ops.aten.dropout.default])
+
+    run_qat(prepared, recipe, config, on_step=rates, teacher=teacher)
+    training = seen[0]
+    assert training == ([(0.3, True)] if dropout else [(0.0, True)])
+    assert prepared.meta[upstream.DROPOUT_RATES] == [0.3]  # the model's own rate, kept for later switches
