@@ -393,6 +393,7 @@ def _build(
         ref_eval.metric,
         stages,
         progress,
+        trained=_trained(baseline, quantized, plan) if shipped == "qat" else None,
     )
     before_fallback = quantized.reference
     if fallback is not None and fallback.improved:
@@ -432,6 +433,7 @@ def _build(
     if fallback is not None:
         fallback_report = {
             "ranked_by": fallback.ranked_by,
+            "weights": fallback.weights,
             "start_metric": fallback.start_metric,
             "steps": fallback.steps,
             "shipped": fallback.improved,
@@ -554,6 +556,8 @@ class Fallback:
     #: how the layers were ranked
     ranked_by: str
     start_metric: builtins.float
+    #: whose weights each step quantized: "QAT-trained" or "float"
+    weights: str = "float"
 
 
 def _sensitivity_ranking(
@@ -581,6 +585,13 @@ def _sensitivity_ranking(
     return ranked, "SQNR lost at the layer (quantized reference against float)"
 
 
+def _trained(baseline: FloatBaseline, quantized: Quantized, plan: Plan) -> torch.nn.Module | None:
+    from edgeq.quant.qat import trained_float
+
+    tables = tuple(f"{entry.name}.weight" for entry in plan.layers if entry.kind == "embedding")
+    return trained_float(baseline.model, quantized.fake_quant, keep=tables)
+
+
 def accuracy_fallback(
     recipe: Recipe,
     target: Target,
@@ -594,14 +605,17 @@ def accuracy_fallback(
     metric: builtins.float,
     stages: Stages,
     progress: Any = None,
+    trained: torch.nn.Module | None = None,
 ) -> Fallback | None:
     """When the shipped reference misses ``max_drop``, keep its most sensitive layers in float.
 
     As in NNCF's accuracy-aware quantization: one layer at a time, most sensitive first,
     each step re-quantized (calibration, plus bias correction when that shipped; QAT is not
     rerun) and measured on the evaluation data, until the drop fits or ``fallback_layers``
-    layers are float. The build ships the best step, and the report shows every step with its
-    size (and, on a CPU target, latency) price.
+    layers are float. ``trained`` (the float model with the weights QAT learned, when QAT
+    shipped) is what each step quantizes, so a step keeps what training gained. The build
+    ships the best step, and the report shows every step with its size (and, on a CPU
+    target, latency) price.
     """
     floats = [name for name, spec in target.precisions.items() if spec.is_float]
     if not config.fallback_layers or not floats or float_metric - metric <= config.max_drop:
@@ -648,7 +662,13 @@ def accuracy_fallback(
                 f"{ranked_by}); the plan missed --max-drop {config.max_drop:g}"
             )
             step_reference = post_training_quantize(
-                baseline.model, recipe, target, current, config.training, config.ptq_batches or 16, every
+                trained if trained is not None else baseline.model,
+                recipe,
+                target,
+                current,
+                config.training,
+                config.ptq_batches or 16,
+                every,
             )
             if corrects_bias:
                 correct_bias(step_reference, float_graph, calibration)
@@ -674,6 +694,7 @@ def accuracy_fallback(
         improved=best[0] > metric,
         ranked_by=ranked_by,
         start_metric=metric,
+        weights="QAT-trained" if trained is not None else "float",
     )
 
 

@@ -66,6 +66,8 @@ def test_a_layer_that_breaks_int8_goes_to_float_and_the_build_says_what_it_cost(
     assert fallback["start_metric"] < result.scores.float - 2.0  # int8 everywhere missed the goal
     assert fallback["steps"][0]["layer"] == "4"  # the layer reading the wrecked activation, found first
     assert result.scores.shipped.endswith("+float-fallback")
+    # Each step quantizes the weights that shipped: QAT's when QAT shipped (no BatchNorm here).
+    assert fallback["weights"] == ("QAT-trained" if result.scores.shipped.startswith("qat") else "float")
     assert result.plan.precision_of("4") == "fp16"  # the narrowest float precision on the android menu
     assert result.drop <= 2.0
     assert report["accuracy"]["program"] == result.scores.program
@@ -80,3 +82,36 @@ def test_fallback_setting_is_validated():
     assert BuildConfig(fallback_layers=0).fallback_layers == 0
     with pytest.raises(EdgeqError, match="fallback_layers"):
         BuildConfig(fallback_layers=-1)
+
+
+def test_trained_weights_go_back_into_the_float_model_unless_batchnorm_was_folded():
+    import copy
+
+    from edgeq.backends import build_quantizer
+    from edgeq.capture import capture_for_quantization
+    from edgeq.planning.plan import uniform_plan
+    from edgeq.quant.convert import prepare
+    from edgeq.quant.qat import trained_float
+    from edgeq.targets import load_target
+
+    target = load_target("android")
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    example = (torch.randint(0, 20, (1, 5)),)
+    plan = uniform_plan(mlp, target, "int8", example_inputs=example)
+    prepared = prepare(capture_for_quantization(mlp, example, True), build_quantizer(plan, target))
+    with torch.no_grad():
+        prepared.get_parameter("1.weight").add_(1.0)  # what training did
+        prepared.get_parameter("0.weight").add_(1.0)
+    before = copy.deepcopy(mlp.state_dict())
+    trained = trained_float(mlp, prepared, keep=("0.weight",))
+    assert trained is not None and trained is not mlp
+    assert torch.equal(trained[1].weight, before["1.weight"] + 1.0)
+    assert torch.equal(trained[0].weight, before["0.weight"])  # kept as the model had it
+    assert all(torch.equal(v, before[k]) for k, v in mlp.state_dict().items())  # the float model untouched
+
+    convbn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    images = (torch.randn(1, 3, 8, 8),)
+    plan = uniform_plan(convbn, target, "int8", example_inputs=images)
+    folded = prepare(capture_for_quantization(convbn, images, True), build_quantizer(plan, target))
+    assert trained_float(convbn, folded) is None

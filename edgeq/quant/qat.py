@@ -14,6 +14,7 @@ The schedule (all shares are of ``QATConfig.steps``):
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -133,6 +134,28 @@ def to_eval(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
     upstream.move_to_eval(model)
     set_observers(model, False)
     return model
+
+
+def trained_float(
+    model: torch.nn.Module, prepared: torch.fx.GraphModule, keep: tuple[str, ...] = ()
+) -> torch.nn.Module | None:
+    """A copy of the float ``model`` holding the weights QAT trained in ``prepared``.
+
+    Parameters are matched by name; ``keep`` names parameters left as the model had them
+    (embedding tables, which prepare rounds to their grid in place). None when the graph's
+    parameters are not the model's own: BatchNorm folded into convs changes both the conv
+    weights and the parameter set, and those weights cannot go back into an unfolded model.
+    """
+    own = dict(model.named_parameters())
+    trained = dict(prepared.named_parameters())
+    if set(own) != set(trained) or any(own[name].shape != trained[name].shape for name in own):
+        return None
+    copy_ = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in copy_.named_parameters():
+            if name not in keep:
+                param.copy_(trained[name].detach().to(param.device, param.dtype))
+    return copy_.eval()
 
 
 def world() -> tuple[int, int]:
