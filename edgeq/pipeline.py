@@ -393,7 +393,7 @@ def _build(
         ref_eval.metric,
         stages,
         progress,
-        trained=_trained(baseline, quantized, plan) if shipped == "qat" else None,
+        trained_graph=quantized.fake_quant if shipped == "qat" else None,
     )
     before_fallback = quantized.reference
     if fallback is not None and fallback.improved:
@@ -585,13 +585,6 @@ def _sensitivity_ranking(
     return ranked, "SQNR lost at the layer (quantized reference against float)"
 
 
-def _trained(baseline: FloatBaseline, quantized: Quantized, plan: Plan) -> torch.nn.Module | None:
-    from edgeq.quant.qat import trained_float
-
-    tables = tuple(f"{entry.name}.weight" for entry in plan.layers if entry.kind == "embedding")
-    return trained_float(baseline.model, quantized.fake_quant, keep=tables)
-
-
 def accuracy_fallback(
     recipe: Recipe,
     target: Target,
@@ -605,15 +598,16 @@ def accuracy_fallback(
     metric: builtins.float,
     stages: Stages,
     progress: Any = None,
-    trained: torch.nn.Module | None = None,
+    trained_graph: torch.fx.GraphModule | None = None,
 ) -> Fallback | None:
     """When the shipped reference misses ``max_drop``, keep its most sensitive layers in float.
 
     As in NNCF's accuracy-aware quantization: one layer at a time, most sensitive first,
     each step re-quantized (calibration, plus bias correction when that shipped; QAT is not
     rerun) and measured on the evaluation data, until the drop fits or ``fallback_layers``
-    layers are float. ``trained`` (the float model with the weights QAT learned, when QAT
-    shipped) is what each step quantizes, so a step keeps what training gained. The build
+    layers are float. When QAT shipped (``trained_graph``, its trained graph), each step
+    quantizes the float model holding the weights QAT learned, so a step keeps what training
+    gained. The build
     ships the best step, and the report shows every step with its size (and, on a CPU
     target, latency) price.
     """
@@ -621,8 +615,12 @@ def accuracy_fallback(
     if not config.fallback_layers or not floats or float_metric - metric <= config.max_drop:
         return None
     from edgeq.quant.bias_correction import correct_bias
-    from edgeq.quant.qat import schedule
+    from edgeq.quant.qat import schedule, trained_float
 
+    trained = None
+    if trained_graph is not None:  # only now: the copy costs a model's worth of memory
+        tables = tuple(f"{entry.name}.weight" for entry in plan.layers if entry.kind == "embedding")
+        trained = trained_float(baseline.model, trained_graph, keep=tables)
     _announce(progress, "fallback")
     with stages("fallback"):
         current = copy.deepcopy(plan)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import operator
 
 import torch
-from torch.ao.quantization.fx._decomposed import _choose_qparams_per_token_asymmetric_impl
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
 _qd = torch.ops.quantized_decomposed
@@ -43,7 +42,8 @@ def fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:
         return x
     with torch.no_grad():
-        scale, zero_point = _choose_qparams_per_token_asymmetric_impl(x.detach().float(), torch.int8)
+        # The op per_token_activations writes into the reference: one choice of qparams for both.
+        scale, zero_point = _qd.choose_qparams_per_token_asymmetric.default(x.detach().float(), torch.int8)
         scale, zero_point = scale.to(x.dtype), zero_point.to(x.dtype)
         q = (x.detach() * (1.0 / scale) + zero_point).round().clamp(-128, 127)
         fake = (q - zero_point) * scale
