@@ -367,12 +367,12 @@ def analyze(
     """Measure every layer's ranges, SQNR and sensitivity; print a table and write analysis.json."""
     set_verbose(False)
     try:
+        from edgeq.backends import load_target
         from edgeq.errors import EdgeqError
         from edgeq.planning.analysis import analyze as run_analyze
         from edgeq.planning.analysis import print_analysis
         from edgeq.recipe import load_recipe
         from edgeq.ship.package import write_json_atomic
-        from edgeq.targets import load_target
 
         t = load_target(target)
         r = load_recipe(recipe)
@@ -391,7 +391,8 @@ def targets() -> None:
     """List the built-in targets and their precision menus."""
     from rich.table import Table
 
-    from edgeq.targets import builtin_targets, load_target
+    from edgeq.backends import load_target
+    from edgeq.targets import builtin_targets
 
     table = Table(title="edgeq targets")
     for col in ("name", "backend", "chipset", "default", "precisions"):
@@ -506,10 +507,10 @@ def _program_debug(build_dir: Path, r, threshold: float, runtime_threshold: floa
     target = json.loads(manifest_path.read_text())["target"]["name"] if manifest_path.is_file() else "android"
     if target not in builtin_targets():
         raise EdgeqError(f"the build's target '{target}' is not a built-in target", "rebuild with a built-in --target")
-    from edgeq.backends import get_backend
-    from edgeq.targets import load_target
+    from edgeq.backends import backend_of, load_target
 
-    if get_backend(load_target(target).backend).per_op_partitioners(load_target(target)) is None:
+    resolved = load_target(target)
+    if backend_of(resolved).per_op_partitioners(resolved) is None:
         _intermediates_debug(build_dir, r, target, threshold)
         return
     shipped = build_dir / "model.pte"

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from edgeq import upstream
-from edgeq.backends import get_backend
+from edgeq.backends import backend_of
 from edgeq.graph import untie_shared_constants
 from edgeq.targets import Target
 
@@ -99,7 +99,7 @@ def _reason(op: str, target: Target) -> str:
         key = pattern.replace("aten.", "aten_").replace(".", "_")
         if op.startswith(key) or op == pattern:
             return why
-    return get_backend(target.backend).outside_reason(op)
+    return backend_of(target).outside_reason(op)
 
 
 def untied(model: torch.nn.Module) -> torch.nn.Module:
@@ -118,7 +118,7 @@ def lower_float(model: torch.nn.Module, example_inputs: tuple, target: Target) -
 
     upstream.apply()
     exported = torch.export.export(model, example_inputs)
-    partitioners = get_backend(target.backend).float_partitioners()
+    partitioners = backend_of(target).float_partitioners()
     return bytes(to_edge_transform_and_lower(exported, partitioner=partitioners).to_executorch().buffer)
 
 
@@ -131,7 +131,7 @@ def lower(
 ) -> Lowered:
     """Export at the example shape and lower to an ExecuTorch program."""
     upstream.apply()
-    edge = get_backend(target.backend).to_edge(untied(model), example_inputs, target, allow_download)
+    edge = backend_of(target).to_edge(untied(model), example_inputs, target, allow_download)
     delegation = _delegation(edge, target, float_graph)
     program = edge.to_executorch()
     return Lowered(program=bytes(program.buffer), delegation=delegation, edge=edge)

@@ -21,7 +21,7 @@ import torch
 
 from edgeq import capture as capture_mod
 from edgeq import upstream
-from edgeq.backends import build_quantizer, get_backend
+from edgeq.backends import backend_of, load_target, quant_spec
 from edgeq.checks.evaluate import Evaluation, agreement, evaluate
 from edgeq.configs import DEBUG_PROGRAM_LAYERS, BuildConfig
 from edgeq.errors import AccuracyError, EdgeqError, SdkMissingError
@@ -42,7 +42,7 @@ from edgeq.quant.devices import check_device, init_distributed, seed_everything
 from edgeq.quant.ptq import post_training_quantize
 from edgeq.quant.qat import QATConfig, QATReport, run_qat, to_eval, world
 from edgeq.recipe import Recipe, load_recipe
-from edgeq.targets import Target, load_target
+from edgeq.targets import Target
 from edgeq.timing import Stages
 
 __all__ = ["BuildConfig", "BuildResult", "Scores", "build", "checkpoint_path", "quantize"]
@@ -132,7 +132,7 @@ def quantize(
     with stages("export"):
         graph = capture_mod.capture_for_quantization(model, recipe.example_inputs(), config.fold_bn)
     with stages("prepare"):
-        prepared = prepare(graph, build_quantizer(plan, target, qat=True, ranges=config.ranges), qat=True)
+        prepared = prepare(graph, quant_spec(plan, target, qat=True, ranges=config.ranges))
     with stages("qat"):
         report = run_qat(
             prepared,
@@ -277,7 +277,7 @@ def choose_plan(
     with stages("analyze"):
         analysis = analyze(baseline.model, recipe, target, seconds=config.analysis_seconds)
         overhead = None
-        if config.size_budget is not None and not get_backend(target.backend).float_baseline_overhead:
+        if config.size_budget is not None and not backend_of(target).float_baseline_overhead:
             overhead = program_overhead(recipe, target, config, baseline)
         planned = make_plan(
             analysis,
@@ -295,7 +295,9 @@ def choose_plan(
 def program_overhead(recipe: Recipe, target: Target, config: BuildConfig, baseline: FloatBaseline) -> float:
     """Bytes a real program of this target carries beyond its weights: the default plan, PTQ, lowered."""
     plan = uniform_plan(baseline.model, target, example_inputs=baseline.example_inputs)
-    reference = post_training_quantize(baseline.model, recipe, target, plan, config.training, batches=2)
+    reference = post_training_quantize(
+        baseline.model, recipe, quant_spec(plan, target, qat=False), config.training, batches=2
+    )
     program = lower(reference, baseline.example_inputs, target, allow_download=config.allow_sdk_download).program
     return max(0.0, len(program) - weight_bytes(plan, target))
 
@@ -323,7 +325,7 @@ def _build(
     from edgeq.ship.package import sha256, write_bytes_atomic, write_json_atomic
     from edgeq.ship.report import build_report, manifest, write_html
 
-    backend = get_backend(target.backend)
+    backend = backend_of(target)
     seed_everything(config.seed)
     config = dataclasses.replace(config, qat=dataclasses.replace(config.training, seed=config.seed))
     _announce(progress, "model")
@@ -662,8 +664,7 @@ def accuracy_fallback(
             step_reference = post_training_quantize(
                 trained if trained is not None else baseline.model,
                 recipe,
-                target,
-                current,
+                quant_spec(current, target, qat=False),
                 config.training,
                 config.ptq_batches or 16,
                 every,
@@ -728,7 +729,9 @@ def choose_candidate(
     if config.ptq_batches:
         _announce(progress, "ptq")
         with stages("ptq"):
-            ptq = post_training_quantize(baseline.model, recipe, target, plan, qat_config, config.ptq_batches, every)
+            ptq = post_training_quantize(
+                baseline.model, recipe, quant_spec(plan, target, qat=False), qat_config, config.ptq_batches, every
+            )
         references["ptq"] = ptq
         if config.bias_correction:
             with stages("bias correction"):
@@ -804,7 +807,9 @@ def refine_plan(
         return float(recipe.metric(outputs, targets))
 
     def measure(trial: Plan, what: str) -> dict[str, Any]:
-        reference = post_training_quantize(baseline.model, recipe, target, trial, config.training, 2, every)
+        reference = post_training_quantize(
+            baseline.model, recipe, quant_spec(trial, target, qat=False), config.training, 2, every
+        )
         entry = {"what": what, "holdout_loss": held.loss(reference), "holdout_metric": metric(reference)}
         measured.append(entry)
         return entry
@@ -926,7 +931,7 @@ def debug_layers(
         layer_errors, first_divergence = [], None
     program_layers: dict[str, Any] | None = None
     layer_count = len(plan.layers)
-    backend = get_backend(target.backend)
+    backend = backend_of(target)
     if config.debug_program is None and layer_count > DEBUG_PROGRAM_LAYERS:
         program_layers = {
             "skipped": f"{layer_count} layers (the build reads them back by itself up to "

@@ -4,6 +4,10 @@ Each file in the repository's ``targets/`` folder (shipped in the wheel as
 ``edgeq._targets``) names a backend, a chipset, the precision menu the planner
 may choose from, and the delegate's known per-op limits. Users can pass their
 own file with ``--target path/to/file.toml``.
+
+This module parses and checks the common schema only; what a backend needs
+beyond it is checked when the target is resolved (``edgeq.backends.resolve_target``,
+which ``edgeq.load_target`` calls), and the resolved target carries its backend.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgeq.backends import get_backend, known_backends
 from edgeq.errors import EdgeqError
 
 ACTIVATION_MODES = ("static", "dynamic", "float")
@@ -67,6 +70,11 @@ class Target:
     op_limits: dict[str, str] = field(default_factory=dict)
     soc_model: str = ""
     path: str = ""
+    #: the resolved backend object (an ``edgeq.backends.Backend``), attached by
+    #: ``edgeq.backends.resolve_target``; None on a target only parsed
+    impl: Any = field(default=None, compare=False, repr=False)
+    #: the parsed TOML table, for the backend's own checks at resolution
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def kinds(self) -> set[str]:
@@ -136,11 +144,10 @@ def _channel_bytes(value: Any, ops: list[str], where: str) -> tuple[tuple[str, f
 
 
 def parse_target(data: dict[str, Any], where: str) -> Target:
-    """Validate a parsed TOML table against the target schema."""
+    """Validate a parsed TOML table against the common target schema (the backend's own checks
+    run in ``edgeq.backends.resolve_target``)."""
     name = _need(data, "name", str, where)
     backend = _need(data, "backend", str, where)
-    if backend not in known_backends():
-        raise EdgeqError(f"{where}: unknown backend '{backend}'", f"use one of: {', '.join(known_backends())}")
     menu = _need(data, "precisions", dict, where)
     if not menu:
         raise EdgeqError(f"{where}: field 'precisions' is empty", "declare at least one precision")
@@ -194,7 +201,6 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
             f"{where}: default_precision '{default}' is not in the menu",
             f"use one of: {', '.join(precisions)}",
         )
-    get_backend(backend).check_target(data, precisions, where)
     limits = data.get("op_limits", {})
     if not isinstance(limits, dict):
         raise EdgeqError(f"{where}: field 'op_limits' must be a table", "write it as [op_limits]")
@@ -208,11 +214,12 @@ def parse_target(data: dict[str, Any], where: str) -> Target:
         op_limits={str(k): str(v) for k, v in limits.items()},
         soc_model=str(data.get("soc_model", "")),
         path=where,
+        raw=data,
     )
 
 
-def load_target(spec: str | Path | Target) -> Target:
-    """A built-in target by name, or a user's TOML file by path."""
+def read_target(spec: str | Path | Target) -> Target:
+    """A built-in target by name, or a user's TOML file by path, parsed (not resolved)."""
     if isinstance(spec, Target):
         return spec
     text = str(spec)

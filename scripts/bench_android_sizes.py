@@ -60,19 +60,18 @@ class Table(nn.Module):
 
 
 def program_bytes(model: nn.Module, data: torch.Tensor, precision: str) -> int:
-    from edgeq.backends import build_quantizer
+    from edgeq.backends import load_target, quant_spec
     from edgeq.capture import capture
     from edgeq.lower import lower, lower_float
     from edgeq.planning.plan import uniform_plan
     from edgeq.quant.convert import convert, prepare
-    from edgeq.targets import load_target
 
     target = load_target("android")
     example = (data[:1],)
     if precision == "fp32":
         return len(lower_float(model, example, target))
     plan = uniform_plan(model, target, precision, example_inputs=example)
-    prepared = prepare(capture(model, example), build_quantizer(plan, target, qat=False), qat=False)
+    prepared = prepare(capture(model, example), quant_spec(plan, target, qat=False))
     with torch.no_grad():
         prepared(data)
     return len(lower(convert(prepared), example, target).program)
@@ -86,7 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    from edgeq.targets import load_target
+    from edgeq.backends import load_target
 
     torch.manual_seed(0)
     menu = load_target("android").precisions

@@ -41,13 +41,12 @@ def qat_overhead(steps: int = 100, repeats: int = 3) -> tuple[float, float]:
 
     import torch
 
-    from edgeq.backends import build_quantizer
+    from edgeq.backends import load_target, quant_spec
     from edgeq.capture import capture, fold_batchnorm
     from edgeq.planning.plan import uniform_plan
     from edgeq.quant.convert import prepare
     from edgeq.quant.qat import QATConfig, run_qat
     from edgeq.recipe import load_recipe
-    from edgeq.targets import load_target
 
     recipe = load_recipe(None)
     model = recipe.model()
@@ -57,7 +56,7 @@ def qat_overhead(steps: int = 100, repeats: int = 3) -> tuple[float, float]:
     for _ in range(repeats):
         graph = capture(model, recipe.example_inputs())
         fold_batchnorm(graph)
-        prepared = prepare(graph, build_quantizer(uniform_plan(model, target, "int8"), target))
+        prepared = prepare(graph, quant_spec(uniform_plan(model, target, "int8"), target))
         stamps = []
         run_qat(
             prepared,

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_report import machine, table, write_section  # noqa: E402
 from bench_runtime import MobileNetV2  # noqa: E402
 
-from edgeq.backends import build_quantizer
+from edgeq.backends import quant_spec
 from edgeq.capture import capture, fold_batchnorm  # noqa: E402
 from edgeq.planning.plan import uniform_plan  # noqa: E402
 from edgeq.quant.configs import RangeConfig  # noqa: E402
@@ -59,7 +59,7 @@ def gpu_quantizer(net, target, mode: str):
     fake-quant swapped in: the same kind of fake-quants around the same convs
     and linears, which is what QAT throughput depends on."""
     try:
-        return build_quantizer(uniform_plan(net, target, "int8"), target, ranges=RangeConfig(mode=mode)), "XNNPACK"
+        return quant_spec(uniform_plan(net, target, "int8"), target, ranges=RangeConfig(mode=mode)), "XNNPACK"
     except ImportError:
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
             X86InductorQuantizer,
@@ -69,9 +69,10 @@ def gpu_quantizer(net, target, mode: str):
         from edgeq.quant.configs import swap_fake_quants
 
         config = get_default_x86_inductor_quantization_config(is_qat=True)
-        return X86InductorQuantizer().set_global(
-            swap_fake_quants(config, True, RangeConfig(mode=mode))
-        ), "X86Inductor (no ExecuTorch)"
+        from edgeq.quant.spec import QuantSpec
+
+        quantizer = X86InductorQuantizer().set_global(swap_fake_quants(config, True, RangeConfig(mode=mode)))
+        return QuantSpec(quantizer, qat=True, ranges=RangeConfig(mode=mode)), "X86Inductor (no ExecuTorch)"
 
 
 def main() -> None:

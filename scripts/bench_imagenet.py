@@ -130,8 +130,8 @@ def main() -> None:
     args = parser.parse_args()
     if not imagenet_recipes.available():
         sys.exit(f"no ImageNet sample at {imagenet_recipes.ROOT}: see ../shared/data/README.md")
+    from edgeq.backends import load_target
     from edgeq.lower import lower_float
-    from edgeq.targets import load_target
 
     saved = Path(__file__).with_name("bench_imagenet.json")
     details = json.loads(saved.read_text()) if args.reuse and saved.exists() else {}

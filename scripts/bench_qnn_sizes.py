@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_report import machine, table, write_section  # noqa: E402
 
-from edgeq.backends import build_quantizer, qnn_host  # noqa: E402
+from edgeq.backends import qnn_host, quant_spec  # noqa: E402
 from edgeq.capture import capture  # noqa: E402
 from edgeq.lower import lower  # noqa: E402
 from edgeq.planning.plan import uniform_plan  # noqa: E402
@@ -48,8 +48,7 @@ def main() -> None:
         for qat in (False, True):
             prepared = prepare(
                 capture(model, (x,), dynamic_batch=False),
-                build_quantizer(uniform_plan(model, target, precision), target, qat=qat, ranges=RangeConfig()),
-                qat=qat,
+                quant_spec(uniform_plan(model, target, precision), target, qat=qat, ranges=RangeConfig()),
             )
             with torch.no_grad():
                 for _ in range(4):

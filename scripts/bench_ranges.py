@@ -33,7 +33,7 @@ from bench_report import machine, table, write_section  # noqa: E402
 from bench_tasks import tasks  # noqa: E402
 
 from edgeq import upstream  # noqa: E402
-from edgeq.backends import build_quantizer  # noqa: E402
+from edgeq.backends import quant_spec  # noqa: E402
 from edgeq.capture import capture, fold_batchnorm  # noqa: E402
 from edgeq.checks.evaluate import agreement, evaluate  # noqa: E402
 from edgeq.checks.validate import run_program  # noqa: E402
@@ -86,7 +86,7 @@ def pte_accuracy(reference, recipe) -> float:
 
 def ptq(model, recipe, precision: str, batches: int = 8) -> float:
     plan = uniform_plan(model, TARGET, precision)
-    prepared = prepare(capture(model, recipe.example_inputs()), build_quantizer(plan, TARGET, qat=False), qat=False)
+    prepared = prepare(capture(model, recipe.example_inputs()), quant_spec(plan, TARGET, qat=False))
     with torch.no_grad():
         for i, (inputs, _) in enumerate(recipe.train_data()):
             prepared(*as_tuple(inputs))
@@ -121,7 +121,7 @@ def qat(model, recipe, precision: str, config: QATConfig) -> dict:
     plan = uniform_plan(model, TARGET, precision)
     graph = capture(model, recipe.example_inputs())
     fold_batchnorm(graph)
-    prepared = prepare(graph, build_quantizer(plan, TARGET, qat=True, ranges=config.ranges))
+    prepared = prepare(graph, quant_spec(plan, TARGET, qat=True, ranges=config.ranges))
     watcher = GridWatcher(prepared)
     run_qat(prepared, recipe, config, on_step=watcher)
     reference = convert(copy.deepcopy(prepared))
@@ -148,7 +148,7 @@ def step_times(model, recipe, steps: int, repeats: int = 5, precision: str = "in
         plan = uniform_plan(model, TARGET, precision)
         graph = capture(model, recipe.example_inputs())
         fold_batchnorm(graph)
-        prepared = prepare(graph, build_quantizer(plan, TARGET, qat=True, ranges=RangeConfig(mode=mode)))
+        prepared = prepare(graph, quant_spec(plan, TARGET, qat=True, ranges=RangeConfig(mode=mode)))
         calibrate(prepared, recipe, 4)
         upstream.move_to_train(prepared)
         set_observers(prepared, True)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_report import machine, table, write_section  # noqa: E402
 
-from edgeq.backends import build_quantizer  # noqa: E402
+from edgeq.backends import quant_spec  # noqa: E402
 from edgeq.capture import capture  # noqa: E402
 from edgeq.lower import lower  # noqa: E402
 from edgeq.planning.plan import uniform_plan  # noqa: E402
@@ -93,9 +93,7 @@ def programs(model: nn.Module, example: tuple, calibration: list[tuple]) -> tupl
     target = load_target("android")
     model = model.eval()
     float_program = lower(model, example, target).program
-    prepared = prepare(
-        capture(model, example), build_quantizer(uniform_plan(model, target, "int8"), target, qat=False), qat=False
-    )
+    prepared = prepare(capture(model, example), quant_spec(uniform_plan(model, target, "int8"), target, qat=False))
     with torch.no_grad():
         for batch in calibration:
             prepared(*batch)

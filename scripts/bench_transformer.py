@@ -159,9 +159,9 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     from edgeq import upstream
+    from edgeq.backends import load_target
     from edgeq.lower import lower_float
     from edgeq.recipe import load_recipe
-    from edgeq.targets import load_target
 
     upstream.register_quantized_embedding_ops()
     recipe = load_recipe("edgeq.examples.minilm")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeq.backends import build_quantizer, get_backend
+from edgeq.backends import get_backend, load_target, quant_spec
 from edgeq.capture import capture
 from edgeq.checks.evaluate import sqnr_db
 from edgeq.errors import EdgeqError
@@ -25,7 +25,6 @@ from edgeq.quant.fake_quant import TRACKING
 from edgeq.quant.groupwise import EMA_VOTE, GroupwiseFakeQuantize
 from edgeq.quant.qat import QATConfig, narrow_weight_quants, run_qat, to_eval
 from edgeq.recipe import Recipe
-from edgeq.targets import load_target
 
 MIX = {"conv": "int8", "fc1": "w4dyn", "fc2": "w8dyn", "fc3": "float", "head": "int8"}
 
@@ -72,7 +71,7 @@ def test_a_mixed_plan_trains_converts_and_runs_as_simulated(setup):
     config = QATConfig(
         steps=10, calibration_batches=2, checkpoint_every=0, ranges=RangeConfig(), lr=1e-3, loss="task", patience=0
     )
-    prepared = prepare(capture(model, recipe.example_inputs()), build_quantizer(plan, target, ranges=config.ranges))
+    prepared = prepare(capture(model, recipe.example_inputs()), quant_spec(plan, target, ranges=config.ranges))
     # The 4-bit linear's weights train at the intermediate width first, like a 4-bit conv's.
     assert narrow_weight_quants(prepared), "the w4dyn weight fake-quant is not seen as narrow"
     report = run_qat(prepared, recipe, config)
@@ -114,7 +113,7 @@ def test_fp16_layers_run_in_their_own_xnnpack_partitions(setup):
     for entry in half.layers:
         entry.precision = {"fc1": "fp16", "fc2": "fp16"}.get(entry.name, entry.precision)
     config = QATConfig(steps=4, calibration_batches=2, checkpoint_every=0, lr=1e-3, loss="task", patience=0)
-    prepared = prepare(capture(model, recipe.example_inputs()), build_quantizer(half, target, ranges=config.ranges))
+    prepared = prepare(capture(model, recipe.example_inputs()), quant_spec(half, target, ranges=config.ranges))
     before = prepared.fc2.weight.detach().clone()
     run_qat(prepared, recipe, config)
     assert prepared.fc2.weight.dtype == torch.float32 and not torch.equal(prepared.fc2.weight, before)
@@ -150,7 +149,7 @@ def test_fp16_layers_run_in_their_own_xnnpack_partitions(setup):
 
 def test_post_training_mix_runs(setup):
     model, recipe, target, plan, data = setup
-    prepared = prepare(capture(model, recipe.example_inputs()), build_quantizer(plan, target, qat=False), qat=False)
+    prepared = prepare(capture(model, recipe.example_inputs()), quant_spec(plan, target, qat=False))
     with torch.no_grad():
         for x, _ in data:
             prepared(x)
@@ -177,7 +176,7 @@ def test_converting_a_copy_needs_its_annotations_rebound(setup):
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     model, recipe, target, plan, _ = setup
-    prepared = prepare(capture(model, recipe.example_inputs()), build_quantizer(plan, target))
+    prepared = prepare(capture(model, recipe.example_inputs()), quant_spec(plan, target))
     prepared(torch.randn(4, 3, 8, 8))
     with pytest.raises(Exception, match="PortNodeMetaForQDQ"):
         convert_pt2e(copy.deepcopy(prepared))
@@ -211,7 +210,7 @@ def test_groupwise_4bit_linears_train_convert_and_run_as_simulated():
     plan = uniform_plan(model, target, "w4g32", example_inputs=recipe.example_inputs())
     config = QATConfig(steps=6, calibration_batches=2, checkpoint_every=0, lr=1e-2, loss="task", patience=0)
     graph = capture(copy.deepcopy(model), recipe.example_inputs())
-    prepared = prepare(graph, build_quantizer(plan, target, ranges=config.ranges))
+    prepared = prepare(graph, quant_spec(plan, target, ranges=config.ranges))
     groups = {n: m for n, m in prepared.named_modules() if isinstance(m, GroupwiseFakeQuantize)}
     assert len(groups) == 3
     # 4-bit groups train at the intermediate 8-bit width first, like every 4-bit weight.
@@ -277,6 +276,7 @@ def test_a_group_size_that_does_not_divide_the_layer_is_refused():
 
 
 def test_an_xnnpack_group_size_off_its_multiple_is_refused():
+    from edgeq.backends import resolve_target
     from edgeq.targets import parse_target
 
     menu = {
@@ -284,4 +284,6 @@ def test_an_xnnpack_group_size_off_its_multiple_is_refused():
     }
     menu["w4g48"] = {**menu["int8"], "weight_bits": 4, "activations": "dynamic", "group_size": 48, "weight_bytes": 0.6}
     with pytest.raises(EdgeqError, match="group_size 48 .* multiple of 32"):
-        parse_target({"name": "t", "backend": "xnnpack", "default_precision": "int8", "precisions": menu}, "t.toml")
+        resolve_target(
+            parse_target({"name": "t", "backend": "xnnpack", "default_precision": "int8", "precisions": menu}, "t.toml")
+        )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeq.backends import AppRuntime, Backend, get_backend, known_backends, register
+from edgeq.backends import AppRuntime, Backend, backend_of, get_backend, known_backends, register, resolve_target
 from edgeq.errors import EdgeqError
 from edgeq.targets import parse_target
 
@@ -39,7 +39,7 @@ def test_builtin_backends_are_registered():
 
 def test_unknown_backend_in_a_target_file_is_one_line_naming_the_known_ones():
     with pytest.raises(EdgeqError) as info:
-        parse_target(_target("coreml"), "my.toml")
+        resolve_target(parse_target(_target("coreml"), "my.toml"))
     message = str(info.value)
     assert "\n" not in message and "unknown backend 'coreml'" in message
     assert "qnn" in message and "xnnpack" in message
@@ -56,17 +56,30 @@ def test_a_third_backend_plugs_in_without_touching_edgeq():
         def partitioners(self, target, allow_download=False):
             return []
 
+        def float_partitioners(self):
+            return []
+
+        def check_target(self, data, precisions, where):
+            if "chipset" not in data:
+                raise EdgeqError(f"{where}: echo needs a chipset", "add chipset")
+
         def app_runtime(self, manifest):
             return AppRuntime(gradle=("com.example:echo:1",), note="echo runtime")
 
     register("echo", Echo)
     try:
-        target = parse_target(_target("echo"), "echo.toml")
-        from edgeq.backends import build_quantizer
+        target = resolve_target(parse_target(_target("echo"), "echo.toml"))
+        assert backend_of(target) is get_backend("echo") and target.impl is get_backend("echo")
+        from edgeq.backends import quant_spec
         from edgeq.planning.plan import Plan
 
-        assert build_quantizer(Plan(target="t", layers=[]), target) == ("quantizer", "t")
+        spec = quant_spec(Plan(target="t", layers=[]), target)
+        assert spec.quantizer == ("quantizer", "t") and not spec.groupwise and not spec.half and not spec.tables
         assert get_backend("echo").per_op_partitioners(target) is None  # program debugging: unsupported
+        data = _target("echo")
+        del data["chipset"]
+        with pytest.raises(EdgeqError, match="echo needs a chipset"):  # the backend's own check, at resolution
+            resolve_target(parse_target(data, "echo.toml"))
     finally:
         from edgeq import backends
 
@@ -78,11 +91,29 @@ def test_qnn_target_checks_live_in_the_qnn_backend():
     data = _target("qnn")
     del data["chipset"]
     with pytest.raises(EdgeqError, match="chipset"):
-        parse_target(data, "q.toml")
+        resolve_target(parse_target(data, "q.toml"))
     data = _target("qnn")
     del data["precisions"]["int8"]["backend_dtype"]
     with pytest.raises(EdgeqError, match="backend_dtype"):
-        parse_target(data, "q.toml")
+        resolve_target(parse_target(data, "q.toml"))
+
+
+def test_a_backend_must_provide_what_the_pipeline_calls():
+    class Partial(Backend):
+        name = "partial"
+        title = "Partial"
+
+        def quantizer(self, plan, target, qat, ranges):
+            return None
+
+        def partitioners(self, target, allow_download=False):
+            return []
+
+        def app_runtime(self, manifest):
+            return AppRuntime(gradle=(), note="")
+
+    with pytest.raises(TypeError, match="check_target|float_partitioners"):
+        Partial()
 
 
 def test_no_backend_string_dispatch_outside_backends(repo_root: Path):

@@ -92,20 +92,19 @@ def test_qualcomm_build_quantizes_validates_and_stops_cleanly_without_the_sdk(tm
 
 def test_qnn_quantizer_uses_adaptive_ranges_per_layer():
 
-    from edgeq.backends import build_quantizer
+    from edgeq.backends import load_target, quant_spec
     from edgeq.capture import capture
     from edgeq.planning.plan import uniform_plan
     from edgeq.quant.convert import prepare
     from edgeq.quant.fake_quant import AdaptiveRangeFakeQuantize
     from edgeq.recipe import load_recipe
-    from edgeq.targets import load_target
 
     recipe = load_recipe(None)
     model = recipe.model()
     target = load_target("qualcomm-sm8550")
     plan = uniform_plan(model, target)
     plan.layers[-1].precision = "16a4w"
-    prepared = prepare(capture(model, recipe.example_inputs()), build_quantizer(plan, target))
+    prepared = prepare(capture(model, recipe.example_inputs()), quant_spec(plan, target))
     fqs = [m for m in prepared.modules() if isinstance(m, AdaptiveRangeFakeQuantize)]
     assert fqs
     # The head's weight is 4-bit, the stem's 8-bit.
@@ -121,9 +120,9 @@ def test_a_bilinear_upsample_still_lowers_into_xnnpack():
     import torch
     from torch import nn
 
+    from edgeq.backends import load_target
     from edgeq.checks.validate import ProgramRunner
     from edgeq.lower import lower
-    from edgeq.targets import load_target
 
     class Upsampler(nn.Module):
         def __init__(self) -> None:

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from edgeq import capture, upstream
+from edgeq.backends import load_target, quant_spec
 from edgeq.configs import QATConfig
 from edgeq.planning.plan import uniform_plan
 from edgeq.quant.bias_correction import correct_bias
 from edgeq.quant.ptq import post_training_quantize
 from edgeq.recipe import Recipe
-from edgeq.targets import load_target
 
 
 class Net(nn.Module):
@@ -62,7 +62,7 @@ def test_correction_brings_every_layers_channel_means_back_to_float():
     model = recipe.model()
     target = load_target("android")
     plan = uniform_plan(model, target, "int8", example_inputs=(data[:1],))
-    reference = post_training_quantize(model, recipe, target, plan, QATConfig(), batches=1)
+    reference = post_training_quantize(model, recipe, quant_spec(plan, target, qat=False), QATConfig(), batches=1)
     float_graph = capture.capture_for_quantization(model, (data[:1],), True)
     corrected = copy.deepcopy(reference)
     result = correct_bias(corrected, float_graph, (data,))

@@ -31,20 +31,19 @@ def _recipe(pairs: bool):
 
 
 def _train(pairs: bool):
-    from edgeq.backends import build_quantizer
+    from edgeq.backends import load_target, quant_spec
     from edgeq.capture import capture, fold_batchnorm
     from edgeq.planning.plan import uniform_plan
     from edgeq.quant.convert import prepare
     from edgeq.quant.fake_quant import AdaptiveRangeFakeQuantize
     from edgeq.quant.qat import QATConfig, run_qat
-    from edgeq.targets import load_target
 
     recipe = _recipe(pairs)
     model = recipe.model()
     target = load_target("android")
     graph = capture(model, recipe.example_inputs())
     fold_batchnorm(graph)
-    prepared = prepare(graph, build_quantizer(uniform_plan(model, target), target))
+    prepared = prepare(graph, quant_spec(uniform_plan(model, target), target))
     run_qat(
         prepared,
         recipe,

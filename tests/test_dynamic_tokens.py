@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeq.backends import build_quantizer, get_backend
+from edgeq.backends import get_backend, load_target, quant_spec
 from edgeq.capture import capture
 from edgeq.checks.evaluate import sqnr_db
 from edgeq.errors import EdgeqError
@@ -24,7 +24,6 @@ from edgeq.quant.convert import convert, prepare
 from edgeq.quant.dynamic import PerTokenFakeQuantize, fake_quant_per_token, per_token_activations
 from edgeq.quant.qat import QATConfig, run_qat, to_eval
 from edgeq.recipe import Recipe
-from edgeq.targets import load_target
 
 _qd = torch.ops.quantized_decomposed
 
@@ -64,7 +63,7 @@ def setup():
 
 def _ptq(model, recipe, target, precision: str) -> torch.fx.GraphModule:
     plan = uniform_plan(model, target, precision, example_inputs=recipe.example_inputs())
-    prepared = prepare(capture(model, recipe.example_inputs()), build_quantizer(plan, target, qat=False), qat=False)
+    prepared = prepare(capture(model, recipe.example_inputs()), quant_spec(plan, target, qat=False))
     with torch.no_grad():
         prepared(*recipe.example_inputs())
     return convert(prepared)
@@ -115,7 +114,7 @@ def test_qat_fake_quant_is_the_converted_grid(setup):
     model, recipe, target = setup
     plan = uniform_plan(model, target, "w8dyn", example_inputs=recipe.example_inputs())
     config = QATConfig(steps=4, calibration_batches=2, checkpoint_every=0, lr=1e-3, loss="task", patience=0)
-    prepared = prepare(capture(model, recipe.example_inputs()), build_quantizer(plan, target, ranges=config.ranges))
+    prepared = prepare(capture(model, recipe.example_inputs()), quant_spec(plan, target, ranges=config.ranges))
     tokens = [m for m in prepared.modules() if isinstance(m, PerTokenFakeQuantize)]
     assert len(tokens) == 2
     run_qat(prepared, recipe, config)

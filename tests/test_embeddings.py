@@ -8,13 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from edgeq.backends import build_quantizer, get_backend
+from edgeq.backends import get_backend, load_target, quant_spec
 from edgeq.capture import capture
 from edgeq.lower import lower, lower_float
 from edgeq.planning.plan import uniform_plan
 from edgeq.quant.convert import convert, prepare
 from edgeq.quant.embeddings import pack_4bit
-from edgeq.targets import load_target
 
 
 class Bag(nn.Module):
@@ -38,7 +37,7 @@ def test_a_quantized_table_is_simulated_exactly_and_runs_in_the_program(precisio
         if entry.kind == "embedding":
             entry.precision = precision
     original = model.table.weight.detach().clone()
-    prepared = prepare(capture(copy.deepcopy(model), (ids[:1],)), build_quantizer(plan, target, qat=True), qat=True)
+    prepared = prepare(capture(copy.deepcopy(model), (ids[:1],)), quant_spec(plan, target, qat=True))
     table = prepared.get_parameter("table.weight")
     assert not table.requires_grad, "a quantized table must stay on its grid during QAT"
     assert torch.equal(model.table.weight, original), "the float model's table changed"

@@ -87,19 +87,18 @@ def test_fallback_setting_is_validated():
 def test_trained_weights_go_back_into_the_float_model_unless_batchnorm_was_folded():
     import copy
 
-    from edgeq.backends import build_quantizer
+    from edgeq.backends import load_target, quant_spec
     from edgeq.capture import capture_for_quantization
     from edgeq.planning.plan import uniform_plan
     from edgeq.quant.convert import prepare
     from edgeq.quant.qat import trained_float
-    from edgeq.targets import load_target
 
     target = load_target("android")
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
     example = (torch.randint(0, 20, (1, 5)),)
     plan = uniform_plan(mlp, target, "int8", example_inputs=example)
-    prepared = prepare(capture_for_quantization(mlp, example, True), build_quantizer(plan, target))
+    prepared = prepare(capture_for_quantization(mlp, example, True), quant_spec(plan, target))
     with torch.no_grad():
         prepared.get_parameter("1.weight").add_(1.0)  # what training did
         prepared.get_parameter("0.weight").add_(1.0)
@@ -113,5 +112,5 @@ def test_trained_weights_go_back_into_the_float_model_unless_batchnorm_was_folde
     convbn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
     images = (torch.randn(1, 3, 8, 8),)
     plan = uniform_plan(convbn, target, "int8", example_inputs=images)
-    folded = prepare(capture_for_quantization(convbn, images, True), build_quantizer(plan, target))
+    folded = prepare(capture_for_quantization(convbn, images, True), quant_spec(plan, target))
     assert trained_float(convbn, folded) is None

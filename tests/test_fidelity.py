@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeq.backends import build_quantizer
+from edgeq.backends import load_target, quant_spec
 from edgeq.capture import capture, fold_batchnorm
 from edgeq.checks.evaluate import sqnr_db
 from edgeq.planning.plan import uniform_plan
@@ -16,7 +16,6 @@ from edgeq.quant.configs import RangeConfig
 from edgeq.quant.convert import convert, prepare
 from edgeq.quant.qat import QATConfig, run_qat, to_eval
 from edgeq.recipe import Recipe
-from edgeq.targets import load_target
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +85,7 @@ def test_fake_quant_and_converted_agree_at_4_bit_weights(fold_bn, mode):
         loss="task",
         patience=0,
     )
-    prepared = prepare(graph, build_quantizer(uniform_plan(model, target, "w4a8"), target, ranges=config.ranges))
+    prepared = prepare(graph, quant_spec(uniform_plan(model, target, "w4a8"), target, ranges=config.ranges))
     run_qat(prepared, recipe, config)
     reference = convert(copy.deepcopy(prepared))
     simulated = to_eval(prepared)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeq import upstream
-from edgeq.targets import load_target
+from edgeq.backends import load_target
 
 
 class PaddedBlock(nn.Module):
@@ -29,7 +29,7 @@ class PaddedBlock(nn.Module):
 def test_a_float_conv_after_a_pad_lowers_and_runs_as_its_reference():
     from test_relu6 import _quantize
 
-    from edgeq.backends import build_quantizer, get_backend
+    from edgeq.backends import get_backend, quant_spec
     from edgeq.lower import lower
     from edgeq.planning.plan import uniform_plan
 
@@ -42,7 +42,7 @@ def test_a_float_conv_after_a_pad_lowers_and_runs_as_its_reference():
     for entry in plan.layers:
         if entry.name == "dw":
             entry.precision = "float"
-    reference = _quantize(model, build_quantizer(plan, target, qat=False), data)
+    reference = _quantize(model, quant_spec(plan, target, qat=False), data)
     lowered = lower(reference, (data[:1],), target)  # failed in ExecuTorch's InsertPadQDQPass before the patch
     runner = get_backend("xnnpack").runner(lowered.program)
     with torch.no_grad():

@@ -88,14 +88,13 @@ def test_every_graph_layer_is_analysed_planned_and_built(tmp_path):
 def test_a_layer_applied_twice_lowers_to_a_program_that_matches_its_reference():
     """ExecuTorch 1.5.1's XNNPACK lowering computes a reused layer's second call with the first call's
     constants (9 dB from the reference, measured); edgeq gives each call its own copy before lowering."""
-    from edgeq.backends import build_quantizer
+    from edgeq.backends import load_target, quant_spec
     from edgeq.capture import capture
     from edgeq.checks.evaluate import sqnr_db
     from edgeq.lower import lower
     from edgeq.planning.plan import uniform_plan
     from edgeq.quant.convert import convert, prepare
     from edgeq.runtime import ProgramRunner
-    from edgeq.targets import load_target
 
     class Twice(nn.Module):
         def __init__(self) -> None:
@@ -108,9 +107,7 @@ def test_a_layer_applied_twice_lowers_to_a_program_that_matches_its_reference():
     torch.manual_seed(0)
     model, h = Twice().eval(), torch.randn(16, 8)
     target = load_target("android")
-    prepared = prepare(
-        capture(model, (h[:1],)), build_quantizer(uniform_plan(model, target), target, qat=False), qat=False
-    )
+    prepared = prepare(capture(model, (h[:1],)), quant_spec(uniform_plan(model, target), target, qat=False), qat=False)
     prepared(h)
     reference = convert(prepared)
     program = ProgramRunner(lower(reference, (h[:1],), target).program)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgeq.backends import build_quantizer
+from edgeq.backends import load_target, quant_spec
 from edgeq.planning.plan import uniform_plan
 from edgeq.quant.convert import convert, prepare
 from edgeq.runtime import ProgramRunner
-from edgeq.targets import load_target
 
 
 class MaskedLinear(nn.Module):
@@ -37,8 +36,7 @@ def test_scalar_constants_of_integer_ops_stay_integer_and_the_program_matches():
     for qat in (False, True):
         prepared = prepare(
             torch.export.export(model, (x, mask)).module(),
-            build_quantizer(uniform_plan(model, target), target, qat=qat),
-            qat=qat,
+            quant_spec(uniform_plan(model, target), target, qat=qat),
         )
         constants = [n for n in prepared.graph.nodes if n.op == "get_attr" and "_tensor_constant_" in str(n.target)]
         assert constants and all(prepared.get_buffer(str(n.target)).dtype == torch.int64 for n in constants)
@@ -64,8 +62,7 @@ def test_float_scalar_constants_are_left_alone():
     target = load_target("android")
     prepared = prepare(
         torch.export.export(model, (x,)).module(),
-        build_quantizer(uniform_plan(model, target), target, qat=False),
-        qat=False,
+        quant_spec(uniform_plan(model, target), target, qat=False),
     )
     constants = [n for n in prepared.graph.nodes if n.op == "get_attr" and "_tensor_constant_" in str(n.target)]
     assert constants and all(prepared.get_buffer(str(n.target)).dtype == torch.float32 for n in constants)

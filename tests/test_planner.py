@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
+from edgeq.backends import load_target
 from edgeq.errors import EdgeqError
 from edgeq.planning.analysis import analyze
 from edgeq.planning.plan import Plan, uniform_plan, validate_plan
 from edgeq.planning.planner import make_plan
 from edgeq.recipe import load_recipe
-from edgeq.targets import load_target
 
 FLOAT_BYTES = 18_728  # the digits float program; the planner only needs a size to scale from
 

@@ -39,17 +39,16 @@ def test_bad_schedule_settings_are_one_line(field, value):
 
 def _quantized(recipe, config):
     from edgeq import capture, upstream
-    from edgeq.backends import build_quantizer
+    from edgeq.backends import load_target, quant_spec
     from edgeq.planning.plan import uniform_plan
     from edgeq.quant.convert import prepare
-    from edgeq.targets import load_target
 
     upstream.apply()
     target = load_target("android")
     model = recipe.model().eval()
     plan = uniform_plan(model, target, "int8", example_inputs=recipe.example_inputs())
     graph = capture.capture_for_quantization(model, recipe.example_inputs(), True)
-    return model, prepare(graph, build_quantizer(plan, target, qat=True, ranges=config.ranges), qat=True)
+    return model, prepare(graph, quant_spec(plan, target, qat=True, ranges=config.ranges))
 
 
 def test_qat_that_only_hurts_stops_early_and_keeps_the_calibrated_model():

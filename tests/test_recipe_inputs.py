@@ -50,8 +50,8 @@ def _recipe(kind: str = "tensor", **overrides) -> Recipe:
 
 def test_analysis_scores_loss_on_train_data_and_the_metric_on_eval_data():
     """A distillation recipe: train targets are the float model's logits, eval targets are labels."""
+    from edgeq.backends import load_target
     from edgeq.planning.analysis import analyze
-    from edgeq.targets import load_target
 
     base = _recipe()
     model = base.model()

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from edgeq import upstream
+from edgeq.backends import load_target
 from edgeq.planning.plan import uniform_plan
 from edgeq.quant.convert import convert, prepare
-from edgeq.targets import load_target
 
 
 class MobileBlock(nn.Module):
@@ -33,11 +33,11 @@ def _model() -> nn.Module:
     return model.eval()
 
 
-def _quantize(model: nn.Module, quantizer, data: torch.Tensor) -> torch.fx.GraphModule:
+def _quantize(model: nn.Module, spec, data: torch.Tensor) -> torch.fx.GraphModule:
     from edgeq import capture
 
     graph = capture.capture_for_quantization(model, (data[:1],), True)
-    prepared = prepare(graph, quantizer, qat=False)
+    prepared = prepare(graph, spec)
     with torch.no_grad():
         prepared(data)
     return convert(prepared)
@@ -45,12 +45,12 @@ def _quantize(model: nn.Module, quantizer, data: torch.Tensor) -> torch.fx.Graph
 
 def _edgeq_reference(model: nn.Module, data: torch.Tensor) -> torch.fx.GraphModule:
     """PTQ through edgeq's plan quantizer (the one that fuses ReLU6), uniform int8 on android."""
-    from edgeq.backends import build_quantizer
+    from edgeq.backends import quant_spec
 
     upstream.apply()
     target = load_target("android")
     plan = uniform_plan(model, target, "int8", example_inputs=(data[:1],))
-    return _quantize(model, build_quantizer(plan, target, qat=False), data)
+    return _quantize(model, quant_spec(plan, target, qat=False), data)
 
 
 def _quantized_conv_outputs(graph: torch.fx.GraphModule) -> int:

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
+from edgeq.backends import load_target
 from edgeq.errors import EdgeqError
-from edgeq.targets import builtin_targets, load_target
+from edgeq.targets import builtin_targets
 
 
 def test_every_shipped_target_validates():

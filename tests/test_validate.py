@@ -198,20 +198,18 @@ def test_bundle_has_a_kotlin_class_with_the_real_shape_dtype_and_labels(digits_b
 def mis_quantized():
     """The bundled example, int8 PTQ, with dw.0 deliberately mis-quantized: its weight
     observer claims a range 200x too wide, so its 8-bit grid is far too coarse."""
-    from edgeq.backends import build_quantizer
+    from edgeq.backends import load_target, quant_spec
     from edgeq.capture import capture
     from edgeq.planning.plan import uniform_plan
     from edgeq.quant.convert import convert, prepare
     from edgeq.recipe import as_tuple, load_recipe
-    from edgeq.targets import load_target
 
     recipe = load_recipe(None)
     model = recipe.model()
     target = load_target("android")
     prepared = prepare(
         capture(model, recipe.example_inputs()),
-        build_quantizer(uniform_plan(model, target), target, qat=False),
-        qat=False,
+        quant_spec(uniform_plan(model, target), target, qat=False),
     )
     with torch.no_grad():
         for i, (x, _) in enumerate(recipe.train_data()):

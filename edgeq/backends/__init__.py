@@ -3,23 +3,37 @@
 Adding a backend means one module here with a :class:`Backend` subclass, one
 line in ``_BUILTIN`` (or :func:`register` from outside edgeq), a target file
 naming it, and its tests; nothing else in edgeq changes.
+
+A target is resolved once (:func:`load_target` / :func:`resolve_target`): the
+backend's own checks run on the parsed file and the target carries the
+backend object from then on (``target.impl``, or :func:`backend_of`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
 
 from edgeq.backends.base import AppRuntime, Backend
+from edgeq.configs import RangeConfig
 from edgeq.errors import EdgeqError
+from edgeq.planning.plan import Plan
+from edgeq.quant.spec import QuantSpec, edgeq_layers
+from edgeq.targets import Target, read_target
 
-if TYPE_CHECKING:
-    from edgeq.planning.plan import Plan
-    from edgeq.quant.configs import RangeConfig
-    from edgeq.targets import Target
-
-__all__ = ["AppRuntime", "Backend", "build_quantizer", "get_backend", "known_backends", "register"]
+__all__ = [
+    "AppRuntime",
+    "Backend",
+    "backend_of",
+    "get_backend",
+    "known_backends",
+    "load_target",
+    "quant_spec",
+    "register",
+    "resolve_target",
+]
 
 #: backend name (a target file's ``backend`` field) -> "module:Class"; imported on first use
 _BUILTIN = {
@@ -53,30 +67,35 @@ def get_backend(name: str) -> Backend:
     return _instances[name]
 
 
-def build_quantizer(plan: Plan, target: Target, qat: bool = True, ranges: RangeConfig | None = None) -> Any:
-    """A PT2E quantizer configured layer by layer from ``plan`` for ``target``'s backend."""
-    from edgeq.quant.configs import RangeConfig
+def resolve_target(target: Target) -> Target:
+    """``target`` with its backend's own checks run and the backend object attached."""
+    if target.impl is not None:
+        return target
+    if target.backend not in known_backends():
+        raise EdgeqError(
+            f"{target.path or target.name}: unknown backend '{target.backend}'",
+            f"use one of: {', '.join(known_backends())}",
+        )
+    backend = get_backend(target.backend)
+    backend.check_target(target.raw, target.precisions, target.path or target.name)
+    return dataclasses.replace(target, impl=backend)
 
-    quantizer = get_backend(target.backend).quantizer(plan, target, qat, ranges or RangeConfig())
-    # Embedding tables, groupwise linear weights and float16 layers are handled by edgeq itself,
-    # whatever the backend (edgeq.quant.embeddings, .groupwise, .half); prepare() reads these
-    # from the quantizer.
-    groupwise = {
-        entry.name: (target.precisions[entry.precision].group_size, target.precisions[entry.precision].weight_bits)
-        for entry in plan.layers
-        if target.precisions[entry.precision].group_size
-    }
-    tables = {
-        entry.name: target.precisions[entry.precision].weight_bits
-        for entry in plan.layers
-        if entry.kind == "embedding" and not target.precisions[entry.precision].is_float
-    }
-    half = {entry.name for entry in plan.layers if target.precisions[entry.precision].half}
-    if groupwise:
-        quantizer.edgeq_groupwise = groupwise
-        quantizer.edgeq_ranges = ranges or RangeConfig()
-    if half:
-        quantizer.edgeq_half = half
-    if tables:
-        quantizer.edgeq_embedding_bits = tables
-    return quantizer
+
+def load_target(spec: str | Path | Target) -> Target:
+    """A built-in target by name, or a user's TOML file by path, checked and resolved."""
+    return resolve_target(read_target(spec))
+
+
+def backend_of(target: Target) -> Backend:
+    """The backend a target runs on (resolving the target if it was only parsed)."""
+    impl = target.impl if target.impl is not None else resolve_target(target).impl
+    assert isinstance(impl, Backend)
+    return impl
+
+
+def quant_spec(plan: Plan, target: Target, qat: bool = True, ranges: RangeConfig | None = None) -> QuantSpec:
+    """What prepare/convert quantize: the backend's PT2E quantizer for ``plan`` on ``target``, and the
+    layers edgeq quantizes itself whatever the backend (edgeq.quant.embeddings, .groupwise, .half)."""
+    ranges = ranges or RangeConfig()
+    quantizer = backend_of(target).quantizer(plan, target, qat, ranges)
+    return QuantSpec(quantizer=quantizer, qat=qat, ranges=ranges, **edgeq_layers(plan, target))

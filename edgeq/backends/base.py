@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 if TYPE_CHECKING:
+    from edgeq.configs import RangeConfig
     from edgeq.planning.plan import Plan
-    from edgeq.quant.configs import RangeConfig
     from edgeq.runtime import ProgramRunner
     from edgeq.targets import Precision, Target
 
@@ -55,7 +55,8 @@ class Backend(ABC):
     #: build measures both (False: it quantizes them as its delegate requires)
     plans_other_ops: ClassVar[bool] = False
 
-    def check_target(self, data: dict[str, Any], precisions: dict[str, Precision], where: str) -> None:  # noqa: B027 - optional hook
+    @abstractmethod
+    def check_target(self, data: dict[str, Any], precisions: dict[str, Precision], where: str) -> None:
         """Raise EdgeqError for what this backend needs beyond the common target schema."""
 
     @abstractmethod
@@ -87,11 +88,9 @@ class Backend(ABC):
         """Partitioners giving one delegate call per layer, for reading a program's intermediates; None: unsupported."""
         return None
 
+    @abstractmethod
     def float_partitioners(self) -> list[Any]:
         """Partitioners for the float baseline program that sizes are measured against."""
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
-        return [XnnpackPartitioner()]
 
     def ensure_sdk(self, allow_download: bool = False) -> None:  # noqa: B027 - optional hook
         """Raise SdkMissingError (one line, naming the fix) when lowering cannot run here."""
@@ -119,7 +118,3 @@ class Backend(ABC):
     def warnings(self, notes: dict[str, Any]) -> list[str]:
         """What a developer must read before shipping a program with these notes."""
         return []
-
-    def layer_precision_error(self, precision: Precision, kind: str) -> str | None:
-        """Why ``precision`` cannot run a layer of ``kind`` here (None: it can)."""
-        return None if kind in precision.ops else f"precision '{precision.name}' runs {', '.join(precision.ops)} layers"

@@ -164,6 +164,14 @@ class QnnBackend(Backend):
             dump_intermediate_outputs=dump_intermediate_outputs,
         )
 
+    def float_partitioners(self) -> list[Any]:
+        # The HTP has no float32 path worth a baseline (and needs the SDK to lower at all): sizes are
+        # measured against the float XNNPACK program, whose overhead the planner measures apart
+        # (float_baseline_overhead = False).
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        return [XnnpackPartitioner()]
+
     def partitioners(self, target: Target, allow_download: bool = False) -> list[Any]:
         from executorch.backends.qualcomm.partition.qnn_partitioner import QnnPartitioner
 

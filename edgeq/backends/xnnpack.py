@@ -191,6 +191,11 @@ class XnnpackBackend(Backend):
 
         return [XnnpackPartitioner()]
 
+    def float_partitioners(self) -> list[Any]:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        return [XnnpackPartitioner()]
+
     def per_op_partitioners(self, target: Target) -> list[Any] | None:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 

@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from edgeq.backends import get_backend
+from edgeq.backends import backend_of, load_target
 from edgeq.checks.program_debug import debug_samples
 from edgeq.errors import EdgeqError
 from edgeq.graph import module_path
 from edgeq.logs import native_stderr
-from edgeq.targets import Target, load_target
+from edgeq.targets import Target
 
 REFERENCE_GRAPH = "edge_after_transform/forward"
 
@@ -66,7 +66,7 @@ def debug_intermediates(
 ) -> IntermediateDebug:
     """Lower ``reference`` with intermediate dumps, run one evaluation sample, compare op by op with float."""
     target = load_target(target)
-    backend = get_backend(target.backend)
+    backend = backend_of(target)
     inputs = debug_samples(recipe, 1)
     with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="edgeq-intermediates-") as tmp:
         warnings.simplefilter("ignore")  # lowering and ETRecord parsing warn about every unsupported kwarg

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from edgeq import upstream
-from edgeq.backends import get_backend
+from edgeq.backends import backend_of, load_target
 from edgeq.checks.debug import record_values
 from edgeq.checks.evaluate import sqnr_db
 from edgeq.errors import EdgeqError
@@ -37,7 +37,7 @@ from edgeq.graph import is_follower, layer_owners, module_path
 from edgeq.lower import untied
 from edgeq.planning.plan import quantizable_layers
 from edgeq.recipe import as_tuple
-from edgeq.targets import Target, load_target
+from edgeq.targets import Target
 
 _QDQ = ("quantize_per_tensor", "quantize_per_token", "quantize_per_channel")  # and their dequantize_ ops
 # Ops that move or relabel values without arithmetic: their output repeats their input's numbers.
@@ -203,7 +203,7 @@ def _op_name(node: torch.fx.Node) -> str:
 def _lower_per_op(reference: torch.nn.Module, inputs: tuple, target: Target) -> tuple[Any, Any, Any]:
     from executorch.exir import to_edge_transform_and_lower
 
-    backend = get_backend(target.backend)
+    backend = backend_of(target)
     partitioners = backend.per_op_partitioners(target)
     if any(t.dtype == torch.float16 for t in (*reference.parameters(), *reference.buffers())):
         # ExecuTorch 1.5.1's ETDump logs no float16 tensor ("ScalarType = 5 is not yet supported in

@@ -330,8 +330,8 @@ def analyze(
 def analyze_recipe(recipe=None, target="android", batches: int = 8) -> Analysis:
     """``edgeq.analyze``: load a recipe (path, module or Recipe; None: the bundled example)
     and a target (name, .toml path or Target), and analyze the recipe's float model."""
+    from edgeq.backends import load_target
     from edgeq.recipe import load_recipe
-    from edgeq.targets import load_target
 
     recipe = load_recipe(recipe)
     return analyze(recipe.model(), recipe, load_target(target), batches=batches)

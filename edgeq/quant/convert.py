@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from edgeq import upstream
@@ -12,18 +10,20 @@ from edgeq.quant.dynamic import per_token_activations
 from edgeq.quant.embeddings import lower_tables, quantize_tables
 from edgeq.quant.groupwise import insert_fake_quants, lower_groups
 from edgeq.quant.half import insert_casts, lower_casts
+from edgeq.quant.spec import QuantSpec
 
 
-def prepare(graph: torch.fx.GraphModule, quantizer: Any, qat: bool = True) -> torch.fx.GraphModule:
+def prepare(graph: torch.fx.GraphModule, spec: QuantSpec) -> torch.fx.GraphModule:
+    """The fake-quant (``spec.qat``) or observed graph of ``spec``."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
     upstream.apply()
     # Planned embedding tables are rounded to their grid before PT2E sees the graph (see quant.embeddings).
-    quantize_tables(graph, getattr(quantizer, "edgeq_embedding_bits", {}))
+    quantize_tables(graph, dict(spec.tables))
     rates = upstream.record_dropout_rates(graph)  # before anything rewrites them (see upstream.move_to_train)
-    prepared = prepare_qat_pt2e(graph, quantizer) if qat else prepare_pt2e(graph, quantizer)
-    insert_fake_quants(prepared, getattr(quantizer, "edgeq_groupwise", {}), getattr(quantizer, "edgeq_ranges", None))
-    insert_casts(prepared, getattr(quantizer, "edgeq_half", set()))
+    prepared = prepare_qat_pt2e(graph, spec.quantizer) if spec.qat else prepare_pt2e(graph, spec.quantizer)
+    insert_fake_quants(prepared, dict(spec.groupwise), spec.ranges)
+    insert_casts(prepared, set(spec.half))
     prepared.meta[upstream.DROPOUT_RATES] = rates
     return prepared
 

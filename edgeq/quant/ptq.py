@@ -5,32 +5,30 @@ from __future__ import annotations
 import torch
 
 from edgeq import capture as capture_mod
-from edgeq.backends import build_quantizer
 from edgeq.configs import QATConfig
-from edgeq.planning.plan import Plan
 from edgeq.quant.convert import convert, prepare
 from edgeq.quant.qat import is_held_out
+from edgeq.quant.spec import QuantSpec
 from edgeq.recipe import Recipe, as_tuple
-from edgeq.targets import Target
 
 
 def post_training_quantize(
     model: torch.nn.Module,
     recipe: Recipe,
-    target: Target,
-    plan: Plan,
+    spec: QuantSpec,
     config: QATConfig,
     batches: int,
     holdout: int = 0,
 ) -> torch.fx.GraphModule:
     """The plan quantized by calibration alone, with the backend's PTQ observers; the converted reference.
 
+    ``spec`` is the plan's PTQ spec (``edgeq.backends.quant_spec(plan, target, qat=False)``).
     The observers are the backend quantizer's own for PTQ (XNNPACK's static activations use
     a histogram observer that clips outliers), so this is the documented by-hand flow.
     Batches held out of training (every ``holdout``-th, see :mod:`edgeq.quant.qat`) are skipped.
     """
     graph = capture_mod.capture_for_quantization(model, recipe.example_inputs(), config.fold_bn)
-    prepared = prepare(graph, build_quantizer(plan, target, qat=False), qat=False)
+    prepared = prepare(graph, spec)
     seen = 0
     with torch.no_grad():
         for index, (inputs, _) in enumerate(recipe.train_data()):

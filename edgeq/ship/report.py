@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from edgeq.backends import get_backend
+from edgeq.backends import backend_of
 from edgeq.ship.package import versions, write_bytes_atomic
 from edgeq.ship.templating import manifest_schema, render
 
@@ -128,7 +128,7 @@ def build_report(
         "recipe": recipe.name,
         "target": target.name,
         "backend": target.backend,
-        "backend_title": get_backend(target.backend).title,
+        "backend_title": backend_of(target).title,
         "runtime": runtime,
         "warnings": list(warnings or []) + list(qat_report.warnings),
         "program": dict(program_notes or {}),
