@@ -8,12 +8,13 @@ defaults from here without importing torch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from edgeq.errors import EdgeqError
+from edgeq.errors import ConfigError
 
 if TYPE_CHECKING:
     from edgeq.planning.plan import Plan
@@ -33,6 +34,7 @@ __all__ = [
     "RangeMode",
     "Rule",
     "VoteConfig",
+    "resolve",
 ]
 
 
@@ -69,17 +71,19 @@ class VoteConfig:
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+            raise ConfigError(f"rule must be one of {RULES}, got {self.rule!r}", "see `edgeq build --help`")
         # Stored as the plain string: it travels into fake-quant kwargs, JSON and checkpoints.
         object.__setattr__(self, "rule", Rule(self.rule).value)
         if not (0.0 <= self.up_ratio < 1.0 and 0.0 <= self.down_ratio < 1.0):
-            raise ValueError("up_ratio and down_ratio must lie in [0, 1)")
+            raise ConfigError("up_ratio and down_ratio must lie in [0, 1)", "see `edgeq build --help`")
         if self.min_votes < 1 or self.window < 0:
-            raise ValueError("min_votes must be >= 1 and window >= 0")
+            raise ConfigError("min_votes must be >= 1 and window >= 0", "see `edgeq build --help`")
         if self.window and self.window < self.min_votes:
-            raise ValueError("window must be 0 or at least min_votes, or nothing could ever commit")
+            raise ConfigError(
+                "window must be 0 or at least min_votes, or nothing could ever commit", "see `edgeq build --help`"
+            )
         if not 0.0 <= self.keep <= 1.0:
-            raise ValueError("keep must lie in [0, 1]")
+            raise ConfigError("keep must lie in [0, 1]", "see `edgeq build --help`")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -108,7 +112,7 @@ class RangeConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in RANGE_MODES:
-            raise ValueError(f"ranges must be one of {RANGE_MODES}, got {self.mode!r}")
+            raise ConfigError(f"ranges must be one of {RANGE_MODES}, got {self.mode!r}", "see `edgeq build --help`")
         object.__setattr__(self, "mode", RangeMode(self.mode).value)
 
 
@@ -169,13 +173,13 @@ class QATConfig:
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
-            raise EdgeqError(f"unknown optimizer {self.optimizer!r}", f"use one of: {', '.join(OPTIMIZERS)}")
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}", f"use one of: {', '.join(OPTIMIZERS)}")
         object.__setattr__(self, "optimizer", Optimizer(self.optimizer).value)
         if self.loss not in LOSSES:
-            raise EdgeqError(f"unknown QAT loss {self.loss!r}", f"use one of: {', '.join(LOSSES)}")
+            raise ConfigError(f"unknown QAT loss {self.loss!r}", f"use one of: {', '.join(LOSSES)}")
         object.__setattr__(self, "loss", Loss(self.loss).value)
         if not isinstance(self.ranges, RangeConfig):
-            raise EdgeqError(f"QATConfig.ranges is a {type(self.ranges).__name__}", "pass an edgeq.RangeConfig")
+            raise ConfigError(f"QATConfig.ranges is a {type(self.ranges).__name__}", "pass an edgeq.RangeConfig")
         checks = [
             (self.steps is None or self.steps >= 0, "steps must be >= 0"),
             (self.epochs >= 0, "epochs must be >= 0"),
@@ -194,7 +198,7 @@ class QATConfig:
         ]
         for ok, why in checks:
             if not ok:
-                raise EdgeqError(f"invalid QAT setting: {why}", "fix the option (see `edgeq build --help`)")
+                raise ConfigError(f"invalid QAT setting: {why}", "fix the option (see `edgeq build --help`)")
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -256,25 +260,59 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         if self.qat is not None and not isinstance(self.qat, QATConfig):
-            raise EdgeqError(f"BuildConfig.qat is a {type(self.qat).__name__}", "pass an edgeq.QATConfig")
+            raise ConfigError(f"BuildConfig.qat is a {type(self.qat).__name__}", "pass an edgeq.QATConfig")
         if self.size_budget is not None and self.size_budget <= 0:
-            raise EdgeqError(
+            raise ConfigError(
                 f"--size-budget {self.size_budget} is not positive",
                 "pass bytes (> 1) or a fraction of the float program (<= 1)",
             )
         if self.max_drop < 0:
-            raise EdgeqError(f"--max-drop {self.max_drop} is negative", "pass the points the program may lose, >= 0")
+            raise ConfigError(f"--max-drop {self.max_drop} is negative", "pass the points the program may lose, >= 0")
         if self.outlier_ratio <= 1:
-            raise EdgeqError(f"--outlier-ratio {self.outlier_ratio} must be > 1", "the default is 8")
+            raise ConfigError(f"--outlier-ratio {self.outlier_ratio} must be > 1", "the default is 8")
         if self.ptq_batches < 0:
-            raise EdgeqError(f"ptq_batches {self.ptq_batches} is negative", "pass 0 (QAT only) or a batch count")
+            raise ConfigError(f"ptq_batches {self.ptq_batches} is negative", "pass 0 (QAT only) or a batch count")
         if self.fallback_layers < 0:
-            raise EdgeqError("fallback_layers must be >= 0", "pass 0 (never) or a number of layers")
+            raise ConfigError("fallback_layers must be >= 0", "pass 0 (never) or a number of layers")
         if self.analysis_seconds <= 0:
-            raise EdgeqError("analysis_seconds must be > 0", "pass the seconds the layer analysis may take")
+            raise ConfigError("analysis_seconds must be > 0", "pass the seconds the layer analysis may take")
         if self.bias_correction_samples < 1:
-            raise EdgeqError("bias_correction_samples must be >= 1", "pass a positive number of samples")
+            raise ConfigError("bias_correction_samples must be >= 1", "pass a positive number of samples")
         if self.debug_samples < 1:
-            raise EdgeqError("debug_samples must be >= 1", "pass a positive number of samples")
+            raise ConfigError("debug_samples must be >= 1", "pass a positive number of samples")
         if self.plan is not None and self.precision is not None:
-            raise EdgeqError("both a plan and a uniform precision were given", "pass --plan or --precision, not both")
+            raise ConfigError("both a plan and a uniform precision were given", "pass --plan or --precision, not both")
+
+
+def resolve(
+    config: BuildConfig | None = None,
+    recipe_qat: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    qat_overrides: Mapping[str, Any] | None = None,
+) -> BuildConfig:
+    """The one place a build's settings are merged; returns the resolved, frozen config.
+
+    Precedence, lowest first: QATConfig's defaults, the recipe's ``qat`` settings (``recipe_qat``),
+    an API ``config.qat`` (which replaces both), then ``qat_overrides`` (QAT settings given on the
+    command line). ``overrides`` replace BuildConfig fields (``edgeq.build(recipe, max_drop=2)``).
+    QAT's seed is the build's ``seed``: one seed makes one program. The result's ``qat`` is set.
+    """
+    config = config or BuildConfig()
+    if overrides:
+        unknown = sorted(set(overrides) - {f.name for f in fields(BuildConfig)})
+        if unknown:
+            names = ", ".join(f.name for f in fields(BuildConfig))
+            raise ConfigError(f"unknown build setting(s): {', '.join(unknown)}", f"use one of: {names}")
+        config = replace(config, **overrides)
+    qat = config.qat if config.qat is not None else QATConfig(**(recipe_qat or {}))
+    if qat_overrides:
+        unknown = sorted(set(qat_overrides) - {f.name for f in fields(QATConfig)})
+        if unknown:
+            raise ConfigError(f"unknown QAT setting(s): {', '.join(unknown)}", "see `edgeq build --help`")
+        qat = replace(qat, **qat_overrides)
+    if qat.seed not in (0, config.seed):
+        raise ConfigError(
+            f"QATConfig.seed {qat.seed} differs from the build's seed {config.seed}",
+            "set BuildConfig.seed (--seed): it seeds QAT too",
+        )
+    return replace(config, qat=replace(qat, seed=config.seed))

@@ -28,3 +28,7 @@ class SdkMissingError(EdgeqError):
     """A backend needs a vendor SDK that is not installed."""
 
     exit_code = 4
+
+
+class ConfigError(EdgeqError, ValueError):
+    """An invalid setting (a config field, a recipe's QAT setting, a command-line option)."""

@@ -10,7 +10,11 @@ import torch
 
 from edgeq import upstream
 from edgeq.backends import backend_of
+from edgeq.capture import capture
+from edgeq.context import BuildContext, FloatBaseline
+from edgeq.errors import EdgeqError
 from edgeq.graph import untie_shared_constants
+from edgeq.planning.plan import budget_in_bytes
 from edgeq.targets import Target
 
 # Ops that carry no compute: their presence outside a delegate is bookkeeping.
@@ -135,3 +139,45 @@ def lower(
     delegation = _delegation(edge, target, float_graph)
     program = edge.to_executorch()
     return Lowered(program=bytes(program.buffer), delegation=delegation, edge=edge)
+
+
+def float_baseline(ctx: BuildContext) -> FloatBaseline:
+    """The capture stage: the user's float model, checked, captured and lowered as the size baseline."""
+    recipe, stages = ctx.recipe, ctx.stages
+    with stages("model"):
+        try:
+            model = recipe.model()
+        except Exception as exc:  # noqa: BLE001 - the user's code: its failure becomes one line naming it
+            raise EdgeqError(f"recipe model() raised {type(exc).__name__}: {exc}", "fix the recipe's model()") from exc
+        if not isinstance(model, torch.nn.Module):
+            raise EdgeqError(f"recipe model() returned {type(model).__name__}", "return a torch.nn.Module")
+        model = model.eval()
+        example_inputs = recipe.example_inputs()
+    with stages("export"):
+        # Checks the example inputs and export-ability first, with errors that name the cause.
+        graph = capture(model, example_inputs, dynamic_batch=False)
+    with stages("lower"):
+        program = lower_float(model, example_inputs, ctx.target)
+    return FloatBaseline(model, example_inputs, graph, program_bytes=len(program), program=program)
+
+
+def lower_reference(ctx: BuildContext, reference: torch.fx.GraphModule, baseline: FloatBaseline) -> Lowered:
+    """The lower stage: the shipped reference as an ExecuTorch program, within --size-budget."""
+    config = ctx.config
+    ctx.announce("lower")
+    with ctx.stages("lower"):
+        lowered = lower(
+            reference,
+            baseline.example_inputs,
+            ctx.target,
+            float_graph=baseline.graph,
+            allow_download=config.allow_sdk_download,
+        )
+    if config.size_budget is not None:
+        budget = budget_in_bytes(config.size_budget, baseline.program_bytes)
+        if len(lowered.program) > budget:
+            raise EdgeqError(
+                f"model.pte is {len(lowered.program):,} bytes, over --size-budget {budget:,.0f}",
+                "lower --size-budget slightly to leave the planner a margin, or edit plan.json to narrow more layers",
+            )
+    return lowered

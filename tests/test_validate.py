@@ -161,7 +161,7 @@ def test_report_json_carries_a_schema_version(digits_build):
     from edgeq.ship.report import REPORT_SCHEMA
 
     report = json.loads((digits_build.out_dir / "report.json").read_text())
-    assert report["schema_version"] == REPORT_SCHEMA == 3
+    assert report["schema_version"] == REPORT_SCHEMA == 4
     assert report["backend_title"] == "XNNPACK"
 
 

@@ -17,10 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgeq.backends.base import AppRuntime, Backend
-from edgeq.configs import RangeConfig
 from edgeq.errors import EdgeqError
-from edgeq.planning.plan import Plan
-from edgeq.quant.spec import QuantSpec, edgeq_layers
+from edgeq.quant.spec import quant_spec
 from edgeq.targets import Target, read_target
 
 __all__ = [
@@ -91,11 +89,3 @@ def backend_of(target: Target) -> Backend:
     impl = target.impl if target.impl is not None else resolve_target(target).impl
     assert isinstance(impl, Backend)
     return impl
-
-
-def quant_spec(plan: Plan, target: Target, qat: bool = True, ranges: RangeConfig | None = None) -> QuantSpec:
-    """What prepare/convert quantize: the backend's PT2E quantizer for ``plan`` on ``target``, and the
-    layers edgeq quantizes itself whatever the backend (edgeq.quant.embeddings, .groupwise, .half)."""
-    ranges = ranges or RangeConfig()
-    quantizer = backend_of(target).quantizer(plan, target, qat, ranges)
-    return QuantSpec(quantizer=quantizer, qat=qat, ranges=ranges, **edgeq_layers(plan, target))

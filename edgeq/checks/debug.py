@@ -70,10 +70,12 @@ def first_divergence(errors: list[LayerError], threshold_db: float) -> LayerErro
 
 
 def debug(
-    float_model, reference, recipe, threshold_db: float = 20.0, batches: int = 1
+    float_model, reference, recipe, threshold_db: float = 20.0, batches: int = 1, source=None
 ) -> tuple[list[LayerError], LayerError | None]:
+    """Per-layer SQNR of ``reference`` against float on the first ``batches`` of ``source``
+    ((inputs, target) batches; the evaluation data unless given: a decision passes held-out data)."""
     data = []
-    for inputs, _ in recipe.eval_data():
+    for inputs, _ in source if source is not None else recipe.eval_data():
         data.append(as_tuple(inputs))
         if len(data) >= batches:
             break

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeq.configs import RangeConfig
+from edgeq.errors import EdgeqError
 from edgeq.planning.plan import Plan
 from edgeq.targets import Target
 
-__all__ = ["QuantSpec", "edgeq_layers"]
+__all__ = ["QuantSpec", "edgeq_layers", "quant_spec"]
 
 
 @dataclass(frozen=True)
@@ -45,3 +46,18 @@ def edgeq_layers(plan: Plan, target: Target) -> dict[str, Any]:
             name: p.weight_bits for name, p in precision.items() if kind[name] == "embedding" and not p.is_float
         },
     }
+
+
+def quant_spec(plan: Plan, target: Target, qat: bool = True, ranges: RangeConfig | None = None) -> QuantSpec:
+    """What prepare/convert quantize: the target's backend quantizer for ``plan``, and the layers edgeq
+    quantizes itself whatever the backend (edgeq.quant.embeddings, .groupwise, .half).
+
+    ``target`` must be resolved (``edgeq.load_target``): it carries its backend.
+    """
+    if target.impl is None:
+        raise EdgeqError(
+            f"target '{target.name}' was parsed but not resolved", "load it with edgeq.load_target (or resolve_target)"
+        )
+    ranges = ranges or RangeConfig()
+    quantizer = target.impl.quantizer(plan, target, qat, ranges)
+    return QuantSpec(quantizer=quantizer, qat=qat, ranges=ranges, **edgeq_layers(plan, target))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import platform
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,8 @@ MANIFEST_SCHEMA = 1
 
 
 #: report.json's layout version; bump when a field changes meaning or disappears
-REPORT_SCHEMA = 3
+#: (4: the accuracy fallback reports held-out metrics: start_metric, float_metric, steps[].holdout_metric)
+REPORT_SCHEMA = 4
 
 
 def check_manifest(manifest: dict[str, Any]) -> None:
@@ -99,40 +100,56 @@ def _input_names(model: torch.nn.Module, count: int) -> list[str]:
     return names + [f"input_{i}" for i in range(len(names), count)]
 
 
-def build_report(
-    recipe: Any,
-    target: Any,
-    config: Any,
-    plan: Any,
-    scores: Any,
-    sizes: dict[str, int],
-    lowered: Any,
-    qat_report: Any,
-    timings: dict[str, float],
-    samples: int,
-    analysis: Any = None,
-    planned: Any = None,
-    layer_errors: Any = (),
-    first_divergence: Any = None,
-    program_layers: dict[str, Any] | None = None,
-    program_notes: dict[str, Any] | None = None,
-    runtime: str = "host",
-    warnings: list[str] | None = None,
-    latency: dict[str, Any] | None = None,
-    fallback: dict[str, Any] | None = None,
-    refined: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+@dataclass
+class BuildRecord:
+    """Everything a build's report is written from (the stages' results)."""
+
+    recipe: Any
+    target: Any
+    config: Any
+    plan: Any
+    scores: Any
+    sizes: dict[str, int]
+    lowered: Any
+    qat_report: Any
+    timings: dict[str, float]
+    samples: int
+    analysis: Any = None
+    planned: Any = None
+    #: edgeq.checks.numerics.Numerics; None: not measured
+    numerics: Any = None
+    program_notes: dict[str, Any] = field(default_factory=dict)
+    latency: dict[str, Any] = field(default_factory=dict)
+    fallback: dict[str, Any] | None = None
+    refined: dict[str, Any] | None = None
+
+
+def build_report(record: BuildRecord) -> dict[str, Any]:
+    r = record
+    recipe, target, config, plan, scores, sizes, lowered = (
+        r.recipe,
+        r.target,
+        r.config,
+        r.plan,
+        r.scores,
+        r.sizes,
+        r.lowered,
+    )
+    qat_report, analysis, planned, refined = r.qat_report, r.analysis, r.planned, r.refined
+    layer_errors = r.numerics.layer_errors if r.numerics is not None else []
+    first_divergence = r.numerics.first_divergence if r.numerics is not None else None
+    backend = backend_of(target)
     delegation = lowered.delegation
     return {
         "schema_version": REPORT_SCHEMA,
         "recipe": recipe.name,
         "target": target.name,
         "backend": target.backend,
-        "backend_title": backend_of(target).title,
-        "runtime": runtime,
-        "warnings": list(warnings or []) + list(qat_report.warnings),
-        "program": dict(program_notes or {}),
-        "samples": samples,
+        "backend_title": backend.title,
+        "runtime": backend.host_runtime,
+        "warnings": list(backend.warnings(r.program_notes)) + list(qat_report.warnings),
+        "program": dict(r.program_notes),
+        "samples": r.samples,
         "accuracy": {
             "float": scores.float,
             "qat": scores.qat,
@@ -147,8 +164,8 @@ def build_report(
             "max_drop": config.max_drop,
         },
         "agreement": scores.agreement,
-        "latency": dict(latency or {}),
-        "fallback": fallback,
+        "latency": dict(r.latency),
+        "fallback": r.fallback,
         "size": {
             **sizes,
             "ratio": sizes["program_bytes"] / sizes["float_program_bytes"] if sizes["float_program_bytes"] else None,
@@ -198,8 +215,8 @@ def build_report(
             "reference_vs_float_db": {e.layer: e.sqnr_db for e in layer_errors},
             "first_divergence": first_divergence.layer if first_divergence is not None else None,
         },
-        "program_layers": program_layers,
-        "timings": timings,
+        "program_layers": r.numerics.program_layers if r.numerics is not None else None,
+        "timings": r.timings,
         "versions": versions(),
     }
 

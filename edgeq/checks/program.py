@@ -1,0 +1,106 @@
+"""The validate stage: the lowered program in ExecuTorch's runtime, scored beside every model before it,
+and its host latency (and the price of any layers the accuracy fallback kept in float)."""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edgeq.checks.evaluate import Evaluation, agreement
+from edgeq.checks.latency import host_latency_ms
+from edgeq.context import BuildContext, FloatBaseline
+from edgeq.lower import Lowered, lower
+
+__all__ = ["Evaluations", "Scores", "fallback_price", "host_latency", "validate_program"]
+
+
+@dataclass
+class Scores:
+    float: builtins.float
+    qat: builtins.float
+    #: the shipped converted reference (QAT's, or PTQ's when it scored higher)
+    reference: builtins.float
+    program: builtins.float
+    agreement: dict[str, builtins.float]
+    #: plain PTQ of the same plan, converted reference (None: not measured)
+    ptq: builtins.float | None = None
+    #: QAT's converted reference, whether shipped or not
+    qat_reference: builtins.float | None = None
+    #: which candidate the program was lowered from: "qat", "ptq" or "ptq+bias-correction"
+    shipped: str = "qat"
+    #: every quantized candidate measured: name -> {"holdout_loss", "metric"}; the build ships the
+    #: lowest held-out loss (a slice of train_data(), never the eval data)
+    candidates: dict[str, dict[str, builtins.float | None]] = dataclasses.field(default_factory=dict)
+    #: what the choice was measured on
+    selected_on: str = ""
+
+
+@dataclass
+class Evaluations:
+    """Each model of the build on the evaluation data (reported only)."""
+
+    float: Evaluation
+    qat: Evaluation
+    qat_reference: Evaluation
+    #: the reference that ships (after candidate selection and the accuracy fallback)
+    reference: Evaluation
+    ptq: Evaluation | None = None
+    program: Evaluation | None = None
+
+
+def validate_program(ctx: BuildContext, lowered: Lowered, evaluations: Evaluations) -> Any:
+    """Score the program in the backend's host runtime; returns the runner (its signature goes in the manifest)."""
+    ctx.announce("validate")
+    with ctx.stages("validate"):
+        runner = ctx.backend.runner(lowered.program)
+        evaluations.program = ctx.score(runner, "model.pte (ExecuTorch runtime)")
+    return runner
+
+
+def scores(evaluations: Evaluations, candidates: dict[str, dict[str, Any]], shipped: str, selected_on: str) -> Scores:
+    program, qat, qat_ref = evaluations.program, evaluations.qat, evaluations.qat_reference
+    assert program is not None
+    return Scores(
+        float=evaluations.float.metric,
+        qat=qat.metric,
+        reference=evaluations.reference.metric,
+        program=program.metric,
+        ptq=evaluations.ptq.metric if evaluations.ptq is not None else None,
+        qat_reference=qat_ref.metric,
+        shipped=shipped,
+        candidates=candidates,
+        selected_on=selected_on,
+        agreement={
+            "qat_vs_reference": agreement(qat.outputs, qat_ref.outputs),
+            "reference_vs_program": agreement(evaluations.reference.outputs, program.outputs),
+            "qat_vs_program": agreement(qat.outputs, program.outputs),
+            "float_vs_program": agreement(evaluations.float.outputs, program.outputs),
+        },
+    )
+
+
+def host_latency(ctx: BuildContext, lowered: Lowered, baseline: FloatBaseline) -> dict[str, Any]:
+    """Median host latency of the program and of the float program (empty where the host runs a simulator)."""
+    if not ctx.backend.host_latency:
+        return {}
+    with ctx.stages("latency"):
+        latency = {
+            "program_ms": host_latency_ms(lowered.program, baseline.example_inputs),
+            "float_program_ms": host_latency_ms(baseline.program, baseline.example_inputs),
+        }
+    latency["ratio"] = latency["program_ms"] / latency["float_program_ms"]
+    return latency
+
+
+def fallback_price(ctx: BuildContext, without: torch.fx.GraphModule, baseline: FloatBaseline) -> dict[str, Any]:
+    """The price of the fallback's float layers: the same build without them, lowered and timed."""
+    with ctx.stages("fallback"):
+        lowered = lower(without, baseline.example_inputs, ctx.target, allow_download=ctx.config.allow_sdk_download)
+        price: dict[str, Any] = {"program_bytes_without": len(lowered.program)}
+        if ctx.backend.host_latency:
+            price["program_ms_without"] = host_latency_ms(lowered.program, baseline.example_inputs)
+    return price

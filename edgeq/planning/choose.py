@@ -1,0 +1,65 @@
+"""The plan stage: an edited plan, a uniform precision, or a plan measured layer by layer."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+from edgeq.context import BuildContext, FloatBaseline
+from edgeq.lower import lower
+from edgeq.planning.analysis import Analysis, analyze
+from edgeq.planning.plan import Plan, uniform_plan, validate_plan, weight_bytes
+from edgeq.planning.planner import Planned, make_plan
+from edgeq.quant.ptq import post_training_quantize
+
+__all__ = ["PlanChoice", "choose_plan", "program_overhead"]
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    plan: Plan
+    #: None when the plan was given (edited plan or uniform precision)
+    analysis: Analysis | None = None
+    planned: Planned | None = None
+    #: an edited plan.json (--plan): kept as written, never refined
+    edited: bool = False
+
+
+def choose_plan(ctx: BuildContext, baseline: FloatBaseline) -> PlanChoice:
+    """An edited plan (``--plan``), a uniform precision (``--precision``), or the planner's plan."""
+    config, target = ctx.config, ctx.target
+    if config.plan is not None:
+        plan = config.plan if isinstance(config.plan, Plan) else Plan.load(config.plan)
+        return PlanChoice(
+            validate_plan(copy.deepcopy(plan), baseline.model, target, baseline.example_inputs), edited=True
+        )
+    if config.precision is not None:
+        plan = uniform_plan(baseline.model, target, config.precision, example_inputs=baseline.example_inputs)
+        return PlanChoice(dataclasses.replace(plan, intermediate_bits=ctx.training.intermediate_bits))
+    ctx.announce("analyze")
+    with ctx.stages("analyze"):
+        analysis = analyze(baseline.model, ctx.recipe, target, seconds=config.analysis_seconds)
+        overhead = None
+        if config.size_budget is not None and not ctx.backend.float_baseline_overhead:
+            overhead = program_overhead(ctx, baseline)
+        planned = make_plan(
+            analysis,
+            target,
+            baseline.program_bytes,
+            max_drop=config.max_drop,
+            size_budget=config.size_budget,
+            outlier_ratio=config.outlier_ratio,
+            intermediate_bits=ctx.training.intermediate_bits,
+            program_overhead=overhead,
+        )
+    return PlanChoice(planned.plan, analysis, planned)
+
+
+def program_overhead(ctx: BuildContext, baseline: FloatBaseline) -> float:
+    """Bytes a real program of this target carries beyond its weights: the default plan, PTQ, lowered."""
+    plan = uniform_plan(baseline.model, ctx.target, example_inputs=baseline.example_inputs)
+    spec = ctx.spec(plan, qat=False)
+    reference = post_training_quantize(baseline.model, ctx.recipe, spec, ctx.training, batches=2)
+    lowered = lower(reference, baseline.example_inputs, ctx.target, allow_download=ctx.config.allow_sdk_download)
+    return max(0.0, len(lowered.program) - weight_bytes(plan, ctx.target))

@@ -1,0 +1,123 @@
+"""The quantize stage: QAT of the plan, and the candidates it is measured against.
+
+Every build quantizes one plan three ways (QAT; plain PTQ with the backend's
+own calibration observers; PTQ with empirical bias correction) and ships the
+candidate with the lowest held-out loss (:mod:`edgeq.quant.heldout`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgeq import capture as capture_mod
+from edgeq.context import BuildContext, FloatBaseline, Quantized
+from edgeq.planning.plan import Plan
+from edgeq.quant.bias_correction import correct_bias
+from edgeq.quant.convert import convert, prepare
+from edgeq.quant.heldout import Selection, calibration_inputs
+from edgeq.quant.ptq import post_training_quantize
+from edgeq.quant.qat import run_qat, schedule, to_eval
+
+__all__ = ["CandidateChoice", "choose_candidate", "fingerprint", "quantize"]
+
+
+def quantize(ctx: BuildContext, plan: Plan, baseline: FloatBaseline, checkpoint: Path | None = None) -> Quantized:
+    """capture -> prepare -> QAT -> convert. QAT runs narrow layers at the plan's intermediate width first."""
+    config = dataclasses.replace(ctx.training, intermediate_bits=plan.intermediate_bits)
+    model, stages = baseline.model, ctx.stages
+    with stages("export"):
+        graph = capture_mod.capture_for_quantization(model, ctx.recipe.example_inputs(), config.fold_bn)
+    with stages("prepare"):
+        prepared = prepare(graph, ctx.spec(plan, qat=True))
+    ctx.announce("qat")
+    ctx.progress.qat_start(schedule(ctx.recipe, config).steps)
+    with stages("qat"):
+        report = run_qat(
+            prepared,
+            ctx.recipe,
+            config,
+            teacher=model if config.loss != "task" else None,
+            on_step=ctx.progress.step,
+            checkpoint=checkpoint,
+            fingerprint=fingerprint(ctx, plan),
+            resume=ctx.config.resume,
+        )
+    with stages("convert"):
+        # convert_pt2e rewrites the graph in place; keep the fake-quant model for scoring.
+        reference = convert(copy.deepcopy(prepared))
+    return Quantized(fake_quant=to_eval(prepared), reference=reference, qat=report)
+
+
+def fingerprint(ctx: BuildContext, plan: Plan) -> str:
+    """What a QAT checkpoint must match to be resumed."""
+    data: dict[str, Any] = {
+        "recipe": ctx.recipe.fingerprint,
+        "target": ctx.target.name,
+        "plan": plan.to_dict(),
+        "qat": dataclasses.replace(ctx.training, intermediate_bits=plan.intermediate_bits).to_dict(),
+    }
+    data["qat"].pop("checkpoint_every", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class CandidateChoice:
+    references: dict[str, torch.fx.GraphModule]
+    #: name -> {"holdout_loss", "metric"}; the metric (evaluation data) is filled in for the report
+    measured: dict[str, dict[str, Any]]
+    shipped: str
+    selected_on: str
+
+
+def choose_candidate(
+    ctx: BuildContext, plan: Plan, baseline: FloatBaseline, quantized: Quantized, selection: Selection
+) -> CandidateChoice:
+    """QAT, plain PTQ and PTQ with bias correction of the same plan; the lowest held-out loss ships.
+
+    The loss is QAT's own (distillation from the float model by default), measured on the slice
+    of train_data() held out of training, so the eval data never decides what ships. Without a
+    held-out slice (one training batch, or ``holdout=0``) the training batches decide.
+    """
+    config = ctx.config
+    references: dict[str, torch.fx.GraphModule] = {"qat": quantized.reference}
+    if config.ptq_batches:
+        ctx.announce("ptq")
+        with ctx.stages("ptq"):
+            spec = ctx.spec(plan, qat=False)
+            ptq = post_training_quantize(
+                baseline.model, ctx.recipe, spec, ctx.training, config.ptq_batches, selection.every
+            )
+        references["ptq"] = ptq
+        if config.bias_correction:
+            corrected = _bias_corrected(ctx, baseline, ptq, selection.every)
+            if corrected is not None:
+                references["ptq+bias-correction"] = corrected
+    with ctx.stages("select"):
+        losses = {name: selection.loss(reference) for name, reference in references.items()}
+    measured: dict[str, dict[str, Any]] = {
+        name: {"holdout_loss": loss, "metric": None} for name, loss in losses.items()
+    }
+    shipped = min(losses, key=lambda name: losses[name])
+    return CandidateChoice(references, measured, shipped, selection.selected_on)
+
+
+def _bias_corrected(
+    ctx: BuildContext, baseline: FloatBaseline, ptq: torch.fx.GraphModule, every: int
+) -> torch.fx.GraphModule | None:
+    """PTQ with empirical bias correction; None when the backend quantizes biases itself."""
+    with ctx.stages("bias correction"):
+        calibration = calibration_inputs(ctx.recipe, every, ctx.config.bias_correction_samples)
+        float_graph = capture_mod.capture_for_quantization(
+            baseline.model, baseline.example_inputs, ctx.training.fold_bn
+        )
+        corrected = copy.deepcopy(ptq)
+        result = correct_bias(corrected, float_graph, calibration)
+    return corrected if result.shifts else None
