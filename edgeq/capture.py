@@ -32,7 +32,7 @@ def _check_inputs(model: nn.Module, example_inputs: tuple) -> None:
     try:
         with torch.no_grad():
             model(*example_inputs)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the user's model on the user's inputs: one line naming the shapes
         shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs)
         raise EdgeqError(
             f"the model cannot run on example_inputs() of shape {shapes}: {type(exc).__name__}: {_first_line(exc)}",
@@ -75,7 +75,7 @@ def export(model: nn.Module, example_inputs: tuple, dynamic_batch: bool = True) 
         dynamic_shapes = tuple({0: batch} for _ in inputs)
     try:
         return torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - torch.export fails with many types; each becomes one line
         if dynamic_batch and "batch" in str(exc) and "Constraints violated" in str(exc):
             # The model fixes its batch size somewhere (e.g. a reshape to a
             # constant); fall back to the example's static shape.

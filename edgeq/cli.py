@@ -25,6 +25,16 @@ console = Console(stderr=True)
 stdout = Console()
 
 
+@app.callback()
+def _quiet(
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show third-party warnings and native runtime lines for any command."
+    ),
+) -> None:
+    """Every subcommand's output is edgeq's own unless --verbose (a subcommand's own -v also works)."""
+    set_verbose(verbose)
+
+
 class RichProgress:
     """edgeq's own stages on the terminal: a line per stage, QAT steps with loss, rate and ETA, evaluation counts."""
 
@@ -95,7 +105,6 @@ class RichProgress:
 
 
 def _fail(exc: Exception) -> None:
-    from edgeq.errors import EdgeqError
 
     if isinstance(exc, EdgeqError):
         from rich.markup import escape
@@ -222,19 +231,16 @@ def build(
         from edgeq.pipeline import build as run_build
         from edgeq.recipe import load_recipe
 
-        try:
-            vote = VoteConfig(
-                up_ratio=up_ratio,
-                down_ratio=down_ratio,
-                min_votes=min_votes,
-                window=window,
-                rule=rule.value,
-                keep=keep,
-                step=step,
-            )
-            range_config = RangeConfig(mode=ranges.value, vote=vote)
-        except ValueError as exc:
-            raise EdgeqError(f"invalid range option: {exc}", "see `edgeq build --help`") from exc
+        vote = VoteConfig(
+            up_ratio=up_ratio,
+            down_ratio=down_ratio,
+            min_votes=min_votes,
+            window=window,
+            rule=rule.value,
+            keep=keep,
+            step=step,
+        )
+        range_config = RangeConfig(mode=ranges.value, vote=vote)
         flags = {
             "steps": steps,
             "epochs": epochs,
@@ -250,16 +256,14 @@ def build(
             "device": device,
             "checkpoint_every": checkpoint_every,
         }
-        # The recipe's QAT settings fill what the command line leaves at its defaults.
+        # The recipe's QAT settings fill what the command line leaves at its defaults (edgeq.configs.resolve).
         loaded = load_recipe(recipe)
         given = {name: value for name, value in flags.items() if _given(ctx, name)}
-        qat = QATConfig(**{**flags, **loaded.qat, **given}, ranges=range_config)
         config = BuildConfig(
             target=target,
             out=out,
             plan=plan,
             precision=precision,
-            qat=qat,
             size_budget=size_budget,
             outlier_ratio=outlier_ratio,
             max_drop=max_drop,
@@ -270,10 +274,10 @@ def build(
             bias_correction=bias_correction,
         )
         with RichProgress() as progress:
-            result = run_build(loaded, config, progress=progress)
+            result = run_build(loaded, config, progress=progress, qat_overrides={**given, "ranges": range_config})
         if result is not None:  # ranks other than 0 of a torchrun job return None
             _summary(result)
-    except Exception as exc:  # noqa: BLE001 - user errors become one line
+    except EdgeqError as exc:  # anything else is a bug: its traceback stays
         _fail(exc)
 
 
@@ -382,7 +386,7 @@ def analyze(
         print_analysis(analysis, stdout)
         write_json_atomic(out, analysis.to_dict())
         stdout.print(f"wrote {out}")
-    except Exception as exc:  # noqa: BLE001
+    except EdgeqError as exc:  # anything else is a bug: its traceback stays
         _fail(exc)
 
 
@@ -400,7 +404,7 @@ def targets() -> None:
     for name in builtin_targets():
         try:
             t = load_target(name)
-        except Exception as exc:  # noqa: BLE001
+        except EdgeqError as exc:  # anything else is a bug: its traceback stays
             _fail(exc)
         table.add_row(t.name, t.backend, t.chipset, t.default_precision, ", ".join(t.precisions))
     stdout.print(table)
@@ -423,7 +427,7 @@ def qnn_setup(
                 f"{qnn_host.executorch_qnn_version()} (export QNN_SDK_ROOT=...)",
                 highlight=False,
             )
-    except Exception as exc:  # noqa: BLE001
+    except EdgeqError as exc:  # anything else is a bug: its traceback stays
         _fail(exc)
 
 
@@ -484,7 +488,7 @@ def validate(
                 f"agreement {agree:.2f}% is below --min-agreement {min_agreement}",
                 "rebuild with more QAT steps or a wider plan",
             )
-    except Exception as exc:  # noqa: BLE001
+    except EdgeqError as exc:  # anything else is a bug: its traceback stays
         _fail(exc)
 
 
@@ -496,7 +500,6 @@ def _program_debug(build_dir: Path, r, threshold: float, runtime_threshold: floa
 
     from edgeq.checks.program_debug import debug_program
     from edgeq.checks.validate import load_reference
-    from edgeq.errors import EdgeqError
     from edgeq.ship.package import write_json_atomic
     from edgeq.targets import builtin_targets
 
@@ -645,7 +648,7 @@ def debug(
             )
             return
         _program_debug(build_dir, r, threshold, runtime_threshold, samples)
-    except Exception as exc:  # noqa: BLE001
+    except EdgeqError as exc:  # anything else is a bug: its traceback stays
         _fail(exc)
 
 

@@ -81,18 +81,21 @@ def build(
     recipe: str | Path | Recipe | None = None,
     config: BuildConfig | None = None,
     progress: Progress | None = None,
+    qat_overrides: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> BuildResult | None:
     """Build, validate and package a program; see :class:`BuildConfig`.
 
-    ``overrides`` replace fields of ``config`` (``build(recipe, target="qualcomm", max_drop=2)``).
+    ``overrides`` replace fields of ``config`` (``build(recipe, target="qualcomm", max_drop=2)``);
+    ``qat_overrides`` replace QAT settings over the recipe's own (the CLI's given flags). Both are
+    merged in one place, :func:`edgeq.configs.resolve`.
     Under torchrun (``WORLD_SIZE`` > 1) QAT runs data-parallel; only rank 0
     converts, lowers and writes artifacts, and the other ranks return None.
     """
     stages = Stages()
     with stages("load"):
         loaded = load_recipe(recipe)
-        config = resolve(config, loaded.qat, overrides)
+        config = resolve(config, loaded.qat, overrides, qat_overrides)
         config = dataclasses.replace(
             config, qat=dataclasses.replace(config.training, device=check_device(config.training.device))
         )

@@ -211,7 +211,7 @@ def _import_module(spec: str) -> ModuleType:
                 "pass a path to a .py file (e.g. --recipe my_recipe.py) or a module on PYTHONPATH",
             ) from exc
         raise EdgeqError(f"recipe '{spec}' failed to import: {exc}", "install what it needs") from exc
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the user's module: whatever it raises becomes one line naming it
         raise EdgeqError(
             f"recipe '{spec}' raised {type(exc).__name__} on import: {exc}",
             "fix the recipe so that it imports cleanly",

@@ -50,7 +50,7 @@ class ProgramRunner:
         with native_stderr(stdout=True):
             try:
                 self._program = Runtime.get().load_program(data)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - ExecuTorch's loader raises bare RuntimeErrors and more
                 raise EdgeqError(f"ExecuTorch cannot load the program: {exc}", "rebuild it with `edgeq build`") from exc
             self._method = self._program.load_method("forward")
         meta = self._program.metadata("forward")

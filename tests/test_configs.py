@@ -21,7 +21,7 @@ def test_configs_are_frozen_and_replace_rejects_unknown_fields():
 def test_build_rejects_a_misspelt_override_in_one_line(tmp_path):
     from edgeq.pipeline import build
 
-    with pytest.raises(EdgeqError, match="unknown setting") as info:
+    with pytest.raises(EdgeqError, match="unknown build setting") as info:
         build(None, BuildConfig(out=tmp_path / "o"), max_dorp=2.0)
     assert "\n" not in str(info.value) and "max_drop" in str(info.value)
     assert not (tmp_path / "o").exists()

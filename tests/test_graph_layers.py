@@ -107,7 +107,7 @@ def test_a_layer_applied_twice_lowers_to_a_program_that_matches_its_reference():
     torch.manual_seed(0)
     model, h = Twice().eval(), torch.randn(16, 8)
     target = load_target("android")
-    prepared = prepare(capture(model, (h[:1],)), quant_spec(uniform_plan(model, target), target, qat=False), qat=False)
+    prepared = prepare(capture(model, (h[:1],)), quant_spec(uniform_plan(model, target), target, qat=False))
     prepared(h)
     reference = convert(prepared)
     program = ProgramRunner(lower(reference, (h[:1],), target).program)

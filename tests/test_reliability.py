@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from edgeq.cli import app
+from edgeq.context import QuietProgress
 from edgeq.errors import EdgeqError
 from edgeq.pipeline import BuildConfig, build, checkpoint_path
 from edgeq.quant.qat import QATConfig
@@ -24,7 +25,7 @@ class Interrupt(Exception):
     pass
 
 
-class KillAt:
+class KillAt(QuietProgress):
     """A progress hook that interrupts QAT at one step, as Ctrl-C or a lost machine would."""
 
     def __init__(self, step: int) -> None:

@@ -9,6 +9,7 @@ from edgeq import upstream
 from edgeq.backends import load_target
 from edgeq.planning.plan import uniform_plan
 from edgeq.quant.convert import convert, prepare
+from edgeq.quant.spec import QuantSpec
 
 
 class MobileBlock(nn.Module):
@@ -79,7 +80,9 @@ def test_relu6_fuses_into_its_conv_and_keeps_the_signal():
     data = torch.randn(16, 3, 16, 16)
     ours = _edgeq_reference(model, data)
     by_hand = _quantize(
-        model, XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True)), data
+        model,
+        QuantSpec(XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True)), qat=False),
+        data,
     )
     assert _quantized_conv_outputs(by_hand) == 2  # upstream quantizes each conv before its ReLU6
     assert _quantized_conv_outputs(ours) == 0

@@ -1,0 +1,40 @@
+"""Every decision a build makes is taken on held-out training data; the evaluation data is only reported."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from test_fallback import _fragile_recipe
+
+from edgeq.configs import BuildConfig, QATConfig
+
+
+def _lying(recipe):
+    """The same recipe with evaluation targets that disagree with every model: rolled labels."""
+    ((x, y),) = list(recipe.eval_data())
+    return dataclasses.replace(recipe, eval_data=lambda: iter([(x, torch.roll(y, 1))]))
+
+
+@pytest.mark.slow
+def test_eval_data_that_disagrees_with_held_out_data_changes_no_decision(tmp_path):
+    from edgeq.pipeline import build
+
+    config = BuildConfig(precision="int8", qat=QATConfig(steps=0), max_drop=2.0, debug_program=False)
+    honest = build(_fragile_recipe(), dataclasses.replace(config, out=tmp_path / "honest"))
+    lying = build(_lying(_fragile_recipe()), dataclasses.replace(config, out=tmp_path / "lying"))
+    # The two evaluations disagree completely ...
+    assert honest.scores.float > 80.0 and lying.scores.float < 30.0
+    reports = [json.loads((r.out_dir / "report.json").read_text()) for r in (honest, lying)]
+    # ... and no decision moved: the same candidate, the same fallback steps, the same program.
+    assert reports[1]["fallback"] is not None and reports[1]["fallback"]["shipped"]  # eval drop ~0, held-out missed
+    decided = [{k: v for k, v in r["fallback"].items() if k != "program_ms_without"} for r in reports]
+    assert decided[0] == decided[1]  # host latency aside
+    assert honest.scores.shipped == lying.scores.shipped
+    assert [c["holdout_loss"] for c in honest.scores.candidates.values()] == [
+        c["holdout_loss"] for c in lying.scores.candidates.values()
+    ]
+    assert (honest.out_dir / "model.pte").read_bytes() == (lying.out_dir / "model.pte").read_bytes()
+    assert reports[0]["plan_checks"] == reports[1]["plan_checks"]
