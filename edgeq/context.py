@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -24,7 +25,9 @@ from edgeq.recipe import Recipe
 from edgeq.targets import Target
 from edgeq.timing import Stages
 
-__all__ = ["BuildContext", "FloatBaseline", "Progress", "QuietProgress", "Quantized"]
+__all__ = [
+    "BuildContext", "FloatBaseline", "Progress", "QuietProgress", "Quantized", "checkpoint_path",
+]  # fmt: skip
 
 
 class Progress(Protocol):
@@ -123,3 +126,9 @@ class Quantized:
     fake_quant: torch.fx.GraphModule
     reference: torch.fx.GraphModule
     qat: QATReport
+
+
+def checkpoint_path(out_dir: Path) -> Path:
+    """Beside the output directory, so that a failed build leaves that directory untouched."""
+    out_dir = Path(out_dir).absolute()
+    return out_dir.with_name(f".{out_dir.name}.edgeq-checkpoint") / "qat.pt"

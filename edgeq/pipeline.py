@@ -28,16 +28,25 @@ import torch
 
 from edgeq import upstream
 from edgeq.backends import load_target
-from edgeq.checks.program import Evaluations, Scores, fallback_price, host_latency, scores, validate_program
+from edgeq.checks.program import (
+    Evaluations,
+    Scores,
+    ensure_sdk,
+    fallback_price,
+    host_latency,
+    program_sizes,
+    scores,
+    validate_program,
+)  # fmt: skip
 from edgeq.configs import BuildConfig, resolve
-from edgeq.context import BuildContext, Progress, QuietProgress
-from edgeq.errors import AccuracyError, SdkMissingError
+from edgeq.context import BuildContext, Progress, QuietProgress, checkpoint_path
+from edgeq.errors import AccuracyError
 from edgeq.lower import Lowered, float_baseline, lower_reference
 from edgeq.planning.choose import choose_plan
 from edgeq.planning.fallback import FallbackStart, accuracy_fallback
-from edgeq.planning.plan import Plan, weight_bytes
+from edgeq.planning.plan import Plan
 from edgeq.planning.refine import refine_plan
-from edgeq.quant.candidates import choose_candidate, quantize
+from edgeq.quant.candidates import choose_candidate, quantize, score_candidates
 from edgeq.quant.devices import check_device, init_distributed, seed_everything
 from edgeq.quant.heldout import selection_data
 from edgeq.quant.qat import QATReport, world
@@ -69,12 +78,6 @@ class BuildResult:
     @property
     def drop(self) -> float:
         return self.scores.float - self.scores.program
-
-
-def checkpoint_path(out_dir: Path) -> Path:
-    """Beside the output directory, so that a failed build leaves that directory untouched."""
-    out_dir = Path(out_dir).absolute()
-    return out_dir.with_name(f".{out_dir.name}.edgeq-checkpoint") / "qat.pt"
 
 
 def build(
@@ -147,40 +150,28 @@ def _run(ctx: BuildContext, output: OutputDir, checkpoint: Path) -> BuildResult 
         qat_ref_eval = ctx.score(quantized.reference, "converted reference")
     made = choose_candidate(ctx, choice.plan, baseline, quantized, selection)
     evals = Evaluations(float=float_eval, qat=qat_eval, qat_reference=qat_ref_eval, reference=qat_ref_eval)
-    _score_candidates(ctx, made.references, made.measured, evals, made.shipped)
+    score_candidates(ctx, made, evals)
     shipped, reference = made.shipped, made.references[made.shipped]
     trained = quantized.fake_quant if shipped == "qat" else None
     fallback = accuracy_fallback(ctx, baseline, FallbackStart(choice, shipped, reference, trained), selection)
-    fallback_report = None
-    if fallback is not None:
-        fallback_report = {
-            "ranked_by": fallback.ranked_by,
-            "weights": fallback.weights,
-            "start_metric": fallback.start_metric,
-            "float_metric": fallback.float_metric,
-            "steps": fallback.steps,
-            "shipped": fallback.improved,
-        }
-        if fallback.improved:
-            before_fallback, reference = reference, fallback.reference
-            choice, shipped = dataclasses.replace(choice, plan=fallback.plan), f"{shipped}+float-fallback"
-            with ctx.stages("evaluate"):
-                evals.reference = ctx.score(reference, "fallback reference")
-    _ensure_sdk(ctx, evals)
+    fallback_report = fallback.to_report() if fallback is not None else None
+    before_fallback = reference
+    if fallback is not None and fallback.improved:
+        reference, shipped = fallback.reference, f"{shipped}+float-fallback"
+        choice = dataclasses.replace(choice, plan=fallback.plan)
+        with ctx.stages("evaluate"):
+            evals.reference = ctx.score(reference, "fallback reference")
+    ensure_sdk(ctx, evals)
     lowered = lower_reference(ctx, reference, baseline)
     latency = host_latency(ctx, lowered, baseline)
-    if fallback is not None and fallback.improved:
-        fallback_report.update(fallback_price(ctx, before_fallback, baseline))  # type: ignore[union-attr]
+    if fallback_report is not None and fallback_report["shipped"]:
+        fallback_report.update(fallback_price(ctx, before_fallback, baseline))
     runner = validate_program(ctx, lowered, evals)
     notes = package(ctx, output, choice, baseline, reference, lowered, runner.signature)
     from edgeq.checks.numerics import debug_layers
 
     numerics = debug_layers(ctx, choice.plan, baseline, reference, lowered)
-    sizes = {
-        "float_program_bytes": baseline.program_bytes,
-        "program_bytes": len(lowered.program),
-        "planned_weight_bytes": int(weight_bytes(choice.plan, ctx.target)),
-    }
+    sizes = program_sizes(ctx, choice.plan, baseline, lowered)
     final = scores(evals, made.measured, shipped, made.selected_on)
     assert evals.program is not None
     record = BuildRecord(
@@ -192,35 +183,6 @@ def _run(ctx: BuildContext, output: OutputDir, checkpoint: Path) -> BuildResult 
         ctx.recipe.name, ctx.target, choice.plan, final, sizes, lowered, quantized.qat, dict(ctx.stages.seconds),
         None, report, reference,
     )  # fmt: skip
-
-
-def _score_candidates(
-    ctx: BuildContext, references: dict[str, Any], measured: dict[str, dict[str, Any]], evals: Evaluations, shipped: str
-) -> None:
-    """Each candidate's evaluation metric, for the report (the choice was made before, on held-out data)."""
-    measured["qat"]["metric"] = evals.qat_reference.metric
-    for name, reference in references.items():
-        if name == "qat":
-            continue
-        with ctx.stages("evaluate"):
-            evaluation = ctx.score(reference, f"{name} reference")
-        measured[name]["metric"] = evaluation.metric
-        if name == "ptq":
-            evals.ptq = evaluation
-        if name == shipped:
-            evals.reference = evaluation
-
-
-def _ensure_sdk(ctx: BuildContext, evals: Evaluations) -> None:
-    """Lowering for this target needs its SDK here; say what the host already measured when it is missing."""
-    try:
-        ctx.backend.ensure_sdk(ctx.config.allow_sdk_download)
-    except SdkMissingError as exc:
-        raise SdkMissingError(
-            f"quantized reference validated on the host: {evals.reference.metric:.2f} "
-            f"(float {evals.float.metric:.2f}, QAT {evals.qat.metric:.2f}); {exc.cause}",
-            exc.fix,
-        ) from None
 
 
 def _gate(result: BuildResult, config: BuildConfig) -> None:

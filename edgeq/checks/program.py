@@ -13,9 +13,14 @@ import torch
 from edgeq.checks.evaluate import Evaluation, agreement
 from edgeq.checks.latency import host_latency_ms
 from edgeq.context import BuildContext, FloatBaseline
+from edgeq.errors import SdkMissingError
 from edgeq.lower import Lowered, lower
+from edgeq.planning.plan import Plan, weight_bytes
 
-__all__ = ["Evaluations", "Scores", "fallback_price", "host_latency", "validate_program"]
+__all__ = [
+    "Evaluations", "Scores", "ensure_sdk", "fallback_price", "host_latency", "program_sizes", "scores",
+    "validate_program",
+]  # fmt: skip
 
 
 @dataclass
@@ -104,3 +109,23 @@ def fallback_price(ctx: BuildContext, without: torch.fx.GraphModule, baseline: F
         if ctx.backend.host_latency:
             price["program_ms_without"] = host_latency_ms(lowered.program, baseline.example_inputs)
     return price
+
+
+def ensure_sdk(ctx: BuildContext, evals: Evaluations) -> None:
+    """Lowering for this target needs its SDK here; say what the host already measured when it is missing."""
+    try:
+        ctx.backend.ensure_sdk(ctx.config.allow_sdk_download)
+    except SdkMissingError as exc:
+        raise SdkMissingError(
+            f"quantized reference validated on the host: {evals.reference.metric:.2f} "
+            f"(float {evals.float.metric:.2f}, QAT {evals.qat.metric:.2f}); {exc.cause}",
+            exc.fix,
+        ) from None
+
+
+def program_sizes(ctx: BuildContext, plan: Plan, baseline: FloatBaseline, lowered: Lowered) -> dict[str, int]:
+    return {
+        "float_program_bytes": baseline.program_bytes,
+        "program_bytes": len(lowered.program),
+        "planned_weight_bytes": int(weight_bytes(plan, ctx.target)),
+    }

@@ -46,6 +46,16 @@ class Fallback:
     #: whose weights each step quantized: "QAT-trained" or "float"
     weights: str = "float"
 
+    def to_report(self) -> dict[str, Any]:
+        return {
+            "ranked_by": self.ranked_by,
+            "weights": self.weights,
+            "start_metric": self.start_metric,
+            "float_metric": self.float_metric,
+            "steps": self.steps,
+            "shipped": self.improved,
+        }
+
 
 @dataclass
 class FallbackStart:

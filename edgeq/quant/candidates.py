@@ -26,7 +26,7 @@ from edgeq.quant.heldout import Selection, calibration_inputs
 from edgeq.quant.ptq import post_training_quantize
 from edgeq.quant.qat import run_qat, schedule, to_eval
 
-__all__ = ["CandidateChoice", "choose_candidate", "fingerprint", "quantize"]
+__all__ = ["CandidateChoice", "choose_candidate", "fingerprint", "quantize", "score_candidates"]
 
 
 def quantize(ctx: BuildContext, plan: Plan, baseline: FloatBaseline, checkpoint: Path | None = None) -> Quantized:
@@ -121,3 +121,19 @@ def _bias_corrected(
         corrected = copy.deepcopy(ptq)
         result = correct_bias(corrected, float_graph, calibration)
     return corrected if result.shifts else None
+
+
+def score_candidates(ctx: BuildContext, made: CandidateChoice, evals: Any) -> None:
+    """Each candidate's evaluation metric, for the report (the choice was made before, on held-out data).
+    ``evals``: the build's edgeq.checks.program.Evaluations, completed in place."""
+    made.measured["qat"]["metric"] = evals.qat_reference.metric
+    for name, reference in made.references.items():
+        if name == "qat":
+            continue
+        with ctx.stages("evaluate"):
+            evaluation = ctx.score(reference, f"{name} reference")
+        made.measured[name]["metric"] = evaluation.metric
+        if name == "ptq":
+            evals.ptq = evaluation
+        if name == made.shipped:
+            evals.reference = evaluation

@@ -126,98 +126,96 @@ class BuildRecord:
 
 def build_report(record: BuildRecord) -> dict[str, Any]:
     r = record
-    recipe, target, config, plan, scores, sizes, lowered = (
-        r.recipe,
-        r.target,
-        r.config,
-        r.plan,
-        r.scores,
-        r.sizes,
-        r.lowered,
-    )
-    qat_report, analysis, planned, refined = r.qat_report, r.analysis, r.planned, r.refined
-    layer_errors = r.numerics.layer_errors if r.numerics is not None else []
-    first_divergence = r.numerics.first_divergence if r.numerics is not None else None
-    backend = backend_of(target)
-    delegation = lowered.delegation
+    backend = backend_of(r.target)
+    numerics = r.numerics
     return {
         "schema_version": REPORT_SCHEMA,
-        "recipe": recipe.name,
-        "target": target.name,
-        "backend": target.backend,
+        "recipe": r.recipe.name,
+        "target": r.target.name,
+        "backend": r.target.backend,
         "backend_title": backend.title,
         "runtime": backend.host_runtime,
-        "warnings": list(backend.warnings(r.program_notes)) + list(qat_report.warnings),
+        "warnings": list(backend.warnings(r.program_notes)) + list(r.qat_report.warnings),
         "program": dict(r.program_notes),
         "samples": r.samples,
-        "accuracy": {
-            "float": scores.float,
-            "qat": scores.qat,
-            "reference": scores.reference,
-            "program": scores.program,
-            "ptq": scores.ptq,
-            "qat_reference": scores.qat_reference,
-            "shipped": scores.shipped,
-            "candidates": scores.candidates,
-            "selected_on": scores.selected_on,
-            "drop": scores.float - scores.program,
-            "max_drop": config.max_drop,
-        },
-        "agreement": scores.agreement,
+        "accuracy": _accuracy(r),
+        "agreement": r.scores.agreement,
         "latency": dict(r.latency),
         "fallback": r.fallback,
         "size": {
-            **sizes,
-            "ratio": sizes["program_bytes"] / sizes["float_program_bytes"] if sizes["float_program_bytes"] else None,
+            **r.sizes,
+            "ratio": r.sizes["program_bytes"] / r.sizes["float_program_bytes"]
+            if r.sizes["float_program_bytes"]
+            else None,
         },
-        "delegation": {
-            "delegated_ops": delegation.delegated_ops,
-            "outside_ops": delegation.outside_ops,
-            "delegate_calls": delegation.delegate_calls,
-            "flops_in_delegate": delegation.flops_in_delegate,
-            "outside": delegation.outside,
-            "by_op": {op: {"delegated": d, "outside": o} for op, (d, o) in delegation.by_op.items()},
-        },
-        "plan": [asdict(layer) for layer in plan.layers],
+        "delegation": _delegation(r.lowered.delegation),
+        "plan": [asdict(layer) for layer in r.plan.layers],
         #: ops between planned layers: quantized or float, and the held-out losses that decided it
-        "other_ops": {"chosen": plan.other_ops, **((refined or {}).get("other_ops") or {})},
+        "other_ops": {"chosen": r.plan.other_ops, **((r.refined or {}).get("other_ops") or {})},
         #: the plan quantized (PTQ) and measured on the held-out slice before training, and what changed
-        "plan_checks": refined,
-        "qat": {
-            "config": config.training.to_dict(),
-            "steps": qat_report.steps,
-            "seconds": qat_report.seconds,
-            "step_seconds": qat_report.step_seconds,
-            "first_loss": qat_report.first_loss,
-            "last_loss": qat_report.last_loss,
-            "commits": qat_report.commits,
-            "intermediate": qat_report.intermediate,
-            "losses": qat_report.losses,
-            "planned_steps": qat_report.planned_steps,
-            "passes": qat_report.passes,
-            "holdout_losses": qat_report.holdout_losses,
-            "best_step": qat_report.best_step,
-            "stopped_early": qat_report.stopped_early,
-            "initial_ranges": qat_report.initial_ranges,
-        },
-        "analysis": analysis.to_dict() if analysis is not None else None,
-        "planner": {
-            "predicted_drop": planned.predicted_drop,
-            # The prediction sums single-layer drops measured on calibration data; the program's
-            # measured drop beside it confirms or refutes it.
-            "measured_drop": scores.float - scores.program,
-            "estimated_program_bytes": planned.program_bytes,
-            "considered": [asdict(p) for p in planned.considered],
-        }
-        if planned is not None
-        else None,
+        "plan_checks": r.refined,
+        "qat": _qat(r),
+        "analysis": r.analysis.to_dict() if r.analysis is not None else None,
+        "planner": _planner(r),
         "layer_sqnr": {
-            "reference_vs_float_db": {e.layer: e.sqnr_db for e in layer_errors},
-            "first_divergence": first_divergence.layer if first_divergence is not None else None,
+            "reference_vs_float_db": {e.layer: e.sqnr_db for e in (numerics.layer_errors if numerics else [])},
+            "first_divergence": numerics.first_divergence.layer if numerics and numerics.first_divergence else None,
         },
-        "program_layers": r.numerics.program_layers if r.numerics is not None else None,
+        "program_layers": numerics.program_layers if numerics is not None else None,
         "timings": r.timings,
         "versions": versions(),
+    }
+
+
+def _accuracy(r: BuildRecord) -> dict[str, Any]:
+    scores = r.scores
+    return {
+        "float": scores.float,
+        "qat": scores.qat,
+        "reference": scores.reference,
+        "program": scores.program,
+        "ptq": scores.ptq,
+        "qat_reference": scores.qat_reference,
+        "shipped": scores.shipped,
+        "candidates": scores.candidates,
+        "selected_on": scores.selected_on,
+        "drop": scores.float - scores.program,
+        "max_drop": r.config.max_drop,
+    }
+
+
+def _delegation(delegation: Any) -> dict[str, Any]:
+    return {
+        "delegated_ops": delegation.delegated_ops,
+        "outside_ops": delegation.outside_ops,
+        "delegate_calls": delegation.delegate_calls,
+        "flops_in_delegate": delegation.flops_in_delegate,
+        "outside": delegation.outside,
+        "by_op": {op: {"delegated": d, "outside": o} for op, (d, o) in delegation.by_op.items()},
+    }
+
+
+_QAT_FIELDS = (
+    "steps", "seconds", "step_seconds", "first_loss", "last_loss", "commits", "intermediate", "losses",
+    "planned_steps", "passes", "holdout_losses", "best_step", "stopped_early", "initial_ranges",
+)  # fmt: skip
+
+
+def _qat(r: BuildRecord) -> dict[str, Any]:
+    return {"config": r.config.training.to_dict(), **{name: getattr(r.qat_report, name) for name in _QAT_FIELDS}}
+
+
+def _planner(r: BuildRecord) -> dict[str, Any] | None:
+    planned = r.planned
+    if planned is None:
+        return None
+    return {
+        "predicted_drop": planned.predicted_drop,
+        # The prediction sums single-layer drops measured on calibration data; the program's
+        # measured drop beside it confirms or refutes it.
+        "measured_drop": r.scores.float - r.scores.program,
+        "estimated_program_bytes": planned.program_bytes,
+        "considered": [asdict(p) for p in planned.considered],
     }
 
 
