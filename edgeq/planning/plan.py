@@ -23,7 +23,7 @@ PLAN_VERSION = 1
 @dataclass
 class LayerPlan:
     name: str  # qualified module name in the float model, e.g. "features.3.conv"
-    kind: str  # "conv" | "linear"
+    kind: str  # "conv" | "linear" | "embedding"
     precision: str  # a name from the target's precision menu
     reason: str = ""
     params: int = 0

@@ -3,8 +3,11 @@
 A committed value ``P`` (one per tracked bound, vectorised over channels)
 moves only when a clear majority of the observations since the last commit
 disagree with it, then the vote starts over. :func:`apply_vote` applies one
-observation to a state and is all there is to the rule; the fake-quantize
-module in :mod:`edgeq.quant.fake_quant` calls it once per bound per step.
+observation to a state and is the rule's reference; :func:`decide` is the
+commit it makes. The fake-quantize module in :mod:`edgeq.quant.fake_quant`
+calls :func:`decide` for the general path but keeps two fast routes of its own
+(scalar bounds, per-channel NumPy bounds) that tests/test_ranges.py and
+tests/test_fake_quant.py hold equal to this reference.
 """
 
 from __future__ import annotations
