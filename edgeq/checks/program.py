@@ -12,14 +12,14 @@ import torch
 
 from edgeq.checks.evaluate import Evaluation, agreement
 from edgeq.checks.latency import host_latency_ms
-from edgeq.context import BuildContext, FloatBaseline
+from edgeq.context import BuildContext, FloatBaseline, Quantized
 from edgeq.errors import SdkMissingError
 from edgeq.lower import Lowered, lower
 from edgeq.planning.plan import Plan, weight_bytes
 
 __all__ = [
-    "Evaluations", "Scores", "ensure_sdk", "fallback_price", "host_latency", "program_sizes", "scores",
-    "validate_program",
+    "Evaluations", "Scores", "ensure_sdk", "evaluate_models", "fallback_price", "host_latency", "program_sizes",
+    "scores", "validate_program",
 ]  # fmt: skip
 
 
@@ -55,6 +55,15 @@ class Evaluations:
     reference: Evaluation
     ptq: Evaluation | None = None
     program: Evaluation | None = None
+
+
+def evaluate_models(ctx: BuildContext, float_eval: Evaluation, quantized: Quantized) -> Evaluations:
+    """QAT's fake-quant model and its converted reference on the evaluation data (reported only)."""
+    ctx.announce("evaluate")
+    with ctx.stages("evaluate"):
+        qat = ctx.score(quantized.fake_quant, "QAT (simulated)")
+        reference = ctx.score(quantized.reference, "converted reference")
+    return Evaluations(float=float_eval, qat=qat, qat_reference=reference, reference=reference)
 
 
 def validate_program(ctx: BuildContext, lowered: Lowered, evaluations: Evaluations) -> Any:

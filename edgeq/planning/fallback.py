@@ -11,6 +11,7 @@ when to stop and which step ships are decided on the held-out slice of train_dat
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from edgeq.quant.heldout import Selection, calibration_inputs
 from edgeq.quant.ptq import post_training_quantize
 from edgeq.quant.qat import trained_float
 
-__all__ = ["Fallback", "FallbackStart", "accuracy_fallback"]
+__all__ = ["Fallback", "FallbackStart", "Shipped", "accuracy_fallback", "ship_with_fallback"]
 
 
 @dataclass
@@ -199,3 +200,30 @@ def _sensitivity_ranking(
         previous = error.sqnr_db
     ranked = sorted((n for n in own if n in quantized), key=lambda n: -own[n])
     return ranked, "SQNR lost at the layer (quantized reference against float)"
+
+
+@dataclass
+class Shipped:
+    """What the build lowers: the plan and reference after candidate selection and the fallback."""
+
+    choice: PlanChoice
+    reference: torch.fx.GraphModule
+    #: "qat", "ptq", "ptq+bias-correction", with "+float-fallback" when the fallback shipped
+    name: str
+    #: the fallback's report (None: it did not run), and the reference it started from
+    fallback: dict[str, Any] | None = None
+    before_fallback: torch.fx.GraphModule | None = None
+
+
+def ship_with_fallback(
+    ctx: BuildContext, baseline: FloatBaseline, start: FallbackStart, selection: Selection
+) -> Shipped:
+    """The fallback stage: the selected candidate, or its best fallback step when that does better."""
+    fallback = accuracy_fallback(ctx, baseline, start, selection)
+    if fallback is None:
+        return Shipped(start.choice, start.reference, start.shipped)
+    if not fallback.improved:
+        return Shipped(start.choice, start.reference, start.shipped, fallback.to_report())
+    choice = dataclasses.replace(start.choice, plan=fallback.plan)
+    name = f"{start.shipped}+float-fallback"
+    return Shipped(choice, fallback.reference, name, fallback.to_report(), start.reference)

@@ -28,7 +28,7 @@ from edgeq.planning.plan import OTHER_OPS, Plan
 from edgeq.quant.heldout import Selection
 from edgeq.quant.ptq import post_training_quantize
 
-__all__ = ["Refined", "refine_plan"]
+__all__ = ["Refined", "refine", "refine_plan"]
 
 
 @dataclass
@@ -59,6 +59,18 @@ class _Checks:
         }
         self.measured.append(entry)
         return entry
+
+
+def refine(
+    ctx: BuildContext, choice: PlanChoice, baseline: FloatBaseline, selection: Selection
+) -> tuple[PlanChoice, dict[str, Any] | None]:
+    """The refine stage: an edited plan is kept as written, and so is a plan for a backend that
+    quantizes the ops between layers itself; any other plan is checked (:func:`refine_plan`)."""
+    if choice.edited or not ctx.backend.plans_other_ops:
+        return choice, None
+    with ctx.stages("analyze"):
+        refined = refine_plan(ctx, choice, baseline, selection)
+    return refined.choice, refined.report
 
 
 def refine_plan(ctx: BuildContext, choice: PlanChoice, baseline: FloatBaseline, selection: Selection) -> Refined:

@@ -3,21 +3,56 @@ into the staged output directory (swapped in only when the whole build succeeds)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from edgeq import capture as capture_mod
+from edgeq.checks.program import Scores
 from edgeq.context import BuildContext, FloatBaseline
-from edgeq.errors import EdgeqError
+from edgeq.errors import AccuracyError, EdgeqError
 from edgeq.lower import Lowered
 from edgeq.planning.choose import PlanChoice
+from edgeq.planning.plan import Plan
+from edgeq.quant.qat import QATReport
 from edgeq.ship.bundle import write_bundle
 from edgeq.ship.package import OutputDir, sha256, write_bytes_atomic, write_json_atomic
 from edgeq.ship.report import BuildRecord, build_report, manifest, write_html
+from edgeq.targets import Target
 
-__all__ = ["package", "write_report"]
+__all__ = ["BuildResult", "package", "write_report"]
+
+
+@dataclass
+class BuildResult:
+    recipe: str
+    target: Target
+    plan: Plan
+    scores: Scores
+    sizes: dict[str, int]
+    lowered: Lowered
+    qat: QATReport
+    timings: dict[str, float]
+    out_dir: Path | None
+    report: dict[str, Any]
+    #: the converted PT2E reference (q/dq on floats), kept for debugging
+    reference_model: torch.nn.Module | None = None
+
+    @property
+    def drop(self) -> float:
+        return self.scores.float - self.scores.program
+
+    def gate(self, max_drop: float) -> None:
+        """--max-drop: the one place the evaluation data counts, and it decides only pass or fail."""
+        if self.drop > max_drop:
+            raise AccuracyError(
+                f"the program's {self.scores.program:.2f} is {self.drop:.2f} points below float "
+                f"({self.scores.float:.2f}), over --max-drop {max_drop}; artifacts are in "
+                f"{self.out_dir} for inspection",
+                "train longer (--steps), keep sensitive layers wider in plan.json, or raise --max-drop",
+            )
 
 
 def package(

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ class OutputDir:
 
     def __init__(self, final: Path) -> None:
         self.final = Path(final).absolute()
+        #: a rank's scratch directory (see for_rank), removed whole by discard()
+        self.temporary = False
         self.created_parents: list[Path] = []
         parent = self.final.parent
         missing = []
@@ -67,6 +70,22 @@ class OutputDir:
                 f"cannot write the output directory {self.final} ({exc.strerror or exc})",
                 "pass --out a directory you can write to",
             ) from exc
+
+    @classmethod
+    def for_rank(cls, final: Path, rank: int) -> OutputDir:
+        """Rank 0 writes ``final``; other ranks of a torchrun job train alongside it and write
+        into a temporary directory that :meth:`discard` removes."""
+        if rank != 0:
+            final = Path(tempfile.mkdtemp(prefix=f"edgeq-rank{rank}-")) / "out"
+        out = cls(final)
+        out.temporary = rank != 0
+        return out
+
+    def discard(self) -> None:
+        """Abort, and remove a temporary rank's directory altogether."""
+        self.abort()
+        if self.temporary:
+            shutil.rmtree(self.final.parent, ignore_errors=True)
 
     def path(self, name: str) -> Path:
         path = self.staging / name
