@@ -47,7 +47,11 @@ def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def top1_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Top-1 accuracy in percent."""
+    """Top-1 accuracy in percent. ``targets``: class indices, or per-class scores shaped like the
+    outputs (a teacher's logits in train_data(), one-hot labels), whose argmax is the class: the
+    build's decisions score the metric on held-out training batches, whatever their targets."""
+    if targets.shape == outputs.shape and targets.dim() > 1 and targets.is_floating_point():
+        targets = targets.argmax(dim=-1)
     if outputs.shape[0] != targets.shape[0] or (targets.dim() > 1 and targets.shape[-1] > 1):
         raise EdgeqError(
             f"the default top-1 metric got outputs of shape {tuple(outputs.shape)} and targets of shape "

@@ -18,9 +18,10 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from edgeq.errors import EdgeqError
 from edgeq.planning.plan import model_layers
@@ -134,14 +135,20 @@ def _first(data, count: int, what: str) -> list:
     return batches
 
 
-def _batches(recipe: Recipe, count: int) -> tuple[list, list]:
-    """Calibration batches from train_data() and scoring batches from eval_data()."""
-    return _first(recipe.train_data(), count, "train_data"), _first(recipe.eval_data(), count, "eval_data")
+def _batches(recipe: Recipe, count: int, holdout: int) -> tuple[list, list]:
+    """Calibration batches from train_data(), and the batches the metric is scored on: the slice of
+    train_data() held out of training (every ``holdout``-th batch), or the calibration batches
+    themselves when nothing is held out. Never the evaluation data: the plan is a decision."""
+    from edgeq.quant.qat import held_out_batches
+
+    train = _first(recipe.train_data(), count, "train_data")
+    held = held_out_batches(recipe, holdout)[:count]
+    return train, held or train
 
 
 def _score(model: nn.Module, recipe: Recipe, batches: tuple[list, list]) -> tuple[float, float]:
-    """The task loss on training batches and the metric on evaluation batches: each stage scores what
-    it is defined on (train targets may be a teacher's logits, eval targets the labels)."""
+    """The task loss on the calibration batches and the metric on the scoring batches (held-out
+    training batches, see :func:`_batches`)."""
     train, evaluation = batches
     losses, seen = [], 0
     with torch.no_grad():
@@ -210,28 +217,59 @@ def _scored_variants(target: Target, kind: str) -> tuple[dict[str, Precision], l
 
 
 def analyze(
-    model: nn.Module, recipe: Recipe, target: Target, batches: int = 8, seconds: float | None = None
+    model: nn.Module,
+    recipe: Recipe,
+    target: Target,
+    batches: int = 8,
+    seconds: float | None = None,
+    holdout: int | None = None,
 ) -> Analysis:
     """Measure every quantizable layer of ``model`` on ``batches`` calibration batches.
 
     ``seconds`` bounds the sensitivity scoring (one model evaluation per layer and precision):
     when scoring on all batches would take longer, each score uses fewer batches (at least one
-    training and one evaluation batch), and the analysis records how many.
+    training and one scoring batch), and the analysis records how many. The task loss is
+    scored on the calibration batches and the metric on the held-out slice of train_data()
+    (every ``holdout``-th batch; None: QAT's default share), never on the evaluation data.
     """
     import time
 
+    from edgeq.configs import QATConfig
+    from edgeq.quant.qat import schedule
+
     start = time.perf_counter()
     model = model.eval()
-    data = _batches(recipe, batches)
+    every = schedule(recipe, QATConfig()).holdout if holdout is None else holdout
+    data = _batches(recipe, batches, every)
     # Layers come from the exported graph: any module owning a conv, linear or weight-bearing
     # matmul. Its input range is read at the module's input (for a functional op inside a
     # custom module, that is the module's first input).
     graph_layers = [layer for layer in model_layers(model, recipe.example_inputs()) if layer.kind in target.kinds]
-    layers = [(layer.name, layer.kind, layer.params) for layer in graph_layers]
-    weights_of = {layer.name: [model.get_parameter(w) for w in layer.weights] for layer in graph_layers}
+    inputs = _layer_inputs(model, graph_layers, data[0], batches)
+    float_loss, float_metric, sensitivity = _sensitivity_batches(model, recipe, target, graph_layers, data, seconds)
+    skipped: dict[str, str] = {}
+    floats = (float_loss, float_metric)
+    results = [_layer_entry(model, layer, inputs[layer.name], recipe, target, sensitivity, floats, skipped)
+               for layer in graph_layers]  # fmt: skip
+    train, scoring = sensitivity
+    return Analysis(
+        target=target.name,
+        float_loss=float_loss,
+        float_metric=float_metric,
+        batches=len(data[0]),
+        layers=results,
+        sensitivity_samples=(_samples(train), _samples(scoring)),
+        full_sensitivity=_samples(train) == _samples(data[0]) and _samples(scoring) == _samples(data[1]),
+        skipped=skipped,
+        seconds=round(time.perf_counter() - start, 3),
+    )
+
+
+def _layer_inputs(model: nn.Module, layers: list, data: list, batches: int) -> dict[str, tuple[float, float, Tensor]]:
+    """Each layer's input range (min, max) and a sample of its input values on the calibration batches."""
     modules = dict(model.named_modules())
-    samples: dict[str, list[torch.Tensor]] = {name: [] for name, _, _ in layers}
-    extremes: dict[str, list[float]] = {name: [math.inf, -math.inf] for name, _, _ in layers}
+    samples: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
+    extremes: dict[str, list[float]] = {layer.name: [math.inf, -math.inf] for layer in layers}
 
     def record(name):
         def hook(module, args):
@@ -251,80 +289,88 @@ def analyze(
 
         return hook
 
-    handles = [modules[name].register_forward_pre_hook(record(name)) for name, _, _ in layers]
+    handles = [modules[layer.name].register_forward_pre_hook(record(layer.name)) for layer in layers]
     try:
         # Ranges are calibration statistics: training batches only.
         with torch.no_grad():
-            for inputs, _ in data[0]:
+            for inputs, _ in data:
                 model(*as_tuple(inputs))
     finally:
         for handle in handles:
             handle.remove()
+    return {name: (lo, hi, torch.cat(samples[name])) for name, (lo, hi) in extremes.items()}
+
+
+def _sensitivity_batches(
+    model: nn.Module, recipe: Recipe, target: Target, layers: list, data: tuple[list, list], seconds: float | None
+) -> tuple[float, float, tuple[list, list]]:
+    """Float loss and metric, and the batches single-layer scores use (fewer under ``seconds``)."""
+    import time
+
     scored = time.perf_counter()
     float_loss, float_metric = _score(model, recipe, data)
     score_seconds = time.perf_counter() - scored
-    scores = sum(len(_scored_variants(target, kind)[0]) for _, kind, _ in layers)
-    train, evaluation = data
+    scores = sum(len(_scored_variants(target, layer.kind)[0]) for layer in layers)
+    train, scoring = data
     if seconds is not None and scores * score_seconds > seconds:
         share = seconds / (scores * score_seconds)
         train = _share(train, share)
-        evaluation = _share(evaluation, share)
-    sensitivity = (train, evaluation)
-    if _samples(train) < _samples(data[0]) or _samples(evaluation) < _samples(data[1]):
+        scoring = _share(scoring, share)
+    if _samples(train) < _samples(data[0]) or _samples(scoring) < _samples(data[1]):
         # The single-layer scores compare against float on the same batches.
-        float_loss, float_metric = _score(model, recipe, sensitivity)
-    skipped: dict[str, str] = {}
+        float_loss, float_metric = _score(model, recipe, (train, scoring))
+    return float_loss, float_metric, (train, scoring)
 
-    results = []
-    for name, kind, params in layers:
-        module = modules[name]
-        w = weights_of[name][0].detach().float()
-        ch_absmax = w.flatten(1).abs().amax(1)
-        lo, hi = extremes[name]
-        acts = torch.cat(samples[name])
-        mags = acts.abs()
-        p999 = float(torch.quantile(mags, 0.999)) if mags.numel() else 0.0
-        p9999 = float(torch.quantile(mags, 0.9999)) if mags.numel() else 0.0
-        lookup = kind == "embedding"  # weight-only, one scale per row; its input is token ids
-        entry = LayerAnalysis(
-            name=name,
-            kind=kind,
-            params=params,
-            weight_min=float(w.min()),
-            weight_max=float(w.max()),
-            weight_absmax=float(ch_absmax.max()),
-            channel_spread=1.0 if lookup else float(ch_absmax.max() / ch_absmax.median().clamp(min=1e-12)),
-            channel_absmax=[round(float(v), 6) for v in ch_absmax],
-            act_min=lo,
-            act_max=hi,
-            act_p999=p999,
-            act_p9999=p9999,
-            outlier_ratio=float(max(abs(lo), abs(hi)) / p999) if p999 > 0 and not lookup else 1.0,
-        )
-        variants, unscored = _scored_variants(target, kind)
-        for pname in unscored:
-            skipped[pname] = f"saves no bytes over {target.default_precision}"
-        for pname, spec in variants.items():
-            if spec.group_size and w.flatten(1).shape[1] % spec.group_size:
-                continue  # its input channels do not split into groups: the planner cannot pick it
-            entry.weight_sqnr[pname] = round(_sqnr(w, fake_quant_weight(w, spec.weight_bits, spec.group_size)), 3)
-            if spec.activations == "static" and not lookup:
-                entry.act_sqnr[pname] = round(_sqnr(acts, fake_quant_act(acts, lo, hi, spec.activation_bits)), 3)
-            loss, metric = _layer_alone(model, module, weights_of[name], recipe, sensitivity, spec, lo, hi)
-            entry.loss_delta[pname] = round(loss - float_loss, 6)
-            entry.metric_drop[pname] = round(float_metric - metric, 4)
-        results.append(entry)
-    return Analysis(
-        target=target.name,
-        float_loss=float_loss,
-        float_metric=float_metric,
-        batches=len(data[0]),
-        layers=results,
-        sensitivity_samples=(_samples(train), _samples(evaluation)),
-        full_sensitivity=_samples(train) == _samples(data[0]) and _samples(evaluation) == _samples(data[1]),
-        skipped=skipped,
-        seconds=round(time.perf_counter() - start, 3),
+
+def _layer_entry(
+    model: nn.Module,
+    layer: Any,
+    seen: tuple[float, float, Tensor],
+    recipe: Recipe,
+    target: Target,
+    sensitivity: tuple[list, list],
+    floats: tuple[float, float],
+    skipped: dict[str, str],
+) -> LayerAnalysis:
+    """One layer's weights, input range and single-layer sensitivity at each scored precision."""
+    name, kind, params = layer.name, layer.kind, layer.params
+    weights = [model.get_parameter(w) for w in layer.weights]
+    w = weights[0].detach().float()
+    ch_absmax = w.flatten(1).abs().amax(1)
+    lo, hi, acts = seen
+    mags = acts.abs()
+    p999 = float(torch.quantile(mags, 0.999)) if mags.numel() else 0.0
+    p9999 = float(torch.quantile(mags, 0.9999)) if mags.numel() else 0.0
+    lookup = kind == "embedding"  # weight-only, one scale per row; its input is token ids
+    entry = LayerAnalysis(
+        name=name,
+        kind=kind,
+        params=params,
+        weight_min=float(w.min()),
+        weight_max=float(w.max()),
+        weight_absmax=float(ch_absmax.max()),
+        channel_spread=1.0 if lookup else float(ch_absmax.max() / ch_absmax.median().clamp(min=1e-12)),
+        channel_absmax=[round(float(v), 6) for v in ch_absmax],
+        act_min=lo,
+        act_max=hi,
+        act_p999=p999,
+        act_p9999=p9999,
+        outlier_ratio=float(max(abs(lo), abs(hi)) / p999) if p999 > 0 and not lookup else 1.0,
     )
+    variants, unscored = _scored_variants(target, kind)
+    for pname in unscored:
+        skipped[pname] = f"saves no bytes over {target.default_precision}"
+    module = dict(model.named_modules())[name]
+    for pname, spec in variants.items():
+        if spec.group_size and w.flatten(1).shape[1] % spec.group_size:
+            continue  # its input channels do not split into groups: the planner cannot pick it
+        entry.weight_sqnr[pname] = round(_sqnr(w, fake_quant_weight(w, spec.weight_bits, spec.group_size)), 3)
+        if spec.activations == "static" and not lookup:
+            entry.act_sqnr[pname] = round(_sqnr(acts, fake_quant_act(acts, lo, hi, spec.activation_bits)), 3)
+        loss, metric = _layer_alone(model, module, weights, recipe, sensitivity, spec, lo, hi)
+        entry.loss_delta[pname] = round(loss - floats[0], 6)
+        entry.metric_drop[pname] = round(floats[1] - metric, 4)
+    return entry
 
 
 def analyze_recipe(recipe=None, target="android", batches: int = 8) -> Analysis:
