@@ -441,12 +441,9 @@ def _run_qat(
     resume: bool,
     teacher: torch.nn.Module | None,
 ) -> QATReport:
-    from edgeq.quant import checkpoint as ckpt
-
     if config.loss != "task" and teacher is None:
         raise EdgeqError(f"QAT loss '{config.loss}' needs the float model as teacher", "pass teacher= to run_qat")
     plan = schedule(recipe, config)
-    every = plan.holdout
     warnings: list[str] = []
     if plan.passes > MANY_PASSES:
         warnings.append(
@@ -456,90 +453,133 @@ def _run_qat(
     if teacher is not None:
         teacher = teacher.to(config.device).eval()
     torch.manual_seed(config.seed)
-    device = torch.device(config.device)
-    model.to(device)
-    saved = None
-    if resume and checkpoint is not None and checkpoint.is_file():
-        saved = ckpt.load(checkpoint)
-        if saved.get("fingerprint") != fingerprint:
-            raise EdgeqError(
-                f"checkpoint {checkpoint} is from a different build (recipe, plan, target or QAT settings changed)",
-                "rebuild without --resume, or restore the settings it was made with",
-            )
-    held = HeldOut(config.loss, recipe, held_out_batches(recipe, every), teacher, config.device)
+    model.to(torch.device(config.device))
+    saved = _resumed(checkpoint, fingerprint) if resume else None
+    run = _Training(model, recipe, config, plan, teacher)
     initial: dict[str, Any] = {}
     if saved is None:  # a checkpoint carries the calibrated, tracked ranges
         # Under torch.distributed each rank's histogram would see its own share: min/max there.
-        initial = calibrate(
-            model, recipe, config.calibration_batches, config.device, every, held if world()[1] == 1 else None
-        )
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt: torch.optim.Optimizer
-    if config.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    steps = plan.steps
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))
-    )
-    narrow = narrow_weight_quants(model, 8)
-    inter_steps = int(round(config.intermediate_share * steps)) if narrow and config.intermediate_bits else 0
-    freeze_bn_at = int(round(config.freeze_bn * steps)) if not config.fold_bn else steps + 1
-    freeze_ranges_at = int(round(config.freeze_ranges * steps))
-    first = 0
-    losses: list[float] = []
-    checks: list[tuple[int, float]] = []
-    best: dict[str, Any] | None = None  # {"step", "loss", "state"}
-    stale = 0
-    if saved is not None:
-        first = int(saved["step"])
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        losses = list(saved["losses"])
-        checks = [tuple(c) for c in saved.get("checks", [])]  # type: ignore[misc]
-        best, stale = saved.get("best"), int(saved.get("stale", 0))
-        ckpt.set_rng_state(saved["rng"])
-    elif plan.check_every and held:
-        # The calibrated model is a candidate too: QAT that only makes it worse keeps it.
-        value = _frozen_loss(model, held, observing=False, bn_training=False)
-        checks.append((0, value))
-        best = {"step": 0, "loss": value, "state": _state_copy(model)}
-    if inter_steps and first < inter_steps:
-        _set_weight_width(model, narrow, config.intermediate_bits)
-    upstream.move_to_train(model)
-    if first >= freeze_bn_at:
-        upstream.move_to_eval(model)
-    set_observers(model, first < freeze_ranges_at)
-    batches = _batches(recipe, every)
-    for _ in range(first):  # the data order is the recipe's: replay up to the checkpoint
-        next(batches)
-    rank, size = world()
-    trainer = model
-    if size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # Gradients are averaged across ranks; buffers (moving-average
-        # observers, BatchNorm statistics) follow rank 0.
-        trainer = DistributedDataParallel(  # type: ignore[assignment]
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+        held = run.held if world()[1] == 1 else None
+        initial = calibrate(model, recipe, config.calibration_batches, config.device, plan.holdout, held)
+    run.make_optimizer()
+    run.start(saved)
     start = time.perf_counter()
-    for step in range(first, steps):
-        if inter_steps and step == inter_steps:
-            _set_weight_width(model, narrow, None)
-        if step == freeze_bn_at:
+    for step in range(run.first, plan.steps):
+        value = run.step(step)
+        stop = run.check(step + 1)
+        if checkpoint is not None and run.checkpoint_due(step + 1):
+            run.save(checkpoint, fingerprint, step + 1)
+        if on_step is not None:
+            on_step(step, value)
+        if stop:
+            break
+    seconds = time.perf_counter() - start
+    run.finish()
+    return run.report(seconds, warnings, initial)
+
+
+def _resumed(checkpoint: Path | None, fingerprint: str) -> dict[str, Any] | None:
+    """The checkpoint a killed build left, when it is this build's; None when there is none."""
+    from edgeq.quant import checkpoint as ckpt
+
+    if checkpoint is None or not checkpoint.is_file():
+        return None
+    saved = ckpt.load(checkpoint)
+    if saved.get("fingerprint") != fingerprint:
+        raise EdgeqError(
+            f"checkpoint {checkpoint} is from a different build (recipe, plan, target or QAT settings changed)",
+            "rebuild without --resume, or restore the settings it was made with",
+        )
+    return saved
+
+
+class _Training:
+    """One QAT run: its phases (intermediate width, BatchNorm and range freezing), optimizer,
+    held-out checks with the best state kept, and the losses so far."""
+
+    def __init__(
+        self, model: torch.fx.GraphModule, recipe: Recipe, config: QATConfig, plan: Schedule, teacher: Any
+    ) -> None:
+        self.model, self.recipe, self.config, self.plan, self.teacher = model, recipe, config, plan, teacher
+        self.device = torch.device(config.device)
+        self.held = HeldOut(config.loss, recipe, held_out_batches(recipe, plan.holdout), teacher, config.device)
+        self.first = 0
+        self.losses: list[float] = []
+        self.checks: list[tuple[int, float]] = []
+        self.best: dict[str, Any] | None = None  # {"step", "loss", "state"}
+        self.stale = 0
+
+    def make_optimizer(self) -> None:
+        config, steps = self.config, self.plan.steps
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt: torch.optim.Optimizer
+        if config.optimizer == "adam":
+            self.opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        else:
+            self.opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))
+        )
+        self.narrow = narrow_weight_quants(self.model, 8)
+        self.inter_steps = (
+            int(round(config.intermediate_share * steps)) if self.narrow and config.intermediate_bits else 0
+        )
+        self.freeze_bn_at = int(round(config.freeze_bn * steps)) if not config.fold_bn else steps + 1
+        self.freeze_ranges_at = int(round(config.freeze_ranges * steps))
+
+    def start(self, saved: dict[str, Any] | None) -> None:
+        """Restore a checkpoint, or check the calibrated model (a candidate too: QAT that only makes it
+        worse keeps it); enter the phase of the first step; replay the data order up to it."""
+        from edgeq.quant import checkpoint as ckpt
+
+        model = self.model
+        if saved is not None:
+            self.first = int(saved["step"])
+            model.load_state_dict(saved["model"])
+            self.opt.load_state_dict(saved["optimizer"])
+            self.sched.load_state_dict(saved["scheduler"])
+            self.losses = list(saved["losses"])
+            self.checks = [tuple(c) for c in saved.get("checks", [])]  # type: ignore[misc]
+            self.best, self.stale = saved.get("best"), int(saved.get("stale", 0))
+            ckpt.set_rng_state(saved["rng"])
+        elif self.plan.check_every and self.held:
+            value = _frozen_loss(model, self.held, observing=False, bn_training=False)
+            self.checks.append((0, value))
+            self.best = {"step": 0, "loss": value, "state": _state_copy(model)}
+        if self.inter_steps and self.first < self.inter_steps:
+            _set_weight_width(model, self.narrow, self.config.intermediate_bits)
+        upstream.move_to_train(model)
+        if self.first >= self.freeze_bn_at:
+            upstream.move_to_eval(model)
+        set_observers(model, self.first < self.freeze_ranges_at)
+        self.batches = _batches(self.recipe, self.plan.holdout)
+        for _ in range(self.first):  # the data order is the recipe's: replay up to the checkpoint
+            next(self.batches)
+        self.trainer: torch.nn.Module = model
+        if world()[1] > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Gradients are averaged across ranks; buffers (moving-average
+            # observers, BatchNorm statistics) follow rank 0.
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.trainer = DistributedDataParallel(model, device_ids=device_ids)
+
+    def step(self, step: int) -> float:
+        """One optimizer step (after this step's phase change); returns its loss."""
+        model, device = self.model, self.device
+        if self.inter_steps and step == self.inter_steps:
+            _set_weight_width(model, self.narrow, None)
+        if step == self.freeze_bn_at:
             # Inference-form BatchNorm from here on: running statistics frozen.
             upstream.move_to_eval(model)
-        if step == freeze_ranges_at:
+        if step == self.freeze_ranges_at:
             set_observers(model, False)
-        inputs, target = next(batches)
+        inputs, target = next(self.batches)
         inputs = tuple(t.to(device) for t in as_tuple(inputs))
         target = target.to(device) if isinstance(target, torch.Tensor) else target
-        opt.zero_grad(set_to_none=True)
-        output = recipe.score_output(trainer(*inputs))
-        loss = qat_loss(config.loss, recipe, output, target, teacher, inputs)
+        self.opt.zero_grad(set_to_none=True)
+        output = self.recipe.score_output(self.trainer(*inputs))
+        loss = qat_loss(self.config.loss, self.recipe, output, target, self.teacher, inputs)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise EdgeqError(
@@ -547,78 +587,83 @@ def _run_qat(
                 "lower the learning rate (--lr) or check the training data for NaN/inf values",
             )
         loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(value)
-        done = step + 1
+        self.opt.step()
+        self.sched.step()
+        self.losses.append(value)
+        return value
+
+    def check(self, done: int) -> bool:
+        """The held-out check due after ``done`` steps, if any; whether training should stop."""
+        plan = self.plan
         # Checks compare the planned widths only: none while narrow layers train at the intermediate width.
-        final_width = not inter_steps or done > inter_steps
-        if plan.check_every and held and final_width and (done % plan.check_every == 0 or done == steps):
-            observing = done < freeze_ranges_at
-            check = _frozen_loss(model, held, observing=observing, bn_training=done < freeze_bn_at)
-            checks.append((done, check))
-            if best is None or check < best["loss"]:
-                best, stale = {"step": done, "loss": check, "state": _state_copy(model)}, 0
+        final_width = not self.inter_steps or done > self.inter_steps
+        if plan.check_every and self.held and final_width and (done % plan.check_every == 0 or done == plan.steps):
+            observing = done < self.freeze_ranges_at
+            value = _frozen_loss(self.model, self.held, observing=observing, bn_training=done < self.freeze_bn_at)
+            self.checks.append((done, value))
+            if self.best is None or value < self.best["loss"]:
+                self.best, self.stale = {"step": done, "loss": value, "state": _state_copy(self.model)}, 0
             else:
-                stale += 1
-        stop = bool(config.patience) and stale >= config.patience
-        if (
-            checkpoint is not None
-            and rank == 0
-            and config.checkpoint_every
-            and (step + 1) % config.checkpoint_every == 0
-            and step + 1 < steps
-        ):
-            ckpt.save(
-                checkpoint,
-                {
-                    "fingerprint": fingerprint,
-                    "step": step + 1,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "losses": losses,
-                    "rng": ckpt.rng_state(),
-                    "checks": checks,
-                    "best": best,
-                    "stale": stale,
-                },
-            )
-        if on_step is not None:
-            on_step(step, value)
-        if stop:
-            break
-    seconds = time.perf_counter() - start
-    trained = len(losses)
-    if inter_steps and trained <= inter_steps:
-        _set_weight_width(model, narrow, None)
-    if best is not None and best["step"] != trained:
-        model.load_state_dict(best["state"])
-    to_eval(model)
-    model.to("cpu")
-    commits = {
-        name: fq.commits() for name, fq in fake_quants(model).items() if isinstance(fq, AdaptiveRangeFakeQuantize)
-    }
-    return QATReport(
-        steps=trained,
-        seconds=seconds,
-        step_seconds=seconds / max(trained - first, 1),
-        first_loss=losses[0] if losses else float("nan"),
-        last_loss=losses[-1] if losses else float("nan"),
-        commits=commits,
-        losses=losses[:: max(1, steps // 100)],
-        intermediate={
-            "bits": config.intermediate_bits,
-            "steps": inter_steps,
-            "tensors": {name: list(r) for name, r in narrow.items()},
+                self.stale += 1
+        return bool(self.config.patience) and self.stale >= self.config.patience
+
+    def checkpoint_due(self, done: int) -> bool:
+        every = self.config.checkpoint_every
+        return world()[0] == 0 and bool(every) and done % every == 0 and done < self.plan.steps
+
+    def save(self, checkpoint: Path, fingerprint: str, done: int) -> None:
+        from edgeq.quant import checkpoint as ckpt
+
+        state = {
+            "fingerprint": fingerprint,
+            "step": done,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "losses": self.losses,
+            "rng": ckpt.rng_state(),
+            "checks": self.checks,
+            "best": self.best,
+            "stale": self.stale,
         }
-        if inter_steps
-        else {},
-        planned_steps=steps,
-        passes=plan.passes,
-        holdout_losses=checks,
-        best_step=best["step"] if best is not None else None,
-        stopped_early=trained < steps,
-        warnings=warnings,
-        initial_ranges=initial,
-    )
+        ckpt.save(checkpoint, state)
+
+    def finish(self) -> None:
+        """Planned widths, the best checked state, inference form, back on the CPU."""
+        model, trained = self.model, len(self.losses)
+        if self.inter_steps and trained <= self.inter_steps:
+            _set_weight_width(model, self.narrow, None)
+        if self.best is not None and self.best["step"] != trained:
+            model.load_state_dict(self.best["state"])
+        to_eval(model)
+        model.to("cpu")
+
+    def report(self, seconds: float, warnings: list[str], initial: dict[str, Any]) -> QATReport:
+        losses, steps, trained = self.losses, self.plan.steps, len(self.losses)
+        commits = {
+            name: fq.commits()
+            for name, fq in fake_quants(self.model).items()
+            if isinstance(fq, AdaptiveRangeFakeQuantize)
+        }
+        intermediate = {
+            "bits": self.config.intermediate_bits,
+            "steps": self.inter_steps,
+            "tensors": {name: list(r) for name, r in self.narrow.items()},
+        }
+        return QATReport(
+            steps=trained,
+            seconds=seconds,
+            step_seconds=seconds / max(trained - self.first, 1),
+            first_loss=losses[0] if losses else float("nan"),
+            last_loss=losses[-1] if losses else float("nan"),
+            commits=commits,
+            losses=losses[:: max(1, steps // 100)],
+            intermediate=intermediate if self.inter_steps else {},
+            planned_steps=steps,
+            passes=self.plan.passes,
+            holdout_losses=self.checks,
+            best_step=self.best["step"] if self.best is not None else None,
+            stopped_early=trained < steps,
+            warnings=warnings,
+            initial_ranges=initial,
+        )
