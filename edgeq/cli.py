@@ -498,7 +498,7 @@ def _program_debug(build_dir: Path, r, threshold: float, runtime_threshold: floa
 
     from rich.table import Table
 
-    from edgeq.checks.program_debug import debug_program
+    from edgeq.checks.program_debug import Thresholds, debug_program
     from edgeq.checks.validate import load_reference
     from edgeq.ship.package import write_json_atomic
     from edgeq.targets import builtin_targets
@@ -525,8 +525,7 @@ def _program_debug(build_dir: Path, r, threshold: float, runtime_threshold: floa
         shipped=shipped if shipped.is_file() else None,
         out_dir=build_dir / "debug",
         samples=samples,
-        threshold_db=threshold,
-        runtime_threshold_db=runtime_threshold,
+        thresholds=Thresholds(float_db=threshold, runtime_db=runtime_threshold),
     )
     write_json_atomic(build_dir / "debug" / "layers.json", result.to_json())
     table = Table(title=f"model.pte layer by layer, {result.samples} samples (execution order)")

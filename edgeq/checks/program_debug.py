@@ -239,6 +239,14 @@ def _debug_buffer_size(graph: torch.fx.GraphModule) -> int:
     return 2 * total + (1 << 20)
 
 
+@dataclass(frozen=True)
+class Thresholds:
+    """Where a layer counts as the first to diverge: against float, and kernel against reference."""
+
+    float_db: float = 20.0
+    runtime_db: float = 30.0
+
+
 def debug_program(
     float_model: torch.nn.Module,
     reference: torch.nn.Module,
@@ -247,8 +255,7 @@ def debug_program(
     shipped: str | Path | bytes | None = None,
     out_dir: str | Path | None = None,
     samples: int = 16,
-    threshold_db: float = 20.0,
-    runtime_threshold_db: float = 30.0,
+    thresholds: Thresholds = Thresholds(),
 ) -> ProgramDebug:
     """Run the reference, lowered layer by layer, with ETDump; compare each layer with reference and float.
 
@@ -258,28 +265,48 @@ def debug_program(
     inputs = debug_samples(recipe, samples)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lowering and ETRecord parsing warn about every unsupported kwarg
-        return _debug_program(
-            float_model,
-            reference,
-            recipe,
-            load_target(target),
-            inputs,
-            shipped,
-            out_dir,
-            threshold_db,
-            runtime_threshold_db,
-        )
+        lowered = _lower_per_op(reference, inputs, load_target(target))
+        run = _run_with_etdump(lowered, inputs, out_dir)
+        rows = _program_rows(float_model, recipe, lowered, run, inputs)
+    shipped_diff = None
+    if shipped is not None:
+        from edgeq.runtime import ProgramRunner
+
+        shipped_out = ProgramRunner(shipped)(*inputs)
+        shipped_diff = float((shipped_out.float() - run.outputs[0].float()).abs().max())
+    first_float = next(
+        (r.name for r in rows if r.program_vs_float_db is not None and r.program_vs_float_db < thresholds.float_db),
+        None,
+    )
+    first_ref = next((r.name for r in rows if r.kernel_vs_reference_db < thresholds.runtime_db), None)
+    return ProgramDebug(
+        layers=rows,
+        first_vs_float=first_float,
+        first_vs_reference=first_ref,
+        threshold_db=thresholds.float_db,
+        runtime_threshold_db=thresholds.runtime_db,
+        samples=int(inputs[0].shape[0]),
+        shipped_max_diff=shipped_diff,
+        outside_ops=run.outside,
+        artifacts=run.artifacts,
+    )
 
 
-def _debug_program(
-    float_model, reference, recipe, target, inputs, shipped, out_dir, threshold_db, runtime_threshold_db
-) -> ProgramDebug:
+@dataclass
+class _EtdumpRun:
+    outputs: list
+    #: (delegate call node, its ETDump event), in execution order
+    calls: list
+    outside: list[str]
+    artifacts: dict[str, str]
+
+
+def _run_with_etdump(lowered: tuple, inputs: tuple, out_dir: str | Path | None) -> _EtdumpRun:
+    """Run the per-op program with ETDump and the debug buffer; pair each delegate call with its event."""
     from executorch.devtools import Inspector
     from executorch.runtime import Runtime
 
-    from edgeq.capture import capture, fold_batchnorm
-
-    edge, program, etrecord = _lower_per_op(reference, inputs, target)
+    edge, program, etrecord = lowered
     top = edge.exported_program().graph_module
     calls = [n for n in top.graph.nodes if n.op == "call_function" and "call_delegate" in str(n.target)]
     outside = sorted(
@@ -289,7 +316,6 @@ def _debug_program(
             if n.op == "call_function" and n not in calls and "getitem" not in str(n.target)
         }
     )
-
     with tempfile.TemporaryDirectory(prefix="edgeq-debug-") as tmp:
         work = Path(out_dir) if out_dir is not None else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -314,13 +340,20 @@ def _debug_program(
             if e.name == "DELEGATE_CALL"
         ]
         artifacts = {name: str(path) for name, path in paths.items()} if out_dir is not None else {}
-
     if len(events) != len(calls):
         raise EdgeqError(
             f"ETDump holds {len(events)} delegate calls, the program has {len(calls)}",
             "report this with the build directory: the debug program and its ETDump disagree",
         )
+    return _EtdumpRun(list(outputs), list(zip(calls, events)), outside, artifacts)
 
+
+def _program_rows(float_model, recipe, lowered: tuple, run: _EtdumpRun, inputs: tuple) -> list[ProgramLayer]:
+    """One row per delegate call that computes: the program's output beside the reference's and float's."""
+    from edgeq.capture import capture, fold_batchnorm
+
+    edge, _, etrecord = lowered
+    top = edge.exported_program().graph_module
     # The reference, in the edge dialect the program was lowered from: same node names.
     edge_graph = etrecord.edge_dialect_program.module()
     reference_values = record_values(edge_graph, inputs)
@@ -333,68 +366,51 @@ def _debug_program(
         # float model at the same places, after the (exact) fold.
         fold_batchnorm(float_graph)
     float_values = _float_values(float_graph, inputs)
-
+    context = (by_name, reference_values, owners, float_values)
     rows: list[ProgramLayer] = []
-    for call, event in zip(calls, events):
-        partition = getattr(top, call.args[0].target).original_module
-        sub = partition.graph_module.graph
-        computes = [n for n in sub.nodes if n.op == "call_function" and not _is_qdq(n)]
-        outs = list(next(n for n in sub.nodes if n.op == "output").args[0])
-        user_inputs = [
-            spec.arg.name for spec in partition.graph_signature.input_specs if spec.kind.name == "USER_INPUT"
-        ]
-        recorded = list(event.debug_data)
-        call_inputs, out_values = recorded[: len(user_inputs)], recorded[-len(outs) :]
-        consumes_input = any(name in by_name and by_name[name].op == "placeholder" for name in user_inputs)
-        if not consumes_input and all(_op_name(n) in _LAYOUT for n in computes):
-            continue  # a bare quantize/dequantize or reshape between layers adds no numbers of its own
-        # The reference's ops for this call, on the inputs the program gave it.
-        local = partition.module()(*call_inputs)
-        local = list(local) if isinstance(local, (tuple, list)) else [local]
-        for out, value, expected in zip(outs, out_values, local):
-            node = by_name.get(out.name)
-            if node is None or out.name not in reference_values:
-                continue
-            producer = _producer(node)
-            name = _label(producer, owners) or (_op_name(computes[-1]) if computes else out.name)
-            program_real, step = _dequantize(node, value)
-            local_real, _ = _dequantize(node, expected)
-            reference_real, _ = _dequantize(node, reference_values[out.name])
-            mismatch, max_steps = _integers_differ(value, expected, step)
-            flt = float_values.get(_where(producer))
-            if flt is not None and tuple(flt.shape) != tuple(program_real.shape):
-                flt = None
-            rows.append(
-                ProgramLayer(
-                    name=name,
-                    ops=[_op_name(n) for n in computes] or ["quantize"],
-                    kernel_vs_reference_db=sqnr_db(local_real, program_real),
-                    mismatch=mismatch,
-                    max_steps=max_steps,
-                    program_vs_reference_db=sqnr_db(reference_real, program_real),
-                    program_vs_float_db=sqnr_db(flt, program_real) if flt is not None else None,
-                    reference_vs_float_db=sqnr_db(flt, reference_real) if flt is not None else None,
-                )
+    for call, event in run.calls:
+        rows.extend(_call_rows(getattr(top, call.args[0].target).original_module, event, context))
+    return rows
+
+
+def _call_rows(partition, event, context: tuple) -> list[ProgramLayer]:
+    by_name, reference_values, owners, float_values = context
+    sub = partition.graph_module.graph
+    computes = [n for n in sub.nodes if n.op == "call_function" and not _is_qdq(n)]
+    outs = list(next(n for n in sub.nodes if n.op == "output").args[0])
+    user_inputs = [spec.arg.name for spec in partition.graph_signature.input_specs if spec.kind.name == "USER_INPUT"]
+    recorded = list(event.debug_data)
+    call_inputs, out_values = recorded[: len(user_inputs)], recorded[-len(outs) :]
+    consumes_input = any(name in by_name and by_name[name].op == "placeholder" for name in user_inputs)
+    if not consumes_input and all(_op_name(n) in _LAYOUT for n in computes):
+        return []  # a bare quantize/dequantize or reshape between layers adds no numbers of its own
+    # The reference's ops for this call, on the inputs the program gave it.
+    local = partition.module()(*call_inputs)
+    local = list(local) if isinstance(local, (tuple, list)) else [local]
+    rows = []
+    for out, value, expected in zip(outs, out_values, local):
+        node = by_name.get(out.name)
+        if node is None or out.name not in reference_values:
+            continue
+        producer = _producer(node)
+        name = _label(producer, owners) or (_op_name(computes[-1]) if computes else out.name)
+        program_real, step = _dequantize(node, value)
+        local_real, _ = _dequantize(node, expected)
+        reference_real, _ = _dequantize(node, reference_values[out.name])
+        mismatch, max_steps = _integers_differ(value, expected, step)
+        flt = float_values.get(_where(producer))
+        if flt is not None and tuple(flt.shape) != tuple(program_real.shape):
+            flt = None
+        rows.append(
+            ProgramLayer(
+                name=name,
+                ops=[_op_name(n) for n in computes] or ["quantize"],
+                kernel_vs_reference_db=sqnr_db(local_real, program_real),
+                mismatch=mismatch,
+                max_steps=max_steps,
+                program_vs_reference_db=sqnr_db(reference_real, program_real),
+                program_vs_float_db=sqnr_db(flt, program_real) if flt is not None else None,
+                reference_vs_float_db=sqnr_db(flt, reference_real) if flt is not None else None,
             )
-
-    shipped_diff = None
-    if shipped is not None:
-        from edgeq.runtime import ProgramRunner
-
-        shipped_out = ProgramRunner(shipped)(*inputs)
-        shipped_diff = float((shipped_out.float() - outputs[0].float()).abs().max())
-    first_float = next(
-        (r.name for r in rows if r.program_vs_float_db is not None and r.program_vs_float_db < threshold_db), None
-    )
-    first_ref = next((r.name for r in rows if r.kernel_vs_reference_db < runtime_threshold_db), None)
-    return ProgramDebug(
-        layers=rows,
-        first_vs_float=first_float,
-        first_vs_reference=first_ref,
-        threshold_db=threshold_db,
-        runtime_threshold_db=runtime_threshold_db,
-        samples=int(inputs[0].shape[0]),
-        shipped_max_diff=shipped_diff,
-        outside_ops=outside,
-        artifacts=artifacts,
-    )
+        )
+    return rows
