@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,6 @@ import typer
 from rich.console import Console
 
 # Light modules only (no torch): `edgeq --help` stays fast.
-from edgeq.configs import BuildConfig, Loss, Optimizer, QATConfig, RangeConfig, RangeMode, Rule, VoteConfig
 from edgeq.errors import EdgeqError
 from edgeq.logs import set_verbose
 
@@ -114,171 +114,73 @@ def _fail(exc: Exception) -> None:
     raise exc
 
 
-_Q = QATConfig()
-_V = VoteConfig()
-_B = BuildConfig()
-
-
 def _given(ctx: typer.Context, name: str) -> bool:
-    """Whether the user set option ``name`` (on the command line or through the environment)."""
-    import click
+    """Whether the user set option ``name`` (on the command line or through the environment).
 
+    Compared by name: typer runs its own copy of click (typer._click), whose ParameterSource is not
+    click's, so an identity test against click.core.ParameterSource.DEFAULT always says "given"."""
     source = ctx.get_parameter_source(name)
-    return source not in (None, click.core.ParameterSource.DEFAULT)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
-@app.command()
 def build(
     ctx: typer.Context,
-    target: str = typer.Option("android", help="Built-in target name (see `edgeq targets`) or a .toml file."),
-    recipe: Optional[str] = typer.Option(
-        None, help="Recipe .py file or importable module (default: bundled digits example)."
-    ),
-    out: Optional[Path] = typer.Option(None, help="Output directory (default: ./edgeq-out/<recipe name>)."),
-    plan: Optional[Path] = typer.Option(None, help="Use this (edited) plan.json instead of planning."),
-    precision: Optional[str] = typer.Option(
-        None, help="One precision for every layer, from the target's menu (default: planned per layer)."
-    ),
-    size_budget: Optional[float] = typer.Option(
-        _B.size_budget, help="Planner: program size limit, in bytes (> 1) or as a fraction of the float program (<= 1)."
-    ),
-    outlier_ratio: float = typer.Option(
-        _B.outlier_ratio, help="Planner: layers whose input has max |x| / p99.9 above this keep a wide precision."
-    ),
-    steps: Optional[int] = typer.Option(
-        _Q.steps, help="QAT steps (default: --epochs passes over the training batches)."
-    ),
-    epochs: float = typer.Option(_Q.epochs, help="QAT length in passes over the training data, when --steps is unset."),
-    holdout: float = typer.Option(
-        _Q.holdout,
-        help="Share of train_data()'s batches held out of training: QAT stops early on it, and it picks what ships.",
-    ),
-    patience: int = typer.Option(
-        _Q.patience, help="Held-out checks without improvement before QAT stops (0: never stop early)."
-    ),
-    bias_correction: bool = typer.Option(
-        _B.bias_correction, help="Also measure PTQ with empirical bias correction as a candidate to ship."
-    ),
-    lr: float = typer.Option(_Q.lr, help="QAT learning rate."),
-    optimizer: Optimizer = typer.Option(_Q.optimizer, help="QAT optimizer (sgd: momentum 0.9)."),
-    loss: Loss = typer.Option(
-        _Q.loss,
-        help="What QAT learns from: task (the recipe's loss on its targets), distill (the float model's outputs: "
-        "KL on logits, MSE otherwise; no labels needed) or both.",
-    ),
-    dropout: bool = typer.Option(
-        _Q.dropout,
-        "--dropout/--no-dropout",
-        help="QAT with the model's dropout rates; --no-dropout trains with every dropout off.",
-    ),
-    ranges: RangeMode = typer.Option(
-        _Q.ranges.mode,
-        help="Range tracking during QAT: adaptive (edgeq's voting tracker), ema (PT2E's moving-average observers, "
-        "unfused) or ema-fused (PT2E's default as shipped).",
-    ),
-    fold_bn: bool = typer.Option(
-        _Q.fold_bn, help="Fold BatchNorm into conv weights before QAT (exact; training sees the shipped weights)."
-    ),
-    up_ratio: float = typer.Option(
-        _V.up_ratio, help="Adaptive ranges: share of votes above the range that commits an increase."
-    ),
-    down_ratio: float = typer.Option(
-        _V.down_ratio, help="Adaptive ranges: share of votes below the range that commits a decrease."
-    ),
-    min_votes: int = typer.Option(_V.min_votes, help="Adaptive ranges: votes needed before any commit."),
-    window: int = typer.Option(
-        _V.window, help="Adaptive ranges: forget votes after this many steps without a commit (0: never)."
-    ),
-    rule: Rule = typer.Option(
-        _V.rule, help="Adaptive ranges: mean (blend with the votes' mean) or step (move by a relative step)."
-    ),
-    keep: float = typer.Option(_V.keep, help="Adaptive ranges, rule mean: weight of the committed value."),
-    step: float = typer.Option(_V.step, help="Adaptive ranges, rule step: relative step size."),
-    freeze_ranges: float = typer.Option(_Q.freeze_ranges, help="Freeze range observation after this share of QAT."),
-    freeze_bn: float = typer.Option(
-        _Q.freeze_bn, help="Freeze BatchNorm statistics after this share of QAT (with --no-fold-bn)."
-    ),
-    max_drop: float = typer.Option(
-        _B.max_drop, help="Fail when model.pte scores more than this many points below float."
-    ),
-    seed: int = typer.Option(_B.seed, help="Random seed; the same seed gives the same program."),
-    device: str = typer.Option(_Q.device, help="Device for QAT (cpu or cuda); export and lowering stay on the CPU."),
-    allow_sdk_download: bool = typer.Option(
-        _B.allow_sdk_download, help="Qualcomm targets: let ExecuTorch download the QNN SDK when QNN_SDK_ROOT is unset."
-    ),
-    resume: bool = typer.Option(_B.resume, help="Continue QAT from the checkpoint a killed build left beside --out."),
-    checkpoint_every: int = typer.Option(
-        _Q.checkpoint_every, help="Write a resumable QAT checkpoint every this many steps (0: never)."
-    ),
-    nproc: int = typer.Option(
-        1, help="Data-parallel QAT over this many processes on this machine (torchrun, gloo or nccl)."
-    ),
-    debug_program: Optional[bool] = typer.Option(
-        _B.debug_program,
-        "--debug-program/--no-debug-program",
-        help="Read the program's per-layer outputs back through ETDump for the report (default: for models "
-        "of up to 32 layers, on backends that can).",
-    ),
-    verbose: bool = typer.Option(
-        False, "--verbose", "-v", help="Also show third-party warnings and the native runtime's own lines."
-    ),
+    recipe: Optional[str] = None,
+    nproc: int = 1,
+    verbose: bool = False,
+    **options: Any,
 ) -> None:
     """Quantize, train, lower and validate a model; write model.pte and its report."""
     if nproc > 1:
         _relaunch_with_torchrun(nproc)
     set_verbose(verbose)
     try:
+        from edgeq.options import split
         from edgeq.pipeline import build as run_build
         from edgeq.recipe import load_recipe
 
-        vote = VoteConfig(
-            up_ratio=up_ratio,
-            down_ratio=down_ratio,
-            min_votes=min_votes,
-            window=window,
-            rule=rule.value,
-            keep=keep,
-            step=step,
-        )
-        range_config = RangeConfig(mode=ranges.value, vote=vote)
-        flags = {
-            "steps": steps,
-            "epochs": epochs,
-            "holdout": holdout,
-            "patience": patience,
-            "lr": lr,
-            "optimizer": optimizer.value,
-            "loss": loss.value,
-            "dropout": dropout,
-            "fold_bn": fold_bn,
-            "freeze_ranges": freeze_ranges,
-            "freeze_bn": freeze_bn,
-            "device": device,
-            "checkpoint_every": checkpoint_every,
-        }
-        # The recipe's QAT settings fill what the command line leaves at its defaults (edgeq.configs.resolve).
+        config, qat = split(options, {name for name in options if _given(ctx, name)})
         loaded = load_recipe(recipe)
-        given = {name: value for name, value in flags.items() if _given(ctx, name)}
-        config = BuildConfig(
-            target=target,
-            out=out,
-            plan=plan,
-            precision=precision,
-            size_budget=size_budget,
-            outlier_ratio=outlier_ratio,
-            max_drop=max_drop,
-            seed=seed,
-            allow_sdk_download=allow_sdk_download,
-            resume=resume,
-            debug_program=debug_program,
-            bias_correction=bias_correction,
-        )
         with RichProgress() as progress:
-            result = run_build(loaded, config, progress=progress, qat_overrides={**given, "ranges": range_config})
+            result = run_build(loaded, config, progress=progress, qat_overrides=qat)
         if result is not None:  # ranks other than 0 of a torchrun job return None
             _summary(result)
     except EdgeqError as exc:  # anything else is a bug: its traceback stays
         _fail(exc)
+
+
+def _build_signature() -> inspect.Signature:
+    """build()'s own parameters, then one per config field (edgeq.options): typer reads this signature."""
+    from edgeq.options import parameters
+
+    own = [
+        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+        inspect.Parameter(
+            "recipe",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Optional[str],
+            default=typer.Option(None, help="Recipe .py file or importable module (default: bundled digits example)."),
+        ),
+        inspect.Parameter(
+            "nproc",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=int,
+            default=typer.Option(1, help="Data-parallel QAT over this many processes on this machine (torchrun)."),
+        ),
+        inspect.Parameter(
+            "verbose",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=bool,
+            default=typer.Option(
+                False, "--verbose", "-v", help="Also show third-party warnings and the native runtime's own lines."
+            ),
+        ),
+    ]
+    return inspect.Signature([*own, *parameters()])
+
+
+build.__signature__ = _build_signature()  # type: ignore[attr-defined]
+app.command("build")(build)
 
 
 def _relaunch_with_torchrun(nproc: int) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "RangeMode",
     "Rule",
     "VoteConfig",
+    "field_docs",
     "resolve",
 ]
 
@@ -107,6 +108,8 @@ RANGE_MODES = tuple(m.value for m in RangeMode)
 class RangeConfig:
     """Which fake-quant QAT uses, and the adaptive tracker's knobs."""
 
+    #: range tracking during QAT: adaptive (edgeq's voting tracker), ema (PT2E's moving-average
+    #: observers, unfused) or ema-fused (PT2E's default as shipped)
     mode: str = "adaptive"
     vote: VoteConfig = field(default_factory=VoteConfig)
 
@@ -139,33 +142,43 @@ LOSSES = tuple(item.value for item in Loss)
 class QATConfig:
     """How QAT trains; validated on construction, changed with ``dataclasses.replace``."""
 
-    #: optimizer steps; None: ``epochs`` passes over the training batches (held-out ones excluded)
+    #: QAT optimizer steps (unset: --epochs passes over the training batches, held-out ones excluded)
     steps: int | None = None
-    #: QAT length in passes over the training data, when ``steps`` is None
+    #: QAT length in passes over the training data, when --steps is unset
     epochs: float = 15.0
     #: share of train_data()'s batches held out of training (never the eval data): QAT stops
     #: early when its loss there stops improving, and the build picks between PTQ and QAT on it
     holdout: float = 0.1
     #: held-out checks without improvement before QAT stops (0: never stop early)
     patience: int = 2
+    #: QAT learning rate (cosine schedule to 0)
     lr: float = 1e-3
-    #: "sgd" (momentum 0.9) or "adam"
+    #: QAT optimizer: sgd (momentum 0.9) or adam
     optimizer: str = "sgd"
+    #: QAT weight decay
     weight_decay: float = 0.0
+    #: training batches that calibrate the ranges before QAT
     calibration_batches: int = 8
     ranges: RangeConfig = field(default_factory=RangeConfig)
     #: fold BatchNorm into conv weights before QAT, so that the simulated
     #: weight is exactly the weight convert quantizes
     fold_bn: bool = True
+    #: freeze BatchNorm statistics after this share of QAT (without BatchNorm folding)
     freeze_bn: float = 0.5
+    #: freeze range observation after this share of QAT
     freeze_ranges: float = 0.8
+    #: share of QAT that layers planned below 8 bits train at the intermediate width first
     intermediate_share: float = 0.3
+    #: the intermediate weight width of plans edgeq makes (0: off); an edited plan carries its own
     intermediate_bits: int = 8
+    #: set by the build's seed (BuildConfig.seed), which seeds QAT too
     seed: int = 0
+    #: device QAT trains on (cpu or cuda); export and lowering stay on the CPU
     device: str = "cpu"
     #: write a resumable checkpoint every this many steps (0: never)
     checkpoint_every: int = 100
-    #: "distill" (the float model's outputs: no labels needed), "task" (the recipe's loss) or "both"
+    #: what QAT learns from: distill (the float model's outputs, KL on logits, MSE otherwise: no
+    #: labels needed), task (the recipe's loss on its targets) or both
     loss: str = "distill"
     #: train with the model's own dropout rates; False: every dropout off while training (a model
     #: learning to reproduce its float self: dropout noise would swamp a quantization error that small)
@@ -214,33 +227,36 @@ DEBUG_PROGRAM_LAYERS = 32
 class BuildConfig:
     """What ``edgeq.build`` does; validated on construction, changed with ``dataclasses.replace``."""
 
+    #: a built-in target name (see `edgeq targets`) or a target .toml file
     target: str | Path | Target = "android"
+    #: output directory (default: ./edgeq-out/<recipe name>)
     out: str | Path | None = None
-    #: an edited plan.json; None: every layer at ``precision``
+    #: an edited plan.json to build as written (unset: --precision, or a plan made layer by layer)
     plan: str | Path | Plan | None = None
-    #: uniform precision for every layer; None (and no plan): planned per layer
+    #: one precision from the target's menu for every layer (unset: planned layer by layer)
     precision: str | None = None
     #: planner constraint: program bytes (> 1) or a fraction of the float program (<= 1)
     size_budget: float | None = None
     #: planner: inputs with max |x| / p99.9 above this keep a wide precision
     outlier_ratio: float = 8.0
-    #: None: QATConfig's defaults updated with the recipe's own ``qat`` settings
+    #: unset: QATConfig's defaults updated with the recipe's own ``qat`` settings
     qat: QATConfig | None = None
     #: fail when the .pte's metric falls more than this below float
     max_drop: float = 1.0
+    #: random seed (QAT's too): the same seed gives the same program
     seed: int = 0
     #: let ExecuTorch download the Qualcomm SDK when QNN_SDK_ROOT is unset
     allow_sdk_download: bool = False
     #: continue QAT from the checkpoint a killed build left beside the output directory
     resume: bool = False
-    #: read the program's per-layer outputs back through ETDump for the report; None: when
+    #: read the program's per-layer outputs back through ETDump for the report; unset: when
     #: the model has at most DEBUG_PROGRAM_LAYERS planned layers (it lowers one delegate
     #: call per layer, about half a second each); backends without per-op lowering skip it
     debug_program: bool | None = None
     #: evaluation samples the per-layer program debugging runs
     debug_samples: int = 8
-    #: calibration batches of the plain-PTQ program every build also measures; the build
-    #: ships PTQ when it scores above QAT (0: QAT only)
+    #: calibration batches of the plain-PTQ candidate every build also measures; the candidate
+    #: with the lowest held-out loss ships (0: QAT only)
     ptq_batches: int = 16
     #: when the shipped reference misses max_drop, send up to this many of its most sensitive
     #: layers to float, one at a time, re-measuring each step (0: never)
@@ -282,6 +298,25 @@ class BuildConfig:
             raise ConfigError("debug_samples must be >= 1", "pass a positive number of samples")
         if self.plan is not None and self.precision is not None:
             raise ConfigError("both a plan and a uniform precision were given", "pass --plan or --precision, not both")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's ``#:`` comment from the class source, joined into one line (help texts, docs)."""
+    import inspect
+    import re
+
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#:"):
+            pending.append(stripped[2:].strip())
+            continue
+        match = re.match(r"(\w+)\s*:", stripped)
+        if match and pending:
+            docs[match.group(1)] = " ".join(pending).replace("``", "")
+        pending = []
+    return docs
 
 
 def resolve(
