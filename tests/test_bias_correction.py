@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from recipes import recipe_of
 from torch import nn
 
 from edgeq import capture, upstream
@@ -31,13 +32,7 @@ class Net(nn.Module):
 def _recipe(data: torch.Tensor) -> Recipe:
     torch.manual_seed(0)
     model = Net().eval()
-    return Recipe(
-        name="bias",
-        model=lambda: model,
-        example_inputs=lambda: (data[:1],),
-        train_data=lambda: iter([(data, torch.zeros(len(data), dtype=torch.long))]),
-        eval_data=lambda: iter([(data, torch.zeros(len(data), dtype=torch.long))]),
-    )
+    return recipe_of(model, [(data, torch.zeros(len(data), dtype=torch.long))], "bias")
 
 
 def _outputs(graph, data, names):

@@ -6,45 +6,11 @@ import json
 
 import pytest
 import torch
+from recipes import fragile_mlp
 from torch import nn
 
 from edgeq.configs import BuildConfig, QATConfig
 from edgeq.errors import EdgeqError
-from edgeq.recipe import Recipe
-
-
-def _fragile_recipe() -> Recipe:
-    """An MLP on the digits whose middle activation has one channel 3000x the others.
-
-    ReLU is positively homogeneous, so scaling a hidden unit up and its outgoing weights down
-    leaves the float function as it was; an 8-bit per-tensor grid on that activation, though,
-    has no room left for the other channels.
-    """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[:1400]), y[:1400]).backward()
-        opt.step()
-    with torch.no_grad():
-        unit = int(model[:4](x).mean(0).argmax())  # a live hidden unit
-        model[2].weight[unit].mul_(3000.0)
-        model[2].bias[unit].mul_(3000.0)
-        model[4].weight[:, unit].div_(3000.0)
-    model.eval()
-    return Recipe(
-        name="fragile",
-        model=lambda: model,
-        example_inputs=lambda: (x[:1],),
-        train_data=lambda: ((x[i : i + 100], y[i : i + 100]) for i in range(0, 1400, 100)),
-        eval_data=lambda: iter([(x[1400:], y[1400:])]),
-    )
 
 
 @pytest.mark.slow
@@ -59,7 +25,7 @@ def test_a_layer_that_breaks_int8_goes_to_float_and_the_build_says_what_it_cost(
         debug_program=False,
         bias_correction=False,
     )
-    result = build(_fragile_recipe(), config)
+    result = build(fragile_mlp(), config)
     report = json.loads((result.out_dir / "report.json").read_text())
     fallback = report["fallback"]
     assert fallback is not None and fallback["shipped"]

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from recipes import recipe_of
 from torch import nn
 
 from edgeq.backends import load_target, quant_spec
@@ -53,13 +54,7 @@ def _recipe() -> Recipe:
         for x, _ in data:
             model(x)
     model.eval()
-    return Recipe(
-        name="convbn",
-        model=lambda: copy.deepcopy(model),
-        example_inputs=lambda: (torch.zeros(1, 3, 12, 12),),
-        train_data=lambda: data,
-        eval_data=lambda: data[:2],
-    )
+    return recipe_of(model, data, "convbn", eval_batches=data[:2], fresh=lambda: copy.deepcopy(model))
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from recipes import batches_of, recipe_of
 from torch import nn
 
 from edgeq.graph import weight_layers
@@ -48,14 +49,7 @@ def _recipe() -> Recipe:
     net = Net().eval()
     x = torch.randn(64, 1, 8, 8)
     y = net(x).argmax(1)
-    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
-    return Recipe(
-        name="graphnet",
-        model=lambda: net,
-        example_inputs=lambda: (x[:1],),
-        train_data=lambda: batches,
-        eval_data=lambda: batches,
-    )
+    return recipe_of(net, batches_of(x, y, 16), "graphnet")
 
 
 def test_subclassed_conv_functional_linear_and_shared_layer_are_all_found():

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from recipes import batches_of, recipe_of
 from torch import nn
 
 from edgeq.errors import EdgeqError
@@ -36,16 +39,8 @@ def _recipe(kind: str = "tensor", **overrides) -> Recipe:
     torch.manual_seed(0)
     model = Logits(kind).eval()
     x, y = _data()
-    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
-    fields = dict(
-        name=f"r_{kind}",
-        model=lambda: model,
-        example_inputs=lambda: (x[:1],),
-        train_data=lambda: batches,
-        eval_data=lambda: batches,
-    )
-    fields.update(overrides)
-    return Recipe(**fields)
+    recipe = recipe_of(model, batches_of(x, y, 16), f"r_{kind}")
+    return dataclasses.replace(recipe, **overrides)
 
 
 def test_analysis_scores_on_training_data_whose_targets_are_a_teachers_logits():

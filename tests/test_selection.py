@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_fallback import _fragile_recipe
+from recipes import fragile_mlp
 
 from edgeq.configs import BuildConfig, QATConfig
 
@@ -25,8 +25,8 @@ def test_eval_data_that_disagrees_with_held_out_data_changes_no_decision(tmp_pat
     from edgeq.pipeline import build
 
     config = BuildConfig(precision=precision, qat=QATConfig(steps=0), max_drop=2.0, debug_program=False)
-    honest = build(_fragile_recipe(), dataclasses.replace(config, out=tmp_path / "honest"))
-    lying = build(_lying(_fragile_recipe()), dataclasses.replace(config, out=tmp_path / "lying"))
+    honest = build(fragile_mlp(), dataclasses.replace(config, out=tmp_path / "honest"))
+    lying = build(_lying(fragile_mlp()), dataclasses.replace(config, out=tmp_path / "lying"))
     # The two evaluations disagree completely ...
     assert honest.scores.float > 80.0 and lying.scores.float < 30.0
     reports = [json.loads((r.out_dir / "report.json").read_text()) for r in (honest, lying)]
