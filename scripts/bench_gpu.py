@@ -25,13 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_report import machine, table, write_section  # noqa: E402
 from bench_runtime import MobileNetV2  # noqa: E402
 
-from edgeq.backends import quant_spec
+from edgeq.backends import (
+    load_target,  # noqa: E402
+    quant_spec,
+)
 from edgeq.capture import capture, fold_batchnorm  # noqa: E402
 from edgeq.planning.plan import uniform_plan  # noqa: E402
 from edgeq.quant.configs import RangeConfig  # noqa: E402
 from edgeq.quant.convert import prepare  # noqa: E402
 from edgeq.quant.qat import set_observers  # noqa: E402
-from edgeq.targets import load_target  # noqa: E402
 
 
 def throughput(model: torch.nn.Module, batch: int, steps: int, device: torch.device) -> float:

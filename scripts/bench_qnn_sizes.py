@@ -19,14 +19,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_report import machine, table, write_section  # noqa: E402
 
-from edgeq.backends import qnn_host, quant_spec  # noqa: E402
+from edgeq.backends import (  # noqa: E402
+    load_target,  # noqa: E402
+    qnn_host,
+    quant_spec,
+)
 from edgeq.capture import capture  # noqa: E402
 from edgeq.lower import lower  # noqa: E402
 from edgeq.planning.plan import uniform_plan  # noqa: E402
 from edgeq.quant.configs import RangeConfig  # noqa: E402
 from edgeq.quant.convert import convert, prepare  # noqa: E402
 from edgeq.quant.qat import to_eval  # noqa: E402
-from edgeq.targets import load_target  # noqa: E402
 
 
 def main() -> None:

@@ -33,7 +33,10 @@ from bench_report import machine, table, write_section  # noqa: E402
 from bench_tasks import tasks  # noqa: E402
 
 from edgeq import upstream  # noqa: E402
-from edgeq.backends import quant_spec  # noqa: E402
+from edgeq.backends import (
+    load_target,  # noqa: E402
+    quant_spec,  # noqa: E402
+)
 from edgeq.capture import capture, fold_batchnorm  # noqa: E402
 from edgeq.checks.evaluate import agreement, evaluate  # noqa: E402
 from edgeq.checks.validate import run_program  # noqa: E402
@@ -45,7 +48,6 @@ from edgeq.quant.devices import seed_everything  # noqa: E402
 from edgeq.quant.qat import QATConfig, fake_quants, run_qat, to_eval  # noqa: E402
 from edgeq.quant.ranges import VoteConfig  # noqa: E402
 from edgeq.recipe import as_tuple  # noqa: E402
-from edgeq.targets import load_target  # noqa: E402
 
 TARGET = load_target("android")
 PRECISIONS = {"W8A8": "int8", "W4A8": "w4a8"}

@@ -24,13 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_report import machine, table, write_section  # noqa: E402
 
-from edgeq.backends import quant_spec  # noqa: E402
+from edgeq.backends import (
+    load_target,  # noqa: E402
+    quant_spec,  # noqa: E402
+)
 from edgeq.capture import capture  # noqa: E402
 from edgeq.lower import lower  # noqa: E402
 from edgeq.planning.plan import uniform_plan  # noqa: E402
 from edgeq.quant.convert import convert, prepare  # noqa: E402
 from edgeq.recipe import load_recipe  # noqa: E402
-from edgeq.targets import load_target  # noqa: E402
 
 
 def _make_divisible(v: float, divisor: int = 8) -> int:

@@ -139,7 +139,7 @@ def test_state_dict_round_trip_restores_every_buffer(scheme):
     fq(w * 3)  # one pending vote
     state = fq.state_dict()
     for key in ("committed", "n", "g", "l", "s", "commit_count", "mode", "scale", "zero_point"):
-        assert key in state
+        assert f"activation_post_process.{key}" in state  # the observer holds the range, as in torchao
     fresh = AdaptiveRangeFakeQuantize(min_votes=2, **scheme)
     fresh.load_state_dict(state)
     for key, value in fq.state_dict().items():
@@ -187,7 +187,7 @@ def test_cpu_numpy_path_matches_the_torch_path():
         assert torch.allclose(a(x), b(x), atol=1e-6)
     assert a.commits() == b.commits() > 0
     assert torch.allclose(a.committed, b.committed, rtol=1e-6)
-    sa, sb = a.state_dict(), b.state_dict()
+    sa, sb = a.activation_post_process.state_dict(), b.activation_post_process.state_dict()
     for key in ("n", "g", "l"):
         assert torch.equal(sa[key], sb[key]), key
     assert torch.allclose(sa["s"], sb["s"], rtol=1e-5)
@@ -267,7 +267,41 @@ def test_scalar_qparams_equal_torchaos_formula_bit_for_bit(kind):
         if kind == "affine" and torch.rand(1, generator=gen) < 0.2:
             lo = abs(lo)  # a range above zero still contains zero after the min/max formulas
         fq = calibrated([torch.tensor([lo, hi])], **kwargs)
-        fq._refresh_qparams()
+        fq.activation_post_process._refresh_qparams()
         scale, zero_point = fq.calculate_qparams()
         assert torch.equal(fq.scale, scale.float()), (lo, hi)
         assert torch.equal(fq.zero_point.long(), zero_point.long()), (lo, hi)
+
+
+@pytest.mark.parametrize("numpy_path", [True, False])
+def test_the_scale_trained_is_calculate_qparams_after_every_commit_bf16_groups_included(numpy_path):
+    """Every refresh route computes what calculate_qparams() (what convert_pt2e reads) computes.
+    Groupwise weights were trained on float32 scales once tracking committed while the program
+    stores bf16 ones (the fast per-channel route skipped the rounding): measured before the fix,
+    the buffer differed from calculate_qparams() after 160 commits."""
+    from edgeq.quant.groupwise import GroupwiseFakeQuantize
+
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(16, 64, generator=gen)
+    for fq in (GroupwiseFakeQuantize(32, 4), calibrated([w], **PER_CHANNEL)):
+        fq.cpu_numpy = numpy_path
+        if isinstance(fq, GroupwiseFakeQuantize):
+            fq(w)
+            fq.start_tracking()
+        for i in range(40):
+            fq(w * (1.3 + 0.01 * i))
+            assert torch.equal(fq.scale, fq.calculate_qparams()[0]), i
+        assert fq.commits() > 0
+        if isinstance(fq, GroupwiseFakeQuantize):
+            assert torch.equal(fq.scale, fq.scale.to(torch.bfloat16).float())
+
+
+def test_the_committed_range_is_the_observers_min_val_and_max_val():
+    from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
+
+    fq = calibrated([torch.tensor([-1.5, 3.0])], **AFFINE)
+    observer = fq.activation_post_process
+    assert isinstance(observer, UniformQuantizationObserverBase)
+    assert (float(observer.min_val), float(observer.max_val)) == (-1.5, 3.0)
+    sym = calibrated([torch.randn(4, 3)], **PER_CHANNEL).activation_post_process
+    assert torch.equal(sym.max_val, -sym.min_val) and torch.equal(sym.max_val, sym.committed[0])

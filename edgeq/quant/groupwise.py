@@ -56,14 +56,12 @@ class GroupwiseFakeQuantize(AdaptiveRangeFakeQuantize):
             quant_max=qmax,
             qscheme=torch.per_channel_symmetric,
             ch_axis=0,
+            # XNNPACK stores group scales in bf16: the observer's qparams, on every refresh, are bf16 too.
+            scale_dtype=torch.bfloat16,
             **vote_kwargs(vote),
         )
         self.group = group
         self.bits = bits
-
-    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        scale, zero_point = super().calculate_qparams()
-        return scale.to(torch.bfloat16).float(), zero_point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, inp = x.shape

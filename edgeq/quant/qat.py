@@ -198,12 +198,13 @@ def _set_weight_width(model: torch.nn.Module, narrow: dict[str, tuple[int, int]]
         if bits is not None:
             top = 2 ** (bits - 1) - 1
             qmin, qmax = -top, top
+        if isinstance(fq, AdaptiveRangeFakeQuantize):
+            fq.set_width(qmin, qmax)
+            continue
         fq.quant_min, fq.quant_max = qmin, qmax
         post = getattr(fq, "activation_post_process", None)
         if post is not None:
             post.quant_min, post.quant_max = qmin, qmax
-        if isinstance(fq, AdaptiveRangeFakeQuantize):
-            fq._refresh_qparams()
 
 
 def narrow_weight_quants(model: torch.nn.Module, below_bits: int = 8) -> dict[str, tuple[int, int]]:
