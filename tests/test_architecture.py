@@ -8,9 +8,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "edgeq"
 #: the core layer: settings, the target schema and precision menu, the plan dataclasses
 CORE = {"edgeq.configs", "edgeq.errors", "edgeq.targets", "edgeq.planning.plan", "edgeq.graph"}
-#: typer commands mirror their options one parameter each; upstream constructors mirror upstream signatures
-EXEMPT_PARAMETERS = {("edgeq/cli.py", "build"), ("edgeq/quant/fake_quant.py", "__init__")}
-EXEMPT_LENGTH = {("edgeq/cli.py", "build")}
+#: the fake-quant's constructor mirrors torchao's FakeQuantize keywords, which PT2E passes (with_args)
+EXEMPT_PARAMETERS = {("edgeq/quant/fake_quant.py", "__init__")}
+EXEMPT_LENGTH: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:
