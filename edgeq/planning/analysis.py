@@ -135,20 +135,17 @@ def _first(data, count: int, what: str) -> list:
     return batches
 
 
-def _batches(recipe: Recipe, count: int, holdout: int) -> tuple[list, list]:
-    """Calibration batches from train_data(), and the batches the metric is scored on: the slice of
-    train_data() held out of training (every ``holdout``-th batch), or the calibration batches
-    themselves when nothing is held out. Never the evaluation data: the plan is a decision."""
-    from edgeq.quant.qat import held_out_batches
-
+def _batches(recipe: Recipe, count: int) -> tuple[list, list]:
+    """Calibration batches from train_data(), and the batches the metric is scored on: the same
+    ones. Never the evaluation data: the plan is a decision. Not only the held-out slice either:
+    the analysis fits nothing, so training batches measure a layer's sensitivity without bias, and
+    there are ``count`` of them where the held-out slice has one or two (a photo in 32 is 3 points)."""
     train = _first(recipe.train_data(), count, "train_data")
-    held = held_out_batches(recipe, holdout)[:count]
-    return train, held or train
+    return train, train
 
 
 def _score(model: nn.Module, recipe: Recipe, batches: tuple[list, list]) -> tuple[float, float]:
-    """The task loss on the calibration batches and the metric on the scoring batches (held-out
-    training batches, see :func:`_batches`)."""
+    """The task loss and the metric on the scoring batches (training batches, see :func:`_batches`)."""
     train, evaluation = batches
     losses, seen = [], 0
     with torch.no_grad():
@@ -222,25 +219,19 @@ def analyze(
     target: Target,
     batches: int = 8,
     seconds: float | None = None,
-    holdout: int | None = None,
 ) -> Analysis:
     """Measure every quantizable layer of ``model`` on ``batches`` calibration batches.
 
     ``seconds`` bounds the sensitivity scoring (one model evaluation per layer and precision):
     when scoring on all batches would take longer, each score uses fewer batches (at least one
-    training and one scoring batch), and the analysis records how many. The task loss is
-    scored on the calibration batches and the metric on the held-out slice of train_data()
-    (every ``holdout``-th batch; None: QAT's default share), never on the evaluation data.
+    training and one scoring batch), and the analysis records how many. The task loss and the
+    metric are scored on the calibration batches of train_data(), never on the evaluation data.
     """
     import time
 
-    from edgeq.configs import QATConfig
-    from edgeq.quant.qat import schedule
-
     start = time.perf_counter()
     model = model.eval()
-    every = schedule(recipe, QATConfig()).holdout if holdout is None else holdout
-    data = _batches(recipe, batches, every)
+    data = _batches(recipe, batches)
     # Layers come from the exported graph: any module owning a conv, linear or weight-bearing
     # matmul. Its input range is read at the module's input (for a functional op inside a
     # custom module, that is the module's first input).

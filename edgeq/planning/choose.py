@@ -12,7 +12,6 @@ from edgeq.planning.analysis import Analysis, analyze
 from edgeq.planning.plan import Plan, uniform_plan, validate_plan, weight_bytes
 from edgeq.planning.planner import Planned, make_plan
 from edgeq.quant.ptq import post_training_quantize
-from edgeq.quant.qat import schedule
 
 __all__ = ["PlanChoice", "choose_plan", "program_overhead"]
 
@@ -40,8 +39,7 @@ def choose_plan(ctx: BuildContext, baseline: FloatBaseline) -> PlanChoice:
         return PlanChoice(dataclasses.replace(plan, intermediate_bits=ctx.training.intermediate_bits))
     ctx.announce("analyze")
     with ctx.stages("analyze"):
-        every = schedule(ctx.recipe, ctx.training).holdout
-        analysis = analyze(baseline.model, ctx.recipe, target, seconds=config.analysis_seconds, holdout=every)
+        analysis = analyze(baseline.model, ctx.recipe, target, seconds=config.analysis_seconds)
         overhead = None
         if config.size_budget is not None and not ctx.backend.float_baseline_overhead:
             overhead = program_overhead(ctx, baseline)
