@@ -412,10 +412,10 @@ def _program_debug(build_dir: Path, r, threshold: float, runtime_threshold: floa
     target = json.loads(manifest_path.read_text())["target"]["name"] if manifest_path.is_file() else "android"
     if target not in builtin_targets():
         raise EdgeqError(f"the build's target '{target}' is not a built-in target", "rebuild with a built-in --target")
-    from edgeq.backends import backend_of, load_target
+    from edgeq.backends import load_target
+    from edgeq.checks.numerics import reads_layers
 
-    resolved = load_target(target)
-    if backend_of(resolved).per_op_partitioners(resolved) is None:
+    if not reads_layers(load_target(target)):
         _intermediates_debug(build_dir, r, target, threshold)
         return
     shipped = build_dir / "model.pte"

@@ -16,7 +16,7 @@ from edgeq.errors import EdgeqError
 from edgeq.lower import Lowered
 from edgeq.planning.plan import Plan
 
-__all__ = ["Numerics", "debug_layers"]
+__all__ = ["Numerics", "debug_layers", "reads_layers"]
 
 
 @dataclass
@@ -40,6 +40,12 @@ def debug_layers(
         return Numerics(errors, first, _program_layers(ctx, plan, baseline, reference, lowered))
 
 
+def reads_layers(target: Any) -> bool:
+    """How a program of ``target`` is debugged: layer by layer (one delegate call per layer, read
+    back through ETDump: True), or through the delegate's own dump of its intermediates (False)."""
+    return target.impl.per_op_partitioners(target) is not None
+
+
 def _program_layers(
     ctx: BuildContext, plan: Plan, baseline: FloatBaseline, reference: torch.fx.GraphModule, lowered: Lowered
 ) -> dict[str, Any] | None:
@@ -53,7 +59,7 @@ def _program_layers(
             "with --debug-program"
         }
     try:
-        if ctx.backend.per_op_partitioners(target) is None:
+        if not reads_layers(target):
             from edgeq.checks.intermediates import debug_intermediates
 
             try:
