@@ -218,7 +218,8 @@ def _summary(result) -> None:
     table = Table(title=f"edgeq build: {result.recipe} -> {result.target.name}", show_header=True)
     table.add_column("")
     table.add_column("value", justify="right")
-    table.add_row("float", f"{s.float:.2f}")
+    flt = s.intervals.get("float")
+    table.add_row("float", f"{s.float:.2f}" + (f"  [{flt['low']:.2f}, {flt['high']:.2f}]" if flt else ""))
     table.add_row("QAT (simulated)", f"{s.qat:.2f}")
     labels = {"qat": "QAT", "ptq": "PTQ, calibration only", "ptq+bias-correction": "PTQ + bias correction"}
     for name, measured in s.candidates.items():
@@ -233,7 +234,11 @@ def _summary(result) -> None:
     if fallback:
         moved = ", ".join(step["layer"] for step in fallback["steps"])
         table.add_row("accuracy fallback to float", f"{moved} ({'shipped' if fallback['shipped'] else 'no gain'})")
-    table.add_row(f"model.pte on {result.report['runtime'].split(',')[0]}", f"{s.program:.2f}")
+    program = s.intervals.get("program")
+    interval = f"  [{program['low']:.2f}, {program['high']:.2f}]" if program else ""
+    table.add_row(f"model.pte on {result.report['runtime'].split(',')[0]}", f"{s.program:.2f}{interval}")
+    if s.verdict:
+        table.add_row("how sure (95%, paired on the same samples)", s.verdict)
     latency = result.report.get("latency")
     if latency:
         table.add_row(

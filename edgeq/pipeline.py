@@ -108,7 +108,7 @@ def _run(ctx: BuildContext, output: OutputDir, checkpoint: Path) -> BuildResult 
     notes = package(ctx, output, shipped.choice, baseline, shipped.reference, lowered, runner.signature)
     numerics = debug_layers(ctx, shipped.choice.plan, baseline, shipped.reference, lowered)
     plan, sizes = shipped.choice.plan, checks.program_sizes(ctx, shipped.choice.plan, baseline, lowered)
-    scores = checks.scores(evals, made.measured, shipped.name, made.selected_on)
+    scores = checks.scores(evals, made.measured, shipped.name, made.selected_on, ctx.recipe.metric, ctx.config.max_drop)
     assert evals.program is not None
     record = BuildRecord(
         ctx.recipe, ctx.target, ctx.config, plan, scores, sizes, lowered, quantized.qat, dict(ctx.stages.seconds),

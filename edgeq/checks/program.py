@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 
 from edgeq.checks.evaluate import Evaluation, agreement
 from edgeq.checks.latency import host_latency_ms
+from edgeq.checks.stats import interval, paired, verdict
 from edgeq.context import BuildContext, FloatBaseline, Quantized
 from edgeq.errors import SdkMissingError
 from edgeq.lower import Lowered, lower
@@ -42,6 +44,12 @@ class Scores:
     candidates: dict[str, dict[str, builtins.float | None]] = dataclasses.field(default_factory=dict)
     #: what the choice was measured on
     selected_on: str = ""
+    #: model -> its metric with a 95% interval over the evaluation samples (edgeq.checks.stats)
+    intervals: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    #: "a_vs_b" -> metric(a) - metric(b) on the same samples, its interval and paired test
+    paired: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    #: what the measured drop says about --max-drop, in one sentence
+    verdict: str = ""
 
 
 @dataclass
@@ -55,6 +63,8 @@ class Evaluations:
     reference: Evaluation
     ptq: Evaluation | None = None
     program: Evaluation | None = None
+    #: every quantized candidate's converted reference, by candidate name
+    candidates: dict[str, Evaluation] = dataclasses.field(default_factory=dict)
 
 
 def evaluate_models(ctx: BuildContext, float_eval: Evaluation, quantized: Quantized) -> Evaluations:
@@ -75,10 +85,17 @@ def validate_program(ctx: BuildContext, lowered: Lowered, evaluations: Evaluatio
     return runner
 
 
-def scores(evaluations: Evaluations, candidates: dict[str, dict[str, Any]], shipped: str, selected_on: str) -> Scores:
+def scores(
+    evaluations: Evaluations,
+    candidates: dict[str, dict[str, Any]],
+    shipped: str,
+    selected_on: str,
+    metric: Callable,
+    max_drop: float,
+) -> Scores:
     program, qat, qat_ref = evaluations.program, evaluations.qat, evaluations.qat_reference
     assert program is not None
-    return Scores(
+    result = Scores(
         float=evaluations.float.metric,
         qat=qat.metric,
         reference=evaluations.reference.metric,
@@ -95,6 +112,27 @@ def scores(evaluations: Evaluations, candidates: dict[str, dict[str, Any]], ship
             "float_vs_program": agreement(evaluations.float.outputs, program.outputs),
         },
     )
+    _uncertainty(result, evaluations, metric, max_drop)
+    return result
+
+
+def _uncertainty(result: Scores, evaluations: Evaluations, metric: Callable, max_drop: float) -> None:
+    """Intervals for each model and paired tests for the pairs a reader compares."""
+    targets = evaluations.float.targets
+    models = {"float": evaluations.float, "qat": evaluations.qat, "reference": evaluations.reference}
+    models["program"] = evaluations.program  # type: ignore[assignment]
+    result.intervals = {name: interval(metric, e.outputs, targets).to_dict() for name, e in models.items()}
+    pairs = {"float_vs_program": (evaluations.float, evaluations.program)}
+    pairs["reference_vs_program"] = (evaluations.reference, evaluations.program)
+    names = sorted(evaluations.candidates)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            pairs[f"{a}_vs_{b}"] = (evaluations.candidates[a], evaluations.candidates[b])
+    tests = {
+        name: paired(metric, a.outputs, b.outputs, targets) for name, (a, b) in pairs.items() if a is not None and b
+    }
+    result.paired = {name: test.to_dict() for name, test in tests.items()}
+    result.verdict = verdict(tests["float_vs_program"], max_drop)
 
 
 def host_latency(ctx: BuildContext, lowered: Lowered, baseline: FloatBaseline) -> dict[str, Any]:

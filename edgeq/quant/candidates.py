@@ -127,12 +127,14 @@ def score_candidates(ctx: BuildContext, made: CandidateChoice, evals: Any) -> No
     """Each candidate's evaluation metric, for the report (the choice was made before, on held-out data).
     ``evals``: the build's edgeq.checks.program.Evaluations, completed in place."""
     made.measured["qat"]["metric"] = evals.qat_reference.metric
+    evals.candidates["qat"] = evals.qat_reference
     for name, reference in made.references.items():
         if name == "qat":
             continue
         with ctx.stages("evaluate"):
             evaluation = ctx.score(reference, f"{name} reference")
         made.measured[name]["metric"] = evaluation.metric
+        evals.candidates[name] = evaluation
         if name == "ptq":
             evals.ptq = evaluation
         if name == made.shipped:

@@ -49,8 +49,8 @@ class BuildResult:
         if self.drop > max_drop:
             raise AccuracyError(
                 f"the program's {self.scores.program:.2f} is {self.drop:.2f} points below float "
-                f"({self.scores.float:.2f}), over --max-drop {max_drop}; artifacts are in "
-                f"{self.out_dir} for inspection",
+                f"({self.scores.float:.2f}), over --max-drop {max_drop} ({self.scores.verdict or 'no interval'}); "
+                f"artifacts are in {self.out_dir} for inspection",
                 "train longer (--steps), keep sensitive layers wider in plan.json, or raise --max-drop",
             )
 

@@ -181,6 +181,10 @@ def _accuracy(r: BuildRecord) -> dict[str, Any]:
         "selected_on": scores.selected_on,
         "drop": scores.float - scores.program,
         "max_drop": r.config.max_drop,
+        #: 95% intervals over the evaluation samples, paired tests on the same samples (edgeq.checks.stats)
+        "intervals": scores.intervals,
+        "paired": scores.paired,
+        "verdict": scores.verdict,
     }
 
 

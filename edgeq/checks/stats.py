@@ -1,0 +1,159 @@
+"""How sure a measured accuracy is: intervals for one model, paired tests between two.
+
+Accuracy on a few hundred samples moves by a point or more when a handful of them
+flip, so every number a report gives carries a 95% interval, and every comparison
+that matters (float vs program, candidate vs candidate) is a paired test on the
+same samples:
+
+- top-1 accuracy (the default metric): the Wilson score interval for one model;
+  for a pair, McNemar's exact test on the samples where exactly one of the two is
+  right, and a paired bootstrap interval of the difference;
+- any other metric (the recipe's own): a percentile bootstrap over samples for one
+  model, a paired bootstrap (the same resampled samples for both) for a pair.
+
+A bootstrap recomputes the recipe's metric on resampled (outputs, targets), so it
+needs no knowledge of the metric, and it is seeded: the same outputs give the same
+interval.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from edgeq.recipe import top1_accuracy
+
+__all__ = ["Interval", "Paired", "interval", "paired", "verdict"]
+
+LEVEL = 0.95
+RESAMPLES = 1000
+_Z = 1.959963984540054  # two-sided 95% normal quantile
+
+
+@dataclass(frozen=True)
+class Interval:
+    value: float
+    low: float
+    high: float
+    samples: int
+    method: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """``a - b`` on the same samples, its interval, and the p-value of "no difference"."""
+
+    difference: float
+    low: float
+    high: float
+    p_value: float
+    samples: int
+    method: str
+    #: McNemar's discordant counts (a right / b wrong, and the reverse); top-1 only
+    discordant: tuple[int, int] | None = None
+
+    @property
+    def significant(self) -> bool:
+        return self.p_value < 1.0 - LEVEL
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "significant": self.significant}
+
+
+def _is_top1(metric: Callable) -> bool:
+    return getattr(metric, "__wrapped__", metric) is top1_accuracy
+
+
+def _correct(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if targets.shape == outputs.shape and targets.dim() > 1 and targets.is_floating_point():
+        targets = targets.argmax(dim=-1)
+    return (outputs.argmax(dim=-1) == targets).float()
+
+
+def wilson(successes: int, n: int) -> tuple[float, float]:
+    """Wilson score interval of a proportion, in percent."""
+    if n == 0:
+        return 0.0, 100.0
+    p = successes / n
+    denominator = 1 + _Z**2 / n
+    centre = (p + _Z**2 / (2 * n)) / denominator
+    half = _Z * math.sqrt(p * (1 - p) / n + _Z**2 / (4 * n * n)) / denominator
+    return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
+
+
+def _resamples(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, n, (RESAMPLES, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _percentiles(values: torch.Tensor) -> tuple[float, float]:
+    tail = (1.0 - LEVEL) / 2
+    ordered = values.sort().values
+    last = len(ordered) - 1
+    return float(ordered[int(round(tail * last))]), float(ordered[int(round((1 - tail) * last))])
+
+
+def interval(metric: Callable, outputs: torch.Tensor, targets: torch.Tensor, seed: int = 0) -> Interval:
+    """The metric of one model with its 95% interval over the evaluation samples."""
+    n = int(outputs.shape[0])
+    value = float(metric(outputs, targets))
+    if _is_top1(metric):
+        correct = int(_correct(outputs, targets).sum())
+        low, high = wilson(correct, n)
+        return Interval(value, low, high, n, "Wilson score interval")
+    values = torch.tensor([float(metric(outputs[idx], targets[idx])) for idx in _resamples(n, seed)])
+    low, high = _percentiles(values)
+    return Interval(value, low, high, n, f"percentile bootstrap, {RESAMPLES} resamples")
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar test: the binomial test of the discordant pairs at 1/2."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    k = min(only_a, only_b)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def paired(metric: Callable, a: torch.Tensor, b: torch.Tensor, targets: torch.Tensor, seed: int = 0) -> Paired:
+    """``metric(a) - metric(b)`` on the same samples, with a paired 95% interval and p-value."""
+    n = int(a.shape[0])
+    difference = float(metric(a, targets)) - float(metric(b, targets))
+    indices = _resamples(n, seed)
+    if _is_top1(metric):
+        ca, cb = _correct(a, targets), _correct(b, targets)
+        only_a, only_b = int(((ca == 1) & (cb == 0)).sum()), int(((ca == 0) & (cb == 1)).sum())
+        diffs = 100.0 * (ca[indices].mean(1) - cb[indices].mean(1))
+        low, high = _percentiles(diffs)
+        p = mcnemar_p(only_a, only_b)
+        method = "McNemar exact test; paired bootstrap interval"
+        return Paired(difference, low, high, p, n, method, (only_a, only_b))
+    diffs = torch.tensor([float(metric(a[idx], targets[idx])) - float(metric(b[idx], targets[idx])) for idx in indices])
+    low, high = _percentiles(diffs)
+    # Two-sided bootstrap p-value: how often the resampled difference falls on the other side of 0.
+    if difference == 0:
+        p = 1.0
+    else:
+        crossing = float((diffs <= 0).float().mean() if difference > 0 else (diffs >= 0).float().mean())
+        p = min(1.0, 2.0 * crossing)
+    return Paired(difference, low, high, p, n, f"paired bootstrap, {RESAMPLES} resamples")
+
+
+def verdict(drop: Paired, max_drop: float) -> str:
+    """What the measured drop (float - program, paired) says about --max-drop, in one sentence."""
+    span = f"{drop.difference:+.2f} points [{drop.low:+.2f}, {drop.high:+.2f}] on {drop.samples} samples"
+    if drop.high <= max_drop:
+        where = f"within --max-drop {max_drop:g} with 95% confidence"
+    elif drop.low > max_drop:
+        where = f"over --max-drop {max_drop:g} with 95% confidence"
+    else:
+        where = f"not distinguishable from --max-drop {max_drop:g} on these samples"
+    zero = "distinguishable from no drop" if drop.significant else "not distinguishable from no drop"
+    return f"drop {span}: {where}; {zero} (p = {drop.p_value:.3g}, {drop.method})"
