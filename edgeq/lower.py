@@ -14,7 +14,6 @@ from edgeq.capture import capture
 from edgeq.context import BuildContext, FloatBaseline
 from edgeq.errors import EdgeqError
 from edgeq.graph import untie_shared_constants
-from edgeq.planning.plan import budget_in_bytes
 from edgeq.targets import Target
 
 # Ops that carry no compute: their presence outside a delegate is bookkeeping.
@@ -162,22 +161,13 @@ def float_baseline(ctx: BuildContext) -> FloatBaseline:
 
 
 def lower_reference(ctx: BuildContext, reference: torch.fx.GraphModule, baseline: FloatBaseline) -> Lowered:
-    """The lower stage: the shipped reference as an ExecuTorch program, within --size-budget."""
-    config = ctx.config
+    """The lower stage: the shipped reference as an ExecuTorch program (--size-budget: edgeq.planning.budget)."""
     ctx.announce("lower")
     with ctx.stages("lower"):
-        lowered = lower(
+        return lower(
             reference,
             baseline.example_inputs,
             ctx.target,
             float_graph=baseline.graph,
-            allow_download=config.allow_sdk_download,
+            allow_download=ctx.config.allow_sdk_download,
         )
-    if config.size_budget is not None:
-        budget = budget_in_bytes(config.size_budget, baseline.program_bytes)
-        if len(lowered.program) > budget:
-            raise EdgeqError(
-                f"model.pte is {len(lowered.program):,} bytes, over --size-budget {budget:,.0f}",
-                "lower --size-budget slightly to leave the planner a margin, or edit plan.json to narrow more layers",
-            )
-    return lowered

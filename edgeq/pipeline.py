@@ -20,6 +20,7 @@ from edgeq.checks.numerics import debug_layers
 from edgeq.configs import BuildConfig, resolve
 from edgeq.context import BuildContext, Progress, QuietProgress, checkpoint_path
 from edgeq.lower import float_baseline, lower_reference
+from edgeq.planning.budget import fit_budget
 from edgeq.planning.choose import choose_plan
 from edgeq.planning.fallback import FallbackStart, ship_with_fallback
 from edgeq.planning.refine import refine
@@ -101,6 +102,10 @@ def _run(ctx: BuildContext, output: OutputDir, checkpoint: Path) -> BuildResult 
             evals.reference = ctx.score(shipped.reference, "fallback reference")
     checks.ensure_sdk(ctx, evals)
     lowered = lower_reference(ctx, shipped.reference, baseline)
+    shipped, lowered, narrowed = fit_budget(ctx, baseline, start, shipped, selection.every, lowered)
+    if narrowed:
+        with ctx.stages("evaluate"):
+            evals.reference = ctx.score(shipped.reference, "narrowed reference")
     latency = checks.host_latency(ctx, lowered, baseline)
     if shipped.fallback is not None and shipped.before_fallback is not None:
         shipped.fallback.update(checks.fallback_price(ctx, shipped.before_fallback, baseline))
@@ -113,7 +118,7 @@ def _run(ctx: BuildContext, output: OutputDir, checkpoint: Path) -> BuildResult 
     record = BuildRecord(
         ctx.recipe, ctx.target, ctx.config, plan, scores, sizes, lowered, quantized.qat, dict(ctx.stages.seconds),
         evals.program.samples, shipped.choice.analysis, shipped.choice.planned, numerics, notes, latency,
-        shipped.fallback, refined,
+        shipped.fallback, refined, narrowed,
     )  # fmt: skip
     report = write_report(output, record)
     timings = dict(ctx.stages.seconds)

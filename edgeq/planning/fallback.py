@@ -102,7 +102,7 @@ def _fall_back(
     ranking, ranked_by = _sensitivity_ranking(start.choice, current, baseline, start.reference, selection)
     if config.size_budget is not None:
         ranking = _within_budget(ctx, baseline, current, ranking)
-    quantize_step = _step_quantizer(ctx, baseline, start, selection.every)
+    quantize_step = step_quantizer(ctx, baseline, start, selection.every)
     best: tuple[float, Plan, torch.fx.GraphModule] | None = None
     steps: list[dict[str, Any]] = []
     for layer in ranking[: config.fallback_layers]:
@@ -136,7 +136,7 @@ def _fall_back(
     )
 
 
-def _step_quantizer(ctx: BuildContext, baseline: FloatBaseline, start: FallbackStart, every: int) -> Any:
+def step_quantizer(ctx: BuildContext, baseline: FloatBaseline, start: FallbackStart, every: int) -> Any:
     """plan -> converted reference, quantized the way the shipped candidate was (minus QAT)."""
     model: torch.nn.Module = baseline.model
     if start.trained_graph is not None:  # only now: the copy costs a model's worth of memory

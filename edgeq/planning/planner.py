@@ -10,6 +10,7 @@ where the target offers it. Every layer gets a one-line reason.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from edgeq.errors import EdgeqError
@@ -254,3 +255,24 @@ class _Search:
                 )
             else:
                 self.reason[l.name] = f"{choice[l.name]}: the budget was met without narrowing it"
+
+
+def narrow_by(analysis: Analysis, target: Target, plan: Plan, save: float) -> Plan:
+    """``plan`` with layers narrowed until the planner's estimate has fallen by ``save`` bytes,
+    the lowest predicted cost per byte saved first (the planner's own step). Layers in float stay
+    float: the planner or the accuracy fallback put them there on a measurement."""
+    import copy
+
+    search = _Search(analysis.layers, target, 0.0, None, math.inf)
+    search.choice = {entry.name: entry.precision for entry in plan.layers}
+    search.reason = {entry.name: entry.reason for entry in plan.layers}
+    search.locked = {entry.name for entry in plan.layers if target.precisions[entry.precision].is_float}
+    search.budget = search.size() - save
+    before = dict(search.choice)
+    search.narrow()
+    narrowed = copy.deepcopy(plan)
+    for entry in narrowed.layers:
+        if search.choice[entry.name] != before[entry.name]:
+            entry.precision = search.choice[entry.name]
+            entry.reason = search.reason[entry.name] + "; narrowed after the lowered program missed --size-budget"
+    return narrowed

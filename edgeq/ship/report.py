@@ -122,6 +122,8 @@ class BuildRecord:
     latency: dict[str, Any] = field(default_factory=dict)
     fallback: dict[str, Any] | None = None
     refined: dict[str, Any] | None = None
+    #: narrowings after the lowered program missed --size-budget (edgeq.planning.budget)
+    narrowed: list[dict[str, Any]] = field(default_factory=list)
 
 
 def build_report(record: BuildRecord) -> dict[str, Any]:
@@ -142,6 +144,7 @@ def build_report(record: BuildRecord) -> dict[str, Any]:
         "agreement": r.scores.agreement,
         "latency": dict(r.latency),
         "fallback": r.fallback,
+        "size_budget_narrowing": r.narrowed,
         "size": {
             **r.sizes,
             "ratio": r.sizes["program_bytes"] / r.sizes["float_program_bytes"]
