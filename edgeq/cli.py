@@ -229,7 +229,8 @@ def _summary(result) -> None:
             f"{measured['metric']:.2f}" + (f"  (held-out loss {loss:.4f})" if loss is not None else ""),
         )
     if s.selected_on:
-        table.add_row("shipped", f"{s.shipped}: lowest held-out loss on {s.selected_on}")
+        why = "lowest held-out loss" if s.lowest in ("", s.shipped) else f"as good as {s.lowest} (lowest), simpler"
+        table.add_row("shipped", f"{s.shipped}: {why}, on {s.selected_on}")
     fallback = result.report.get("fallback")
     if fallback:
         moved = ", ".join(step["layer"] for step in fallback["steps"])

@@ -113,7 +113,8 @@ def _run(ctx: BuildContext, output: OutputDir, checkpoint: Path) -> BuildResult 
     notes = package(ctx, output, shipped.choice, baseline, shipped.reference, lowered, runner.signature)
     numerics = debug_layers(ctx, shipped.choice.plan, baseline, shipped.reference, lowered)
     plan, sizes = shipped.choice.plan, checks.program_sizes(ctx, shipped.choice.plan, baseline, lowered)
-    scores = checks.scores(evals, made.measured, shipped.name, made.selected_on, ctx.recipe.metric, ctx.config.max_drop)
+    metric, max_drop = ctx.recipe.metric, ctx.config.max_drop
+    scores = checks.scores(evals, made.measured, shipped.name, made.selected_on, metric, max_drop, made.lowest)
     assert evals.program is not None
     record = BuildRecord(
         ctx.recipe, ctx.target, ctx.config, plan, scores, sizes, lowered, quantized.qat, dict(ctx.stages.seconds),

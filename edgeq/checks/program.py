@@ -44,6 +44,8 @@ class Scores:
     candidates: dict[str, dict[str, builtins.float | None]] = dataclasses.field(default_factory=dict)
     #: what the choice was measured on
     selected_on: str = ""
+    #: the candidate with the lowest held-out loss (a simpler one ships when the two cannot be told apart)
+    lowest: str = ""
     #: model -> its metric with a 95% interval over the evaluation samples (edgeq.checks.stats)
     intervals: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     #: "a_vs_b" -> metric(a) - metric(b) on the same samples, its interval and paired test
@@ -92,6 +94,7 @@ def scores(
     selected_on: str,
     metric: Callable,
     max_drop: float,
+    lowest: str = "",
 ) -> Scores:
     program, qat, qat_ref = evaluations.program, evaluations.qat, evaluations.qat_reference
     assert program is not None
@@ -105,6 +108,7 @@ def scores(
         shipped=shipped,
         candidates=candidates,
         selected_on=selected_on,
+        lowest=lowest,
         agreement={
             "qat_vs_reference": agreement(qat.outputs, qat_ref.outputs),
             "reference_vs_program": agreement(evaluations.reference.outputs, program.outputs),

@@ -27,7 +27,7 @@ import torch
 
 from edgeq.recipe import top1_accuracy
 
-__all__ = ["Interval", "Paired", "interval", "paired", "verdict"]
+__all__ = ["Interval", "Paired", "interval", "mean_interval", "paired", "verdict"]
 
 LEVEL = 0.95
 RESAMPLES = 1000
@@ -110,6 +110,16 @@ def interval(metric: Callable, outputs: torch.Tensor, targets: torch.Tensor, see
     values = torch.tensor([float(metric(outputs[idx], targets[idx])) for idx in _resamples(n, seed)])
     low, high = _percentiles(values)
     return Interval(value, low, high, n, f"percentile bootstrap, {RESAMPLES} resamples")
+
+
+def mean_interval(values: torch.Tensor, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of per-sample values (e.g. loss differences on the same samples) and its 95% bootstrap interval."""
+    n = int(values.shape[0])
+    if n == 0:
+        return 0.0, -math.inf, math.inf
+    means = values[_resamples(n, seed)].mean(1)
+    low, high = _percentiles(means)
+    return float(values.mean()), low, high
 
 
 def mcnemar_p(only_a: int, only_b: int) -> float:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from edgeq import capture as capture_mod
+from edgeq.checks.stats import mean_interval
 from edgeq.context import BuildContext, FloatBaseline, Quantized
 from edgeq.planning.plan import Plan
 from edgeq.quant.bias_correction import correct_bias
@@ -75,6 +76,8 @@ class CandidateChoice:
     measured: dict[str, dict[str, Any]]
     shipped: str
     selected_on: str
+    #: the candidate with the lowest held-out loss (``shipped`` is simpler when the two cannot be told apart)
+    lowest: str = ""
 
 
 def choose_candidate(
@@ -102,11 +105,39 @@ def choose_candidate(
                 references["ptq+bias-correction"] = corrected
     with ctx.stages("select"):
         losses = {name: selection.loss(reference) for name, reference in references.items()}
+        lowest = min(losses, key=lambda name: losses[name])
+        shipped, evidence = _simplest_as_good(selection, references, lowest)
     measured: dict[str, dict[str, Any]] = {
         name: {"holdout_loss": loss, "metric": None} for name, loss in losses.items()
     }
-    shipped = min(losses, key=lambda name: losses[name])
-    return CandidateChoice(references, measured, shipped, selection.selected_on)
+    for name, test in evidence.items():
+        measured[name]["vs_lowest"] = test
+    return CandidateChoice(references, measured, shipped, selection.selected_on, lowest)
+
+
+#: candidates from the fewest moving parts to the most; a simpler one ships when the held-out data
+#: cannot tell it from the lowest-loss one
+SIMPLICITY = ("ptq", "ptq+bias-correction", "qat")
+
+
+def _simplest_as_good(
+    selection: Selection, references: dict[str, torch.fx.GraphModule], lowest: str
+) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The simplest candidate whose held-out loss is not distinguishable (95%, paired bootstrap over
+    held-out samples) from the lowest one's; with each test, for the report."""
+    before = SIMPLICITY[: SIMPLICITY.index(lowest)] if lowest in SIMPLICITY else ()
+    simpler = [name for name in before if name in references]
+    if not simpler:
+        return lowest, {}
+    best = selection.held.sample_losses(references[lowest])
+    evidence: dict[str, dict[str, Any]] = {}
+    for name in simpler:
+        difference, low, high = mean_interval(selection.held.sample_losses(references[name]) - best)
+        evidence[name] = {"difference": difference, "low": low, "high": high, "samples": int(best.shape[0])}
+    for name in simpler:
+        if evidence[name]["low"] <= 0.0:
+            return name, evidence
+    return lowest, evidence
 
 
 def _bias_corrected(

@@ -46,7 +46,8 @@ def selection_data(recipe: Recipe, training: QATConfig, teacher: torch.nn.Module
     ``holdout=0``), the first training batches, and the report says so."""
     every = schedule(recipe, training).holdout
     batches = held_out_batches(recipe, every)
-    selected_on = f"{len(batches)} held-out training batches"
+    samples = sum(len(as_tuple(inputs)[0]) for inputs, _ in batches)
+    selected_on = f"{samples} held-out training samples ({len(batches)} batches)"
     if not batches:
         batches = [b for _, b in zip(range(max(1, training.calibration_batches)), recipe.train_data())]
         selected_on = f"{len(batches)} training batches (no held-out slice)"

@@ -388,6 +388,19 @@ class HeldOut:
             total += float(combined_loss(self.kind, self.recipe, output, target, reference))
         return total / len(self.batches)
 
+    @torch.no_grad()
+    def sample_losses(self, model: Callable) -> torch.Tensor:
+        """The same loss, one value per held-out sample (for paired tests between candidates)."""
+        values: list[float] = []
+        for inputs, target, reference in self.batches:
+            output = self.recipe.score_output(model(*inputs))
+            for i in range(int(output.shape[0])):
+                one_reference = reference[i : i + 1] if reference is not None else None
+                values.append(
+                    float(combined_loss(self.kind, self.recipe, output[i : i + 1], target[i : i + 1], one_reference))
+                )
+        return torch.tensor(values)
+
 
 def _frozen_loss(model: torch.fx.GraphModule, held: HeldOut, observing: bool, bn_training: bool) -> float:
     """Held-out loss with inference numerics, leaving the training state as it was."""

@@ -182,6 +182,7 @@ def _accuracy(r: BuildRecord) -> dict[str, Any]:
         "shipped": scores.shipped,
         "candidates": scores.candidates,
         "selected_on": scores.selected_on,
+        "lowest": scores.lowest,
         "drop": scores.float - scores.program,
         "max_drop": r.config.max_drop,
         #: 95% intervals over the evaluation samples, paired tests on the same samples (edgeq.checks.stats)
