@@ -120,6 +120,23 @@ READING = """Reading it:
 """
 
 
+def _wilson(top1: float, samples: int = 250) -> str:
+    """The 95% Wilson interval of a top-1 accuracy on the evaluation photos."""
+    from edgeq.checks.stats import wilson
+
+    low, high = wilson(round(top1 * samples / 100), samples)
+    return f"[{low:.1f}, {high:.1f}]"
+
+
+def _drop(acc: dict) -> str:
+    """Program minus float, with the paired test's 95% interval when the build measured one."""
+    text = f"{acc['program'] - acc['float']:+.1f}"
+    pair = (acc.get("paired") or {}).get("float_vs_program")
+    if pair:
+        text += f", 95% [{-pair['high']:+.1f}, {-pair['low']:+.1f}], McNemar p {pair['p_value']:.2f}"
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["lite0", "lite1"], help="none with --reuse: rewrite the table")
@@ -167,14 +184,14 @@ def main() -> None:
         rows.append(
             [
                 f"EfficientNet-{name.title()} ({d['weights'] / 1e6:.2f}M)",
-                f"{acc['float']:.1f}",
+                f"{acc['float']:.1f} {_wilson(acc['float'])}",
                 f"{d['by_hand']['top1']:.1f} ({d['by_hand']['bytes'] / d['float_program_bytes']:.3f}x)",
                 f"{cand['ptq']['metric']:.1f}",
                 f"{cand['ptq+bias-correction']['metric']:.1f}" if "ptq+bias-correction" in cand else "-",
                 f"{cand['qat']['metric']:.1f}",
                 f"{d['task']['accuracy']['candidates']['qat']['metric']:.1f}",
                 acc["shipped"] + (f" ({floats} float layers)" if floats else ""),
-                f"**{acc['program']:.1f}** ({acc['program'] - acc['float']:+.1f})",
+                f"**{acc['program']:.1f}** ({_drop(acc)})",
                 f"{default['size']['ratio']:.3f}x",
                 f"{d['latency_ratio']:.2f}x",
                 f"{default['wall_seconds'] / 60:.1f} min",
