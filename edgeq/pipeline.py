@@ -121,9 +121,4 @@ def _run(ctx: BuildContext, output: OutputDir, checkpoint: Path) -> BuildResult 
         evals.program.samples, shipped.choice.analysis, shipped.choice.planned, numerics, notes, latency,
         shipped.fallback, refined, narrowed,
     )  # fmt: skip
-    report = write_report(output, record)
-    timings = dict(ctx.stages.seconds)
-    return BuildResult(
-        ctx.recipe.name, ctx.target, plan, scores, sizes, lowered, quantized.qat, timings, None, report,
-        shipped.reference,
-    )  # fmt: skip
+    return BuildResult.of(record, write_report(output, record), shipped.reference)

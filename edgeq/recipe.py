@@ -47,9 +47,15 @@ def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def top1_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Top-1 accuracy in percent. ``targets``: class indices, or per-class scores shaped like the
-    outputs (a teacher's logits in train_data(), one-hot labels), whose argmax is the class: the
-    build's decisions score the metric on held-out training batches, whatever their targets."""
+    """Top-1 accuracy in percent (see :func:`top1_hits`)."""
+    return 100.0 * float(top1_hits(outputs, targets).mean())
+
+
+def top1_hits(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1.0 where a sample's top-1 prediction is its class, else 0.0. ``targets``: class indices, or
+    per-class scores shaped like the outputs (a teacher's logits in train_data(), one-hot labels),
+    whose argmax is the class: the build's decisions score the metric on held-out training
+    batches, whatever their targets."""
     if targets.shape == outputs.shape and targets.dim() > 1 and targets.is_floating_point():
         targets = targets.argmax(dim=-1)
     if outputs.shape[0] != targets.shape[0] or (targets.dim() > 1 and targets.shape[-1] > 1):
@@ -59,7 +65,7 @@ def top1_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
             "make eval_data() yield class-index targets, or give the recipe its own metric()",
         )
     _check_classes(outputs, targets, "eval_data()")
-    return 100.0 * float((outputs.argmax(dim=-1) == targets).float().mean())
+    return (outputs.argmax(dim=-1) == targets).float()
 
 
 def select_output(output: Any, key: str | int | None = None) -> torch.Tensor:

@@ -48,38 +48,21 @@ def test_eval_data_that_disagrees_with_held_out_data_changes_no_decision(tmp_pat
     assert decided[0] == decided[1]  # host latency aside
 
 
-class _Held:
-    """Per-sample held-out losses of three stand-in candidates (the decision rule alone)."""
-
-    def __init__(self, losses):
-        self.losses = losses
-
-    def sample_losses(self, reference):
-        return self.losses[reference]
-
-
-class _Selection:
-    def __init__(self, losses):
-        self.held = _Held(losses)
-
-
 def test_a_simpler_candidate_ships_when_held_out_data_cannot_tell_it_from_the_lowest():
     from edgeq.quant.candidates import _simplest_as_good
 
     gen = torch.Generator().manual_seed(0)
     base = torch.rand(128, generator=gen)
     noise = 0.05 * torch.randn(128, generator=gen)
-    references = {"ptq": "ptq", "ptq+bias-correction": "bc", "qat": "qat"}
     # QAT lowest by a hair: PTQ (simplest) is as good on these samples, and ships.
-    same = {"qat": base, "ptq": base + noise + 0.001, "bc": base + 0.5}
-    shipped, evidence = _simplest_as_good(_Selection(same), references, "qat")
+    same = {"qat": base, "ptq": base + noise + 0.001, "ptq+bias-correction": base + 0.5}
+    shipped, evidence = _simplest_as_good(same, "qat")
     assert shipped == "ptq" and evidence["ptq"]["low"] <= 0 <= evidence["ptq"]["high"]
     assert evidence["ptq+bias-correction"]["low"] > 0 and evidence["ptq"]["samples"] == 128
     # PTQ clearly worse, bias correction as good: bias correction ships.
-    worse = {"qat": base, "ptq": base + 0.2, "bc": base + noise}
-    assert _simplest_as_good(_Selection(worse), references, "qat")[0] == "ptq+bias-correction"
+    worse = {"qat": base, "ptq": base + 0.2, "ptq+bias-correction": base + noise}
+    assert _simplest_as_good(worse, "qat")[0] == "ptq+bias-correction"
     # Both clearly worse: the lowest ships; the simplest lowest needs no test.
-    assert (
-        _simplest_as_good(_Selection({"qat": base, "ptq": base + 0.2, "bc": base + 0.3}), references, "qat")[0] == "qat"
-    )
-    assert _simplest_as_good(_Selection(same), references, "ptq") == ("ptq", {})
+    apart = {"qat": base, "ptq": base + 0.2, "ptq+bias-correction": base + 0.3}
+    assert _simplest_as_good(apart, "qat")[0] == "qat"
+    assert _simplest_as_good(same, "ptq") == ("ptq", {})

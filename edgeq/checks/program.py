@@ -63,7 +63,6 @@ class Evaluations:
     qat_reference: Evaluation
     #: the reference that ships (after candidate selection and the accuracy fallback)
     reference: Evaluation
-    ptq: Evaluation | None = None
     program: Evaluation | None = None
     #: every quantized candidate's converted reference, by candidate name
     candidates: dict[str, Evaluation] = dataclasses.field(default_factory=dict)
@@ -103,7 +102,7 @@ def scores(
         qat=qat.metric,
         reference=evaluations.reference.metric,
         program=program.metric,
-        ptq=evaluations.ptq.metric if evaluations.ptq is not None else None,
+        ptq=evaluations.candidates["ptq"].metric if "ptq" in evaluations.candidates else None,
         qat_reference=qat_ref.metric,
         shipped=shipped,
         candidates=candidates,
@@ -133,7 +132,9 @@ def _uncertainty(result: Scores, evaluations: Evaluations, metric: Callable, max
         for b in names[i + 1 :]:
             pairs[f"{a}_vs_{b}"] = (evaluations.candidates[a], evaluations.candidates[b])
     tests = {
-        name: paired(metric, a.outputs, b.outputs, targets) for name, (a, b) in pairs.items() if a is not None and b
+        name: paired(metric, a.outputs, b.outputs, targets)
+        for name, (a, b) in pairs.items()
+        if a is not None and b is not None
     }
     result.paired = {name: test.to_dict() for name, test in tests.items()}
     result.verdict = verdict(tests["float_vs_program"], max_drop)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from edgeq.recipe import top1_accuracy
+from edgeq.recipe import top1_accuracy, top1_hits
 
 __all__ = ["Interval", "Paired", "interval", "mean_interval", "paired", "verdict"]
 
@@ -71,12 +71,6 @@ def _is_top1(metric: Callable) -> bool:
     return getattr(metric, "__wrapped__", metric) is top1_accuracy
 
 
-def _correct(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    if targets.shape == outputs.shape and targets.dim() > 1 and targets.is_floating_point():
-        targets = targets.argmax(dim=-1)
-    return (outputs.argmax(dim=-1) == targets).float()
-
-
 def wilson(successes: int, n: int) -> tuple[float, float]:
     """Wilson score interval of a proportion, in percent."""
     if n == 0:
@@ -104,7 +98,7 @@ def interval(metric: Callable, outputs: torch.Tensor, targets: torch.Tensor, see
     n = int(outputs.shape[0])
     value = float(metric(outputs, targets))
     if _is_top1(metric):
-        correct = int(_correct(outputs, targets).sum())
+        correct = int(top1_hits(outputs, targets).sum())
         low, high = wilson(correct, n)
         return Interval(value, low, high, n, "Wilson score interval")
     values = torch.tensor([float(metric(outputs[idx], targets[idx])) for idx in _resamples(n, seed)])
@@ -138,7 +132,7 @@ def paired(metric: Callable, a: torch.Tensor, b: torch.Tensor, targets: torch.Te
     difference = float(metric(a, targets)) - float(metric(b, targets))
     indices = _resamples(n, seed)
     if _is_top1(metric):
-        ca, cb = _correct(a, targets), _correct(b, targets)
+        ca, cb = top1_hits(a, targets), top1_hits(b, targets)
         only_a, only_b = int(((ca == 1) & (cb == 0)).sum()), int(((ca == 0) & (cb == 1)).sum())
         diffs = 100.0 * (ca[indices].mean(1) - cb[indices].mean(1))
         low, high = _percentiles(diffs)

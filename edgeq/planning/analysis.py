@@ -351,7 +351,7 @@ def _layer_entry(
     variants, unscored = _scored_variants(target, kind)
     for pname in unscored:
         skipped[pname] = f"saves no bytes over {target.default_precision}"
-    module = dict(model.named_modules())[name]
+    module = model.get_submodule(name)
     for pname, spec in variants.items():
         if spec.group_size and w.flatten(1).shape[1] % spec.group_size:
             continue  # its input channels do not split into groups: the planner cannot pick it

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from edgeq import capture as capture_mod
 from edgeq.checks.debug import debug as layer_debug
 from edgeq.context import BuildContext, FloatBaseline
 from edgeq.planning.choose import PlanChoice
 from edgeq.planning.plan import Plan, budget_in_bytes, layer_bytes, weight_bytes
 from edgeq.quant.bias_correction import correct_bias
-from edgeq.quant.heldout import Selection, calibration_inputs
+from edgeq.quant.candidates import bias_correction_data
+from edgeq.quant.heldout import Selection
 from edgeq.quant.ptq import post_training_quantize
 from edgeq.quant.qat import trained_float
 
@@ -79,7 +79,7 @@ def accuracy_fallback(
     config, target = ctx.config, ctx.target
     if not config.fallback_layers or not any(spec.is_float for spec in target.precisions.values()):
         return None
-    float_metric = selection.metric(baseline.model)
+    float_metric = selection.float_metric()
     metric = selection.metric(start.reference)
     if float_metric - metric <= config.max_drop:
         return None
@@ -144,10 +144,7 @@ def step_quantizer(ctx: BuildContext, baseline: FloatBaseline, start: FallbackSt
         model = trained_float(baseline.model, start.trained_graph, keep=tables) or baseline.model
     corrects_bias = "bias-correction" in start.shipped
     if corrects_bias:
-        float_graph = capture_mod.capture_for_quantization(
-            baseline.model, baseline.example_inputs, ctx.training.fold_bn
-        )
-        calibration = calibration_inputs(ctx.recipe, every, ctx.config.bias_correction_samples)
+        float_graph, calibration = bias_correction_data(ctx, baseline, every)
 
     def quantize_step(plan: Plan) -> torch.fx.GraphModule:
         spec = ctx.spec(plan, qat=False)

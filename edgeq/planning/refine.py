@@ -77,7 +77,7 @@ def refine_plan(ctx: BuildContext, choice: PlanChoice, baseline: FloatBaseline, 
     """The plan with what its held-out measurements contradict changed (a new plan; ``choice`` is kept)."""
     checks = _Checks(ctx, baseline, selection)
     plan = copy.deepcopy(choice.plan)
-    float_metric = selection.metric(baseline.model)
+    float_metric = selection.float_metric()
     losses = {
         option: checks.measure(dataclasses.replace(plan, other_ops=option), f"other ops {option}")["holdout_loss"]
         for option in OTHER_OPS

@@ -27,7 +27,9 @@ from edgeq.quant.heldout import Selection, calibration_inputs
 from edgeq.quant.ptq import post_training_quantize
 from edgeq.quant.qat import run_qat, schedule, to_eval
 
-__all__ = ["CandidateChoice", "choose_candidate", "fingerprint", "quantize", "score_candidates"]
+__all__ = [
+    "CandidateChoice", "bias_correction_data", "choose_candidate", "fingerprint", "quantize", "score_candidates",
+]  # fmt: skip
 
 
 def quantize(ctx: BuildContext, plan: Plan, baseline: FloatBaseline, checkpoint: Path | None = None) -> Quantized:
@@ -104,9 +106,10 @@ def choose_candidate(
             if corrected is not None:
                 references["ptq+bias-correction"] = corrected
     with ctx.stages("select"):
-        losses = {name: selection.loss(reference) for name, reference in references.items()}
+        measures = {name: selection.held.loss_and_samples(reference) for name, reference in references.items()}
+        losses = {name: loss for name, (loss, _) in measures.items()}
         lowest = min(losses, key=lambda name: losses[name])
-        shipped, evidence = _simplest_as_good(selection, references, lowest)
+        shipped, evidence = _simplest_as_good({name: samples for name, (_, samples) in measures.items()}, lowest)
     measured: dict[str, dict[str, Any]] = {
         name: {"holdout_loss": loss, "metric": None} for name, loss in losses.items()
     }
@@ -120,19 +123,18 @@ def choose_candidate(
 SIMPLICITY = ("ptq", "ptq+bias-correction", "qat")
 
 
-def _simplest_as_good(
-    selection: Selection, references: dict[str, torch.fx.GraphModule], lowest: str
-) -> tuple[str, dict[str, dict[str, Any]]]:
+def _simplest_as_good(samples: dict[str, torch.Tensor], lowest: str) -> tuple[str, dict[str, dict[str, Any]]]:
     """The simplest candidate whose held-out loss is not distinguishable (95%, paired bootstrap over
-    held-out samples) from the lowest one's; with each test, for the report."""
+    the held-out samples: ``samples``, per-sample losses by candidate) from the lowest one's; with
+    each test, for the report."""
     before = SIMPLICITY[: SIMPLICITY.index(lowest)] if lowest in SIMPLICITY else ()
-    simpler = [name for name in before if name in references]
+    simpler = [name for name in before if name in samples]
     if not simpler:
         return lowest, {}
-    best = selection.held.sample_losses(references[lowest])
+    best = samples[lowest]
     evidence: dict[str, dict[str, Any]] = {}
     for name in simpler:
-        difference, low, high = mean_interval(selection.held.sample_losses(references[name]) - best)
+        difference, low, high = mean_interval(samples[name] - best)
         evidence[name] = {"difference": difference, "low": low, "high": high, "samples": int(best.shape[0])}
     for name in simpler:
         if evidence[name]["low"] <= 0.0:
@@ -145,13 +147,19 @@ def _bias_corrected(
 ) -> torch.fx.GraphModule | None:
     """PTQ with empirical bias correction; None when the backend quantizes biases itself."""
     with ctx.stages("bias correction"):
-        calibration = calibration_inputs(ctx.recipe, every, ctx.config.bias_correction_samples)
-        float_graph = capture_mod.capture_for_quantization(
-            baseline.model, baseline.example_inputs, ctx.training.fold_bn
-        )
+        float_graph, calibration = bias_correction_data(ctx, baseline, every)
         corrected = copy.deepcopy(ptq)
         result = correct_bias(corrected, float_graph, calibration)
     return corrected if result.shifts else None
+
+
+def bias_correction_data(
+    ctx: BuildContext, baseline: FloatBaseline, every: int
+) -> tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...]]:
+    """What empirical bias correction compares against: the float graph as quantization captures it,
+    and the training samples (held-out batches skipped) it measures channel means on."""
+    float_graph = capture_mod.capture_for_quantization(baseline.model, baseline.example_inputs, ctx.training.fold_bn)
+    return float_graph, calibration_inputs(ctx.recipe, every, ctx.config.bias_correction_samples)
 
 
 def score_candidates(ctx: BuildContext, made: CandidateChoice, evals: Any) -> None:
@@ -166,7 +174,5 @@ def score_candidates(ctx: BuildContext, made: CandidateChoice, evals: Any) -> No
             evaluation = ctx.score(reference, f"{name} reference")
         made.measured[name]["metric"] = evaluation.metric
         evals.candidates[name] = evaluation
-        if name == "ptq":
-            evals.ptq = evaluation
         if name == made.shipped:
             evals.reference = evaluation

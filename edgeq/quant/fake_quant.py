@@ -428,7 +428,6 @@ class AdaptiveRangeFakeQuantize(FakeQuantizeBase):
     mode = property(lambda self: self.activation_post_process.mode)
     scale = property(lambda self: self.activation_post_process.scale)  # type: ignore[assignment]
     zero_point = property(lambda self: self.activation_post_process.zero_point)  # type: ignore[assignment]
-    symmetric = property(lambda self: self.activation_post_process.symmetric)
 
     @property
     def cpu_numpy(self) -> bool:

@@ -8,7 +8,7 @@ metric); the evaluation data is only ever reported.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +31,9 @@ class Selection:
     #: what the decisions were measured on, for the report
     selected_on: str
     recipe: Recipe
+    #: the float model every decision compares against
+    float_model: torch.nn.Module
+    _float_metric: float | None = field(default=None, init=False, repr=False)
 
     def loss(self, model: Callable) -> float:
         return self.held.loss(model)
@@ -40,8 +43,15 @@ class Selection:
         outputs, targets = collect(model, self.batches, select=self.recipe.score_output)
         return float(self.recipe.metric(outputs, targets))
 
+    def float_metric(self) -> float:
+        """The float model's metric on the held-out batches, measured once (refinement and the
+        fallback both compare against it)."""
+        if self._float_metric is None:
+            self._float_metric = self.metric(self.float_model)
+        return self._float_metric
 
-def selection_data(recipe: Recipe, training: QATConfig, teacher: torch.nn.Module | None) -> Selection:
+
+def selection_data(recipe: Recipe, training: QATConfig, float_model: torch.nn.Module) -> Selection:
     """The held-out slice of train_data() and its loss; without one (one training batch, or
     ``holdout=0``), the first training batches, and the report says so."""
     every = schedule(recipe, training).holdout
@@ -51,8 +61,9 @@ def selection_data(recipe: Recipe, training: QATConfig, teacher: torch.nn.Module
     if not batches:
         batches = [b for _, b in zip(range(max(1, training.calibration_batches)), recipe.train_data())]
         selected_on = f"{len(batches)} training batches (no held-out slice)"
-    teacher = teacher if training.loss != "task" else None
-    return Selection(HeldOut(training.loss, recipe, batches, teacher, "cpu"), batches, every, selected_on, recipe)
+    teacher = float_model if training.loss != "task" else None
+    held = HeldOut(training.loss, recipe, batches, teacher, "cpu")
+    return Selection(held, batches, every, selected_on, recipe, float_model)
 
 
 def calibration_inputs(recipe: Recipe, holdout: int, samples: int) -> tuple[torch.Tensor, ...]:

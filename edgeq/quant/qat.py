@@ -389,17 +389,19 @@ class HeldOut:
         return total / len(self.batches)
 
     @torch.no_grad()
-    def sample_losses(self, model: Callable) -> torch.Tensor:
-        """The same loss, one value per held-out sample (for paired tests between candidates)."""
-        values: list[float] = []
+    def loss_and_samples(self, model: Callable) -> tuple[float, torch.Tensor]:
+        """:meth:`loss`, and the same loss per held-out sample (for paired tests between candidates),
+        from one pass of ``model`` over the held-out batches."""
+        total, values = 0.0, []
         for inputs, target, reference in self.batches:
             output = self.recipe.score_output(model(*inputs))
+            total += float(combined_loss(self.kind, self.recipe, output, target, reference))
             for i in range(int(output.shape[0])):
                 one_reference = reference[i : i + 1] if reference is not None else None
                 values.append(
                     float(combined_loss(self.kind, self.recipe, output[i : i + 1], target[i : i + 1], one_reference))
                 )
-        return torch.tensor(values)
+        return total / len(self.batches), torch.tensor(values)
 
 
 def _frozen_loss(model: torch.fx.GraphModule, held: HeldOut, observing: bool, bn_training: bool) -> float:

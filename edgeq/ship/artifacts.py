@@ -40,6 +40,13 @@ class BuildResult:
     #: the converted PT2E reference (q/dq on floats), kept for debugging
     reference_model: torch.nn.Module | None = None
 
+    @classmethod
+    def of(cls, record: BuildRecord, report: dict[str, Any], reference: torch.nn.Module) -> BuildResult:
+        """What edgeq.build returns, from what its report was written from (out_dir: set on commit)."""
+        r = record
+        return cls(r.recipe.name, r.target, r.plan, r.scores, r.sizes, r.lowered, r.qat_report, r.timings, None,
+                   report, reference)  # fmt: skip
+
     @property
     def drop(self) -> float:
         return self.scores.float - self.scores.program
