@@ -265,8 +265,13 @@ class BuildConfig:
     analysis_seconds: float = 180.0
     #: also measure PTQ with empirical bias correction as a candidate (needs ptq_batches > 0)
     bias_correction: bool = True
-    #: training samples bias correction measures channel means on
-    bias_correction_samples: int = 64
+    #: also measure PTQ with each layer's weight scales and rounding fitted to its float output
+    #: (scale search + AdaRound) as a candidate (needs ptq_batches > 0)
+    rounding: bool = True
+    #: AdaRound steps per layer of that candidate (0: the per-channel scale search only)
+    rounding_iterations: int = 200
+    #: training samples (held-out batches skipped) bias correction and weight rounding fit on
+    fit_samples: int = 64
 
     @property
     def training(self) -> QATConfig:
@@ -292,8 +297,10 @@ class BuildConfig:
             raise ConfigError("fallback_layers must be >= 0", "pass 0 (never) or a number of layers")
         if self.analysis_seconds <= 0:
             raise ConfigError("analysis_seconds must be > 0", "pass the seconds the layer analysis may take")
-        if self.bias_correction_samples < 1:
-            raise ConfigError("bias_correction_samples must be >= 1", "pass a positive number of samples")
+        if self.fit_samples < 1:
+            raise ConfigError("fit_samples must be >= 1", "pass a positive number of samples")
+        if self.rounding_iterations < 0:
+            raise ConfigError("rounding_iterations must be >= 0", "pass 0 (scale search only) or a step count")
         if self.debug_samples < 1:
             raise ConfigError("debug_samples must be >= 1", "pass a positive number of samples")
         if self.plan is not None and self.precision is not None:

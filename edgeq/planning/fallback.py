@@ -21,8 +21,7 @@ from edgeq.checks.debug import debug as layer_debug
 from edgeq.context import BuildContext, FloatBaseline
 from edgeq.planning.choose import PlanChoice
 from edgeq.planning.plan import Plan, budget_in_bytes, layer_bytes, weight_bytes
-from edgeq.quant.bias_correction import correct_bias
-from edgeq.quant.candidates import bias_correction_data
+from edgeq.quant.candidates import PTQMethods
 from edgeq.quant.heldout import Selection
 from edgeq.quant.ptq import post_training_quantize
 from edgeq.quant.qat import trained_float
@@ -63,7 +62,7 @@ class FallbackStart:
     """The reference that would ship, and how it came about."""
 
     choice: PlanChoice
-    #: the candidate that shipped ("qat", "ptq", "ptq+bias-correction")
+    #: the candidate that shipped ("qat", "ptq", "ptq+bias-correction", "ptq+rounding")
     shipped: str
     reference: torch.fx.GraphModule
     #: QAT's trained graph when QAT shipped: each step then quantizes the float model holding
@@ -142,15 +141,14 @@ def step_quantizer(ctx: BuildContext, baseline: FloatBaseline, start: FallbackSt
     if start.trained_graph is not None:  # only now: the copy costs a model's worth of memory
         tables = tuple(f"{entry.name}.weight" for entry in start.choice.plan.layers if entry.kind == "embedding")
         model = trained_float(baseline.model, start.trained_graph, keep=tables) or baseline.model
-    corrects_bias = "bias-correction" in start.shipped
-    if corrects_bias:
-        float_graph, calibration = bias_correction_data(ctx, baseline, every)
+    methods = PTQMethods(ctx, baseline, every)
+    method = start.shipped if start.shipped.startswith("ptq+") else None
 
     def quantize_step(plan: Plan) -> torch.fx.GraphModule:
         spec = ctx.spec(plan, qat=False)
         reference = post_training_quantize(model, ctx.recipe, spec, ctx.training, ctx.config.ptq_batches or 16, every)
-        if corrects_bias:
-            correct_bias(reference, float_graph, calibration)
+        if method is not None:
+            methods.apply(reference, method)
         return reference
 
     return quantize_step
@@ -205,7 +203,7 @@ class Shipped:
 
     choice: PlanChoice
     reference: torch.fx.GraphModule
-    #: "qat", "ptq", "ptq+bias-correction", with "+float-fallback" when the fallback shipped
+    #: a candidate's name (edgeq.quant.candidates.SIMPLICITY), with "+float-fallback" when the fallback shipped
     name: str
     #: the fallback's report (None: it did not run), and the reference it started from
     fallback: dict[str, Any] | None = None

@@ -1,8 +1,10 @@
 """The quantize stage: QAT of the plan, and the candidates it is measured against.
 
-Every build quantizes one plan three ways (QAT; plain PTQ with the backend's
-own calibration observers; PTQ with empirical bias correction) and ships the
-candidate with the lowest held-out loss (:mod:`edgeq.quant.heldout`).
+Every build quantizes one plan several ways (QAT; plain PTQ with the backend's
+own calibration observers; PTQ with empirical bias correction; PTQ with weight
+scales and rounding fitted layer by layer, :mod:`edgeq.quant.rounding`) and
+ships the candidate with the lowest held-out loss (:mod:`edgeq.quant.heldout`),
+or a simpler one the held-out samples cannot tell from it.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from edgeq.quant.convert import convert, prepare
 from edgeq.quant.heldout import Selection, calibration_inputs
 from edgeq.quant.ptq import post_training_quantize
 from edgeq.quant.qat import run_qat, schedule, to_eval
+from edgeq.quant.rounding import RoundingConfig, fit_rounding
 
 __all__ = [
-    "CandidateChoice", "bias_correction_data", "choose_candidate", "fingerprint", "quantize", "score_candidates",
+    "SIMPLICITY", "CandidateChoice", "PTQMethods", "choose_candidate", "fingerprint", "fit_data", "quantize",
+    "score_candidates",
 ]  # fmt: skip
 
 
@@ -85,7 +89,8 @@ class CandidateChoice:
 def choose_candidate(
     ctx: BuildContext, plan: Plan, baseline: FloatBaseline, quantized: Quantized, selection: Selection
 ) -> CandidateChoice:
-    """QAT, plain PTQ and PTQ with bias correction of the same plan; the lowest held-out loss ships.
+    """QAT and the PTQ candidates of the same plan; the lowest held-out loss ships, or a simpler
+    candidate that the held-out samples cannot tell from it.
 
     The loss is QAT's own (distillation from the float model by default), measured on the slice
     of train_data() held out of training, so the eval data never decides what ships. Without a
@@ -93,6 +98,7 @@ def choose_candidate(
     """
     config = ctx.config
     references: dict[str, torch.fx.GraphModule] = {"qat": quantized.reference}
+    fits: dict[str, dict[str, Any]] = {}
     if config.ptq_batches:
         ctx.announce("ptq")
         with ctx.stages("ptq"):
@@ -101,10 +107,12 @@ def choose_candidate(
                 baseline.model, ctx.recipe, spec, ctx.training, config.ptq_batches, selection.every
             )
         references["ptq"] = ptq
-        if config.bias_correction:
-            corrected = _bias_corrected(ctx, baseline, ptq, selection.every)
-            if corrected is not None:
-                references["ptq+bias-correction"] = corrected
+        methods = PTQMethods(ctx, baseline, selection.every)
+        for name in _ptq_candidates(config):
+            candidate = copy.deepcopy(ptq)
+            fit = methods.apply(candidate, name)
+            if fit is not None:
+                references[name], fits[name] = candidate, fit
     with ctx.stages("select"):
         measures = {name: selection.held.loss_and_samples(reference) for name, reference in references.items()}
         losses = {name: loss for name, (loss, _) in measures.items()}
@@ -115,12 +123,63 @@ def choose_candidate(
     }
     for name, test in evidence.items():
         measured[name]["vs_lowest"] = test
+    for name, fit in fits.items():
+        measured[name]["fit"] = fit
     return CandidateChoice(references, measured, shipped, selection.selected_on, lowest)
+
+
+def _ptq_candidates(config: Any) -> list[str]:
+    names = []
+    if config.bias_correction:
+        names.append("ptq+bias-correction")
+    if config.rounding:
+        names.append("ptq+rounding")
+    return names
+
+
+class PTQMethods:
+    """What a PTQ candidate adds to plain PTQ, applied to a converted reference in place: the
+    candidate's name says which ("ptq+bias-correction", "ptq+rounding"). The fallback's steps
+    re-quantize the way the shipped candidate was, through the same object."""
+
+    def __init__(self, ctx: BuildContext, baseline: FloatBaseline, every: int) -> None:
+        self.ctx, self.baseline, self.every = ctx, baseline, every
+        self._data: tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...]] | None = None
+
+    def data(self) -> tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...]]:
+        if self._data is None:
+            self._data = fit_data(self.ctx, self.baseline, self.every)
+        return self._data
+
+    def apply(self, reference: torch.fx.GraphModule, name: str) -> dict[str, Any] | None:
+        """The method's summary for the report, or None when it changed nothing (the backend
+        quantizes biases itself; no layer has per-channel integer weights)."""
+        if name.endswith("+bias-correction"):
+            with self.ctx.stages("bias correction"):
+                result = correct_bias(reference, *self.data())
+            return {"layers": len(result.shifts), "samples": result.samples} if result.shifts else None
+        if name.endswith("+rounding"):
+            self.ctx.announce("weight rounding")
+            with self.ctx.stages("weight rounding"):
+                config = RoundingConfig(iterations=self.ctx.config.rounding_iterations)
+                fitted = fit_rounding(reference, *self.data(), config)
+            if not fitted.improved:
+                return None
+            rows = fitted.layers.values()
+            return {
+                "layers": len(fitted.layers),
+                "samples": fitted.samples,
+                "output_mse_before": sum(r["before"] for r in rows),
+                "output_mse_after": sum(r["after"] for r in rows),
+                "weights_changed": sum(r["changed"] for r in rows) / max(1, len(fitted.layers)),
+                "seconds": fitted.seconds,
+            }
+        return {}
 
 
 #: candidates from the fewest moving parts to the most; a simpler one ships when the held-out data
 #: cannot tell it from the lowest-loss one
-SIMPLICITY = ("ptq", "ptq+bias-correction", "qat")
+SIMPLICITY = ("ptq", "ptq+bias-correction", "ptq+rounding", "qat")
 
 
 def _simplest_as_good(samples: dict[str, torch.Tensor], lowest: str) -> tuple[str, dict[str, dict[str, Any]]]:
@@ -142,24 +201,13 @@ def _simplest_as_good(samples: dict[str, torch.Tensor], lowest: str) -> tuple[st
     return lowest, evidence
 
 
-def _bias_corrected(
-    ctx: BuildContext, baseline: FloatBaseline, ptq: torch.fx.GraphModule, every: int
-) -> torch.fx.GraphModule | None:
-    """PTQ with empirical bias correction; None when the backend quantizes biases itself."""
-    with ctx.stages("bias correction"):
-        float_graph, calibration = bias_correction_data(ctx, baseline, every)
-        corrected = copy.deepcopy(ptq)
-        result = correct_bias(corrected, float_graph, calibration)
-    return corrected if result.shifts else None
-
-
-def bias_correction_data(
+def fit_data(
     ctx: BuildContext, baseline: FloatBaseline, every: int
 ) -> tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...]]:
-    """What empirical bias correction compares against: the float graph as quantization captures it,
-    and the training samples (held-out batches skipped) it measures channel means on."""
+    """What bias correction and weight rounding fit a reference to: the float graph as quantization
+    captures it, and training samples (held-out batches skipped)."""
     float_graph = capture_mod.capture_for_quantization(baseline.model, baseline.example_inputs, ctx.training.fold_bn)
-    return float_graph, calibration_inputs(ctx.recipe, every, ctx.config.bias_correction_samples)
+    return float_graph, calibration_inputs(ctx.recipe, every, ctx.config.fit_samples)
 
 
 def score_candidates(ctx: BuildContext, made: CandidateChoice, evals: Any) -> None:
