@@ -221,8 +221,12 @@ def _summary(result) -> None:
     flt = s.intervals.get("float")
     table.add_row("float", f"{s.float:.2f}" + (f"  [{flt['low']:.2f}, {flt['high']:.2f}]" if flt else ""))
     table.add_row("QAT (simulated)", f"{s.qat:.2f}")
-    labels = {"qat": "QAT", "ptq": "PTQ, calibration only", "ptq+bias-correction": "PTQ + bias correction",
-              "ptq+rounding": "PTQ + weight rounding"}
+    labels = {
+        "qat": "QAT",
+        "ptq": "PTQ, calibration only",
+        "ptq+bias-correction": "PTQ + bias correction",
+        "ptq+rounding": "PTQ + weight rounding",
+    }
     for name, measured in s.candidates.items():
         loss = measured.get("holdout_loss")
         table.add_row(

@@ -261,8 +261,10 @@ class BuildConfig:
     #: when the shipped reference misses max_drop, send up to this many of its most sensitive
     #: layers to float, one at a time, re-measuring each step (0: never)
     fallback_layers: int = 5
-    #: seconds the per-layer sensitivity scoring may take; beyond it each score uses fewer batches
-    analysis_seconds: float = 180.0
+    #: floating-point operations the per-layer sensitivity scoring may spend (layers x scored
+    #: precisions x samples x the model's FLOPs per sample); beyond it each score uses fewer
+    #: samples. A budget in FLOPs, not seconds: the same build plans the same on any machine
+    analysis_flops: float = 4e12
     #: also measure PTQ with empirical bias correction as a candidate (needs ptq_batches > 0)
     bias_correction: bool = True
     #: also measure PTQ with each layer's weight scales and rounding fitted to its float output
@@ -295,8 +297,8 @@ class BuildConfig:
             raise ConfigError(f"ptq_batches {self.ptq_batches} is negative", "pass 0 (QAT only) or a batch count")
         if self.fallback_layers < 0:
             raise ConfigError("fallback_layers must be >= 0", "pass 0 (never) or a number of layers")
-        if self.analysis_seconds <= 0:
-            raise ConfigError("analysis_seconds must be > 0", "pass the seconds the layer analysis may take")
+        if self.analysis_flops <= 0:
+            raise ConfigError("analysis_flops must be > 0", "pass the FLOPs the layer analysis may spend, e.g. 4e12")
         if self.fit_samples < 1:
             raise ConfigError("fit_samples must be >= 1", "pass a positive number of samples")
         if self.rounding_iterations < 0:

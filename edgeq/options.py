@@ -53,7 +53,7 @@ OPTIONS: tuple[Option, ...] = (
         ("size_budget", Optional[float]), ("outlier_ratio", float), ("max_drop", float), ("seed", int),
         ("ptq_batches", int), ("bias_correction", bool), ("rounding", bool), ("rounding_iterations", int),
         ("fit_samples", int),
-        ("fallback_layers", int), ("analysis_seconds", float), ("allow_sdk_download", bool), ("resume", bool),
+        ("fallback_layers", int), ("analysis_flops", float), ("allow_sdk_download", bool), ("resume", bool),
         ("debug_program", Optional[bool]), ("debug_samples", int),
     )),
     *(Option(QATConfig, name, kind, panel=_QAT) for name, kind in (

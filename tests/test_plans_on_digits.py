@@ -41,6 +41,29 @@ def test_analysis_measures_every_layer(digits):
     assert "16a8w" in analysis.skipped
 
 
+def test_a_budgeted_analysis_is_the_same_on_a_slow_machine(digits):
+    """The sensitivity share follows a FLOP budget, not the clock: a model ten times slower gets
+    the same samples and the same scores, so the same plan."""
+    import time
+
+    from edgeq.planning.analysis import flops_per_sample
+
+    recipe, model = digits
+    target = load_target("android")
+    per_sample = flops_per_sample(model, recipe.example_inputs())
+    assert per_sample > 0
+    budget = per_sample * 400  # well under scoring every layer on all 4 batches
+    fast = analyze(model, recipe, target, batches=4, flops=budget)
+    assert not fast.full_sensitivity and 8 <= fast.sensitivity_samples[0] < 4 * 32
+
+    slow_model = copy.deepcopy(model)
+    slow_model.register_forward_hook(lambda *_: time.sleep(0.01))
+    slow = analyze(slow_model, recipe, target, batches=4, flops=budget)
+    assert slow.sensitivity_samples == fast.sensitivity_samples
+    for a, b in zip(fast.layers, slow.layers):
+        assert a.loss_delta == pytest.approx(b.loss_delta) and a.metric_drop == pytest.approx(b.metric_drop)
+
+
 def test_a_layer_with_an_outlier_channel_keeps_a_wide_precision(digits):
     recipe, model = digits
     model = copy.deepcopy(model)

@@ -78,7 +78,7 @@ def test_a_text_model_builds_with_planned_embeddings_and_a_text_bundle(tmp_path,
     out = tmp_path / "out"
     result = build(
         text_recipe,
-        BuildConfig(out=out, qat=QATConfig(steps=8), max_drop=2.0, debug_program=False, analysis_seconds=60),
+        BuildConfig(out=out, qat=QATConfig(steps=8), max_drop=2.0, debug_program=False),
     )
     report = json.loads((out / "report.json").read_text())
     plan = json.loads((out / "plan.json").read_text())

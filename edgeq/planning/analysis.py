@@ -66,9 +66,9 @@ class Analysis:
     batches: int
     layers: list[LayerAnalysis]
     #: (training, evaluation) samples each sensitivity was scored on: fewer than the analysis
-    #: batches hold when scoring every layer on all of them would overrun the time budget
+    #: batches hold when scoring every layer on all of them would overrun the FLOP budget
     sensitivity_samples: tuple[int, int] = (0, 0)
-    #: whether the sensitivities were scored on every analysis batch (False: on a time-budgeted
+    #: whether the sensitivities were scored on every analysis batch (False: on a budgeted
     #: share, too noisy for the planner to send layers to float on their own)
     full_sensitivity: bool = True
     #: precisions not scored because they save no bytes over the target's default
@@ -145,16 +145,20 @@ def _batches(recipe: Recipe, count: int) -> tuple[list, list]:
 
 
 def _score(model: nn.Module, recipe: Recipe, batches: tuple[list, list]) -> tuple[float, float]:
-    """The task loss and the metric on the scoring batches (training batches, see :func:`_batches`)."""
+    """The task loss and the metric on the scoring batches (training batches, see :func:`_batches`);
+    one forward pass when both are the same batches."""
     train, evaluation = batches
     losses, seen = [], 0
+    outputs, targets = [], []
     with torch.no_grad():
         for inputs, target in train:
             out = recipe.score_output(model(*as_tuple(inputs)))
             losses.append(float(recipe.loss(out, target)) * len(out))
             seen += len(out)
-        outputs, targets = [], []
-        for inputs, target in evaluation:
+            if evaluation is train:
+                outputs.append(out)
+                targets.append(torch.as_tensor(target))
+        for inputs, target in evaluation if evaluation is not train else ():
             outputs.append(recipe.score_output(model(*as_tuple(inputs))))
             targets.append(torch.as_tensor(target))
     return sum(losses) / max(seen, 1), float(recipe.metric(torch.cat(outputs), torch.cat(targets)))
@@ -166,7 +170,7 @@ def _samples(batches: list) -> int:
 
 def _share(batches: list, share: float) -> list:
     """About ``share`` of the samples in ``batches``: whole batches first, then the first rows of
-    one batch (at least 8 samples), so a model with many layers still fits the time budget."""
+    one batch (at least 8 samples), so a model with many layers still fits the FLOP budget."""
     sizes = [len(as_tuple(inputs)[0]) for inputs, _ in batches]
     want = max(8, int(sum(sizes) * share))
     kept: list = []
@@ -218,13 +222,13 @@ def analyze(
     recipe: Recipe,
     target: Target,
     batches: int = 8,
-    seconds: float | None = None,
+    flops: float | None = None,
 ) -> Analysis:
     """Measure every quantizable layer of ``model`` on ``batches`` calibration batches.
 
-    ``seconds`` bounds the sensitivity scoring (one model evaluation per layer and precision):
-    when scoring on all batches would take longer, each score uses fewer batches (at least one
-    training and one scoring batch), and the analysis records how many. The task loss and the
+    ``flops`` bounds the sensitivity scoring (one model evaluation per layer and precision):
+    when scoring on all batches would cost more, each score uses a share of the samples (at
+    least 8), and the analysis records how many. The task loss and the
     metric are scored on the calibration batches of train_data(), never on the evaluation data.
     """
     import time
@@ -237,7 +241,7 @@ def analyze(
     # custom module, that is the module's first input).
     graph_layers = [layer for layer in model_layers(model, recipe.example_inputs()) if layer.kind in target.kinds]
     inputs = _layer_inputs(model, graph_layers, data[0], batches)
-    float_loss, float_metric, sensitivity = _sensitivity_batches(model, recipe, target, graph_layers, data, seconds)
+    float_loss, float_metric, sensitivity = _sensitivity_batches(model, recipe, target, graph_layers, data, flops)
     skipped: dict[str, str] = {}
     floats = (float_loss, float_metric)
     results = [_layer_entry(model, layer, inputs[layer.name], recipe, target, sensitivity, floats, skipped)
@@ -292,25 +296,32 @@ def _layer_inputs(model: nn.Module, layers: list, data: list, batches: int) -> d
     return {name: (lo, hi, torch.cat(samples[name])) for name, (lo, hi) in extremes.items()}
 
 
-def _sensitivity_batches(
-    model: nn.Module, recipe: Recipe, target: Target, layers: list, data: tuple[list, list], seconds: float | None
-) -> tuple[float, float, tuple[list, list]]:
-    """Float loss and metric, and the batches single-layer scores use (fewer under ``seconds``)."""
-    import time
+def flops_per_sample(model: nn.Module, example_inputs: tuple) -> float:
+    """The model's floating-point operations on one sample (torch's FlopCounterMode: convolutions,
+    matmuls and attention; elementwise ops are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    scored = time.perf_counter()
-    float_loss, float_metric = _score(model, recipe, data)
-    score_seconds = time.perf_counter() - scored
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*example_inputs)
+    return float(counter.get_total_flops()) / max(1, len(as_tuple(example_inputs)[0]))
+
+
+def _sensitivity_batches(
+    model: nn.Module, recipe: Recipe, target: Target, layers: list, data: tuple[list, list], flops: float | None
+) -> tuple[float, float, tuple[list, list]]:
+    """Float loss and metric, and the batches single-layer scores use: fewer when scoring every
+    layer on all of them would spend more than ``flops``. The share depends on the model, the
+    data and the budget only, so the same build plans the same on any machine at any load."""
     scores = sum(len(_scored_variants(target, layer.kind)[0]) for layer in layers)
     train, scoring = data
-    if seconds is not None and scores * score_seconds > seconds:
-        share = seconds / (scores * score_seconds)
-        train = _share(train, share)
-        scoring = _share(scoring, share)
-    if _samples(train) < _samples(data[0]) or _samples(scoring) < _samples(data[1]):
-        # The single-layer scores compare against float on the same batches.
-        float_loss, float_metric = _score(model, recipe, (train, scoring))
-    return float_loss, float_metric, (train, scoring)
+    if flops is not None and scores:
+        per_sample = flops_per_sample(model, recipe.example_inputs())
+        cost = scores * _samples(train) * per_sample
+        if cost > flops:
+            train = _share(train, flops / cost)
+            scoring = train if data[1] is data[0] else _share(scoring, flops / cost)
+    return (*_score(model, recipe, (train, scoring)), (train, scoring))
 
 
 def _layer_entry(

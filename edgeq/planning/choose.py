@@ -39,7 +39,7 @@ def choose_plan(ctx: BuildContext, baseline: FloatBaseline) -> PlanChoice:
         return PlanChoice(dataclasses.replace(plan, intermediate_bits=ctx.training.intermediate_bits))
     ctx.announce("analyze")
     with ctx.stages("analyze"):
-        analysis = analyze(baseline.model, ctx.recipe, target, seconds=config.analysis_seconds)
+        analysis = analyze(baseline.model, ctx.recipe, target, flops=config.analysis_flops)
         overhead = None
         if config.size_budget is not None and not ctx.backend.float_baseline_overhead:
             overhead = program_overhead(ctx, baseline)

@@ -172,7 +172,7 @@ class _Search:
 
     def send_worst_to_float(self, full_sensitivity: bool) -> None:
         """Too damaging even at the default: send the most sensitive layers to float. Only on
-        sensitivities scored on every analysis batch: a time-budgeted share of a few dozen samples
+        sensitivities scored on every analysis batch: a FLOP-budgeted share of a few dozen samples
         flips a prediction or two per layer, which would send sound layers to float; the build's
         measured fallback (after quantization, on held-out training data) handles those models."""
         target, choice = self.target, self.choice
