@@ -149,6 +149,8 @@ class QATConfig:
     #: share of train_data()'s batches held out of training (never the eval data): QAT stops
     #: early when its loss there stops improving, and the build picks between PTQ and QAT on it
     holdout: float = 0.1
+    #: hold out more batches (up to a third) when --holdout's share holds fewer samples than this
+    min_holdout_samples: int = 64
     #: held-out checks without improvement before QAT stops (0: never stop early)
     patience: int = 2
     #: QAT learning rate (cosine schedule to 0)
@@ -197,6 +199,7 @@ class QATConfig:
             (self.steps is None or self.steps >= 0, "steps must be >= 0"),
             (self.epochs >= 0, "epochs must be >= 0"),
             (0.0 <= self.holdout < 1.0, "holdout is a share of the training batches, in [0, 1)"),
+            (self.min_holdout_samples >= 0, "min_holdout_samples must be >= 0"),
             (self.patience >= 0, "patience must be >= 0"),
             (self.lr > 0, "lr must be > 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),

@@ -57,7 +57,8 @@ OPTIONS: tuple[Option, ...] = (
         ("debug_program", Optional[bool]), ("debug_samples", int),
     )),
     *(Option(QATConfig, name, kind, panel=_QAT) for name, kind in (
-        ("steps", Optional[int]), ("epochs", float), ("holdout", float), ("patience", int), ("lr", float),
+        ("steps", Optional[int]), ("epochs", float), ("holdout", float), ("min_holdout_samples", int),
+        ("patience", int), ("lr", float),
         ("optimizer", Optimizer), ("weight_decay", float), ("loss", Loss), ("dropout", bool),
         ("calibration_batches", int), ("fold_bn", bool), ("freeze_bn", float), ("freeze_ranges", float),
         ("intermediate_share", float), ("intermediate_bits", int), ("device", str), ("checkpoint_every", int),

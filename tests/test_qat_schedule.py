@@ -29,6 +29,15 @@ def test_a_single_batch_is_never_held_out():
     assert holdout_every(QATConfig(), 1) == 0
 
 
+def test_a_small_training_set_holds_out_enough_samples_to_decide():
+    # 250 photos in batches of 25: 10% is one batch (25 photos); hold out every 3rd (75) instead
+    assert holdout_every(QATConfig(), 10, 250) == 3
+    assert holdout_every(QATConfig(min_holdout_samples=25), 10, 250) == 10
+    # enough data: the share as asked; never more than a third of the batches
+    assert holdout_every(QATConfig(), 40, 40 * 32) == 10
+    assert holdout_every(QATConfig(), 4, 16) == 3
+
+
 @pytest.mark.parametrize(
     "field, value", [("holdout", 1.0), ("holdout", -0.1), ("epochs", -1.0), ("patience", -1), ("steps", -5)]
 )

@@ -123,6 +123,8 @@ def choose_candidate(
     }
     for name, test in evidence.items():
         measured[name]["vs_lowest"] = test
+    for name, test in _against(measures, shipped).items():
+        measured[name]["vs_shipped"] = test
     for name, fit in fits.items():
         measured[name]["fit"] = fit
     return CandidateChoice(references, measured, shipped, selection.selected_on, lowest)
@@ -199,6 +201,18 @@ def _simplest_as_good(samples: dict[str, torch.Tensor], lowest: str) -> tuple[st
         if evidence[name]["low"] <= 0.0:
             return name, evidence
     return lowest, evidence
+
+
+def _against(measures: dict[str, tuple[float, torch.Tensor]], shipped: str) -> dict[str, dict[str, Any]]:
+    """How sure the choice is: each other candidate's mean held-out loss minus the shipped one's,
+    with its 95% paired-bootstrap interval over the same held-out samples."""
+    base = measures[shipped][1]
+    tests = {}
+    for name, (_, samples) in measures.items():
+        if name != shipped:
+            difference, low, high = mean_interval(samples - base)
+            tests[name] = {"difference": difference, "low": low, "high": high, "samples": int(base.shape[0])}
+    return tests
 
 
 def fit_data(

@@ -84,11 +84,25 @@ class Schedule:
 MANY_PASSES = 20
 
 
-def holdout_every(config: QATConfig, batches: int) -> int:
-    """Every k-th training batch is held out (0: none): a fixed, order-independent slice."""
+#: the hold-out stride never goes below this for the sake of min_holdout_samples: at most a third
+#: of the training batches is held out
+_MIN_STRIDE = 3
+
+
+def holdout_every(config: QATConfig, batches: int, samples: int = 0) -> int:
+    """Every k-th training batch is held out (0: none): a fixed, order-independent slice.
+
+    ``--holdout``'s share sets k; when that slice would hold fewer than ``min_holdout_samples``
+    (``samples``: the training samples in ``batches``), k shrinks (down to 3) until it holds
+    enough, since 25 photos cannot tell candidates apart that differ by a few photos in 250.
+    """
     if not config.holdout or batches < 2:
         return 0
-    return max(2, round(1.0 / config.holdout))
+    every = max(2, round(1.0 / config.holdout))
+    per_batch = samples / batches if samples else 0.0
+    while samples and every > _MIN_STRIDE and (batches // every) * per_batch < config.min_holdout_samples:
+        every -= 1
+    return every
 
 
 def is_held_out(index: int, every: int) -> bool:
@@ -106,7 +120,7 @@ def schedule(recipe: Recipe, config: QATConfig) -> Schedule:
         raise EdgeqError(
             "train_data() yielded no batches", "make the recipe's train_data() yield (inputs, target) batches"
         )
-    every = holdout_every(config, batches)
+    every = holdout_every(config, batches, samples)
     held = sum(is_held_out(i, every) for i in range(batches))
     train = batches - held
     steps = config.steps if config.steps is not None else int(math.ceil(config.epochs * train))
