@@ -31,6 +31,12 @@ def test_a_layer_that_breaks_int8_goes_to_float_and_the_build_says_what_it_cost(
     assert fallback is not None and fallback["shipped"]
     assert fallback["start_metric"] < result.scores.float - 2.0  # int8 everywhere missed the goal
     assert fallback["steps"][0]["layer"] == "4"  # the layer reading the wrecked activation, found first
+    # It stops at the first step whose held-out drop is within --max-drop with 95% confidence.
+    steps = fallback["steps"]
+    assert all(not step["confident"] for step in steps[:-1])
+    for step in steps:
+        assert step["drop_low"] <= step["drop"] <= step["drop_high"]
+        assert step["confident"] == (step["drop_high"] <= 2.0)
     assert result.scores.shipped.endswith("+float-fallback")
     # Each step quantizes the weights that shipped: QAT's when QAT shipped (no BatchNorm here).
     assert fallback["weights"] == ("QAT-trained" if result.scores.shipped.startswith("qat") else "float")

@@ -2,8 +2,9 @@
 layers in float.
 
 As in NNCF's accuracy-aware quantization: one layer at a time, most sensitive first, each
-step re-quantized (calibration, plus bias correction when that shipped; QAT is not rerun)
-and measured, until the drop fits or ``fallback_layers`` layers are float. Whether to start,
+step re-quantized (calibration, plus the shipped PTQ candidate's method; QAT is not rerun)
+and measured, until the held-out drop is within ``--max-drop`` with 95% confidence (the
+paired interval's upper end) or ``fallback_layers`` layers are float. Whether to start,
 when to stop and which step ships are decided on the held-out slice of train_data()
 (:mod:`edgeq.quant.heldout`); the evaluation data only reports the shipped step.
 """
@@ -35,7 +36,8 @@ class Fallback:
 
     plan: Plan
     reference: torch.fx.GraphModule
-    #: per step: the layer sent to float, the reference's held-out metric after it, planned weight bytes
+    #: per step: the layer sent to float, the reference's held-out metric and drop (with its paired
+    #: 95% interval) after it, planned weight bytes
     steps: list[dict[str, Any]]
     improved: bool
     #: how the layers were ranked
@@ -79,7 +81,7 @@ def accuracy_fallback(
     if not config.fallback_layers or not any(spec.is_float for spec in target.precisions.values()):
         return None
     float_metric = selection.float_metric()
-    metric = selection.metric(start.reference)
+    metric = float_metric - selection.drop(start.reference).difference
     if float_metric - metric <= config.max_drop:
         return None
     ctx.announce("fallback")
@@ -113,12 +115,19 @@ def _fall_back(
             f"{ranked_by}); the plan missed --max-drop {config.max_drop:g} on held-out training data"
         )
         reference = quantize_step(current)
-        step_metric = selection.metric(reference)
+        drop = selection.drop(reference)
+        step_metric = float_metric - drop.difference
         planned = int(weight_bytes(current, target))
-        steps.append({"layer": layer, "holdout_metric": step_metric, "planned_weight_bytes": planned})
-        if best is None or step_metric > best[0]:
+        confident = drop.high <= config.max_drop
+        steps.append({
+            "layer": layer, "holdout_metric": step_metric, "planned_weight_bytes": planned,
+            "drop": drop.difference, "drop_low": drop.low, "drop_high": drop.high, "confident": confident,
+        })  # fmt: skip
+        if best is None or step_metric > best[0] or confident:
             best = (step_metric, copy.deepcopy(current), reference)
-        if float_metric - step_metric <= config.max_drop:
+        # The first plan whose drop is within --max-drop with 95% confidence ships: a later
+        # step would only buy accuracy the held-out samples cannot show, at a float layer's bytes.
+        if confident:
             break
     assert best is not None or not ranking
     if best is None:

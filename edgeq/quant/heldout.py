@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from edgeq.checks.evaluate import collect
+from edgeq.checks.stats import Paired, paired
 from edgeq.configs import QATConfig
 from edgeq.quant.qat import HeldOut, held_out_batches, is_held_out, schedule
 from edgeq.recipe import Recipe, as_tuple
@@ -33,22 +34,33 @@ class Selection:
     recipe: Recipe
     #: the float model every decision compares against
     float_model: torch.nn.Module
-    _float_metric: float | None = field(default=None, init=False, repr=False)
+    _float_outputs: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def loss(self, model: Callable) -> float:
         return self.held.loss(model)
 
+    def outputs(self, model: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scored outputs of ``model`` on the held-out batches, and the targets."""
+        return collect(model, self.batches, select=self.recipe.score_output)
+
     def metric(self, model: Callable) -> float:
         """The recipe's metric on the held-out batches."""
-        outputs, targets = collect(model, self.batches, select=self.recipe.score_output)
-        return float(self.recipe.metric(outputs, targets))
+        return float(self.recipe.metric(*self.outputs(model)))
+
+    def float_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float model's held-out outputs, computed once (refinement and the fallback compare against them)."""
+        if self._float_outputs is None:
+            self._float_outputs = self.outputs(self.float_model)
+        return self._float_outputs
 
     def float_metric(self) -> float:
-        """The float model's metric on the held-out batches, measured once (refinement and the
-        fallback both compare against it)."""
-        if self._float_metric is None:
-            self._float_metric = self.metric(self.float_model)
-        return self._float_metric
+        return float(self.recipe.metric(*self.float_outputs()))
+
+    def drop(self, model: Callable) -> Paired:
+        """The float model's held-out metric minus ``model``'s, paired on the same samples, with its
+        95% interval (McNemar for top-1, paired bootstrap otherwise)."""
+        outputs, targets = self.float_outputs()
+        return paired(self.recipe.metric, outputs, self.outputs(model)[0], targets)
 
 
 def selection_data(recipe: Recipe, training: QATConfig, float_model: torch.nn.Module) -> Selection:
