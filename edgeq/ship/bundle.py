@@ -62,7 +62,12 @@ def text_sources(manifest: dict[str, Any], package: str = "org.edgeq.generated")
     }
 
 
-def kotlin_source(manifest: dict[str, Any], package: str = "org.edgeq.generated") -> str:
+#: the native app's executable name
+NATIVE_BINARY = "edgeq_runner"
+
+
+def _image_context(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the Kotlin class and the native app both bake in: input, preprocessing, labels."""
     inp = manifest["inputs"][0]
     out = manifest["outputs"][0]
     if inp["dtype"] != "float32":
@@ -77,22 +82,34 @@ def kotlin_source(manifest: dict[str, Any], package: str = "org.edgeq.generated"
     def per_channel(value: Any) -> list[Any]:
         return list(value) if isinstance(value, (list, tuple)) else [value] * channels
 
+    return {
+        "edgeq_version": manifest["versions"]["edgeq"],
+        "executorch_version": manifest["versions"]["executorch"],
+        "recipe": manifest["recipe"]["name"],
+        "input": inp,
+        "numel": numel,
+        "labels": manifest.get("labels") or [str(i) for i in range(out["shape"][-1])],
+        "scale": float(pre.get("scale", 1.0)),
+        "mean": per_channel(pre.get("mean", 0.0)),
+        "std": per_channel(pre.get("std", 1.0)),
+        "channels": channels,
+        "layout": pre.get("layout", "as exported"),
+    }
+
+
+def kotlin_source(manifest: dict[str, Any], package: str = "org.edgeq.generated") -> str:
     return render(
-        "Model.kt.j2",
-        edgeq_version=manifest["versions"]["edgeq"],
-        executorch_version=manifest["versions"]["executorch"],
-        recipe=manifest["recipe"]["name"],
-        package=package,
-        name=class_name(manifest["recipe"]["name"]),
-        input=inp,
-        numel=numel,
-        labels=manifest.get("labels") or [str(i) for i in range(out["shape"][-1])],
-        scale=float(pre.get("scale", 1.0)),
-        mean=per_channel(pre.get("mean", 0.0)),
-        std=per_channel(pre.get("std", 1.0)),
-        channels=channels,
-        layout=pre.get("layout", "as exported"),
+        "Model.kt.j2", package=package, name=class_name(manifest["recipe"]["name"]), **_image_context(manifest)
     )
+
+
+def native_sources(manifest: dict[str, Any]) -> dict[str, str]:
+    """The native app (C++, ExecuTorch's Module API) and its CMake project, under native/."""
+    context = _image_context(manifest) | {"binary": NATIVE_BINARY}
+    return {
+        "native/main.cpp": render("native_main.cpp.j2", **context),
+        "native/CMakeLists.txt": render("native_CMakeLists.txt.j2", **context),
+    }
 
 
 def write_bundle(directory: Path, program: bytes, manifest: dict[str, Any], vocab: bytes | None = None) -> list[str]:
@@ -102,7 +119,7 @@ def write_bundle(directory: Path, program: bytes, manifest: dict[str, Any], voca
     sources = (
         text_sources(manifest)
         if manifest.get("text")
-        else {f"{class_name(manifest['recipe']['name'])}.kt": kotlin_source(manifest)}
+        else {f"{class_name(manifest['recipe']['name'])}.kt": kotlin_source(manifest), **native_sources(manifest)}
     )
     directory.mkdir(parents=True, exist_ok=True)
     runtime = get_backend(manifest["target"]["backend"]).app_runtime(manifest)
@@ -128,5 +145,6 @@ def write_bundle(directory: Path, program: bytes, manifest: dict[str, Any], voca
         "README.md": readme.encode(),
     }
     for fname, data in files.items():
+        (directory / fname).parent.mkdir(exist_ok=True)
         (directory / fname).write_bytes(data)
     return sorted(files)

@@ -37,6 +37,7 @@ def environment() -> jinja2.Environment:
     )
     env.filters["fmt"] = fmt
     env.filters["kotlin_floats"] = kotlin_floats
+    env.filters["cpp_floats"] = kotlin_floats  # the same literal: 0.5f
     env.filters["tojson"] = json.dumps
     env.filters["humanize_pair"] = lambda kv: [str(kv[0]).replace("_", " "), kv[1]]
     env.filters["zip_ops"] = lambda _layers, ops: [
