@@ -345,6 +345,26 @@ def qnn_setup(
 
 
 @app.command()
+def setup(
+    what: str = typer.Argument(..., help="arm64: ExecuTorch's aarch64 runtime under qemu, for --runtime arm64."),
+) -> None:
+    """Prepare an optional runtime once (cached under $EDGEQ_CACHE)."""
+    set_verbose(False)
+    try:
+        if what != "arm64":
+            raise EdgeqError(
+                f"nothing to set up called {what!r}", "run `edgeq setup arm64` (Qualcomm: `edgeq qnn-setup`)"
+            )
+        from edgeq.checks import arm64
+
+        ready = arm64.setup(say=lambda line: stdout.print(f"edgeq: {line}", highlight=False))
+        stdout.print(f"arm64 runtime ready: {ready.runner} (executorch {ready.executorch.parent.name.split('-')[-1]})",
+                     highlight=False)  # fmt: skip
+    except EdgeqError as exc:  # anything else is a bug: its traceback stays
+        _fail(exc)
+
+
+@app.command()
 def validate(
     program: Path = typer.Argument(..., help="The model.pte to run."),
     recipe: Optional[str] = typer.Option(
@@ -368,8 +388,14 @@ def validate(
         help="Then read the program's per-layer outputs on the host, as `edgeq debug` does "
         "(needs the build directory).",
     ),
+    runtime: str = typer.Option(
+        "host", help="host: ExecuTorch's runtime here; arm64: its aarch64 runtime under qemu (`edgeq setup arm64`)."
+    ),
+    cpu: str = typer.Option(
+        "cortex-a76", help="With --runtime arm64: the emulated core (cortex-a76, neoverse-n1, cortex-a72, cortex-a53)."
+    ),  # fmt: skip
 ) -> None:
-    """Run a .pte on the host (ExecuTorch runtime) or a phone (adb) and score it."""
+    """Run a .pte on the host (ExecuTorch runtime), on Arm kernels under emulation, or a phone (adb); score it."""
     set_verbose(False)
     try:
         from edgeq.checks.validate import load_reference
@@ -377,7 +403,12 @@ def validate(
         from edgeq.errors import AccuracyError
         from edgeq.recipe import load_recipe
 
+        if runtime not in ("host", "arm64"):
+            raise EdgeqError(f"unknown --runtime {runtime!r}", "pass --runtime host or --runtime arm64")
         r = load_recipe(recipe)
+        if runtime == "arm64":
+            _validate_arm(program, r, cpu, max_drop)
+            return
         ref_path = reference or program.with_name("reference.pt2")
         ref = load_reference(ref_path) if ref_path.is_file() else None
         v = run_validate(program, r, reference=ref, device=device, runner=runner, on_phone=device is not None)
@@ -403,6 +434,34 @@ def validate(
             )
     except EdgeqError as exc:  # anything else is a bug: its traceback stays
         _fail(exc)
+
+
+def _validate_arm(program: Path, r: Any, cpu: str, max_drop: float | None) -> None:
+    """The program on Arm kernels (qemu) against the x86 runtime, on the recipe's evaluation data."""
+    from edgeq.checks import arm64
+    from edgeq.errors import AccuracyError
+
+    if not program.is_file():
+        raise EdgeqError(f"program {program} not found", "pass the path of a model.pte written by `edgeq build`")
+    from edgeq.checks.evaluate import collect
+
+    c = arm64.compare(program, r, arm64.check_cpu(cpu))
+    float_metric = float(r.metric(*collect(r.model().eval(), r.eval_data(), select=r.score_output)))
+    stdout.print(
+        f"arm64 ({cpu}, emulated): program {c.metric:.2f}  x86 runtime {c.host_metric:.2f}  float {float_metric:.2f}  "
+        f"top-1 agreement with x86 {c.agreement:.2f}%  bit-identical outputs "
+        + ", ".join(f"{100 * b:.2f}%" for b in c.bitexact)
+        + "  max difference "
+        + ", ".join(f"{d:.3g}" for d in c.max_difference)
+        + f"  ({c.samples} samples; emulated time is not a phone's latency)",
+        highlight=False,
+    )
+    if max_drop is not None and float_metric - c.metric > max_drop:
+        raise AccuracyError(
+            f"on Arm kernels ({cpu}) the drop {float_metric - c.metric:.2f} exceeds --max-drop {max_drop}"
+            + (f" (x86 runtime: {float_metric - c.host_metric:.2f})" if c.metric != c.host_metric else ""),
+            "rebuild with more QAT steps or a wider plan; if only Arm misses, report the core to ExecuTorch",
+        )
 
 
 def _program_debug(build_dir: Path, r, threshold: float, runtime_threshold: float, samples: int) -> None:

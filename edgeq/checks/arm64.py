@@ -1,0 +1,272 @@
+"""Programs on Arm kernels without a phone: ExecuTorch's aarch64 runtime under qemu user-mode emulation.
+
+Phones run XNNPACK's Arm kernels (NEON, dot-product, i8mm), not the x86 ones every host number
+comes from. ``edgeq setup arm64`` prepares, once, under ``$EDGEQ_CACHE/arm64``: the
+``executorch`` wheel for ``manylinux_2_28_aarch64`` at the installed version (downloaded, never
+installed: it ships the C++ runtime, the XNNPACK delegate and the kernels, none of which need
+torch), and edgeq's program runner (``edgeq/checks/native``) cross-compiled against it. Validation
+then runs a program under ``qemu-aarch64-static -cpu <core>`` with the cross toolchain's aarch64
+libraries (``-L``; a chroot lacks /proc, which XNNPACK reads to start), and compares every output
+with the x86 runtime's on the same inputs.
+
+Emulated time is not a phone's: nothing here is reported as latency.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgeq.errors import EdgeqError
+from edgeq.runtime import ProgramRunner, program_batches
+
+__all__ = ["CPUS", "DEFAULT_CPU", "WRONG_CPUS", "ArmComparison", "ArmRunner", "compare", "find_setup", "setup"]
+
+#: emulated cores a program can be checked on (qemu 7.2's names), with the phones they stand for
+CPUS = {
+    "cortex-a76": "big core with dot product (Armv8.2: Snapdragon 855-888, Dimensity 1000-1200 big cores)",
+    "neoverse-n1": "Cortex-A76's server sibling (Armv8.2 with dot product)",
+    "cortex-a72": "big core without dot product (Armv8.0: Snapdragon 650-660, older tablets)",
+    "cortex-a53": "little core without dot product (Armv8.0: budget phones, little clusters)",
+}
+DEFAULT_CPU = "cortex-a76"
+#: emulated cores whose results are known to be wrong, with the reason
+WRONG_CPUS = {
+    "max": "qemu 7.2's -cpu max advertises SME, and XNNPACK's int8 kernels return wrong outputs under it "
+    "(edgeq's digits program: logits off by up to 22, every value different; exact with max,sme=off). "
+    "No phone core in the menu has SME",
+}
+#: Debian packages the set-up needs, by the tool they provide
+PACKAGES = {"qemu-aarch64-static": "qemu-user-static", "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
+            "cmake": "cmake"}  # fmt: skip
+#: where the cross toolchain keeps the aarch64 loader and libraries qemu runs the runner with
+SYSROOT = Path("/usr/aarch64-linux-gnu")
+
+
+def _cache() -> Path:
+    return Path(os.environ.get("EDGEQ_CACHE", Path.home() / ".cache" / "edgeq")) / "arm64"
+
+
+def _executorch_version() -> str:
+    from importlib.metadata import version
+
+    return version("executorch")
+
+
+@dataclass(frozen=True)
+class ArmSetup:
+    #: the unzipped aarch64 wheel's executorch package (headers, libraries, CMake config)
+    executorch: Path
+    runner: Path
+    qemu: str
+
+    def command(self, cpu: str, *args: str) -> list[str]:
+        return [self.qemu, "-cpu", cpu, "-L", str(SYSROOT), str(self.runner), *args]
+
+
+def _missing_tools() -> list[str]:
+    return [tool for tool in PACKAGES if shutil.which(tool) is None] + (
+        [] if (SYSROOT / "lib" / "ld-linux-aarch64.so.1").is_file() else ["aarch64-linux-gnu-g++"]
+    )
+
+
+def find_setup() -> ArmSetup:
+    """The prepared aarch64 runtime and runner, or a one-line error naming the set-up command."""
+    root = _cache() / f"executorch-{_executorch_version()}"
+    runner = root / "build" / "program_runner"
+    missing = _missing_tools()
+    if missing or not runner.is_file():
+        what = f"{', '.join(sorted(set(missing)))} missing" if missing else f"no runner under {root}"
+        raise EdgeqError(f"the arm64 runtime is not set up ({what})", "run `edgeq setup arm64` once")
+    return ArmSetup(root / "executorch", runner, str(shutil.which("qemu-aarch64-static")))
+
+
+def setup(say: Any = print) -> ArmSetup:
+    """Install what is missing (apt, as root), download the aarch64 wheel, cross-compile the runner."""
+    missing = sorted({PACKAGES[tool] for tool in _missing_tools()})
+    if missing:
+        install = ["apt-get", "install", "-y", *missing]
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            raise EdgeqError(f"{', '.join(missing)} not installed", f"run `sudo {' '.join(install)}`, then again")
+        say(f"installing {', '.join(missing)}")
+        subprocess.run(install, check=True, capture_output=True)
+    version = _executorch_version()
+    root = _cache() / f"executorch-{version}"
+    if not (root / "executorch" / "lib" / "libexecutorch.so").is_file():
+        _download(version, root, say)
+    _build_runner(root, say)
+    return find_setup()
+
+
+def _download(version: str, root: Path, say: Any) -> None:
+    say(f"downloading executorch {version} for aarch64 (not installed: its C++ runtime only)")
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", f"executorch=={version}", "--no-deps", "--only-binary=:all:",
+             "--platform", "manylinux_2_28_aarch64", "--python-version",
+             f"{sys.version_info.major}.{sys.version_info.minor}", "-d", tmp],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        wheels = list(Path(tmp).glob("executorch-*.whl"))
+        if done.returncode or not wheels:
+            raise EdgeqError(
+                f"could not download executorch {version} for manylinux_2_28_aarch64: "
+                f"{(done.stderr.strip().splitlines() or ['no wheel'])[-1]}",
+                "check that PyPI is reachable (pip download), then run `edgeq setup arm64` again",
+            )
+        staging = root.with_name(root.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            wheel.extractall(staging, [n for n in wheel.namelist() if n.startswith("executorch/")])
+        shutil.rmtree(root, ignore_errors=True)
+        staging.rename(root)  # a half-extracted wheel is never mistaken for a set-up
+
+
+def _build_runner(root: Path, say: Any) -> None:
+    runner = root / "build" / "program_runner"
+    if runner.is_file():
+        return
+    say("cross-compiling edgeq's program runner for aarch64")
+    source = Path(str(resources.files("edgeq.checks").joinpath("native")))
+    toolchain = root / "aarch64.cmake"
+    toolchain.write_text(
+        "set(CMAKE_SYSTEM_NAME Linux)\nset(CMAKE_SYSTEM_PROCESSOR aarch64)\n"
+        "set(CMAKE_CXX_COMPILER aarch64-linux-gnu-g++)\nset(CMAKE_C_COMPILER aarch64-linux-gnu-gcc)\n"
+    )
+    build = root / "build"
+    for step in (
+        ["cmake", "-S", str(source), "-B", str(build), f"-DCMAKE_TOOLCHAIN_FILE={toolchain}",
+         f"-DCMAKE_PREFIX_PATH={root / 'executorch'}"],
+        ["cmake", "--build", str(build)],
+    ):  # fmt: skip
+        done = subprocess.run(step, capture_output=True, text=True)
+        if done.returncode:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise EdgeqError(f"building the aarch64 runner failed: {tail[0]}", "run `edgeq setup arm64` again")
+
+
+def check_cpu(cpu: str) -> str:
+    if cpu in WRONG_CPUS:
+        raise EdgeqError(f"edgeq does not validate on the emulated core {cpu!r}: {WRONG_CPUS[cpu]}",
+                         f"pass --cpu with one of {', '.join(CPUS)}")  # fmt: skip
+    if cpu not in CPUS:
+        raise EdgeqError(f"unknown emulated core {cpu!r}", f"pass --cpu with one of {', '.join(CPUS)}")
+    return cpu
+
+
+class ArmRunner:
+    """Calls a .pte's ``forward`` on ExecuTorch's aarch64 runtime under qemu, like a torch module
+    (every output through :meth:`outputs`); one emulated process per call."""
+
+    def __init__(self, program: str | Path, cpu: str = DEFAULT_CPU) -> None:
+        self.program = Path(program)
+        self.cpu = check_cpu(cpu)
+        self.setup = find_setup()
+        host = ProgramRunner(self.program)
+        self.signature, self.batch = host.signature, host.batch
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.outputs(*inputs)[0]
+
+    def outputs(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        chunks = program_batches(tuple(inputs), self.batch)
+        with tempfile.TemporaryDirectory() as tmp:
+            files = []
+            for i in range(len(self.signature.inputs)):
+                path = Path(tmp) / f"in{i}.bin"
+                tensors = [chunk[i].contiguous() for chunk, _ in chunks]
+                path.write_bytes(b"".join(t.numpy().tobytes() for t in tensors))
+                files.append(str(path))
+            prefix = str(Path(tmp) / "out")
+            done = subprocess.run(
+                self.setup.command(self.cpu, str(self.program), str(len(chunks)), prefix, *files),
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode:
+                tail = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+                raise EdgeqError(
+                    f"the aarch64 runtime failed on {self.program.name}: {tail[0]}",
+                    "check the program runs on the host (`edgeq validate`), then `edgeq setup arm64`",
+                )
+            return [self._read(Path(f"{prefix}.{j}"), shape, dtype, chunks)
+                    for j, (shape, dtype) in enumerate(self.signature.outputs)]  # fmt: skip
+
+    @staticmethod
+    def _read(path: Path, shape: tuple[int, ...], dtype: str, chunks: list) -> torch.Tensor:
+        values = torch.frombuffer(bytearray(path.read_bytes()), dtype=getattr(torch, dtype))
+        per_call = values.view(len(chunks), *shape)
+        return torch.cat([per_call[n][:real] for n, (_, real) in enumerate(chunks)])
+
+
+@dataclass
+class ArmComparison:
+    """The program on Arm kernels against the x86 runtime, on the same inputs."""
+
+    cpu: str
+    samples: int
+    #: the recipe's metric on the Arm outputs and on the x86 outputs
+    metric: float
+    host_metric: float
+    #: share of output values bit-identical to the x86 runtime's, and the largest difference, per output
+    bitexact: list[float] = field(default_factory=list)
+    max_difference: list[float] = field(default_factory=list)
+    #: top-1 agreement of the scored output with the x86 runtime's (percent)
+    agreement: float = 100.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cpu": self.cpu,
+            "cpu_stands_for": CPUS.get(self.cpu, ""),
+            "samples": self.samples,
+            "metric": self.metric,
+            "host_metric": self.host_metric,
+            "bitexact": self.bitexact,
+            "max_difference": self.max_difference,
+            "agreement": self.agreement,
+            "runtime": f"executorch {_executorch_version()} aarch64 wheel under qemu-aarch64 -cpu {self.cpu}",
+        }
+
+
+def compare(program: str | Path, recipe: Any, cpu: str = DEFAULT_CPU, limit: int | None = None) -> ArmComparison:
+    """Run ``program`` on the recipe's evaluation data on Arm kernels and on x86, and compare."""
+    from edgeq.checks.evaluate import agreement
+    from edgeq.recipe import as_tuple
+
+    arm, host = ArmRunner(program, cpu), ProgramRunner(program)
+    arm_out: list[list[torch.Tensor]] = []
+    host_out: list[list[torch.Tensor]] = []
+    targets: list[torch.Tensor] = []
+    seen = 0
+    for inputs, target in recipe.eval_data():
+        inputs = as_tuple(inputs)
+        arm_out.append(arm.outputs(*inputs))
+        host_out.append([torch.cat([host.execute(*c)[j][:r].clone() for c, r in program_batches(inputs, host.batch)])
+                         for j in range(len(host.signature.outputs))])  # fmt: skip
+        targets.append(torch.as_tensor(target))
+        seen += int(inputs[0].shape[0])
+        if limit is not None and seen >= limit:
+            break
+    a = [torch.cat(parts) for parts in zip(*arm_out)]
+    h = [torch.cat(parts) for parts in zip(*host_out)]
+    y = torch.cat(targets)
+    scored_a, scored_h = recipe.score_output(a if len(a) > 1 else a[0]), recipe.score_output(h if len(h) > 1 else h[0])
+    return ArmComparison(
+        cpu=cpu,
+        samples=int(y.shape[0]),
+        metric=float(recipe.metric(scored_a, y)),
+        host_metric=float(recipe.metric(scored_h, y)),
+        bitexact=[float((x == z).float().mean()) for x, z in zip(a, h)],
+        max_difference=[float((x.double() - z.double()).abs().max()) for x, z in zip(a, h)],
+        agreement=agreement(scored_h, scored_a),
+    )
