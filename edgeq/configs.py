@@ -258,6 +258,10 @@ class BuildConfig:
     debug_program: bool | None = None
     #: evaluation samples the per-layer program debugging runs
     debug_samples: int = 8
+    #: also run the program on ExecuTorch's aarch64 runtime under qemu, emulating this core
+    #: (cortex-a76, neoverse-n1, cortex-a72, cortex-a53; `edgeq setup arm64` first), and compare
+    #: every output with the x86 runtime's; unset: x86 only
+    arm_cpu: str | None = None
     #: calibration batches of the plain-PTQ candidate every build also measures; the candidate
     #: with the lowest held-out loss ships (0: QAT only)
     ptq_batches: int = 16

@@ -54,7 +54,7 @@ OPTIONS: tuple[Option, ...] = (
         ("ptq_batches", int), ("bias_correction", bool), ("rounding", bool), ("rounding_iterations", int),
         ("fit_samples", int),
         ("fallback_layers", int), ("analysis_flops", float), ("allow_sdk_download", bool), ("resume", bool),
-        ("debug_program", Optional[bool]), ("debug_samples", int),
+        ("debug_program", Optional[bool]), ("debug_samples", int), ("arm_cpu", Optional[str]),
     )),
     *(Option(QATConfig, name, kind, panel=_QAT) for name, kind in (
         ("steps", Optional[int]), ("epochs", float), ("holdout", float), ("min_holdout_samples", int),

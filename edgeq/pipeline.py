@@ -81,6 +81,7 @@ def build(
 
 def _run(ctx: BuildContext, output: OutputDir, checkpoint: Path) -> BuildResult | None:
     seed_everything(ctx.config.seed)
+    checks.arm_preflight(ctx)
     ctx.announce("model")
     baseline = float_baseline(ctx)
     choice = choose_plan(ctx, baseline)
@@ -110,6 +111,7 @@ def _run(ctx: BuildContext, output: OutputDir, checkpoint: Path) -> BuildResult 
     if shipped.fallback is not None and shipped.before_fallback is not None:
         shipped.fallback.update(checks.fallback_price(ctx, shipped.before_fallback, baseline))
     runner = checks.validate_program(ctx, lowered, evals)
+    arm = checks.arm_kernels(ctx, lowered)
     notes = package(ctx, output, shipped.choice, baseline, shipped.reference, lowered, runner.signature)
     numerics = debug_layers(ctx, shipped.choice.plan, baseline, shipped.reference, lowered)
     plan, sizes = shipped.choice.plan, checks.program_sizes(ctx, shipped.choice.plan, baseline, lowered)
@@ -119,6 +121,6 @@ def _run(ctx: BuildContext, output: OutputDir, checkpoint: Path) -> BuildResult 
     record = BuildRecord(
         ctx.recipe, ctx.target, ctx.config, plan, scores, sizes, lowered, quantized.qat, dict(ctx.stages.seconds),
         evals.program.samples, shipped.choice.analysis, shipped.choice.planned, numerics, notes, latency,
-        shipped.fallback, refined, narrowed,
+        shipped.fallback, refined, narrowed, arm,
     )  # fmt: skip
     return BuildResult.of(record, write_report(output, record), shipped.reference)

@@ -7,6 +7,7 @@ import builtins
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from edgeq.checks.evaluate import Evaluation, agreement
 from edgeq.checks.latency import host_latency_ms
 from edgeq.checks.stats import interval, paired, verdict
 from edgeq.context import BuildContext, FloatBaseline, Quantized
-from edgeq.errors import SdkMissingError
+from edgeq.errors import EdgeqError, SdkMissingError
 from edgeq.lower import Lowered, lower
 from edgeq.planning.plan import Plan, weight_bytes
 
@@ -84,6 +85,36 @@ def validate_program(ctx: BuildContext, lowered: Lowered, evaluations: Evaluatio
         runner = ctx.backend.runner(lowered.program)
         evaluations.program = ctx.score(runner, "model.pte (ExecuTorch runtime)")
     return runner
+
+
+def arm_preflight(ctx: BuildContext) -> None:
+    """Before minutes of work: the Arm check a build asked for can run (a one-line error if not)."""
+    if ctx.config.arm_cpu is None:
+        return
+    from edgeq.checks import arm64
+
+    if ctx.target.backend != "xnnpack":
+        raise EdgeqError(
+            f"--arm-cpu runs XNNPACK programs; target {ctx.target.name} lowers to {ctx.target.backend}",
+            "drop --arm-cpu, or build for an XNNPACK target (android)",
+        )
+    arm64.check_cpu(ctx.config.arm_cpu)
+    arm64.find_setup()
+
+
+def arm_kernels(ctx: BuildContext, lowered: Lowered) -> dict[str, Any] | None:
+    """The program on Arm kernels (qemu) against the x86 runtime, on the evaluation data."""
+    if ctx.config.arm_cpu is None:
+        return None
+    import tempfile
+
+    from edgeq.checks import arm64
+
+    ctx.announce("arm64")
+    with ctx.stages("arm64"), tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pte"
+        path.write_bytes(lowered.program)
+        return arm64.compare(path, ctx.recipe, ctx.config.arm_cpu).to_dict()
 
 
 def scores(

@@ -124,6 +124,8 @@ class BuildRecord:
     refined: dict[str, Any] | None = None
     #: narrowings after the lowered program missed --size-budget (edgeq.planning.budget)
     narrowed: list[dict[str, Any]] = field(default_factory=list)
+    #: the program on Arm kernels under emulation (edgeq.checks.arm64); None: not run
+    arm: dict[str, Any] | None = None
 
 
 def build_report(record: BuildRecord) -> dict[str, Any]:
@@ -143,6 +145,7 @@ def build_report(record: BuildRecord) -> dict[str, Any]:
         "accuracy": _accuracy(r),
         "agreement": r.scores.agreement,
         "latency": dict(r.latency),
+        "arm_kernels": r.arm,
         "fallback": r.fallback,
         "size_budget_narrowing": r.narrowed,
         "size": {
