@@ -70,8 +70,14 @@ class ArmSetup:
     runner: Path
     qemu: str
 
-    def command(self, cpu: str, *args: str) -> list[str]:
-        return [self.qemu, "-cpu", cpu, "-L", str(SYSROOT), str(self.runner), *args]
+    def command(self, cpu: str, *args: str, binary: Path | None = None) -> list[str]:
+        """``binary`` (default: edgeq's program runner) under qemu on the emulated ``cpu``."""
+        return [self.qemu, "-cpu", cpu, "-L", str(SYSROOT), str(binary or self.runner), *args]
+
+    @property
+    def toolchain(self) -> Path:
+        """The CMake toolchain file that cross-compiles against this runtime (the bundle's native app too)."""
+        return self.executorch.parent / "aarch64.cmake"
 
 
 def _missing_tools() -> list[str]:
