@@ -434,6 +434,23 @@ def _state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@torch.no_grad()
+def restore_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(state)`` for any exported graph: entries equal to what the model holds
+    are left alone. An exported graph's lifted constants (a detector's anchor grid made with
+    ``expand()``) are state-dict entries whose elements share memory, which load_state_dict
+    refuses to write; training never changes them, so only what changed is copied."""
+    current = model.state_dict(keep_vars=True)
+    missing = sorted(set(state) ^ set(current))
+    if missing:
+        raise RuntimeError(f"state does not match the model: {missing[:5]}")
+    for name, value in state.items():
+        target = current[name]
+        if target.shape == value.shape and torch.equal(target, value.to(target.device)):
+            continue
+        target.copy_(value)
+
+
 def run_qat(
     model: torch.fx.GraphModule,
     recipe: Recipe,
@@ -565,7 +582,7 @@ class _Training:
         model = self.model
         if saved is not None:
             self.first = int(saved["step"])
-            model.load_state_dict(saved["model"])
+            restore_state(model, saved["model"])
             self.opt.load_state_dict(saved["optimizer"])
             self.sched.load_state_dict(saved["scheduler"])
             self.losses = list(saved["losses"])
@@ -664,7 +681,7 @@ class _Training:
         if self.inter_steps and trained <= self.inter_steps:
             _set_weight_width(model, self.narrow, None)
         if self.best is not None and self.best["step"] != trained:
-            model.load_state_dict(self.best["state"])
+            restore_state(model, self.best["state"])
         to_eval(model)
         model.to("cpu")
 
