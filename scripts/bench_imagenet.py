@@ -230,6 +230,10 @@ the held-out samples cannot tell from it. The .pte column is the shipped program
 with the paired test of its drop against float on the same photos."""
 
 
+#: the default build's stages in the time table
+STAGES = ("analyze", "qat", "ptq", "bias correction", "weight rounding", "evaluate", "lower", "fallback")
+
+
 def _body(details: dict) -> str:
     rows, stage_rows, method_rows = [], [], []
     for name, d in details.items():
@@ -258,19 +262,7 @@ def _body(details: dict) -> str:
         stages = default["timings"]
         stage_rows.append(
             [f"EfficientNet-{name.title()}"]
-            + [
-                f"{stages.get(s, 0):.0f}"
-                for s in (
-                    "analyze",
-                    "qat",
-                    "ptq",
-                    "bias correction",
-                    "weight rounding",
-                    "evaluate",
-                    "lower",
-                    "fallback",
-                )
-            ]
+            + [f"{stages.get(s, 0):.0f}" for s in STAGES]
             + [f"{sum(stages.values()):.0f}"]
         )
     header = [
@@ -315,18 +307,7 @@ def _body(details: dict) -> str:
         + table(header, rows)
         + "\n\nTime per stage of the default build (s):\n\n"
         + table(
-            [
-                "model",
-                "analyze",
-                "qat",
-                "ptq",
-                "bias correction",
-                "weight rounding",
-                "evaluate",
-                "lower",
-                "fallback",
-                "total",
-            ],
+            ["model", *STAGES, "total"],
             stage_rows,
         )  # fmt: skip
         + "\n\n"
