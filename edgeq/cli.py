@@ -358,8 +358,8 @@ def setup(
         from edgeq.checks import arm64
 
         ready = arm64.setup(say=lambda line: stdout.print(f"edgeq: {line}", highlight=False))
-        stdout.print(f"arm64 runtime ready: {ready.runner} (executorch {ready.executorch.parent.name.split('-')[-1]})",
-                     highlight=False)  # fmt: skip
+        stdout.print(f"arm64 runtime ready: {ready.runner} (executorch {ready.executorch.parent.name.split('-')[-1]}); "
+                     f"emulated cores: {', '.join(arm64.available_cpus(ready.qemu))}", highlight=False)  # fmt: skip
     except EdgeqError as exc:  # anything else is a bug: its traceback stays
         _fail(exc)
 

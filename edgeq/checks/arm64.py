@@ -7,7 +7,8 @@ installed: it ships the C++ runtime, the XNNPACK delegate and the kernels, none 
 torch), and edgeq's program runner (``edgeq/checks/native``) cross-compiled against it. Validation
 then runs a program under ``qemu-aarch64-static -cpu <core>`` with the cross toolchain's aarch64
 libraries (``-L``; a chroot lacks /proc, which XNNPACK reads to start), and compares every output
-with the x86 runtime's on the same inputs.
+with the x86 runtime's on the same inputs. ``$EDGEQ_QEMU`` points at another qemu-aarch64 (qemu 7.2,
+Debian 12's, emulates SME wrongly; Debian's bookworm-backports has qemu-user 10.0).
 
 Emulated time is not a phone's: nothing here is reported as latency.
 """
@@ -32,20 +33,25 @@ from edgeq.runtime import ProgramRunner, program_batches
 
 __all__ = ["CPUS", "DEFAULT_CPU", "WRONG_CPUS", "ArmComparison", "ArmRunner", "compare", "find_setup", "setup"]
 
-#: emulated cores a program can be checked on (qemu 7.2's names), with the phones they stand for
+#: emulated cores a program can be checked on (qemu's names), with the phones they stand for; the
+#: menu is what the installed qemu offers of these (qemu 7.2 lacks the Armv9 ones and cortex-a55)
 CPUS = {
     "cortex-a76": "big core with dot product (Armv8.2: Snapdragon 855-888, Dimensity 1000-1200 big cores)",
+    "cortex-a55": "little core with dot product (Armv8.2: the little cluster of most phones since 2018)",
     "neoverse-n1": "Cortex-A76's server sibling (Armv8.2 with dot product)",
+    "cortex-a710": "big core with i8mm (Armv9: Snapdragon 8 Gen 1, Dimensity 9000)",
+    "neoverse-n2": "Cortex-A710's server sibling (Armv9 with i8mm and SVE2)",
     "cortex-a72": "big core without dot product (Armv8.0: Snapdragon 650-660, older tablets)",
     "cortex-a53": "little core without dot product (Armv8.0: budget phones, little clusters)",
+    "max": "every feature qemu emulates, SME included (qemu 8 or newer only)",
 }
 DEFAULT_CPU = "cortex-a76"
-#: emulated cores whose results are known to be wrong, with the reason
+#: (core, qemu major versions below which it is wrong, the reason)
 WRONG_CPUS = {
-    "max": "qemu 7.2's -cpu max advertises SME, and XNNPACK's int8 kernels return wrong outputs under it "
-    "(edgeq's digits program: logits off by up to 22, every value different; exact with max,sme=off). "
-    "No phone core in the menu has SME",
-}
+    "max": (8, "qemu 7's -cpu max advertises SME, and under its SME emulation XNNPACK's int8 kernels return "
+            "wrong outputs (edgeq's digits program: logits off by up to 22; exact with max,sme=off, and "
+            "under qemu 10.0.2's -cpu max, so the fault is the emulator's)"),
+}  # fmt: skip
 #: Debian packages the set-up needs, by the tool they provide
 PACKAGES = {"qemu-aarch64-static": "qemu-user-static", "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
             "cmake": "cmake"}  # fmt: skip
@@ -94,7 +100,7 @@ def find_setup() -> ArmSetup:
     if missing or not runner.is_file():
         what = f"{', '.join(sorted(set(missing)))} missing" if missing else f"no runner under {root}"
         raise EdgeqError(f"the arm64 runtime is not set up ({what})", "run `edgeq setup arm64` once")
-    return ArmSetup(root / "executorch", runner, str(shutil.which("qemu-aarch64-static")))
+    return ArmSetup(root / "executorch", runner, str(qemu_binary()))
 
 
 def setup(say: Any = print) -> ArmSetup:
@@ -161,12 +167,38 @@ def _build_runner(root: Path, say: Any) -> None:
             raise EdgeqError(f"building the aarch64 runner failed: {tail[0]}", "run `edgeq setup arm64` again")
 
 
-def check_cpu(cpu: str) -> str:
-    if cpu in WRONG_CPUS:
-        raise EdgeqError(f"edgeq does not validate on the emulated core {cpu!r}: {WRONG_CPUS[cpu]}",
-                         f"pass --cpu with one of {', '.join(CPUS)}")  # fmt: skip
-    if cpu not in CPUS:
-        raise EdgeqError(f"unknown emulated core {cpu!r}", f"pass --cpu with one of {', '.join(CPUS)}")
+def qemu_binary() -> str | None:
+    """``$EDGEQ_QEMU`` (a newer qemu-aarch64 than the distribution's), else qemu-aarch64-static."""
+    return os.environ.get("EDGEQ_QEMU") or shutil.which("qemu-aarch64-static")
+
+
+def qemu_version(qemu: str | None = None) -> tuple[int, int]:
+    done = subprocess.run([qemu or qemu_binary() or "qemu-aarch64-static", "--version"], capture_output=True, text=True)
+    words = done.stdout.split()
+    number = words[2] if len(words) > 2 and words[1] == "version" else "0.0"
+    major, minor, *_ = (int(part) for part in (number.split(".") + ["0"])[:2])
+    return major, minor
+
+
+def available_cpus(qemu: str | None = None) -> list[str]:
+    """The menu's cores the installed qemu emulates."""
+    done = subprocess.run(
+        [qemu or qemu_binary() or "qemu-aarch64-static", "-cpu", "help"], capture_output=True, text=True
+    )
+    offered = set(done.stdout.split())
+    return [cpu for cpu in CPUS if cpu in offered]
+
+
+def check_cpu(cpu: str, qemu: str | None = None) -> str:
+    """``cpu`` when this qemu emulates it correctly; a one-line error naming the choices otherwise."""
+    menu = available_cpus(qemu) if (qemu or qemu_binary()) else list(CPUS)
+    choices = f"pass --cpu with one of {', '.join(c for c in menu if c not in WRONG_CPUS)}"
+    wrong = WRONG_CPUS.get(cpu)
+    if wrong is not None and (qemu or qemu_binary()) and qemu_version(qemu)[0] < wrong[0]:
+        raise EdgeqError(f"edgeq does not validate on the emulated core {cpu!r} with qemu "
+                         f"{'.'.join(map(str, qemu_version(qemu)))}: {wrong[1]}", choices)  # fmt: skip
+    if cpu not in menu:
+        raise EdgeqError(f"unknown emulated core {cpu!r} (or not emulated by this qemu)", choices)
     return cpu
 
 
@@ -176,8 +208,8 @@ class ArmRunner:
 
     def __init__(self, program: str | Path, cpu: str = DEFAULT_CPU) -> None:
         self.program = Path(program)
-        self.cpu = check_cpu(cpu)
         self.setup = find_setup()
+        self.cpu = check_cpu(cpu, self.setup.qemu)
         host = ProgramRunner(self.program)
         self.signature, self.batch = host.signature, host.batch
 
@@ -240,7 +272,8 @@ class ArmComparison:
             "bitexact": self.bitexact,
             "max_difference": self.max_difference,
             "agreement": self.agreement,
-            "runtime": f"executorch {_executorch_version()} aarch64 wheel under qemu-aarch64 -cpu {self.cpu}",
+            "runtime": f"executorch {_executorch_version()} aarch64 wheel under qemu-aarch64 "
+            f"{'.'.join(map(str, qemu_version()))} -cpu {self.cpu}",
         }
 
 
