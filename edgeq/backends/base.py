@@ -51,6 +51,8 @@ class Backend(ABC):
     #: the host runtime runs the target's kernels on the host CPU, so its latency means something
     #: (False for a simulator)
     host_latency: ClassVar[bool] = True
+    #: its programs run on ExecuTorch's aarch64 CPU runtime (the arm64 check, edgeq.checks.arm64)
+    arm_cpu_runtime: ClassVar[bool] = False
     #: its quantizer can leave the ops between planned layers in float (Plan.other_ops), so the
     #: build measures both (False: it quantizes them as its delegate requires)
     plans_other_ops: ClassVar[bool] = False

@@ -133,6 +133,7 @@ class XnnpackBackend(Backend):
     name = "xnnpack"
     title = "XNNPACK"
     plans_other_ops = True
+    arm_cpu_runtime = True
 
     def check_target(self, data: dict[str, Any], precisions: dict[str, Precision], where: str) -> None:
         from edgeq.quant.groupwise import GROUP_MULTIPLE, RANGES

@@ -93,10 +93,10 @@ def arm_preflight(ctx: BuildContext) -> None:
         return
     from edgeq.checks import arm64
 
-    if ctx.target.backend != "xnnpack":
+    if not ctx.backend.arm_cpu_runtime:
         raise EdgeqError(
-            f"--arm-cpu runs XNNPACK programs; target {ctx.target.name} lowers to {ctx.target.backend}",
-            "drop --arm-cpu, or build for an XNNPACK target (android)",
+            f"--arm-cpu runs CPU programs; target {ctx.target.name} lowers to {ctx.backend.title}",
+            "drop --arm-cpu, or build for a CPU target (android)",
         )
     arm64.check_cpu(ctx.config.arm_cpu)
     arm64.find_setup()
