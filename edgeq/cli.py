@@ -438,13 +438,18 @@ def validate(
 
 def _validate_arm(program: Path, r: Any, cpu: str, max_drop: float | None) -> None:
     """The program on Arm kernels (qemu) against the x86 runtime, on the recipe's evaluation data."""
+    from edgeq.backends import get_backend
     from edgeq.checks import arm64
+    from edgeq.checks.evaluate import collect
+    from edgeq.checks.validate import program_backend
     from edgeq.errors import AccuracyError
 
     if not program.is_file():
         raise EdgeqError(f"program {program} not found", "pass the path of a model.pte written by `edgeq build`")
-    from edgeq.checks.evaluate import collect
-
+    backend = get_backend(program_backend(program))
+    if not backend.arm_cpu_runtime:
+        raise EdgeqError(f"{program} is a {backend.title} program: the arm64 runtime runs CPU programs",
+                         "validate it with `edgeq validate` (its own runtime), or build for android")  # fmt: skip
     c = arm64.compare(program, r, arm64.check_cpu(cpu))
     float_metric = float(r.metric(*collect(r.model().eval(), r.eval_data(), select=r.score_output)))
     stdout.print(
