@@ -176,7 +176,9 @@ def test_bundle_has_a_kotlin_class_with_the_real_shape_dtype_and_labels(digits_b
         "manifest.json",
         "manifest.schema.json",
         "model.pte",
+        "native",
     ]
+    assert sorted(p.name for p in (bundle / "native").iterdir()) == ["CMakeLists.txt", "main.cpp"]
     assert (bundle / "model.pte").read_bytes() == (digits_build.out_dir / "model.pte").read_bytes()
     kotlin = (bundle / "DigitsModel.kt").read_text()
     assert "import org.pytorch.executorch.Module" in kotlin and "Tensor.fromBlob(data, INPUT_SHAPE)" in kotlin

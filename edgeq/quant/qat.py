@@ -93,14 +93,21 @@ def holdout_every(config: QATConfig, batches: int, samples: int = 0) -> int:
     """Every k-th training batch is held out (0: none): a fixed, order-independent slice.
 
     ``--holdout``'s share sets k; when that slice would hold fewer than ``min_holdout_samples``
-    (``samples``: the training samples in ``batches``), k shrinks (down to 3) until it holds
-    enough, since 25 photos cannot tell candidates apart that differ by a few photos in 250.
+    (``samples``: the training samples in ``batches``) and a third of the batches would hold
+    enough, k shrinks until it does, since 25 photos cannot tell candidates apart that differ by
+    a few photos in 250. A set too small for that keeps the share as asked.
     """
     if not config.holdout or batches < 2:
         return 0
     every = max(2, round(1.0 / config.holdout))
     per_batch = samples / batches if samples else 0.0
-    while samples and every > _MIN_STRIDE and (batches // every) * per_batch < config.min_holdout_samples:
+
+    def enough(stride: int) -> bool:
+        return (batches // stride) * per_batch >= config.min_holdout_samples
+
+    if not samples or enough(every) or not enough(min(every, _MIN_STRIDE)):
+        return every  # enough already, or too little data for a third to be enough: the share as asked
+    while not enough(every):
         every -= 1
     return every
 
@@ -437,18 +444,20 @@ def _state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def restore_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """``model.load_state_dict(state)`` for any exported graph: entries equal to what the model holds
-    are left alone. An exported graph's lifted constants (a detector's anchor grid made with
+    are left out. An exported graph's lifted constants (a detector's anchor grid made with
     ``expand()``) are state-dict entries whose elements share memory, which load_state_dict
-    refuses to write; training never changes them, so only what changed is copied."""
-    current = model.state_dict(keep_vars=True)
-    missing = sorted(set(state) ^ set(current))
-    if missing:
-        raise RuntimeError(f"state does not match the model: {missing[:5]}")
-    for name, value in state.items():
-        target = current[name]
-        if target.shape == value.shape and torch.equal(target, value.to(target.device)):
-            continue
-        target.copy_(value)
+    refuses to write; training never changes them. What changed goes through load_state_dict,
+    which also resizes observer statistics that were empty when the model was made."""
+    current = model.state_dict()
+    extra = sorted(set(state) ^ set(current))
+    if extra:
+        raise RuntimeError(f"state does not match the model: {extra[:5]}")
+    changed = {
+        name: value
+        for name, value in state.items()
+        if current[name].shape != value.shape or not torch.equal(current[name], value.to(current[name].device))
+    }
+    model.load_state_dict(changed, strict=False)
 
 
 def run_qat(

@@ -163,6 +163,10 @@ class _Fit(fx.Interpreter):
         if n.name not in self.layers or n.name not in self.floats:
             return super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
+        # The reference's parameters (float biases) require grad: nothing fitted here is trained
+        # through them, and an input carrying their graph could not be backpropagated twice.
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         weight = _weight_of(self.module, n)  # type: ignore[arg-type]
         assert weight is not None
 
@@ -213,7 +217,6 @@ class _Fit(fx.Interpreter):
         return int((best_scale != base).sum())
 
     def _adaround(self, weight: _Weight, w: torch.Tensor, x: torch.Tensor, target: torch.Tensor, layer) -> None:
-        config = self.config
         scale = weight.shape(weight.scale).float()
         zp = weight.shape(weight.zero_point).float()
         scaled = w / scale
@@ -222,6 +225,15 @@ class _Fit(fx.Interpreter):
         zeta, gamma = 1.1, -0.1
         # The soft rounding starts where round-to-nearest's fraction is (Nagel et al., section 4).
         v = (-torch.log((zeta - gamma) / (rest - gamma) - 1)).requires_grad_(True)
+        with torch.enable_grad():
+            self._descend(v, floor, scale, zp, weight, x, target, layer)
+        with torch.no_grad():
+            up = (torch.clamp(torch.sigmoid(v) * (zeta - gamma) + gamma, 0, 1) >= 0.5).float()
+            weight.integers.copy_(torch.clamp(floor + up + zp, weight.qmin, weight.qmax).to(weight.integers.dtype))
+
+    def _descend(self, v, floor, scale, zp, weight: _Weight, x, target, layer) -> None:
+        config = self.config
+        zeta, gamma = 1.1, -0.1
         optimizer = torch.optim.Adam([v], lr=config.learning_rate)
         samples = x.shape[0]
         warm = int(config.warmup * config.iterations)
@@ -239,9 +251,6 @@ class _Fit(fx.Interpreter):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        with torch.no_grad():
-            up = (torch.clamp(torch.sigmoid(v) * (zeta - gamma) + gamma, 0, 1) >= 0.5).float()
-            weight.integers.copy_(torch.clamp(floor + up + zp, weight.qmin, weight.qmax).to(weight.integers.dtype))
 
 
 @torch.no_grad()
@@ -267,7 +276,8 @@ def fit_rounding(
     layers = _layers(reference)
     floats = _float_weights(float_graph, set(layers), tuple(t[:1] for t in inputs))
     fit = _Fit(reference, layers, floats, config)
-    fit.run(*inputs)
+    with torch.no_grad():  # AdaRound turns gradients on for its own variables only
+        fit.run(*inputs)
     reference.recompile()
     result = fit.result
     result.samples = int(inputs[0].shape[0]) if inputs else 0
