@@ -237,7 +237,9 @@ def _summary(result) -> None:
         why = "lowest held-out loss" if s.lowest in ("", s.shipped) else f"as good as {s.lowest} (lowest), simpler"
         table.add_row("shipped", f"{s.shipped}: {why}, on {s.selected_on}")
     fallback = result.report.get("fallback")
-    if fallback:
+    if fallback and fallback.get("skipped"):
+        table.add_row("accuracy fallback", f"not run: {fallback['skipped']}")
+    elif fallback:
         moved = ", ".join(step["layer"] for step in fallback["steps"])
         table.add_row("accuracy fallback to float", f"{moved} ({'shipped' if fallback['shipped'] else 'no gain'})")
     program = s.intervals.get("program")

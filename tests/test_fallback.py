@@ -86,3 +86,14 @@ def test_trained_weights_go_back_into_the_float_model_unless_batchnorm_was_folde
     plan = uniform_plan(convbn, target, "int8", example_inputs=images)
     folded = prepare(capture_for_quantization(convbn, images, True), quant_spec(plan, target))
     assert trained_float(convbn, folded) is None
+
+
+def test_a_drop_the_held_out_samples_cannot_tell_from_none_sends_nothing_to_float():
+    from edgeq.checks.stats import Paired
+    from edgeq.planning.fallback import not_worth_it
+
+    # 2 photos of 75 (2.7 points, over --max-drop 1): McNemar cannot tell that from no drop
+    noise = Paired(2.67, -1.3, 6.7, 0.5, 75, "McNemar", (1, 3))
+    assert "not distinguishable from no drop (p = 0.5)" in not_worth_it(noise)
+    real = Paired(12.0, 5.3, 18.7, 0.0005, 75, "McNemar", (0, 9))
+    assert not_worth_it(real) == ""

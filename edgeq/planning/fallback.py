@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from edgeq.checks.debug import debug as layer_debug
+from edgeq.checks.stats import Paired
 from edgeq.context import BuildContext, FloatBaseline
 from edgeq.planning.choose import PlanChoice
 from edgeq.planning.plan import Plan, budget_in_bytes, layer_bytes, weight_bytes
@@ -47,6 +48,8 @@ class Fallback:
     float_metric: float
     #: whose weights each step quantized: "QAT-trained" or "float"
     weights: str = "float"
+    #: why no step was tried although the point estimate missed --max-drop ("": steps were tried)
+    skipped: str = ""
 
     def to_report(self) -> dict[str, Any]:
         return {
@@ -56,6 +59,7 @@ class Fallback:
             "float_metric": self.float_metric,
             "steps": self.steps,
             "shipped": self.improved,
+            "skipped": self.skipped,
         }
 
 
@@ -76,17 +80,32 @@ def accuracy_fallback(
     ctx: BuildContext, baseline: FloatBaseline, start: FallbackStart, selection: Selection
 ) -> Fallback | None:
     """The best fallback step by held-out metric, or None when the reference already holds (or
-    the target has no float precision, or ``fallback_layers`` is 0)."""
+    the target has no float precision, or ``fallback_layers`` is 0). It runs only when the
+    held-out drop exceeds ``--max-drop`` and is distinguishable from no drop (95%, paired);
+    otherwise the returned record says why it did not."""
     config, target = ctx.config, ctx.target
     if not config.fallback_layers or not any(spec.is_float for spec in target.precisions.values()):
         return None
     float_metric = selection.float_metric()
-    metric = float_metric - selection.drop(start.reference).difference
-    if float_metric - metric <= config.max_drop:
+    drop = selection.drop(start.reference)
+    metric = float_metric - drop.difference
+    if drop.difference <= config.max_drop:
         return None
+    why = not_worth_it(drop)
+    if why:
+        return Fallback(start.choice.plan, start.reference, [], False, "", metric, float_metric, skipped=why)
     ctx.announce("fallback")
     with ctx.stages("fallback"):
         return _fall_back(ctx, baseline, start, selection, (float_metric, metric))
+
+
+def not_worth_it(drop: Paired) -> str:
+    """Why a held-out drop over --max-drop sends no layer to float ("" when it should): a drop the
+    held-out samples cannot tell from none is not worth a float layer's bytes."""
+    if drop.significant:
+        return ""
+    return (f"the held-out drop {drop.difference:+.2f} [{drop.low:+.2f}, {drop.high:+.2f}] on {drop.samples} "
+            f"samples is not distinguishable from no drop (p = {drop.p_value:.3g})")  # fmt: skip
 
 
 def _fall_back(
