@@ -128,7 +128,7 @@ def _drop(acc: dict) -> str:
     text = f"{acc['program'] - acc['float']:+.1f}"
     pair = (acc.get("paired") or {}).get("float_vs_program")
     if pair:
-        text += f", 95% [{-pair['high']:+.1f}, {-pair['low']:+.1f}], McNemar p {pair['p_value']:.2f}"
+        text += f", 95% [{0.0 - pair['high']:+.1f}, {0.0 - pair['low']:+.1f}], McNemar p {pair['p_value']:.2f}"
     return text
 
 
