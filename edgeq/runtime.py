@@ -83,6 +83,10 @@ class ProgramRunner:
         return list(self._method.execute(tuple(t.contiguous() for t in inputs)))
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.outputs(*inputs)[0]
+
+    def outputs(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Every output of ``forward`` for a batch of any size (one program call per chunk)."""
         for (shape, _), tensor in zip(self.signature.inputs, inputs):
             if tuple(tensor.shape[1:]) != tuple(shape[1:]) and not tensor.is_floating_point() and len(shape) == 2:
                 raise EdgeqError(
@@ -95,9 +99,8 @@ class ProgramRunner:
                     f"input of shape {tuple(tensor.shape)} does not fit the program's input {shape}",
                     "feed the data the program was built for (same recipe and preprocessing)",
                 )
-        return torch.cat(
-            [self.execute(*chunk)[0][:real].clone() for chunk, real in program_batches(inputs, self.batch)]
-        )
+        calls = [(self.execute(*chunk), real) for chunk, real in program_batches(inputs, self.batch)]
+        return [torch.cat([out[j][:real].clone() for out, real in calls]) for j in range(len(calls[0][0]))]
 
 
 def program_batches(inputs: tuple[torch.Tensor, ...], batch: int) -> list[tuple[list[torch.Tensor], int]]:

@@ -191,12 +191,14 @@ def available_cpus(qemu: str | None = None) -> list[str]:
 
 def check_cpu(cpu: str, qemu: str | None = None) -> str:
     """``cpu`` when this qemu emulates it correctly; a one-line error naming the choices otherwise."""
-    menu = available_cpus(qemu) if (qemu or qemu_binary()) else list(CPUS)
+    qemu = qemu or qemu_binary()
+    menu = available_cpus(qemu) if qemu else list(CPUS)
     choices = f"pass --cpu with one of {', '.join(c for c in menu if c not in WRONG_CPUS)}"
     wrong = WRONG_CPUS.get(cpu)
-    if wrong is not None and (qemu or qemu_binary()) and qemu_version(qemu)[0] < wrong[0]:
+    version = qemu_version(qemu) if qemu and wrong is not None else None
+    if wrong is not None and version is not None and version[0] < wrong[0]:
         raise EdgeqError(f"edgeq does not validate on the emulated core {cpu!r} with qemu "
-                         f"{'.'.join(map(str, qemu_version(qemu)))}: {wrong[1]}", choices)  # fmt: skip
+                         f"{'.'.join(map(str, version))}: {wrong[1]}", choices)  # fmt: skip
     if cpu not in menu:
         raise EdgeqError(f"unknown emulated core {cpu!r} (or not emulated by this qemu)", choices)
     return cpu
@@ -290,8 +292,7 @@ def compare(program: str | Path, recipe: Any, cpu: str = DEFAULT_CPU, limit: int
     for inputs, target in recipe.eval_data():
         inputs = as_tuple(inputs)
         arm_out.append(arm.outputs(*inputs))
-        host_out.append([torch.cat([host.execute(*c)[j][:r].clone() for c, r in program_batches(inputs, host.batch)])
-                         for j in range(len(host.signature.outputs))])  # fmt: skip
+        host_out.append(host.outputs(*inputs))
         targets.append(torch.as_tensor(target))
         seen += int(inputs[0].shape[0])
         if limit is not None and seen >= limit:

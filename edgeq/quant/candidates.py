@@ -192,11 +192,7 @@ def _simplest_as_good(samples: dict[str, torch.Tensor], lowest: str) -> tuple[st
     simpler = [name for name in before if name in samples]
     if not simpler:
         return lowest, {}
-    best = samples[lowest]
-    evidence: dict[str, dict[str, Any]] = {}
-    for name in simpler:
-        difference, low, high = mean_interval(samples[name] - best)
-        evidence[name] = {"difference": difference, "low": low, "high": high, "samples": int(best.shape[0])}
+    evidence = {name: _loss_difference(samples[name], samples[lowest]) for name in simpler}
     for name in simpler:
         if evidence[name]["low"] <= 0.0:
             return name, evidence
@@ -207,12 +203,14 @@ def _against(measures: dict[str, tuple[float, torch.Tensor]], shipped: str) -> d
     """How sure the choice is: each other candidate's mean held-out loss minus the shipped one's,
     with its 95% paired-bootstrap interval over the same held-out samples."""
     base = measures[shipped][1]
-    tests = {}
-    for name, (_, samples) in measures.items():
-        if name != shipped:
-            difference, low, high = mean_interval(samples - base)
-            tests[name] = {"difference": difference, "low": low, "high": high, "samples": int(base.shape[0])}
-    return tests
+    return {name: _loss_difference(samples, base) for name, (_, samples) in measures.items() if name != shipped}
+
+
+def _loss_difference(losses: torch.Tensor, base: torch.Tensor) -> dict[str, Any]:
+    """Mean per-sample held-out loss of ``losses`` minus ``base`` on the same samples, with its 95%
+    paired-bootstrap interval."""
+    difference, low, high = mean_interval(losses - base)
+    return {"difference": difference, "low": low, "high": high, "samples": int(base.shape[0])}
 
 
 def fit_data(
