@@ -252,7 +252,10 @@ def _summary(result) -> None:
         table.add_row(
             "host latency, .pte / float", f"{latency['program_ms']:.2f} / {latency['float_program_ms']:.2f} ms"
         )
-    table.add_row("reference vs .pte top-1 agreement", f"{s.agreement['reference_vs_program']:.2f}%")
+    if s.agreement:
+        table.add_row("reference vs .pte top-1 agreement", f"{s.agreement['reference_vs_program']:.2f}%")
+    else:  # not a classifier: how close the program's output is to the reference's
+        table.add_row("reference vs .pte output SQNR", f"{s.sqnr_db['reference_vs_program']:.1f} dB")
     table.add_row(
         "program size", f"{result.sizes['program_bytes']:,} B (float {result.sizes['float_program_bytes']:,} B)"
     )
@@ -418,7 +421,8 @@ def validate(
         stdout.print(
             f"{v.where}: program {v.program:.2f}  float {v.float:.2f}"
             + (f"  reference {v.reference:.2f}" if v.reference is not None else "")
-            + f"  drop {v.float - v.program:.2f}  top-1 agreement: float {v.agreement_float:.2f}%"
+            + f"  drop {v.float - v.program:.2f}"
+            + (f"  top-1 agreement: float {v.agreement_float:.2f}%" if v.agreement_float is not None else "")
             + (f", reference {v.agreement_reference:.2f}%" if v.agreement_reference is not None else "")
             + f"  SQNR {v.sqnr_db[0]:.1f} dB  cosine {v.cosine[0]:.4f}  ({v.samples} samples)"
         )
@@ -429,7 +433,12 @@ def validate(
                 f"drop {v.float - v.program:.2f} exceeds --max-drop {max_drop}",
                 "rebuild with more QAT steps or a wider plan",
             )
-        if min_agreement is not None and agree < min_agreement:
+        if min_agreement is not None and agree is None:
+            raise EdgeqError(
+                "--min-agreement is top-1 agreement, and this model's output is not [samples, classes] scores",
+                "gate on the recipe's metric with --max-drop instead",
+            )
+        if min_agreement is not None and agree is not None and agree < min_agreement:
             raise AccuracyError(
                 f"agreement {agree:.2f}% is below --min-agreement {min_agreement}",
                 "rebuild with more QAT steps or a wider plan",

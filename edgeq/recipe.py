@@ -2,7 +2,8 @@
 
 A recipe is a Python file or an importable module with module-level functions
 ``model``, ``example_inputs``, ``train_data``, ``eval_data`` and, optionally,
-``loss``, ``metric``, ``labels`` and ``preprocessing``. :class:`Recipe` is the
+``loss``, ``metric``, ``labels``, ``preprocessing`` and ``postprocessing`` (a
+detector's decoder, :mod:`edgeq.tasks.detection`). :class:`Recipe` is the
 same thing as a dataclass, for users who prefer to build one in code.
 """
 
@@ -137,9 +138,17 @@ class Recipe:
     #: transformer's {"optimizer": "adam", "lr": 1e-5}); a build uses them unless it is given
     #: its own QATConfig, and `edgeq build` flags override them one by one
     qat: dict[str, Any] = field(default_factory=dict)
+    #: what the app runs on the output, e.g. an edgeq.tasks.detection decoder: written to the
+    #: manifest, and the bundle carries its implementation (Detections.java)
+    postprocessing: Any = None
 
     def __post_init__(self) -> None:
         self.qat = recipe_qat(self.qat, self.name)
+        if self.postprocessing is not None and not callable(getattr(self.postprocessing, "manifest", None)):
+            raise EdgeqError(
+                f"recipe {self.name}: postprocessing is a {type(self.postprocessing).__name__}",
+                "set it to a decoder from edgeq.tasks.detection (GridDecoder or YoloDecoder), or leave it out",
+            )
         self.loss = _guarded("loss", self.loss)
         self.metric = _guarded("metric", self.metric)
 
@@ -282,6 +291,7 @@ def recipe_from_module(module: ModuleType, source: str = "") -> Recipe:
         preprocessing=dict(getattr(module, "preprocessing", {}) or {}),
         text=dict(getattr(module, "text", {}) or {}),
         qat=getattr(module, "qat", None) or {},
+        postprocessing=getattr(module, "postprocessing", None),
         source=source,
         fingerprint=hashlib.sha256(text.encode()).hexdigest(),
     )

@@ -45,7 +45,11 @@ class Patch:
         return obj
 
     def current(self) -> Any:
-        return getattr(self.owner(), self.attribute.split(".")[-1])
+        name = self.attribute.split(".")[-1]
+        if name.endswith("]"):  # an entry of a registry dict: "OP_TO_ANNOTATOR[cat]"
+            table, key = name[:-1].split("[")
+            return getattr(self.owner(), table)[key]
+        return getattr(self.owner(), name)
 
 
 PATCHES: tuple[Patch, ...] = (
@@ -84,6 +88,13 @@ PATCHES: tuple[Patch, ...] = (
         "is_relu_node",
         ("node",),
         "while edgeq annotates: ReLU6 (hardtanh) fuses into the conv/linear/add before it as ReLU does",
+    ),
+    Patch(
+        "executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils",
+        "OP_TO_ANNOTATOR[cat]",
+        ("gm", "quantization_config", "filter_fn"),
+        "while edgeq annotates: the cat annotator honours the filter (it ignores it upstream, so every "
+        "concatenation took the first layer config, float_ops and other_ops = float included)",
     ),
     Patch(
         "executorch.backends.xnnpack._passes.insert_pad_qdq",
@@ -320,6 +331,50 @@ def fuse_relu6() -> Iterator[None]:
         yield
     finally:
         utils.is_relu_node = original
+
+
+@contextlib.contextmanager
+def cat_honours_filter() -> Iterator[None]:
+    """While XNNPACKQuantizer annotates, its cat annotator skips the concatenations the filter rejects.
+
+    XNNPACK's ``_annotate_cat`` takes a ``filter_fn`` and never calls it: the
+    first quantizer pass (edgeq annotates layer by layer, one pass per config)
+    claims every concatenation in the graph with that pass's config, so a
+    plan's float ops and ``other_ops = "float"`` were quantized anyway, with one
+    shared scale over inputs as different as pixels and probabilities. The
+    rejected concatenations are marked annotated for the duration of the
+    upstream call (``_is_annotated`` then skips them) and unmarked after.
+    """
+    from executorch.backends.xnnpack.quantizer import xnnpack_quantizer_utils as utils
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+
+    original = utils.OP_TO_ANNOTATOR["cat"]
+    key = "quantization_annotation"
+
+    @functools.wraps(original)
+    def annotate_cat(gm: torch.fx.GraphModule, quantization_config: Any, filter_fn: Any = None) -> Any:
+        hidden = [
+            n
+            for n in gm.graph.nodes
+            if n.op == "call_function"
+            and n.target == torch.ops.aten.cat.default
+            and key not in n.meta
+            and filter_fn is not None
+            and not filter_fn(n)
+        ]
+        for n in hidden:
+            n.meta[key] = QuantizationAnnotation(_annotated=True)
+        try:
+            return original(gm, quantization_config, filter_fn)
+        finally:
+            for n in hidden:
+                del n.meta[key]
+
+    utils.OP_TO_ANNOTATOR["cat"] = annotate_cat
+    try:
+        yield
+    finally:
+        utils.OP_TO_ANNOTATOR["cat"] = original
 
 
 def register_quantized_embedding_ops() -> None:

@@ -18,6 +18,20 @@ def test_distillation_loss_is_zero_at_the_teacher_and_positive_elsewhere():
     assert distillation_loss(logits + torch.randn(8, 10), logits).item() > 0
     embeddings = torch.randn(8, 1)  # not logits: mean squared error
     assert distillation_loss(embeddings * 2, embeddings).item() == pytest.approx(float((embeddings**2).mean()))
+    # A detector's output mixes pixels with probabilities: MSE with each channel weighed by the
+    # teacher's variance, so an error of one standard deviation costs the same on every channel.
+    rows = torch.cat([torch.rand(4, 16, 4) * 320, torch.rand(4, 16, 11)], dim=-1)  # [B, N, 4 + 1 + 10]
+    off = rows.clone()
+    off[..., 0] += rows[..., 0].std(unbiased=False)  # one std on the x pixel channel
+    one_pixel = distillation_loss(off, rows).item()
+    off = rows.clone()
+    off[..., 5] += rows[..., 5].std(unbiased=False)  # one std on a probability channel
+    assert distillation_loss(off, rows).item() == pytest.approx(one_pixel, rel=1e-4)
+    head = rows.transpose(1, 2).reshape(4, 15, 4, 4)  # the same values as a [B, C, H, W] map
+    assert distillation_loss(head, head).item() == 0.0
+    assert distillation_loss(off.transpose(1, 2).reshape(4, 15, 4, 4), head).item() == pytest.approx(
+        one_pixel, rel=1e-4
+    )
 
 
 def test_unknown_loss_is_one_line():

@@ -109,3 +109,31 @@ def test_torchao_train_switch_rewrites_dropout_rates_and_edgeq_keeps_them():
     assert dropouts(graph) == [(0.1, False), (0.0, False)]
     with torch.no_grad():
         assert torch.equal(graph(x), x)
+
+
+def test_xnnpack_cat_annotator_still_ignores_its_filter_and_edgeq_makes_it_honour_it():
+    """The concatenation annotator is registered under "cat" and still ignores filter_fn upstream
+    (when it stops ignoring it, edgeq's cat_honours_filter can go)."""
+    import torch
+    from executorch.backends.xnnpack.quantizer import xnnpack_quantizer_utils as utils
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+
+    class Two(torch.nn.Module):
+        def forward(self, a, b):
+            return torch.cat([a, b], 1), torch.cat([b, a], 1)
+
+    def graph():
+        return torch.export.export(Two(), (torch.randn(1, 2), torch.randn(1, 2))).module()
+
+    registered = utils.OP_TO_ANNOTATOR["cat"]
+    config = get_symmetric_quantization_config()
+    key = "quantization_annotation"
+    first_only = lambda n: n.name == "cat"  # noqa: E731
+    gm = graph()
+    utils.OP_TO_ANNOTATOR["cat"](gm, config, first_only)
+    assert {n.name for n in gm.graph.nodes if key in n.meta} == {"cat", "cat_1"}, "upstream now honours filter_fn"
+    gm = graph()
+    with upstream.cat_honours_filter():
+        utils.OP_TO_ANNOTATOR["cat"](gm, config, first_only)
+    assert {n.name for n in gm.graph.nodes if key in n.meta} == {"cat"}
+    assert utils.OP_TO_ANNOTATOR["cat"] is registered

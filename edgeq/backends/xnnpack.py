@@ -52,11 +52,13 @@ def _plan_quantizer_class() -> type:
         module) would match neither the layer's config nor the global one.
         """
 
-        def __init__(self, global_config: Any, layer_configs: dict[str, Any]) -> None:
+        def __init__(self, global_config: Any, layer_configs: dict[str, Any], float_ops: list[str]) -> None:
             super().__init__()
             self.set_global(global_config)
             #: layer -> config; None leaves the layer to another quantizer (or to float)
             self.layer_configs = layer_configs
+            #: graph nodes the plan keeps in float (Plan.float_ops)
+            self.float_ops = set(float_ops)
 
         def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             model = super().transform_for_annotation(model)
@@ -67,7 +69,7 @@ def _plan_quantizer_class() -> type:
             # Overrides XNNPACKQuantizer's private dispatch and calls its private
             # _annotate_all_patterns: the public set_module_name cannot express "this layer
             # and the ops fused into it" (see class docstring). tests/test_upstream.py pins both.
-            with upstream.fuse_relu6():
+            with upstream.fuse_relu6(), upstream.cat_honours_filter():
                 return self._annotate_by_layer(model)
 
         def _annotate_by_layer(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -80,11 +82,11 @@ def _plan_quantizer_class() -> type:
             for config, layers in by_config.values():
                 self._annotate_all_patterns(model, config, _owned_by(owners, layers))
             overridden = set(self.layer_configs)
-            sentinels = sentinel_nodes(model)
+            floats = sentinel_nodes(model) | {n for n in model.graph.nodes if n.name in self.float_ops}
             self._annotate_all_patterns(
                 model,
                 self.global_config,
-                lambda n: n.op != "call_function" or (owners.get(n) not in overridden and n not in sentinels),
+                lambda n: n.op != "call_function" or (owners.get(n) not in overridden and n not in floats),
             )
             return model
 
@@ -177,8 +179,8 @@ class XnnpackBackend(Backend):
         default_dynamic = default.activations == "dynamic"
         cls = _plan_quantizer_class()
         global_config = config(default.name) if between else None
-        static = cls(None if default_dynamic else global_config, by_mode[False])
-        dynamic = cls(global_config if default_dynamic else None, by_mode[True])
+        static = cls(None if default_dynamic else global_config, by_mode[False], plan.float_ops)
+        dynamic = cls(global_config if default_dynamic else None, by_mode[True], plan.float_ops)
         if not any(by_mode[False].values()) and (default_dynamic or not between):
             return dynamic
         if not any(by_mode[True].values()) and (not default_dynamic or not between):

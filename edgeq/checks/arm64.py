@@ -283,27 +283,30 @@ def compare(program: str | Path, recipe: Any, cpu: str = DEFAULT_CPU, limit: int
     """Run ``program`` on the recipe's evaluation data on Arm kernels and on x86, and compare."""
     from edgeq.checks.evaluate import agreement
     from edgeq.recipe import as_tuple
+    from edgeq.samples import count, join
 
     arm, host = ArmRunner(program, cpu), ProgramRunner(program)
     arm_out: list[list[torch.Tensor]] = []
     host_out: list[list[torch.Tensor]] = []
-    targets: list[torch.Tensor] = []
+    targets: list[Any] = []
+    sizes: list[int] = []
     seen = 0
     for inputs, target in recipe.eval_data():
         inputs = as_tuple(inputs)
         arm_out.append(arm.outputs(*inputs))
         host_out.append(host.outputs(*inputs))
-        targets.append(torch.as_tensor(target))
-        seen += int(inputs[0].shape[0])
+        targets.append(target)
+        sizes.append(int(inputs[0].shape[0]))
+        seen += sizes[-1]
         if limit is not None and seen >= limit:
             break
     a = [torch.cat(parts) for parts in zip(*arm_out)]
     h = [torch.cat(parts) for parts in zip(*host_out)]
-    y = torch.cat(targets)
+    y = join(targets, sizes)
     scored_a, scored_h = recipe.score_output(a if len(a) > 1 else a[0]), recipe.score_output(h if len(h) > 1 else h[0])
     return ArmComparison(
         cpu=cpu,
-        samples=int(y.shape[0]),
+        samples=count(y),
         metric=float(recipe.metric(scored_a, y)),
         host_metric=float(recipe.metric(scored_h, y)),
         bitexact=[float((x == z).float().mean()) for x, z in zip(a, h)],

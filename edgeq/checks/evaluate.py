@@ -15,13 +15,15 @@ import torch
 
 from edgeq.errors import EdgeqError
 from edgeq.recipe import as_tuple, select_output
+from edgeq.samples import join, to_device
 
 
 @dataclass
 class Evaluation:
     metric: float
     outputs: torch.Tensor
-    targets: torch.Tensor
+    #: a tensor, a dict of tensors, or :class:`edgeq.samples.Samples` (one target per sample)
+    targets: Any
     samples: int
 
 
@@ -31,15 +33,17 @@ def collect(
     limit: int | None = None,
     progress=None,
     select: Callable[[Any], torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate the outputs of ``run(*inputs)`` (the scored one, see Recipe.output) and the targets."""
-    outputs, targets = [], []
+) -> tuple[torch.Tensor, Any]:
+    """Concatenate the outputs of ``run(*inputs)`` (the scored one, see Recipe.output), and join the
+    targets whatever their structure (:func:`edgeq.samples.join`)."""
+    outputs: list[torch.Tensor] = []
+    targets: list[Any] = []
     seen = 0
     with torch.no_grad():
         for inputs, target in data:
             out = (select or select_output)(run(*as_tuple(inputs)))
             outputs.append(out.detach().float().cpu())
-            targets.append(torch.as_tensor(target).cpu())
+            targets.append(to_device(target, "cpu"))
             seen += len(outputs[-1])
             if progress is not None:
                 progress(len(outputs[-1]))
@@ -49,7 +53,7 @@ def collect(
         raise EdgeqError(
             "eval_data() yielded no batches", "make the recipe's eval_data() yield (inputs, target) batches"
         )
-    return torch.cat(outputs), torch.cat(targets)
+    return torch.cat(outputs), join(targets, [len(o) for o in outputs])
 
 
 def evaluate(
@@ -61,6 +65,11 @@ def evaluate(
 ) -> Evaluation:
     outputs, targets = collect(run, data, progress=progress, select=select)
     return Evaluation(float(metric(outputs, targets)), outputs, targets, len(outputs))
+
+
+def is_classifier_output(outputs: torch.Tensor) -> bool:
+    """[samples, classes] scores, where top-1 agreement means something (not a detector's map)."""
+    return outputs.dim() == 2 and outputs.shape[-1] > 1
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:

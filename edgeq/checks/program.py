@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from edgeq.checks.evaluate import Evaluation, agreement
+from edgeq.checks.evaluate import Evaluation, agreement, is_classifier_output, sqnr_db
 from edgeq.checks.latency import host_latency_ms
 from edgeq.checks.stats import interval, paired, verdict
 from edgeq.context import BuildContext, FloatBaseline, Quantized
@@ -53,6 +53,8 @@ class Scores:
     paired: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     #: what the measured drop says about --max-drop, in one sentence
     verdict: str = ""
+    #: SQNR (dB) of the scored output, "a_vs_b": b against a (every model, classifier or not)
+    sqnr_db: dict[str, builtins.float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -144,6 +146,12 @@ def scores(
             "reference_vs_program": agreement(evaluations.reference.outputs, program.outputs),
             "qat_vs_program": agreement(qat.outputs, program.outputs),
             "float_vs_program": agreement(evaluations.float.outputs, program.outputs),
+        }
+        if is_classifier_output(program.outputs)
+        else {},
+        sqnr_db={
+            "reference_vs_program": sqnr_db(evaluations.reference.outputs, program.outputs),
+            "float_vs_program": sqnr_db(evaluations.float.outputs, program.outputs),
         },
     )
     _uncertainty(result, evaluations, metric, max_drop)

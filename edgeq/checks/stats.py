@@ -19,6 +19,7 @@ interval.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,11 +27,16 @@ from typing import Any
 import torch
 
 from edgeq.recipe import top1_accuracy, top1_hits
+from edgeq.samples import take
 
 __all__ = ["Interval", "Paired", "interval", "mean_interval", "paired", "verdict"]
 
 LEVEL = 0.95
 RESAMPLES = 1000
+#: a metric slower than this per call (COCO mAP over a few hundred images) gets fewer resamples,
+#: never under MIN_RESAMPLES: the interval's seconds stay bounded, and its method says how many
+BOOTSTRAP_SECONDS = 10.0
+MIN_RESAMPLES = 200
 _Z = 1.959963984540054  # two-sided 95% normal quantile
 
 
@@ -82,8 +88,28 @@ def wilson(successes: int, n: int) -> tuple[float, float]:
     return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
 
 
-def _resamples(n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, n, (RESAMPLES, n), generator=torch.Generator().manual_seed(seed))
+def _resamples(n: int, seed: int, count: int = RESAMPLES) -> torch.Tensor:
+    return torch.randint(0, n, (count, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _bootstrap(metric: Callable, outputs: torch.Tensor, targets: Any, indices: torch.Tensor) -> torch.Tensor:
+    """The metric on each resample (a row of ``indices``); in one call when the metric knows how
+    (``metric.resampled``: COCO mAP matches boxes once and re-accumulates per resample)."""
+    fast = getattr(getattr(metric, "__wrapped__", metric), "resampled", None)
+    if fast is not None:
+        return torch.as_tensor(fast(outputs, targets, indices), dtype=torch.float64)
+    return torch.tensor([float(metric(outputs[idx], take(targets, idx))) for idx in indices], dtype=torch.float64)
+
+
+def _budgeted(metric: Callable, outputs: torch.Tensor, targets: Any, n: int, seed: int) -> torch.Tensor:
+    """Resample indices: RESAMPLES of them, or as many as fit in BOOTSTRAP_SECONDS for a slow metric
+    (timed on a few resamples first), never under MIN_RESAMPLES."""
+    indices = _resamples(n, seed)
+    probe = 5
+    start = time.perf_counter()
+    _bootstrap(metric, outputs, targets, indices[:probe])
+    each = max((time.perf_counter() - start) / probe, 1e-9)
+    return indices[: int(min(RESAMPLES, max(MIN_RESAMPLES, BOOTSTRAP_SECONDS / each)))]
 
 
 def _percentiles(values: torch.Tensor) -> tuple[float, float]:
@@ -93,7 +119,7 @@ def _percentiles(values: torch.Tensor) -> tuple[float, float]:
     return float(ordered[int(round(tail * last))]), float(ordered[int(round((1 - tail) * last))])
 
 
-def interval(metric: Callable, outputs: torch.Tensor, targets: torch.Tensor, seed: int = 0) -> Interval:
+def interval(metric: Callable, outputs: torch.Tensor, targets: Any, seed: int = 0) -> Interval:
     """The metric of one model with its 95% interval over the evaluation samples."""
     n = int(outputs.shape[0])
     value = float(metric(outputs, targets))
@@ -101,9 +127,9 @@ def interval(metric: Callable, outputs: torch.Tensor, targets: torch.Tensor, see
         correct = int(top1_hits(outputs, targets).sum())
         low, high = wilson(correct, n)
         return Interval(value, low, high, n, "Wilson score interval")
-    values = torch.tensor([float(metric(outputs[idx], targets[idx])) for idx in _resamples(n, seed)])
-    low, high = _percentiles(values)
-    return Interval(value, low, high, n, f"percentile bootstrap, {RESAMPLES} resamples")
+    indices = _budgeted(metric, outputs, targets, n, seed)
+    low, high = _percentiles(_bootstrap(metric, outputs, targets, indices))
+    return Interval(value, low, high, n, f"percentile bootstrap, {len(indices)} resamples")
 
 
 def mean_interval(values: torch.Tensor, seed: int = 0) -> tuple[float, float, float]:
@@ -126,12 +152,12 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
     return min(1.0, 2.0 * tail)
 
 
-def paired(metric: Callable, a: torch.Tensor, b: torch.Tensor, targets: torch.Tensor, seed: int = 0) -> Paired:
+def paired(metric: Callable, a: torch.Tensor, b: torch.Tensor, targets: Any, seed: int = 0) -> Paired:
     """``metric(a) - metric(b)`` on the same samples, with a paired 95% interval and p-value."""
     n = int(a.shape[0])
     difference = float(metric(a, targets)) - float(metric(b, targets))
-    indices = _resamples(n, seed)
     if _is_top1(metric):
+        indices = _resamples(n, seed)
         ca, cb = top1_hits(a, targets), top1_hits(b, targets)
         only_a, only_b = int(((ca == 1) & (cb == 0)).sum()), int(((ca == 0) & (cb == 1)).sum())
         diffs = 100.0 * (ca[indices].mean(1) - cb[indices].mean(1))
@@ -139,7 +165,8 @@ def paired(metric: Callable, a: torch.Tensor, b: torch.Tensor, targets: torch.Te
         p = mcnemar_p(only_a, only_b)
         method = "McNemar exact test; paired bootstrap interval"
         return Paired(difference, low, high, p, n, method, (only_a, only_b))
-    diffs = torch.tensor([float(metric(a[idx], targets[idx])) - float(metric(b[idx], targets[idx])) for idx in indices])
+    indices = _budgeted(metric, a, targets, n, seed)
+    diffs = _bootstrap(metric, a, targets, indices) - _bootstrap(metric, b, targets, indices)
     low, high = _percentiles(diffs)
     # Two-sided bootstrap p-value: how often the resampled difference falls on the other side of 0.
     if difference == 0:
@@ -147,7 +174,7 @@ def paired(metric: Callable, a: torch.Tensor, b: torch.Tensor, targets: torch.Te
     else:
         crossing = float((diffs <= 0).float().mean() if difference > 0 else (diffs >= 0).float().mean())
         p = min(1.0, 2.0 * crossing)
-    return Paired(difference, low, high, p, n, f"paired bootstrap, {RESAMPLES} resamples")
+    return Paired(difference, low, high, p, n, f"paired bootstrap, {len(indices)} resamples")
 
 
 def verdict(drop: Paired, max_drop: float) -> str:

@@ -36,7 +36,8 @@ class Validation:
     program: builtins.float
     float: builtins.float
     reference: builtins.float | None
-    agreement_float: builtins.float
+    #: top-1 agreement (percent); None for an output that is not [samples, classes] scores
+    agreement_float: builtins.float | None
     agreement_reference: builtins.float | None
     #: per output: SQNR (dB) and cosine similarity against the reference (or float)
     sqnr_db: list[builtins.float]
@@ -58,7 +59,7 @@ def validate(
     one the manifest beside the program names): XNNPACK on the CPU, QNN on the HTP
     simulator.
     """
-    from edgeq.checks.evaluate import agreement, collect, cosine, sqnr_db
+    from edgeq.checks.evaluate import agreement, collect, cosine, is_classifier_output, sqnr_db
 
     program = Path(program)
     if not program.is_file():
@@ -78,14 +79,15 @@ def validate(
     float_out, _ = collect(recipe.model().eval(), recipe.eval_data(), select=select)
     ref_out = collect(reference, recipe.eval_data(), select=select)[0] if reference is not None else None
     against = ref_out if ref_out is not None else float_out
+    classifier = is_classifier_output(outputs)
     return Validation(
         where=where,
         samples=len(outputs),
         program=float(recipe.metric(outputs, targets)),
         float=float(recipe.metric(float_out, targets)),
         reference=float(recipe.metric(ref_out, targets)) if ref_out is not None else None,
-        agreement_float=agreement(float_out, outputs),
-        agreement_reference=agreement(ref_out, outputs) if ref_out is not None else None,
+        agreement_float=agreement(float_out, outputs) if classifier else None,
+        agreement_reference=agreement(ref_out, outputs) if ref_out is not None and classifier else None,
         sqnr_db=[sqnr_db(against, outputs)],
         cosine=[cosine(against, outputs)],
     )

@@ -24,9 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from edgeq.errors import EdgeqError
+from edgeq.planning.concats import ConcatAnalysis, analyze_concats
 from edgeq.planning.plan import model_layers
 from edgeq.quant.dynamic import fake_quant_per_token
 from edgeq.recipe import Recipe, as_tuple
+from edgeq.samples import join
 from edgeq.targets import Precision, Target
 
 #: activation samples kept per layer for percentiles
@@ -74,6 +76,8 @@ class Analysis:
     #: precisions not scored because they save no bytes over the target's default
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    #: output-tail concatenations whose inputs' ranges differ, measured (edgeq.planning.concats)
+    concats: list[ConcatAnalysis] = field(default_factory=list)
 
     def layer(self, name: str) -> LayerAnalysis:
         for entry in self.layers:
@@ -157,11 +161,12 @@ def _score(model: nn.Module, recipe: Recipe, batches: tuple[list, list]) -> tupl
             seen += len(out)
             if evaluation is train:
                 outputs.append(out)
-                targets.append(torch.as_tensor(target))
+                targets.append(target)
         for inputs, target in evaluation if evaluation is not train else ():
             outputs.append(recipe.score_output(model(*as_tuple(inputs))))
-            targets.append(torch.as_tensor(target))
-    return sum(losses) / max(seen, 1), float(recipe.metric(torch.cat(outputs), torch.cat(targets)))
+            targets.append(target)
+    joined = join(targets, [len(o) for o in outputs])
+    return sum(losses) / max(seen, 1), float(recipe.metric(torch.cat(outputs), joined))
 
 
 def _samples(batches: list) -> int:
@@ -247,6 +252,7 @@ def analyze(
     results = [_layer_entry(model, layer, inputs[layer.name], recipe, target, sensitivity, floats, skipped)
                for layer in graph_layers]  # fmt: skip
     train, scoring = sensitivity
+    concats = analyze_concats(model, recipe, train)
     return Analysis(
         target=target.name,
         float_loss=float_loss,
@@ -257,6 +263,7 @@ def analyze(
         full_sensitivity=_samples(train) == _samples(data[0]) and _samples(scoring) == _samples(data[1]),
         skipped=skipped,
         seconds=round(time.perf_counter() - start, 3),
+        concats=concats,
     )
 
 

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from edgeq.context import BuildContext, FloatBaseline
+from edgeq.errors import EdgeqError
 from edgeq.lower import lower
 from edgeq.planning.analysis import Analysis, analyze
 from edgeq.planning.plan import Plan, uniform_plan, validate_plan, weight_bytes
@@ -31,6 +32,11 @@ def choose_plan(ctx: BuildContext, baseline: FloatBaseline) -> PlanChoice:
     config, target = ctx.config, ctx.target
     if config.plan is not None:
         plan = config.plan if isinstance(config.plan, Plan) else Plan.load(config.plan)
+        if plan.float_ops and not ctx.backend.plans_other_ops:
+            raise EdgeqError(
+                f"the plan keeps ops in float ({', '.join(plan.float_ops)}), which {ctx.backend.title} cannot run",
+                "remove float_ops from the plan for this target",
+            )
         return PlanChoice(
             validate_plan(copy.deepcopy(plan), baseline.model, target, baseline.example_inputs), edited=True
         )
@@ -53,6 +59,8 @@ def choose_plan(ctx: BuildContext, baseline: FloatBaseline) -> PlanChoice:
             intermediate_bits=ctx.training.intermediate_bits,
             program_overhead=overhead,
         )
+    if ctx.backend.plans_other_ops:  # a backend that can run an op in float between quantized ones
+        planned.plan.float_ops = [c.node for c in analysis.concats if c.keep_float]
     return PlanChoice(planned.plan, analysis, planned)
 
 

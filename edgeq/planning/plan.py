@@ -40,6 +40,9 @@ class Plan:
     #: ops outside the planned layers (adds, pooling, matmuls of two activations): "quantized" at the
     #: target's default precision, or left "float" (a transformer's residual adds and attention)
     other_ops: str = "quantized"
+    #: ops kept in float whatever other_ops says, by exported-graph node name: output concatenations
+    #: whose inputs' ranges one int8 scale cannot hold (edgeq.planning.concats), or added by hand
+    float_ops: list[str] = field(default_factory=list)
     version: int = PLAN_VERSION
 
     def precision_of(self, layer: str) -> str:
@@ -63,6 +66,7 @@ class Plan:
                 layers=layers,
                 intermediate_bits=int(data.get("intermediate_bits", 8)),
                 other_ops=_other_ops(data.get("other_ops", "quantized"), where),
+                float_ops=[str(name) for name in data.get("float_ops", [])],
                 version=int(data.get("version", PLAN_VERSION)),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -158,6 +162,16 @@ def validate_plan(plan: Plan, model: nn.Module, target: Target, example_inputs: 
             f"plan names unknown layers: {', '.join(unknown)}",
             f"valid layers are: {', '.join(known)}",
         )
+    if plan.float_ops and example_inputs is not None:
+        from edgeq.capture import capture
+
+        nodes = {n.name for n in capture(model, example_inputs).graph.nodes if n.op == "call_function"}
+        missing = [name for name in plan.float_ops if name not in nodes]
+        if missing:
+            raise EdgeqError(
+                f"plan's float_ops names ops the exported graph lacks: {', '.join(missing)}",
+                "use the node names analysis.json lists under concats (e.g. cat_2), or remove them",
+            )
     channels: dict[str, int] | None = None
     for entry in plan.layers:
         if entry.precision not in target.precisions:

@@ -32,6 +32,7 @@ from edgeq.quant.configs import RangeConfig
 from edgeq.quant.fake_quant import AdaptiveRangeFakeQuantize, start_tracking
 from edgeq.quant.ranges import VoteConfig
 from edgeq.recipe import Recipe, as_tuple
+from edgeq.samples import to_device
 
 __all__ = ["AdaptiveRangeFakeQuantize", "QATConfig", "QATReport", "VoteConfig", "RangeConfig", "run_qat"]
 
@@ -343,15 +344,27 @@ def calibrate(
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """KL divergence to the teacher's distribution for logits (last dimension > 1), MSE otherwise."""
-    if student.dim() >= 2 and student.shape[-1] > 1:
+    """KL divergence to the teacher's distribution for logits ([batch, classes], classes > 1);
+    otherwise mean squared error with each channel (dim 1 of a [B, C, H, W] map, the last dim of
+    [B, N, C] rows) divided by the teacher's variance of that channel on the batch. A detector's
+    output mixes box coordinates in pixels with probabilities in 0..1: a plain MSE would weigh a
+    pixel 1,000 times a probability, a softmax over its last dimension means nothing."""
+    if student.dim() == 2 and student.shape[-1] > 1:
         return torch.nn.functional.kl_div(
             student.float().log_softmax(-1).flatten(0, -2),
             teacher.float().log_softmax(-1).flatten(0, -2),
             reduction="batchmean",
             log_target=True,
         )
-    return torch.nn.functional.mse_loss(student.float(), teacher.float())
+    if student.dim() < 3:
+        return torch.nn.functional.mse_loss(student.float(), teacher.float())
+    channel = 1 if student.dim() == 4 else -1
+    s = student.float().movedim(channel, -1).flatten(0, -2)
+    t = teacher.float().movedim(channel, -1).flatten(0, -2)
+    # A channel the teacher holds constant on this batch keeps unit weight (no division by ~0).
+    variance = t.detach().var(dim=0, unbiased=False)
+    weight = torch.where(variance > 1e-8, 1.0 / variance.clamp(min=1e-8), torch.ones_like(variance))
+    return ((s - t).pow(2) * weight).mean()
 
 
 def qat_loss(
@@ -394,7 +407,7 @@ class HeldOut:
         with torch.no_grad():
             for inputs, target in batches:
                 inputs = tuple(t.to(self.device) for t in as_tuple(inputs))
-                target = target.to(self.device) if isinstance(target, torch.Tensor) else target
+                target = to_device(target, self.device)
                 reference = recipe.score_output(teacher(*inputs)) if teacher is not None else None
                 self.batches.append((inputs, target, reference))
 
@@ -632,10 +645,13 @@ class _Training:
             set_observers(model, False)
         inputs, target = next(self.batches)
         inputs = tuple(t.to(device) for t in as_tuple(inputs))
-        target = target.to(device) if isinstance(target, torch.Tensor) else target
+        target = to_device(target, device)
         self.opt.zero_grad(set_to_none=True)
-        output = self.recipe.score_output(self.trainer(*inputs))
-        loss = qat_loss(self.config.loss, self.recipe, output, target, self.teacher, inputs)
+        # Grad on whatever the data generator left set: one that yields inside `with torch.no_grad()`
+        # (computing a teacher's targets) switches it off in this frame between its batches.
+        with torch.enable_grad():
+            output = self.recipe.score_output(self.trainer(*inputs))
+            loss = qat_loss(self.config.loss, self.recipe, output, target, self.teacher, inputs)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise EdgeqError(

@@ -97,6 +97,27 @@ def _image_context(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def detection_sources(manifest: dict[str, Any], package: str = "org.edgeq.generated") -> dict[str, str]:
+    """For a detector: the Kotlin class returning boxes, and Detections.java (decode + per-class NMS,
+    the same steps as the recipe's edgeq.tasks.detection decoder, from the manifest's parameters)."""
+    post = manifest["postprocessing"]
+    out = manifest["outputs"][0]["shape"]
+    want = 4 if post["decoder"] == "grid" else 3
+    if len(out) != want or out[1 if want == 4 else 2] != 5 + post["classes"]:
+        layout = "[1, 5 + classes, H, W]" if want == 4 else "[1, N, 5 + classes]"
+        raise EdgeqError(
+            f"the {post['decoder']} decoder reads {layout} with {post['classes']} classes; the program's "
+            f"first output is {out}",
+            "set the recipe's postprocessing decoder and classes to match the model's head",
+        )
+    context = _image_context(manifest) | {"package": package} | post
+    name = class_name(manifest["recipe"]["name"])
+    return {
+        f"{name}.kt": render("DetectorModel.kt.j2", name=name, **context),
+        "Detections.java": render("Detections.java.j2", **context),
+    }
+
+
 def kotlin_source(manifest: dict[str, Any], package: str = "org.edgeq.generated") -> str:
     return render(
         "Model.kt.j2", package=package, name=class_name(manifest["recipe"]["name"]), **_image_context(manifest)
@@ -105,7 +126,7 @@ def kotlin_source(manifest: dict[str, Any], package: str = "org.edgeq.generated"
 
 def native_sources(manifest: dict[str, Any]) -> dict[str, str]:
     """The native app (C++, ExecuTorch's Module API) and its CMake project, under native/."""
-    context = _image_context(manifest) | {"binary": NATIVE_BINARY}
+    context = _image_context(manifest) | {"binary": NATIVE_BINARY, "detection": bool(manifest.get("postprocessing"))}
     return {
         "native/main.cpp": render("native_main.cpp.j2", **context),
         "native/CMakeLists.txt": render("native_CMakeLists.txt.j2", **context),
@@ -116,11 +137,12 @@ def write_bundle(directory: Path, program: bytes, manifest: dict[str, Any], voca
     """Write bundle/ into ``directory``; returns the file names. ``vocab``: a text model's vocab.txt."""
     if manifest.get("text") and vocab is None:
         raise EdgeqError("a text model's bundle needs its vocab.txt", 'set the recipe\'s text["vocab_file"]')
-    sources = (
-        text_sources(manifest)
-        if manifest.get("text")
-        else {f"{class_name(manifest['recipe']['name'])}.kt": kotlin_source(manifest), **native_sources(manifest)}
-    )
+    if manifest.get("text"):
+        sources = text_sources(manifest)
+    elif manifest.get("postprocessing"):
+        sources = {**detection_sources(manifest), **native_sources(manifest)}
+    else:
+        sources = {f"{class_name(manifest['recipe']['name'])}.kt": kotlin_source(manifest), **native_sources(manifest)}
     directory.mkdir(parents=True, exist_ok=True)
     runtime = get_backend(manifest["target"]["backend"]).app_runtime(manifest)
     name = class_name(manifest["recipe"]["name"])

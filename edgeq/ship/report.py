@@ -64,6 +64,7 @@ def manifest(
         ],
         "preprocessing": recipe.preprocessing,
         **({"text": text_manifest(recipe.text)} if getattr(recipe, "text", None) else {}),
+        **({"postprocessing": post_manifest(recipe.postprocessing)} if getattr(recipe, "postprocessing", None) else {}),
         "labels": recipe.labels,
         "versions": versions(),
         # Everything else that determines the program's bytes.
@@ -76,6 +77,11 @@ def manifest(
         },
         **({"program": program_notes} if program_notes else {}),
     }
+
+
+def post_manifest(decoder: Any) -> dict[str, Any]:
+    """A detector's decode and NMS settings, as the bundle's Detections.java reads them."""
+    return {"task": "detection", **decoder.manifest()}
 
 
 def text_manifest(text: dict[str, Any]) -> dict[str, Any]:
@@ -144,6 +150,7 @@ def build_report(record: BuildRecord) -> dict[str, Any]:
         "samples": r.samples,
         "accuracy": _accuracy(r),
         "agreement": r.scores.agreement,
+        "output_sqnr_db": r.scores.sqnr_db,
         "latency": dict(r.latency),
         "arm_kernels": r.arm,
         "fallback": r.fallback,
@@ -156,6 +163,7 @@ def build_report(record: BuildRecord) -> dict[str, Any]:
         },
         "delegation": _delegation(r.lowered.delegation),
         "plan": [asdict(layer) for layer in r.plan.layers],
+        "float_ops": list(r.plan.float_ops),
         #: ops between planned layers: quantized or float, and the held-out losses that decided it
         "other_ops": {"chosen": r.plan.other_ops, **((r.refined or {}).get("other_ops") or {})},
         #: the plan quantized (PTQ) and measured on the held-out slice before training, and what changed

@@ -44,6 +44,12 @@ def environment() -> jinja2.Environment:
         [op["layer"] or "(model)", op["op"], "—" if op["program_vs_float_db"] is None else op["program_vs_float_db"]]
         for op in ops
     ]
+    env.filters["concat_row"] = lambda c: [
+        c["node"],
+        ", ".join(f"[{lo:.3g}, {hi:.3g}]" for lo, hi in c["inputs"]),
+        f"{c['narrowest_levels']:.1f}",
+        c["reason"],
+    ]
     return env
 
 
