@@ -81,9 +81,10 @@ def _width(lo: float, hi: float) -> float:
 
 
 def _quantize(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    from edgeq.planning.analysis import fake_quant_act
-
-    return fake_quant_act(x, lo, hi, 8)
+    """Per-tensor affine int8 over [lo, hi] widened to hold 0, as the CPU quantizer's observers set it."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max((hi - lo) / 255.0, 2**-12)
+    return torch.fake_quantize_per_tensor_affine(x, scale, int(round(-lo / scale)), 0, 255)
 
 
 class _Run(torch.fx.Interpreter):

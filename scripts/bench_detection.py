@@ -1,0 +1,272 @@
+"""A pretrained detector on real COCO photos: float vs edgeq's programs, mAP with intervals, side by side.
+
+FastestDet (dog-qiuqiu/FastestDet, BSD-3; 352x352 ShuffleNetV2 backbone, grid head
+``cat(sigmoid obj, raw box, softmax classes)`` -> ``[B, 85, 22, 22]``, 0.24M weights,
+its published 280-epoch COCO weights) is read from the repository snapshot that the tool
+``fetch github:dog-qiuqiu/FastestDet`` leaves under /work/.mirror (or $FASTESTDET_REPO, a
+clone); nothing of it is copied into edgeq. Photos: ../shared/data/coco128-train (the first
+128 COCO train2017 images with their boxes), even file index to calibrate and train, odd to
+evaluate (64 each). FastestDet was trained on COCO train2017, so these photos are inside its
+training set: its float mAP here is higher than on val2017, and only the float vs quantized
+differences mean something.
+
+Builds, each in one run on one machine, each program run in ExecuTorch's runtime:
+- uniform int8 (``--precision int8``: every layer at the target's default, the plan a user
+  would write by hand);
+- edgeq default (``edgeq build --target android``: analysis, plan, the output concatenation
+  measured, candidates, the held-out slice picks).
+Training targets are the float model's outputs (distillation data needs no labels); the
+evaluation targets are COCO's boxes, scored by pycocotools (mAP@0.5 and mAP@0.5:0.95).
+
+    python scripts/bench_detection.py [--builds int8 default] [--target android] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_report import machine, table, write_section  # noqa: E402
+
+from edgeq.configs import BuildConfig  # noqa: E402
+from edgeq.errors import AccuracyError  # noqa: E402
+from edgeq.recipe import Recipe  # noqa: E402
+from edgeq.tasks.detection import GridDecoder, MeanAveragePrecision, yolo_targets  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-train"
+MIRROR = Path("/work/.mirror/dog-qiuqiu+FastestDet/repo")
+WEIGHTS = "weights/weight_AP05:0.253207_280-epoch.pth"
+SIZE = 352
+BATCH = 8
+DECODER = GridDecoder(classes=80, conf=0.25, iou=0.45, max_detections=100)
+
+
+def fastestdet_source(work: Path) -> Path:
+    """FastestDet's model code and weights in ``work`` (from a clone, or the fetched snapshot)."""
+    clone = os.environ.get("FASTESTDET_REPO")
+    if clone:
+        return Path(clone)
+    if not MIRROR.exists():
+        sys.exit("FastestDet not found: fetch github:dog-qiuqiu/FastestDet, or set FASTESTDET_REPO to a clone")
+    for path in ("module/__init__.py", "module/detector.py", "module/shufflenetv2.py", "module/custom_layers.py", WEIGHTS):
+        target = work / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shown = subprocess.run(["git", "-C", str(MIRROR), "show", f"HEAD:{path}"], capture_output=True)
+        if shown.returncode and path.endswith("__init__.py"):
+            target.write_text("")
+            continue
+        target.write_bytes(shown.stdout)
+    return work
+
+
+def load_images(indices: range | list[int]) -> tuple[torch.Tensor, list[dict]]:
+    """Photos resized to 352x352 (bilinear, as FastestDet's cv2.resize), BGR, /255, and their boxes."""
+    import numpy as np
+    from PIL import Image
+
+    names = sorted(p.stem for p in (DATA / "images").glob("*.jpg"))
+    images, targets = [], []
+    for i in indices:
+        rgb = Image.open(DATA / "images" / f"{names[i]}.jpg").convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)
+        bgr = np.asarray(rgb, dtype=np.float32)[:, :, ::-1] / 255.0
+        images.append(torch.from_numpy(bgr.transpose(2, 0, 1).copy()))
+        label = DATA / "labels" / f"{names[i]}.txt"
+        rows = np.loadtxt(label, ndmin=2) if label.exists() and label.stat().st_size else np.zeros((0, 5))
+        targets.append(yolo_targets(rows))
+    return torch.stack(images), targets
+
+
+def make_recipe(repo: Path) -> Recipe:
+    sys.path.insert(0, str(repo))
+    from module.detector import Detector  # FastestDet's own code
+
+    def model() -> torch.nn.Module:
+        net = Detector(80, True)
+        net.load_state_dict(torch.load(repo / WEIGHTS, map_location="cpu"))
+        return net.eval()
+
+    count = len(list((DATA / "images").glob("*.jpg")))
+    train_x, _ = load_images(range(0, count, 2))
+    eval_x, eval_y = load_images(range(1, count, 2))
+    teacher = model()
+    with torch.no_grad():
+        teacher_out = torch.cat([teacher(train_x[i : i + BATCH]) for i in range(0, len(train_x), BATCH)])
+
+    def train_data():
+        for i in range(0, len(train_x), BATCH):
+            yield train_x[i : i + BATCH], teacher_out[i : i + BATCH]
+
+    def eval_data():
+        for i in range(0, len(eval_x), BATCH):
+            yield eval_x[i : i + BATCH], eval_y[i : i + BATCH]
+
+    from edgeq.quant.qat import distillation_loss
+
+    return Recipe(
+        name="fastestdet",
+        model=model,
+        example_inputs=lambda: (torch.zeros(1, 3, SIZE, SIZE),),
+        train_data=train_data,
+        eval_data=eval_data,
+        loss=distillation_loss,
+        metric=MeanAveragePrecision(DECODER, iou="0.5"),
+        labels=[line.strip() for line in _names() if line.strip()],
+        preprocessing={
+            "description": "RGB photo resized to 352x352 (bilinear), channels in BGR order, /255, NCHW",
+            "scale": 1 / 255.0,
+            "mean": 0.0,
+            "std": 1.0,
+            "layout": "NCHW",
+            "color": "BGR",
+        },
+        postprocessing=DECODER,
+        source="scripts/bench_detection.py",
+    )
+
+
+def _names() -> list[str]:
+    shown = subprocess.run(["git", "-C", str(MIRROR), "show", "HEAD:configs/coco.names"], capture_output=True)
+    return shown.stdout.decode().splitlines() if shown.returncode == 0 else [str(i) for i in range(80)]
+
+
+def program_outputs(program: Path, recipe: Recipe) -> tuple[torch.Tensor, list]:
+    from edgeq.backends import get_backend
+    from edgeq.checks.evaluate import collect
+
+    manifest = json.loads((program.parent / "manifest.json").read_text())
+    runner = get_backend(manifest["target"]["backend"]).runner(program)
+    return collect(runner, recipe.eval_data())
+
+
+def build(recipe: Recipe, out: Path, **settings) -> dict:
+    from edgeq.pipeline import build as run
+
+    start = time.perf_counter()
+    try:
+        run(recipe, BuildConfig(out=out, **settings))
+    except AccuracyError:
+        pass  # its artifacts stay: measured and reported all the same
+    report = json.loads((out / "report.json").read_text())
+    report["wall_seconds"] = time.perf_counter() - start
+    return report
+
+
+def measure(name: str, recipe: Recipe, report: dict, program: Path, float_out: torch.Tensor, targets) -> dict:
+    from edgeq.checks.stats import interval, paired
+
+    outputs, _ = program_outputs(program, recipe)
+    row: dict = {"name": name, "bytes": program.stat().st_size}
+    for iou in ("0.5", "0.5:0.95"):
+        metric = MeanAveragePrecision(DECODER, iou=iou)
+        row[iou] = interval(metric, outputs, targets).to_dict()
+        row[f"drop {iou}"] = paired(metric, float_out, outputs, targets).to_dict()
+    row["float_ops"] = report.get("float_ops", [])
+    row["concats"] = (report.get("analysis") or {}).get("concats", [])
+    row["shipped"] = report["accuracy"]["shipped"]
+    row["candidates"] = {k: v.get("metric") for k, v in report["accuracy"]["candidates"].items()}
+    row["delegation"] = {k: report["delegation"][k] for k in ("delegated_ops", "outside_ops", "delegate_calls")}
+    row["outside"] = report["delegation"].get("outside", {})
+    row["timings"] = report["timings"]
+    row["wall_seconds"] = report["wall_seconds"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--builds", nargs="+", default=["int8", "default"], choices=["int8", "default"])
+    parser.add_argument("--target", default="android")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    if not DATA.exists():
+        sys.exit(f"{DATA} not found: this benchmark reads the shared COCO photos")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        recipe = make_recipe(fastestdet_source(tmp / "fastestdet"))
+        from edgeq.checks.evaluate import collect
+        from edgeq.checks.stats import interval
+        from edgeq.lower import lower_float
+
+        float_out, targets = collect(recipe.model(), recipe.eval_data())
+        results: dict = {"machine": machine(), "target": args.target, "images": len(targets)}
+        results["float"] = {
+            iou: interval(MeanAveragePrecision(DECODER, iou=iou), float_out, targets).to_dict()
+            for iou in ("0.5", "0.5:0.95")
+        }
+        results["float"]["bytes"] = len(lower_float(recipe.model(), recipe.example_inputs()).program)
+        results["weights"] = sum(p.numel() for p in recipe.model().parameters())
+        for kind in args.builds:
+            settings = {"target": args.target, "max_drop": 100.0}
+            if kind == "int8":
+                settings["precision"] = "int8"
+            out = tmp / kind
+            report = build(recipe, out, **settings)
+            results[kind] = measure(kind, recipe, report, out / "model.pte", float_out, targets)
+            print(json.dumps({k: v for k, v in results[kind].items() if k != "concats"}, default=str)[:2000])
+    path = Path(__file__).with_name(f"bench_detection_{args.target}.json")
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if not args.no_write:
+        write_section(f"detection-{args.target}", body(results))
+
+
+def _cell(entry: dict) -> str:
+    return f"{entry['value']:.2f} [{entry['low']:.2f}, {entry['high']:.2f}]"
+
+
+def _drop(entry: dict) -> str:
+    return f"{entry['difference']:+.2f} [{entry['low']:+.2f}, {entry['high']:+.2f}], p {entry['p_value']:.2g}"
+
+
+def body(results: dict) -> str:
+    f = results["float"]
+    rows = [["float (eager)", _cell(f["0.5"]), _cell(f["0.5:0.95"]), "", f"{f['bytes']:,}", "1.00", "", ""]]
+    for kind in ("int8", "default"):
+        r = results.get(kind)
+        if not r:
+            continue
+        stages = r["timings"]
+        rows.append(
+            [
+                {"int8": "uniform int8 (`--precision int8`)", "default": "edgeq default"}[kind] + f", shipped {r['shipped']}",
+                _cell(r["0.5"]),
+                _cell(r["0.5:0.95"]),
+                _drop(r["drop 0.5"]),
+                f"{r['bytes']:,}",
+                f"{r['bytes'] / f['bytes']:.3f}",
+                ", ".join(r["float_ops"]) or "none",
+                f"{r['wall_seconds']:.0f} s (" + ", ".join(f"{k} {v:.0f}" for k, v in stages.items() if v >= 5) + ")",
+            ]
+        )
+    header = ["program (.pte in ExecuTorch's runtime)", "mAP@0.5 [95%]", "mAP@0.5:0.95 [95%]",
+              "mAP@0.5 drop vs float (paired)", "bytes", "x float", "ops kept float", "build (s, stages >= 5 s)"]  # fmt: skip
+    concats = (results.get("default") or {}).get("concats") or []
+    concat_lines = "\n".join(f"- `{c['node']}`: inputs {c['inputs']}; {c['reason']}" for c in concats)
+    return f"""## Detection: FastestDet on real COCO photos ({results['target']})
+
+`python scripts/bench_detection.py --target {results['target']}` on {results['machine']}.
+FastestDet (dog-qiuqiu/FastestDet, BSD-3, its published COCO weights, {results['weights']:,} weights, 352x352),
+{results['images']} evaluation photos (odd file index of ../shared/data/coco128-train; the even 64 calibrate and
+train, with the float model's outputs as targets). mAP by pycocotools on the recipe's decode + NMS
+(`edgeq.tasks.detection.GridDecoder`, the same steps as the bundle's Detections.java); intervals: percentile
+bootstrap over photos; drops paired on the same photos. These photos are inside FastestDet's own training set
+(COCO train2017): the float mAP is higher than on val2017 and only the differences are meaningful.
+
+{table(header, rows)}
+
+Output concatenations the analysis measured (edgeq default):
+{concat_lines or "- none"}
+"""
+
+
+if __name__ == "__main__":
+    main()
