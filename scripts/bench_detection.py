@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -59,7 +58,13 @@ def fastestdet_source(work: Path) -> Path:
         return Path(clone)
     if not MIRROR.exists():
         sys.exit("FastestDet not found: fetch github:dog-qiuqiu/FastestDet, or set FASTESTDET_REPO to a clone")
-    for path in ("module/__init__.py", "module/detector.py", "module/shufflenetv2.py", "module/custom_layers.py", WEIGHTS):
+    for path in (
+        "module/__init__.py",
+        "module/detector.py",
+        "module/shufflenetv2.py",
+        "module/custom_layers.py",
+        WEIGHTS,
+    ):
         target = work / path
         target.parent.mkdir(parents=True, exist_ok=True)
         shown = subprocess.run(["git", "-C", str(MIRROR), "show", f"HEAD:{path}"], capture_output=True)
@@ -237,7 +242,8 @@ def body(results: dict) -> str:
         stages = r["timings"]
         rows.append(
             [
-                {"int8": "uniform int8 (`--precision int8`)", "default": "edgeq default"}[kind] + f", shipped {r['shipped']}",
+                {"int8": "uniform int8 (`--precision int8`)", "default": "edgeq default"}[kind]
+                + f", shipped {r['shipped']}",
                 _cell(r["0.5"]),
                 _cell(r["0.5:0.95"]),
                 _drop(r["drop 0.5"]),
@@ -251,11 +257,11 @@ def body(results: dict) -> str:
               "mAP@0.5 drop vs float (paired)", "bytes", "x float", "ops kept float", "build (s, stages >= 5 s)"]  # fmt: skip
     concats = (results.get("default") or {}).get("concats") or []
     concat_lines = "\n".join(f"- `{c['node']}`: inputs {c['inputs']}; {c['reason']}" for c in concats)
-    return f"""## Detection: FastestDet on real COCO photos ({results['target']})
+    return f"""## Detection: FastestDet on real COCO photos ({results["target"]})
 
-`python scripts/bench_detection.py --target {results['target']}` on {results['machine']}.
-FastestDet (dog-qiuqiu/FastestDet, BSD-3, its published COCO weights, {results['weights']:,} weights, 352x352),
-{results['images']} evaluation photos (odd file index of ../shared/data/coco128-train; the even 64 calibrate and
+`python scripts/bench_detection.py --target {results["target"]}` on {results["machine"]}.
+FastestDet (dog-qiuqiu/FastestDet, BSD-3, its published COCO weights, {results["weights"]:,} weights, 352x352),
+{results["images"]} evaluation photos (odd file index of ../shared/data/coco128-train; the even 64 calibrate and
 train, with the float model's outputs as targets). mAP by pycocotools on the recipe's decode + NMS
 (`edgeq.tasks.detection.GridDecoder`, the same steps as the bundle's Detections.java); intervals: percentile
 bootstrap over photos; drops paired on the same photos. These photos are inside FastestDet's own training set

@@ -32,11 +32,8 @@ def choose_plan(ctx: BuildContext, baseline: FloatBaseline) -> PlanChoice:
     config, target = ctx.config, ctx.target
     if config.plan is not None:
         plan = config.plan if isinstance(config.plan, Plan) else Plan.load(config.plan)
-        if plan.float_ops and not ctx.backend.plans_other_ops:
-            raise EdgeqError(
-                f"the plan keeps ops in float ({', '.join(plan.float_ops)}), which {ctx.backend.title} cannot run",
-                "remove float_ops from the plan for this target",
-            )
+        if plan.float_ops:
+            _check_float_ops(plan, ctx, baseline)
         return PlanChoice(
             validate_plan(copy.deepcopy(plan), baseline.model, target, baseline.example_inputs), edited=True
         )
@@ -71,3 +68,23 @@ def program_overhead(ctx: BuildContext, baseline: FloatBaseline) -> float:
     reference = post_training_quantize(baseline.model, ctx.recipe, spec, ctx.training, batches=2)
     lowered = lower(reference, baseline.example_inputs, ctx.target, allow_download=ctx.config.allow_sdk_download)
     return max(0.0, len(lowered.program) - weight_bytes(plan, ctx.target))
+
+
+def _check_float_ops(plan: Plan, ctx: BuildContext, baseline: FloatBaseline) -> None:
+    """An edited plan's float_ops: a backend that runs float ops between quantized ones, and ops the
+    exported graph has."""
+    from edgeq.capture import capture
+
+    if not ctx.backend.plans_other_ops:
+        raise EdgeqError(
+            f"the plan keeps ops in float ({', '.join(plan.float_ops)}), which {ctx.backend.title} cannot run",
+            "remove float_ops from the plan for this target",
+        )
+    graph = capture(baseline.model, baseline.example_inputs)
+    nodes = {n.name for n in graph.graph.nodes if n.op == "call_function"}
+    missing = [name for name in plan.float_ops if name not in nodes]
+    if missing:
+        raise EdgeqError(
+            f"the plan's float_ops name ops the exported graph lacks: {', '.join(missing)}",
+            "use node names that analysis.json lists under concats (e.g. cat_2), or remove them",
+        )
