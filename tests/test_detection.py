@@ -186,8 +186,8 @@ def test_mixed_range_output_concatenation_is_found_measured_and_kept_float():
     found = analyze_concats(model, recipe, _batches(recipe, 2)[0])
     assert [c.node for c in found] == ["cat_1"]  # the head's inner cat feeds the decode, not the output
     tail = found[0]
-    assert tail.narrowest_levels < 16 and tail.keep_float
-    assert tail.one_scale_loss > tail.per_input_loss
+    assert tail.narrowest_levels < 16 and tail.keep_float and tail.widen
+    assert tail.one_scale_loss > max(tail.per_input_loss, tail.wide_loss)
     target = load_target("android")
 
     def quantized_sources(float_ops: list[str]) -> set[str]:
@@ -233,3 +233,30 @@ def test_decoded_detector_builds_validates_and_bundles_its_post_processing(tmp_p
     assert checked.float - checked.program < 3.0, (checked.float, checked.program)
     report = json.loads((out / "report.json").read_text())
     assert report["analysis"]["concats"][0]["keep_float"] is True
+
+
+def test_on_the_htp_a_mixed_range_concatenation_takes_16_bit_activations():
+    """The HTP runs no float op: the plan's wide_ops give the concatenation the target's 16-bit
+    activations (QnnQuantizer, by node), while the rest stays at the 8-bit default."""
+    from edgeq.backends import load_target
+    from edgeq.configs import QATConfig
+    from edgeq.planning.choose import _widest_activations
+    from edgeq.planning.plan import uniform_plan
+    from edgeq.quant.ptq import post_training_quantize
+    from edgeq.quant.spec import quant_spec
+    from edgeq.recipe import load_recipe
+
+    recipe = load_recipe("edgeq.examples.digit_boxes_decoded")
+    model = recipe.model()
+    target = load_target("qualcomm-sm8650")
+    assert _widest_activations(target) == "16a8w"
+    plan = uniform_plan(model, target, example_inputs=recipe.example_inputs())
+    plan.wide_ops = {"cat_1": "16a8w"}
+    reference = post_training_quantize(model, recipe, quant_spec(plan, target, qat=False), QATConfig(), 2)
+    widths = {
+        n.args[0].name: int(n.args[4])
+        for n in reference.graph.nodes
+        if n.op == "call_function" and str(n.target).startswith("quantized_decomposed.quantize_per_tensor")
+    }
+    assert widths["cat_1"] == 65535
+    assert widths["cat"] == 255

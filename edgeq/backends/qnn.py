@@ -67,6 +67,10 @@ def _adapt(module_qconfig: Any, ranges: RangeConfig) -> Any:
     return module_qconfig
 
 
+def _named(name: str) -> Callable[[torch.fx.Node], bool]:
+    return lambda node: node.name == name
+
+
 def _owned_by(owner: Callable[[torch.fx.Node], str | None], name: str) -> Callable[[torch.fx.Node], bool]:
     return lambda node: owner(node) == name
 
@@ -124,6 +128,10 @@ class QnnBackend(Backend):
             if entry.precision not in made:
                 made[entry.precision] = module_qconfig(entry.precision)
             rules.append((_owned_by(owner, entry.name), made[entry.precision]))
+        for node_name, precision in plan.wide_ops.items():  # mixed-range ops: wider activations, by node
+            if precision not in made:
+                made[precision] = module_qconfig(precision)
+            rules.insert(0, (_named(node_name), made[precision]))
         quantizer.set_submodule_qconfig_list(rules)
         return quantizer
 

@@ -58,6 +58,10 @@ def choose_plan(ctx: BuildContext, baseline: FloatBaseline) -> PlanChoice:
         )
     if ctx.backend.plans_other_ops:  # a backend that can run an op in float between quantized ones
         planned.plan.float_ops = [c.node for c in analysis.concats if c.keep_float]
+    else:
+        wide = _widest_activations(target)
+        if wide is not None:
+            planned.plan.wide_ops = {c.node: wide for c in analysis.concats if c.widen}
     return PlanChoice(planned.plan, analysis, planned)
 
 
@@ -88,3 +92,16 @@ def _check_float_ops(plan: Plan, ctx: BuildContext, baseline: FloatBaseline) -> 
             f"the plan's float_ops name ops the exported graph lacks: {', '.join(missing)}",
             "use node names that analysis.json lists under concats (e.g. cat_2), or remove them",
         )
+
+
+def _widest_activations(target) -> str | None:
+    """The precision with the widest static activations and 8-bit (or wider) weights, if wider than
+    the default's: what a mixed-range op gets where float is not on the menu."""
+    default = target.precisions[target.default_precision]
+    options = [
+        (p.activation_bits, p.weight_bits, name)
+        for name, p in target.precisions.items()
+        if p.activations == "static" and not p.is_float and p.weight_bits >= 8
+    ]
+    best = max(options, default=None)
+    return best[2] if best is not None and best[0] > default.activation_bits else None

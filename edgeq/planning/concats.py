@@ -12,7 +12,9 @@ loss with the concatenation quantized with one scale against with one scale
 per input (what the program does when the concatenation stays in float and
 each branch keeps its own quantized output). The plan keeps it in float
 when one scale measurably costs more (``Plan.float_ops``); the report says
-which and why.
+which and why. A backend that runs no float op between quantized ones (the
+HTP) gives such a concatenation 16-bit activations instead (``Plan.wide_ops``),
+where one 16-bit scale measured better than one int8 scale.
 """
 
 from __future__ import annotations
@@ -50,11 +52,16 @@ class ConcatAnalysis:
     inputs: list[tuple[float, float]]
     #: int8 levels the narrowest input spans under one scale over the whole concatenation
     narrowest_levels: float
-    #: task loss on the analysis batches: float model, one scale, one scale per input
+    #: task loss on the analysis batches: float model, one int8 scale, one int8 scale per input, one
+    #: 16-bit scale (what a backend without float ops, the HTP, can do instead)
     float_loss: float = 0.0
     one_scale_loss: float = 0.0
     per_input_loss: float = 0.0
+    wide_loss: float = 0.0
+    #: one int8 scale measurably costs more than one per input: float on a CPU target
     keep_float: bool = False
+    #: one int8 scale measurably costs more than one 16-bit scale: 16-bit activations on the HTP
+    widen: bool = False
     reason: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -80,11 +87,12 @@ def _width(lo: float, hi: float) -> float:
     return max(hi, 0.0) - min(lo, 0.0)
 
 
-def _quantize(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """Per-tensor affine int8 over [lo, hi] widened to hold 0, as the CPU quantizer's observers set it."""
+def _quantize(x: torch.Tensor, lo: float, hi: float, bits: int = 8) -> torch.Tensor:
+    """Per-tensor affine quantization over [lo, hi] widened to hold 0, as the quantizers' observers set it."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max((hi - lo) / 255.0, 2**-12)
-    return torch.fake_quantize_per_tensor_affine(x, scale, int(round(-lo / scale)), 0, 255)
+    top = 2**bits - 1
+    scale = max((hi - lo) / top, 2**-20)
+    return torch.fake_quantize_per_tensor_affine(x, scale, int(round(-lo / scale)), 0, top)
 
 
 class _Run(torch.fx.Interpreter):
@@ -105,9 +113,9 @@ class _Run(torch.fx.Interpreter):
             entry[0], entry[1] = min(entry[0], float(t.min())), max(entry[1], float(t.max()))
         if self.quantize is not None and self.quantize[0] == n.name:
             _, mode, ranges = self.quantize
-            if mode == "one":
+            if mode in ("one", "one16"):
                 lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
-                return _quantize(torch.cat(tensors, dim), lo, hi)
+                return _quantize(torch.cat(tensors, dim), lo, hi, 16 if mode == "one16" else 8)
             return torch.cat([_quantize(t, lo, hi) for t, (lo, hi) in zip(tensors, ranges)], dim)
         return super().run_node(n)
 
@@ -148,15 +156,23 @@ def analyze_concats(model: torch.nn.Module, recipe: Recipe, data: list) -> list[
         entry.one_scale_loss = _loss(run, recipe, data)
         run.quantize = (name, "per-input", fixed)
         entry.per_input_loss = _loss(run, recipe, data)
+        run.quantize = (name, "one16", fixed)
+        entry.wide_loss = _loss(run, recipe, data)
         run.quantize = None
         # Float (each branch keeps its own scale) only where one shared scale measurably costs
         # more: at least 1% of the float loss above one scale per input.
         margin = 0.01 * abs(float_loss) + 1e-9
         entry.keep_float = entry.one_scale_loss > entry.per_input_loss + margin
+        entry.widen = entry.one_scale_loss > entry.wide_loss + margin
         entry.reason = (
             f"narrowest input spans {levels:.1f} of 255 int8 levels; task loss {entry.one_scale_loss:.4g} with one "
-            f"scale vs {entry.per_input_loss:.4g} with one per input (float {float_loss:.4g}): "
-            + ("kept in float, each branch quantized on its own" if entry.keep_float else "one scale costs nothing")
+            f"int8 scale vs {entry.per_input_loss:.4g} with one per input, {entry.wide_loss:.4g} with one 16-bit "
+            f"scale (float {float_loss:.4g}): "
+            + (
+                "float on CPU targets (each branch quantized on its own), 16-bit on the HTP"
+                if entry.keep_float or entry.widen
+                else "one scale costs nothing"
+            )
         )
         found.append(entry)
     return found

@@ -43,6 +43,9 @@ class Plan:
     #: ops kept in float whatever other_ops says, by exported-graph node name: output concatenations
     #: whose inputs' ranges one int8 scale cannot hold (edgeq.planning.concats), or added by hand
     float_ops: list[str] = field(default_factory=list)
+    #: node name -> a precision of the target whose activations the op takes instead of the default's
+    #: (16-bit on the HTP, which runs no float op: its answer to a mixed-range concatenation)
+    wide_ops: dict[str, str] = field(default_factory=dict)
     version: int = PLAN_VERSION
 
     def precision_of(self, layer: str) -> str:
@@ -67,6 +70,7 @@ class Plan:
                 intermediate_bits=int(data.get("intermediate_bits", 8)),
                 other_ops=_other_ops(data.get("other_ops", "quantized"), where),
                 float_ops=[str(name) for name in data.get("float_ops", [])],
+                wide_ops={str(k): str(v) for k, v in dict(data.get("wide_ops", {})).items()},
                 version=int(data.get("version", PLAN_VERSION)),
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -164,6 +164,7 @@ def build_report(record: BuildRecord) -> dict[str, Any]:
         "delegation": _delegation(r.lowered.delegation),
         "plan": [asdict(layer) for layer in r.plan.layers],
         "float_ops": list(r.plan.float_ops),
+        "wide_ops": dict(r.plan.wide_ops),
         #: ops between planned layers: quantized or float, and the held-out losses that decided it
         "other_ops": {"chosen": r.plan.other_ops, **((r.refined or {}).get("other_ops") or {})},
         #: the plan quantized (PTQ) and measured on the held-out slice before training, and what changed
