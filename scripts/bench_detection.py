@@ -4,7 +4,7 @@ FastestDet (dog-qiuqiu/FastestDet, BSD-3; 352x352 ShuffleNetV2 backbone, grid he
 ``cat(sigmoid obj, raw box, softmax classes)`` -> ``[B, 85, 22, 22]``, 0.24M weights,
 its published 280-epoch COCO weights) is read from the repository snapshot that the tool
 ``fetch github:dog-qiuqiu/FastestDet`` leaves under /work/.mirror (or $FASTESTDET_REPO, a
-clone); nothing of it is copied into edgeq. Photos: ../shared/data/coco128-train (the first
+clone); nothing of it is copied into edgeq. Photos: ../shared/data/coco128-train ($EDGEQ_COCO128; the first
 128 COCO train2017 images with their boxes), even file index to calibrate and train, odd to
 evaluate (64 each). FastestDet was trained on COCO train2017, so these photos are inside its
 training set: its float mAP here is higher than on val2017, and only the float vs quantized
@@ -18,7 +18,7 @@ Builds, each in one run on one machine, each program run in ExecuTorch's runtime
 Training targets are the float model's outputs (distillation data needs no labels); the
 evaluation targets are COCO's boxes, scored by pycocotools (mAP@0.5 and mAP@0.5:0.95).
 
-    python scripts/bench_detection.py [--builds int8 default] [--target android] [--no-write]
+    python scripts/bench_detection.py [--builds int8 default] [--target android] [--no-write] [--from-json F]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from edgeq.errors import AccuracyError  # noqa: E402
 from edgeq.recipe import Recipe  # noqa: E402
 from edgeq.tasks.detection import GridDecoder, MeanAveragePrecision, yolo_targets  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-train"
+DATA = Path(os.environ.get("EDGEQ_COCO128", Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-train"))
 MIRROR = Path("/work/.mirror/dog-qiuqiu+FastestDet/repo")
 WEIGHTS = "weights/weight_AP05:0.253207_280-epoch.pth"
 SIZE = 352
@@ -192,7 +192,11 @@ def main() -> None:
     parser.add_argument("--builds", nargs="+", default=["int8", "default"], choices=["int8", "default"])
     parser.add_argument("--target", default="android")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--from-json", type=Path, help="rewrite the BENCHMARKS.md section from a saved run")
     args = parser.parse_args()
+    if args.from_json:
+        write_section(f"detection-{args.target}", body(json.loads(args.from_json.read_text())))
+        return
     if not DATA.exists():
         sys.exit(f"{DATA} not found: this benchmark reads the shared COCO photos")
     with tempfile.TemporaryDirectory() as tmp_name:
