@@ -2,8 +2,9 @@
 
 A recipe is a Python file or an importable module with module-level functions
 ``model``, ``example_inputs``, ``train_data``, ``eval_data`` and, optionally,
-``loss``, ``metric``, ``labels``, ``preprocessing`` and ``postprocessing`` (a
-detector's decoder, :mod:`edgeq.tasks.detection`). :class:`Recipe` is the
+``loss``, ``metric``, ``labels``, ``preprocessing``, ``postprocessing`` (a
+detector's decoder, :mod:`edgeq.tasks.detection`) and ``features`` (a keyword
+spotter's log-mel, :mod:`edgeq.tasks.audio`). :class:`Recipe` is the
 same thing as a dataclass, for users who prefer to build one in code.
 """
 
@@ -141,6 +142,9 @@ class Recipe:
     #: what the app runs on the output, e.g. an edgeq.tasks.detection decoder: written to the
     #: manifest, and the bundle carries its implementation (Detections.java)
     postprocessing: Any = None
+    #: what the app computes from its raw input before the program runs, e.g. edgeq.tasks.audio.LogMel:
+    #: written to the manifest, and the bundle carries its implementation (AudioFeatures.java)
+    features: Any = None
 
     def __post_init__(self) -> None:
         self.qat = recipe_qat(self.qat, self.name)
@@ -148,6 +152,11 @@ class Recipe:
             raise EdgeqError(
                 f"recipe {self.name}: postprocessing is a {type(self.postprocessing).__name__}",
                 "set it to a decoder from edgeq.tasks.detection (GridDecoder or YoloDecoder), or leave it out",
+            )
+        if self.features is not None and not callable(getattr(self.features, "manifest", None)):
+            raise EdgeqError(
+                f"recipe {self.name}: features is a {type(self.features).__name__}",
+                "set it to edgeq.tasks.audio.LogMel(...) with the parameters the model was trained on, or leave it out",
             )
         self.loss = _guarded("loss", self.loss)
         self.metric = _guarded("metric", self.metric)
@@ -292,6 +301,7 @@ def recipe_from_module(module: ModuleType, source: str = "") -> Recipe:
         text=dict(getattr(module, "text", {}) or {}),
         qat=getattr(module, "qat", None) or {},
         postprocessing=getattr(module, "postprocessing", None),
+        features=getattr(module, "features", None),
         source=source,
         fingerprint=hashlib.sha256(text.encode()).hexdigest(),
     )

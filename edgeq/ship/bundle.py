@@ -118,6 +118,41 @@ def detection_sources(manifest: dict[str, Any], package: str = "org.edgeq.genera
     }
 
 
+def audio_sources(manifest: dict[str, Any], package: str = "org.edgeq.generated") -> dict[str, str]:
+    """For a keyword spotter: the Kotlin class taking a recording, and AudioFeatures.java (the log-mel
+    features the model was trained on, from the manifest's parameters)."""
+    from edgeq.tasks.audio import LogMel
+
+    features = manifest["features"]
+    if features.get("kind") != "log-mel":
+        raise EdgeqError(
+            f"the app bundle cannot compute {features.get('kind')!r} features", "use edgeq.tasks.audio.LogMel"
+        )
+    mel = LogMel(**{k: v for k, v in features.items() if k not in ("kind", "window", "mel_scale")})
+    inp = manifest["inputs"][0]
+    if inp["shape"][-2:] != list(mel.shape) or inp["dtype"] != "float32":
+        raise EdgeqError(
+            f"the features are {list(mel.shape)} (n_mels x frames) but the program takes {inp['dtype']} {inp['shape']}",
+            "make the recipe's features the LogMel the model was trained on, and example_inputs its shape",
+        )
+    out = manifest["outputs"][0]
+    context = {
+        "edgeq_version": manifest["versions"]["edgeq"],
+        "executorch_version": manifest["versions"]["executorch"],
+        "recipe": manifest["recipe"]["name"],
+        "package": package,
+        "input": inp,
+        "labels": manifest.get("labels") or [str(i) for i in range(out["shape"][-1])],
+        "frames": mel.frames,
+        **features,
+    }
+    name = class_name(manifest["recipe"]["name"])
+    return {
+        f"{name}.kt": render("KeywordModel.kt.j2", name=name, **context),
+        "AudioFeatures.java": render("AudioFeatures.java.j2", **context),
+    }
+
+
 def kotlin_source(manifest: dict[str, Any], package: str = "org.edgeq.generated") -> str:
     return render(
         "Model.kt.j2", package=package, name=class_name(manifest["recipe"]["name"]), **_image_context(manifest)
@@ -139,6 +174,8 @@ def write_bundle(directory: Path, program: bytes, manifest: dict[str, Any], voca
         raise EdgeqError("a text model's bundle needs its vocab.txt", 'set the recipe\'s text["vocab_file"]')
     if manifest.get("text"):
         sources = text_sources(manifest)
+    elif manifest.get("features"):
+        sources = audio_sources(manifest)
     elif manifest.get("postprocessing"):
         sources = {**detection_sources(manifest), **native_sources(manifest)}
     else:

@@ -65,6 +65,7 @@ def manifest(
         "preprocessing": recipe.preprocessing,
         **({"text": text_manifest(recipe.text)} if getattr(recipe, "text", None) else {}),
         **({"postprocessing": post_manifest(recipe.postprocessing)} if getattr(recipe, "postprocessing", None) else {}),
+        **({"features": recipe.features.manifest()} if getattr(recipe, "features", None) else {}),
         "labels": recipe.labels,
         "versions": versions(),
         # Everything else that determines the program's bytes.
