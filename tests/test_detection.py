@@ -260,3 +260,49 @@ def test_on_the_htp_a_mixed_range_concatenation_takes_16_bit_activations():
     }
     assert widths["cat_1"] == 65535
     assert widths["cat"] == 255
+
+
+def test_a_concatenation_between_quantized_layers_loads_when_other_ops_are_float():
+    """FastestDet's SPP: three conv branches concatenated into a conv. With ops between layers in
+    float, the concatenation still takes one shared int8 scale: XNNPACK reads dequantize -> cat ->
+    quantize as a quantized concatenation and refuses to load the program when its inputs' scales
+    differ (error 0x1 at load_method)."""
+    import dataclasses
+
+    from torch import nn
+
+    from edgeq.backends import load_target
+    from edgeq.configs import QATConfig
+    from edgeq.lower import lower
+    from edgeq.planning.plan import uniform_plan
+    from edgeq.quant.ptq import post_training_quantize
+    from edgeq.quant.spec import quant_spec
+    from edgeq.recipe import Recipe
+    from edgeq.runtime import ProgramRunner
+
+    class SPP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+            self.branches = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU()) for _ in range(3)
+            )
+            with torch.no_grad():
+                for k, branch in enumerate(self.branches):  # three output ranges, three scales
+                    branch[0].weight.mul_(4**k)
+            self.out = nn.Conv2d(24, 8, 1)
+
+        def forward(self, x):
+            x = self.stem(x)
+            return self.out(torch.cat([b(x) for b in self.branches], 1))
+
+    torch.manual_seed(0)
+    model = SPP().eval()
+    data = [(torch.randn(4, 3, 16, 16), torch.zeros(4)) for _ in range(2)]
+    recipe = Recipe("spp", lambda: model, lambda: (torch.zeros(1, 3, 16, 16),), lambda: data, lambda: data)
+    target = load_target("android")
+    plan = dataclasses.replace(uniform_plan(model, target, example_inputs=recipe.example_inputs()), other_ops="float")
+    reference = post_training_quantize(model, recipe, quant_spec(plan, target, qat=False), QATConfig(), 2)
+    lowered = lower(reference, recipe.example_inputs(), target)
+    out = ProgramRunner(lowered.program)(*recipe.example_inputs())
+    assert out.shape == (1, 8, 16, 16)

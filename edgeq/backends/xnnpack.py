@@ -88,6 +88,19 @@ def _plan_quantizer_class() -> type:
                 self.global_config,
                 lambda n: n.op != "call_function" or (owners.get(n) not in overridden and n not in floats),
             )
+            # Concatenations stay quantized (one scale shared by their inputs) unless the plan keeps
+            # them in float by name, also where ops between layers are float: XNNPACK takes
+            # dequantize -> float cat -> quantize as a quantized concatenation and then refuses to
+            # load a program whose inputs' scales differ (measured on FastestDet's SPP block).
+            statics = [c for c, _ in by_config.values() if not c.input_activation.is_dynamic]
+            cat_config = self.global_config or (statics[0] if statics else None)
+            if cat_config is not None and not cat_config.input_activation.is_dynamic:
+                self._annotate_all_patterns(
+                    model,
+                    cat_config,
+                    lambda n: n.op != "call_function" or n not in floats,
+                    torch.ops.aten.cat.default,
+                )
             return model
 
     return PlanXNNPACKQuantizer
