@@ -86,6 +86,11 @@ def select_output(output: Any, key: str | int | None = None) -> torch.Tensor:
         return select_output(output[key])
     if isinstance(output, (tuple, list)) and output:
         index = key if isinstance(key, int) else 0
+        if not -len(output) <= index < len(output):
+            raise EdgeqError(
+                f"the recipe's output = {index}, but the model returns {len(output)} outputs",
+                f"set the recipe's `output` to an index from 0 to {len(output) - 1}",
+            )
         return select_output(output[index])
     raise EdgeqError(f"the model returned a {type(output).__name__}", "return a tensor, a tuple or a dict of tensors")
 

@@ -25,8 +25,16 @@ def test_distillation_loss_is_zero_at_the_teacher_and_positive_elsewhere():
     off[..., 0] += rows[..., 0].std(unbiased=False)  # one std on the x pixel channel
     one_pixel = distillation_loss(off, rows).item()
     off = rows.clone()
-    off[..., 5] += rows[..., 5].std(unbiased=False)  # one std on a probability channel
+    busiest = 4 + int(rows[..., 4:].flatten(0, 1).var(0).argmax())  # a probability channel above the median
+    off[..., busiest] += rows[..., busiest].std(unbiased=False)  # one std on it
     assert distillation_loss(off, rows).item() == pytest.approx(one_pixel, rel=1e-4)
+    # A near-constant channel (a rare class) weighs no more than the median channel.
+    rare = rows.clone()
+    rare[..., 14] = 1e-4 * torch.rand(4, 16)
+    bumped = rare.clone()
+    bumped[..., 14] += 0.1
+    median = rare.flatten(0, 1).var(0, unbiased=False).median()
+    assert distillation_loss(bumped, rare).item() == pytest.approx(0.01 / median.item() / 15, rel=1e-3)
     head = rows.transpose(1, 2).reshape(4, 15, 4, 4)  # the same values as a [B, C, H, W] map
     assert distillation_loss(head, head).item() == 0.0
     assert distillation_loss(off.transpose(1, 2).reshape(4, 15, 4, 4), head).item() == pytest.approx(

@@ -95,6 +95,8 @@ def test_tuple_and_dict_outputs_are_scored_on_the_logits_or_the_named_output():
     assert select_output({"a": out, "b": out * 2}, "b").equal(out * 2)
     with pytest.raises(EdgeqError, match="set the recipe's `output`"):
         select_output({"a": out, "b": out})
+    with pytest.raises(EdgeqError, match="output = 2, but the model returns 2 outputs.*from 0 to 1"):
+        select_output((out, out), 2)
 
 
 @pytest.mark.parametrize("kind", ["tuple", "dict"])

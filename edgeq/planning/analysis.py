@@ -183,8 +183,8 @@ def _share(batches: list, share: float) -> list:
     for (inputs, target), size in zip(batches, sizes):
         if total + size > want:
             rows = want - total
-            if not isinstance(target, torch.Tensor):
-                kept.append((inputs, target))  # targets we cannot slice: the whole batch
+            if not isinstance(target, (torch.Tensor, list, tuple)):
+                kept.append((inputs, target))  # targets we cannot slice (a dict): the whole batch
             elif rows > 0 or not kept:
                 rows = max(rows, 1)
                 inputs = tuple(t[:rows] for t in as_tuple(inputs))

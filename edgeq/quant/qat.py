@@ -361,10 +361,12 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     channel = 1 if student.dim() == 4 else -1
     s = student.float().movedim(channel, -1).flatten(0, -2)
     t = teacher.float().movedim(channel, -1).flatten(0, -2)
-    # A channel the teacher holds constant on this batch keeps unit weight (no division by ~0).
+    # A channel varying less than the median channel gets the median's weight: a rare class's
+    # near-constant probability would otherwise weigh thousands of times the rest and throw QAT
+    # off (measured on FastestDet: 80 class channels with variances down to 1e-5).
     variance = t.detach().var(dim=0, unbiased=False)
-    weight = torch.where(variance > 1e-8, 1.0 / variance.clamp(min=1e-8), torch.ones_like(variance))
-    return ((s - t).pow(2) * weight).mean()
+    floor = variance.median().clamp(min=1e-8)
+    return ((s - t).pow(2) / torch.maximum(variance, floor)).mean()
 
 
 def qat_loss(
