@@ -177,6 +177,10 @@ def measure(name: str, recipe: Recipe, report: dict, program: Path, float_out: t
         row[iou] = interval(metric, outputs, targets).to_dict()
         row[f"drop {iou}"] = paired(metric, float_out, outputs, targets).to_dict()
     row["float_ops"] = report.get("float_ops", [])
+    precisions: dict[str, int] = {}
+    for layer in report["plan"]:
+        precisions[layer["precision"]] = precisions.get(layer["precision"], 0) + 1
+    row["plan"] = precisions
     row["concats"] = (report.get("analysis") or {}).get("concats", [])
     row["shipped"] = report["accuracy"]["shipped"]
     row["candidates"] = {k: v.get("metric") for k, v in report["accuracy"]["candidates"].items()}
@@ -207,7 +211,7 @@ def main() -> None:
         from edgeq.lower import lower_float
 
         float_out, targets = collect(recipe.model(), recipe.eval_data())
-        results: dict = {"machine": machine(), "target": args.target, "images": len(targets)}
+        results: dict = {"machine": machine(), "commit": _commit(), "target": args.target, "images": len(targets)}
         results["float"] = {
             iou: interval(MeanAveragePrecision(DECODER, iou=iou), float_out, targets).to_dict()
             for iou in ("0.5", "0.5:0.95")
@@ -240,9 +244,29 @@ def _drop(entry: dict) -> str:
     return f"{entry['difference']:+.2f} [{entry['low']:+.2f}, {entry['high']:+.2f}], p {entry['p_value']:.2g}"
 
 
+def _commit() -> str:
+    import subprocess
+
+    found = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    )
+    return found.stdout.strip() or "unknown"
+
+
 def body(results: dict) -> str:
     f = results["float"]
-    rows = [["float (eager)", _cell(f["0.5"]), _cell(f["0.5:0.95"]), "", f"{f['bytes']:,}", "1.00", "", ""]]
+    rows = [
+        [
+            "float (eager; bytes: the fp32 XNNPACK program)",
+            _cell(f["0.5"]),
+            _cell(f["0.5:0.95"]),
+            "",
+            f"{f['bytes']:,}",
+            "1.00",
+            "",
+            "",
+        ]
+    ]
     for kind in ("int8", "default"):
         r = results.get(kind)
         if not r:
@@ -257,12 +281,14 @@ def body(results: dict) -> str:
                 _drop(r["drop 0.5"]),
                 f"{r['bytes']:,}",
                 f"{r['bytes'] / f['bytes']:.3f}",
-                ", ".join(r["float_ops"]) or "none",
+                ", ".join(f"{n} {p}" for p, n in r.get("plan", {}).items())
+                + "; float ops: "
+                + (", ".join(r["float_ops"]) or "none"),
                 f"{r['wall_seconds']:.0f} s (" + ", ".join(f"{k} {v:.0f}" for k, v in stages.items() if v >= 5) + ")",
             ]
         )
     header = ["program (.pte in ExecuTorch's runtime)", "mAP@0.5 [95%]", "mAP@0.5:0.95 [95%]",
-              "mAP@0.5 drop vs float (paired)", "bytes", "x float", "ops kept float", "build (s, stages >= 5 s)"]  # fmt: skip
+              "mAP@0.5 drop vs float (paired)", "bytes", "x float", "plan (layers per precision); ops kept float", "build (s, stages >= 5 s)"]  # fmt: skip
     concats = (results.get("default") or {}).get("concats") or []
     concat_lines = "\n".join(f"- `{c['node']}`: inputs {c['inputs']}; {c['reason']}" for c in concats)
     return f"""## Detection: FastestDet on real COCO photos ({results["target"]})
