@@ -252,10 +252,10 @@ def body(results: dict) -> str:
               "bytes", "build s", "app code in the bundle"]  # fmt: skip
     return f"""## Keyword spotting: spoken digits (FSDD) ({results["target"]})
 
-`python scripts/bench_keywords.py --target {results["target"]}` on {results["machine"]}.
-The Free Spoken Digit Dataset's official split ({results["clips"]} evaluation recordings, index 0-4; 2,700 train),
-real 8 kHz speech. No pretrained keyword model for it ships in a wheel: the float CNN ({results["weights"]:,}
-weights) is trained by the script on the training recordings, on 40-band log-mel features
+`python scripts/bench_keywords.py --target {results["target"]}` on {results["machine"]}, edgeq at {results.get("commit", "unknown")}.
+The Free Spoken Digit Dataset split by speaker: all {results["clips"]} recordings of a speaker the model never
+heard ("{HELD_OUT_SPEAKER}") evaluate, the other five speakers' 2,500 train; real 8 kHz speech. No pretrained
+keyword model for it ships in a wheel: the float CNN ({results["weights"]:,} weights) is trained by the script on the training recordings, on 40-band log-mel features
 (`edgeq.tasks.audio.LogMel`, n_fft 256, hop 128, 1 s clips), which the bundle's AudioFeatures.java computes.
 
 {table(header, rows)}
