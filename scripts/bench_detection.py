@@ -29,17 +29,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_report import machine, table, write_section  # noqa: E402
+from bench_report import commit, machine, table, timed_build, write_section  # noqa: E402
 
-from edgeq.configs import BuildConfig  # noqa: E402
-from edgeq.errors import AccuracyError  # noqa: E402
 from edgeq.recipe import Recipe  # noqa: E402
 from edgeq.tasks.detection import GridDecoder, MeanAveragePrecision, yolo_targets  # noqa: E402
 
@@ -154,19 +151,6 @@ def program_outputs(program: Path, recipe: Recipe) -> tuple[torch.Tensor, list]:
     return collect(runner, recipe.eval_data())
 
 
-def build(recipe: Recipe, out: Path, **settings) -> dict:
-    from edgeq.pipeline import build as run
-
-    start = time.perf_counter()
-    try:
-        run(recipe, BuildConfig(out=out, **settings))
-    except AccuracyError:
-        pass  # its artifacts stay: measured and reported all the same
-    report = json.loads((out / "report.json").read_text())
-    report["wall_seconds"] = time.perf_counter() - start
-    return report
-
-
 def measure(name: str, recipe: Recipe, report: dict, program: Path, float_out: torch.Tensor, targets) -> dict:
     from edgeq.checks.stats import interval, paired
 
@@ -211,7 +195,7 @@ def main() -> None:
         from edgeq.lower import lower_float
 
         float_out, targets = collect(recipe.model(), recipe.eval_data())
-        results: dict = {"machine": machine(), "commit": _commit(), "target": args.target, "images": len(targets)}
+        results: dict = {"machine": machine(), "commit": commit(), "target": args.target, "images": len(targets)}
         results["float"] = {
             iou: interval(MeanAveragePrecision(DECODER, iou=iou), float_out, targets).to_dict()
             for iou in ("0.5", "0.5:0.95")
@@ -227,7 +211,7 @@ def main() -> None:
             if kind == "int8":
                 settings["precision"] = "int8"
             out = tmp / kind
-            report = build(recipe, out, **settings)
+            report = timed_build(recipe, out, **settings)
             results[kind] = measure(kind, recipe, report, out / "model.pte", float_out, targets)
             print(json.dumps({k: v for k, v in results[kind].items() if k != "concats"}, default=str)[:2000])
     path = Path(__file__).with_name(f"bench_detection_{args.target}.json")
@@ -242,15 +226,6 @@ def _cell(entry: dict) -> str:
 
 def _drop(entry: dict) -> str:
     return f"{entry['difference']:+.2f} [{entry['low']:+.2f}, {entry['high']:+.2f}], p {entry['p_value']:.2g}"
-
-
-def _commit() -> str:
-    import subprocess
-
-    found = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-    )
-    return found.stdout.strip() or "unknown"
 
 
 def body(results: dict) -> str:

@@ -30,11 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import imagenet_recipes  # noqa: E402
-from bench_report import machine, table, write_section  # noqa: E402
+from bench_report import machine, table, timed_build, write_section  # noqa: E402
 from bench_runtime import latency  # noqa: E402
 
-from edgeq.configs import BuildConfig, QATConfig  # noqa: E402
-from edgeq.errors import AccuracyError  # noqa: E402
+from edgeq.configs import QATConfig  # noqa: E402
 
 
 def program_top1(program: bytes, recipe) -> float:
@@ -80,15 +79,7 @@ def by_hand(recipe, calibration_images: int = 128) -> tuple[float, int]:
 
 def edgeq_build(recipe, out: Path, **settings) -> dict:
     """A build's report.json (also when the accuracy gate refused it: its artifacts stay for inspection)."""
-    from edgeq.pipeline import build
-
-    start = time.perf_counter()
-    try:
-        build(recipe, BuildConfig(out=out, **settings))
-    except AccuracyError:
-        pass
-    report = json.loads((out / "report.json").read_text())
-    report["wall_seconds"] = time.perf_counter() - start
+    report = timed_build(recipe, out, **settings)
     report["program"] = (out / "model.pte").read_bytes()
     report["plan"] = json.loads((out / "plan.json").read_text())["layers"]
     return report

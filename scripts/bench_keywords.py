@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +30,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_report import machine, table, write_section  # noqa: E402
+from bench_report import commit, machine, table, timed_build, write_section  # noqa: E402
 
-from edgeq.configs import BuildConfig  # noqa: E402
-from edgeq.errors import AccuracyError  # noqa: E402
 from edgeq.recipe import Recipe  # noqa: E402
 from edgeq.tasks.audio import LogMel  # noqa: E402
 
@@ -158,19 +155,6 @@ def java_parity() -> float | None:
     return float((java - torch.stack([FEATURES(c) for c in clips])).abs().max())
 
 
-def build(recipe: Recipe, out: Path, **settings) -> dict:
-    from edgeq.pipeline import build as run
-
-    start = time.perf_counter()
-    try:
-        run(recipe, BuildConfig(out=out, **settings))
-    except AccuracyError:
-        pass
-    report = json.loads((out / "report.json").read_text())
-    report["wall_seconds"] = time.perf_counter() - start
-    return report
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--builds", nargs="+", default=["int8", "default"], choices=["int8", "default"])
@@ -190,7 +174,7 @@ def main() -> None:
 
     recipe = make_recipe()
     float_out, targets = collect(recipe.model(), recipe.eval_data())
-    results: dict = {"machine": machine(), "commit": _commit(), "target": args.target, "clips": len(targets)}
+    results: dict = {"machine": machine(), "commit": commit(), "target": args.target, "clips": len(targets)}
     results["java_features_max_difference"] = java_parity()
     results["float"] = interval(top1_accuracy, float_out, targets).to_dict()
     results["weights"] = sum(p.numel() for p in recipe.model().parameters())
@@ -200,7 +184,7 @@ def main() -> None:
             if kind == "int8":
                 settings["precision"] = "int8"
             out = Path(tmp_name) / kind
-            report = build(recipe, out, **settings)
+            report = timed_build(recipe, out, **settings)
             runner = get_backend(report["backend"]).runner(out / "model.pte")
             outputs, _ = collect(runner, recipe.eval_data())
             results[kind] = {
@@ -218,15 +202,6 @@ def main() -> None:
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     if not args.no_write:
         write_section(f"keywords-{args.target}", body(results))
-
-
-def _commit() -> str:
-    import subprocess
-
-    found = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-    )
-    return found.stdout.strip() or "unknown"
 
 
 def body(results: dict) -> str:

@@ -53,3 +53,33 @@ def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def commit() -> str:
+    """The edgeq commit a benchmark ran at (short hash)."""
+    import subprocess
+
+    found = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    )
+    return found.stdout.strip() or "unknown"
+
+
+def timed_build(recipe, out: Path, **settings) -> dict:
+    """``edgeq.build``'s report.json with its wall time; a build the accuracy gate refused is measured
+    all the same (its artifacts stay for inspection)."""
+    import json
+    import time
+
+    from edgeq.configs import BuildConfig
+    from edgeq.errors import AccuracyError
+    from edgeq.pipeline import build
+
+    start = time.perf_counter()
+    try:
+        build(recipe, BuildConfig(out=out, **settings))
+    except AccuracyError:
+        pass
+    report = json.loads((out / "report.json").read_text())
+    report["wall_seconds"] = time.perf_counter() - start
+    return report

@@ -15,14 +15,13 @@ example's.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from edgeq.examples._cache import cache_path, cached_model
 from edgeq.tasks.detection import GridDecoder, MeanAveragePrecision
 
 CANVAS = 32
@@ -178,9 +177,7 @@ def loss(output: torch.Tensor, targets: list) -> torch.Tensor:
 
 
 def _cache_path() -> Path:
-    root = Path(os.environ.get("EDGEQ_CACHE", Path.home() / ".cache" / "edgeq"))
-    settings = f"{DigitBoxNet()}{_SEED}{_BATCH}{_EPOCHS}{_TRAIN_CANVASES}{CANVAS}{GRID}{torch.__version__}"
-    return root / f"digit-boxes-{hashlib.sha256(settings.encode()).hexdigest()[:12]}.pt"
+    return cache_path("digit-boxes", f"{DigitBoxNet()}{_SEED}{_BATCH}{_EPOCHS}{_TRAIN_CANVASES}{CANVAS}{GRID}")
 
 
 def _train_float() -> DigitBoxNet:
@@ -203,17 +200,7 @@ def _train_float() -> DigitBoxNet:
 
 
 def model() -> nn.Module:
-    path = _cache_path()
-    net = DigitBoxNet()
-    if path.exists():
-        net.load_state_dict(torch.load(path, weights_only=True))
-        return net.eval()
-    net = _train_float()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, path)
-    return net
+    return cached_model(_cache_path(), DigitBoxNet(), _train_float)
 
 
 def example_inputs() -> tuple[torch.Tensor]:

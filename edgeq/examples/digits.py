@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgeq.examples._cache import cached_model
+
 labels = [str(d) for d in range(10)]
 preprocessing = {
     "description": "8x8 grayscale digit, pixel values 0..16 divided by 16, layout NCHW",
@@ -81,6 +83,7 @@ def _batches(x: torch.Tensor, y: torch.Tensor, batch: int, shuffle_seed: int | N
 
 
 def _cache_path() -> Path:
+    # The key's text is what it was before the helper existed, so caches made then still load.
     root = Path(os.environ.get("EDGEQ_CACHE", Path.home() / ".cache" / "edgeq"))
     key = hashlib.sha256(f"{DigitsNet(), _SEED, _BATCH, _EPOCHS, torch.__version__}".encode()).hexdigest()[:12]
     return root / f"digits-{key}.pt"
@@ -103,17 +106,7 @@ def _train_float() -> DigitsNet:
 
 
 def model() -> nn.Module:
-    path = _cache_path()
-    net = DigitsNet()
-    if path.exists():
-        net.load_state_dict(torch.load(path, weights_only=True))
-        return net.eval()
-    net = _train_float()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, path)
-    return net
+    return cached_model(_cache_path(), DigitsNet(), _train_float)
 
 
 def example_inputs() -> tuple[torch.Tensor]:
