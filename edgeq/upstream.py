@@ -103,6 +103,26 @@ PATCHES: tuple[Patch, ...] = (
         "leave a pad that feeds a float conv unquantized, so a plan may keep that conv in float",
     ),
     Patch(
+        "executorch.backends.qualcomm.quantizer.observers.concat_observer",
+        "ConcatObserver.__init__",
+        (
+            "self",
+            "node_name",
+            "graph",
+            "dtype",
+            "qscheme",
+            "reduce_range",
+            "quant_min",
+            "quant_max",
+            "factory_kwargs",
+            "eps",
+            "is_dynamic",
+            "kwargs",
+        ),
+        "a __deepcopy__ that shares the graph nodes it holds (concat_node, input_nodes): copying them copies "
+        "their meta's fake tensors and fails, so no QNN model with a concatenation could be converted",
+    ),
+    Patch(
         "executorch.backends.qualcomm.utils.qnn_sdk_setup",
         "setup_qnn_sdk",
         (),
@@ -375,6 +395,31 @@ def cat_honours_filter() -> Iterator[None]:
         yield
     finally:
         utils.OP_TO_ANNOTATOR["cat"] = original
+
+
+def copyable_concat_observer() -> None:
+    """Give QNN's ConcatObserver a deepcopy that shares the fx nodes it keeps.
+
+    The observer stores the concatenation's node and its input nodes; deepcopying
+    the prepared graph (edgeq converts a copy and keeps the QAT model) then deep-copies
+    those nodes and their meta, whose fake tensors refuse (RuntimeError "Cannot access
+    data pointer of Tensor"). Every QNN build of a model with a concatenation failed there.
+    The copy keeps the node references (they are only read to find the input observers,
+    which the copy maps to its own through the deepcopy memo) and copies the rest.
+    """
+    if not _once("copyable_concat_observer"):
+        return
+    from executorch.backends.qualcomm.quantizer.observers.concat_observer import ConcatObserver
+
+    def deepcopy(self: ConcatObserver, memo: dict[int, Any]) -> ConcatObserver:
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            shared = key in ("concat_node", "input_nodes")
+            clone.__dict__[key] = value if shared else copy.deepcopy(value, memo)
+        return clone
+
+    ConcatObserver.__deepcopy__ = deepcopy
 
 
 def register_quantized_embedding_ops() -> None:

@@ -306,3 +306,28 @@ def test_a_concatenation_between_quantized_layers_loads_when_other_ops_are_float
     lowered = lower(reference, recipe.example_inputs(), target)
     out = ProgramRunner(lowered.program)(*recipe.example_inputs())
     assert out.shape == (1, 8, 16, 16)
+
+
+def test_a_qnn_prepared_graph_with_a_concatenation_can_be_copied_and_converted():
+    """QNN's ConcatObserver keeps fx nodes; edgeq converts a deep copy of the QAT graph, which failed
+    on any model with a concatenation until upstream.copyable_concat_observer."""
+    import copy
+
+    from edgeq.backends import load_target
+    from edgeq.capture import capture_for_quantization
+    from edgeq.planning.plan import uniform_plan
+    from edgeq.quant.convert import convert, prepare
+    from edgeq.quant.spec import quant_spec
+    from edgeq.recipe import load_recipe
+
+    recipe = load_recipe("edgeq.examples.digit_boxes")
+    model = recipe.model()
+    target = load_target("qualcomm-sm8650")
+    plan = uniform_plan(model, target, example_inputs=recipe.example_inputs())
+    graph = capture_for_quantization(model, recipe.example_inputs(), True)
+    prepared = prepare(graph, quant_spec(plan, target, qat=True))
+    x = next(iter(recipe.train_data()))[0][:4]
+    prepared(x)  # the observers link up
+    reference = convert(copy.deepcopy(prepared))
+    assert reference(x).shape == (4, 15, 4, 4)
+    prepared(x)  # the original still runs after the copy

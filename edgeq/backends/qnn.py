@@ -97,6 +97,7 @@ class QnnBackend(Backend):
 
     def quantizer(self, plan: Plan, target: Target, qat: bool, ranges: RangeConfig) -> Any:
         upstream.forbid_qnn_sdk_download()
+        upstream.copyable_concat_observer()
         from executorch.backends.qualcomm.quantizer.quantizer import ModuleQConfig, QnnQuantizer
 
         def module_qconfig(precision: str) -> Any:
