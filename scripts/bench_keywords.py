@@ -17,7 +17,6 @@ cached under $EDGEQ_CACHE, and then built as a user would:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_report import commit, machine, table, timed_build, write_section  # noqa: E402
 
+from edgeq.examples._cache import cache_path, cached_model  # noqa: E402
 from edgeq.recipe import Recipe  # noqa: E402
 from edgeq.tasks.audio import LogMel  # noqa: E402
 
@@ -81,30 +81,27 @@ def load() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def train_float(xtr: torch.Tensor, ytr: torch.Tensor) -> KeywordNet:
-    key = hashlib.sha256(
-        f"{KeywordNet()}{FEATURES}{EPOCHS}{BATCH}{HELD_OUT_SPEAKER}{torch.__version__}".encode()
-    ).hexdigest()[:12]
-    path = Path(os.environ.get("EDGEQ_CACHE", Path.home() / ".cache" / "edgeq")) / f"fsdd-keywords-{key}.pt"
-    net = KeywordNet()
-    if path.exists():
-        net.load_state_dict(torch.load(path, weights_only=True))
+    """The float keyword CNN, trained once on the training speakers and cached like the bundled examples."""
+    settings = f"{KeywordNet()}{FEATURES}{EPOCHS}{BATCH}{HELD_OUT_SPEAKER}"
+
+    def train() -> KeywordNet:
+        torch.manual_seed(0)  # before the model: its initial weights are part of what is cached
+        net = KeywordNet()
+        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, EPOCHS)
+        for epoch in range(EPOCHS):
+            net.train()
+            order = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(epoch))
+            for i in range(0, len(xtr), BATCH):
+                idx = order[i : i + BATCH]
+                shift = int(torch.randint(-4, 5, (1,), generator=torch.Generator().manual_seed(epoch * 1000 + i)))
+                opt.zero_grad()
+                nn.functional.cross_entropy(net(torch.roll(xtr[idx], shift, dims=-1)), ytr[idx]).backward()
+                opt.step()
+            sched.step()
         return net.eval()
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, EPOCHS)
-    for epoch in range(EPOCHS):
-        net.train()
-        order = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(epoch))
-        for i in range(0, len(xtr), BATCH):
-            idx = order[i : i + BATCH]
-            shift = int(torch.randint(-4, 5, (1,), generator=torch.Generator().manual_seed(epoch * 1000 + i)))
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(torch.roll(xtr[idx], shift, dims=-1)), ytr[idx]).backward()
-            opt.step()
-        sched.step()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), path)
-    return net.eval()
+
+    return cached_model(cache_path("fsdd-keywords", settings), KeywordNet(), train)
 
 
 def make_recipe() -> Recipe:
