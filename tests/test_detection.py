@@ -331,3 +331,18 @@ def test_a_qnn_prepared_graph_with_a_concatenation_can_be_copied_and_converted()
     reference = convert(copy.deepcopy(prepared))
     assert reference(x).shape == (4, 15, 4, 4)
     prepared(x)  # the original still runs after the copy
+
+
+def test_an_edited_plan_naming_an_op_the_graph_lacks_is_one_line(tmp_path):
+    from edgeq.backends import load_target
+    from edgeq.configs import BuildConfig
+    from edgeq.pipeline import build
+    from edgeq.planning.plan import uniform_plan
+    from edgeq.recipe import load_recipe
+
+    recipe = load_recipe(None)
+    plan = uniform_plan(recipe.model(), load_target("android"), example_inputs=recipe.example_inputs())
+    plan.float_ops = ["cat_9"]
+    with pytest.raises(EdgeqError, match="float_ops name ops the exported graph lacks: cat_9.*analysis.json"):
+        build(recipe, BuildConfig(target="android", out=tmp_path / "out", plan=plan))
+    assert not (tmp_path / "out").exists()

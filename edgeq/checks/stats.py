@@ -101,15 +101,19 @@ def _bootstrap(metric: Callable, outputs: torch.Tensor, targets: Any, indices: t
     return torch.tensor([float(metric(outputs[idx], take(targets, idx))) for idx in indices], dtype=torch.float64)
 
 
-def _budgeted(metric: Callable, outputs: torch.Tensor, targets: Any, n: int, seed: int) -> torch.Tensor:
-    """Resample indices: RESAMPLES of them, or as many as fit in BOOTSTRAP_SECONDS for a slow metric
-    (timed on a few resamples first), never under MIN_RESAMPLES."""
+def _budgeted_bootstrap(
+    metric: Callable, outputs: torch.Tensor, targets: Any, n: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample indices and the metric on each: RESAMPLES of them, or as many as fit in
+    BOOTSTRAP_SECONDS for a slow metric (timed on the first few, which are kept), never under
+    MIN_RESAMPLES."""
     indices = _resamples(n, seed)
     probe = 5
     start = time.perf_counter()
-    _bootstrap(metric, outputs, targets, indices[:probe])
+    first = _bootstrap(metric, outputs, targets, indices[:probe])
     each = max((time.perf_counter() - start) / probe, 1e-9)
-    return indices[: int(min(RESAMPLES, max(MIN_RESAMPLES, BOOTSTRAP_SECONDS / each)))]
+    indices = indices[: int(min(RESAMPLES, max(MIN_RESAMPLES, BOOTSTRAP_SECONDS / each)))]
+    return indices, torch.cat([first, _bootstrap(metric, outputs, targets, indices[probe:])])
 
 
 def _percentiles(values: torch.Tensor) -> tuple[float, float]:
@@ -127,8 +131,8 @@ def interval(metric: Callable, outputs: torch.Tensor, targets: Any, seed: int = 
         correct = int(top1_hits(outputs, targets).sum())
         low, high = wilson(correct, n)
         return Interval(value, low, high, n, "Wilson score interval")
-    indices = _budgeted(metric, outputs, targets, n, seed)
-    low, high = _percentiles(_bootstrap(metric, outputs, targets, indices))
+    indices, values = _budgeted_bootstrap(metric, outputs, targets, n, seed)
+    low, high = _percentiles(values)
     return Interval(value, low, high, n, f"percentile bootstrap, {len(indices)} resamples")
 
 
@@ -165,8 +169,8 @@ def paired(metric: Callable, a: torch.Tensor, b: torch.Tensor, targets: Any, see
         p = mcnemar_p(only_a, only_b)
         method = "McNemar exact test; paired bootstrap interval"
         return Paired(difference, low, high, p, n, method, (only_a, only_b))
-    indices = _budgeted(metric, a, targets, n, seed)
-    diffs = _bootstrap(metric, a, targets, indices) - _bootstrap(metric, b, targets, indices)
+    indices, values = _budgeted_bootstrap(metric, a, targets, n, seed)
+    diffs = values - _bootstrap(metric, b, targets, indices)
     low, high = _percentiles(diffs)
     # Two-sided bootstrap p-value: how often the resampled difference falls on the other side of 0.
     if difference == 0:

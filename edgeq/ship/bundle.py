@@ -26,6 +26,15 @@ def class_name(recipe_name: str) -> str:
     return (name if not name[0].isdigit() else "M" + name) + "Model"
 
 
+def _generated_by(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What every generated file's header names: the versions that built the program, and the recipe."""
+    return {
+        "edgeq_version": manifest["versions"]["edgeq"],
+        "executorch_version": manifest["versions"]["executorch"],
+        "recipe": manifest["recipe"]["name"],
+    }
+
+
 def text_sources(manifest: dict[str, Any], package: str = "org.edgeq.generated") -> dict[str, str]:
     """For a text model: the Kotlin class returning an embedding, and the WordPiece tokenizer it uses."""
     text = manifest["text"]
@@ -40,13 +49,7 @@ def text_sources(manifest: dict[str, Any], package: str = "org.edgeq.generated")
             f"a text model's program must take input_ids and attention_mask as int64, this one takes {names}",
             "make the model's forward(input_ids, attention_mask) and the example inputs int64 token tensors",
         )
-    common = {
-        "edgeq_version": manifest["versions"]["edgeq"],
-        "executorch_version": manifest["versions"]["executorch"],
-        "recipe": manifest["recipe"]["name"],
-        "package": package,
-        "max_length": manifest["inputs"][0]["shape"][-1],
-    }
+    common = _generated_by(manifest) | {"package": package, "max_length": manifest["inputs"][0]["shape"][-1]}
     name = class_name(manifest["recipe"]["name"])
     return {
         f"{name}.kt": render(
@@ -82,10 +85,7 @@ def _image_context(manifest: dict[str, Any]) -> dict[str, Any]:
     def per_channel(value: Any) -> list[Any]:
         return list(value) if isinstance(value, (list, tuple)) else [value] * channels
 
-    return {
-        "edgeq_version": manifest["versions"]["edgeq"],
-        "executorch_version": manifest["versions"]["executorch"],
-        "recipe": manifest["recipe"]["name"],
+    return _generated_by(manifest) | {
         "input": inp,
         "numel": numel,
         "labels": manifest.get("labels") or [str(i) for i in range(out["shape"][-1])],
@@ -136,10 +136,7 @@ def audio_sources(manifest: dict[str, Any], package: str = "org.edgeq.generated"
             "make the recipe's features the LogMel the model was trained on, and example_inputs its shape",
         )
     out = manifest["outputs"][0]
-    context = {
-        "edgeq_version": manifest["versions"]["edgeq"],
-        "executorch_version": manifest["versions"]["executorch"],
-        "recipe": manifest["recipe"]["name"],
+    context = _generated_by(manifest) | {
         "package": package,
         "input": inp,
         "labels": manifest.get("labels") or [str(i) for i in range(out["shape"][-1])],

@@ -84,8 +84,30 @@ def _check_output(output: torch.Tensor, dims: int, channels: int, dim: int, what
         )
 
 
+class _Decoder:
+    """What every head decoder shares: thresholding, NMS and its manifest entry; a subclass says how
+    its head's output becomes per-image candidates (``candidates``) and names itself (``kind``)."""
+
+    kind = ""
+    conf: float
+    iou: float
+    max_detections: int
+
+    def candidates(self, output: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def __call__(self, output: torch.Tensor, conf: float | None = None) -> list[dict[str, torch.Tensor]]:
+        threshold = self.conf if conf is None else conf
+        return [_detections(*c, threshold, self.iou, self.max_detections) for c in self.candidates(output)]
+
+    def manifest(self) -> dict[str, Any]:
+        # JSON has no tuples: YoloDecoder's input_size is written as a list, as the manifest schema says
+        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}  # type: ignore[call-overload]
+        return {"decoder": self.kind, **fields}
+
+
 @dataclass(frozen=True)
-class GridDecoder:
+class GridDecoder(_Decoder):
     """A FastestDet-style anchor-free grid head: ``[B, 1 + 4 + classes, H, W]`` with channel 0 the
     objectness probability, 1-2 the box centre as ``tanh`` offsets from its cell, 3-4 the box size
     as ``sigmoid`` fractions of the image, then the class probabilities; a box's score is
@@ -116,19 +138,12 @@ class GridDecoder:
         cx = (out[..., 1].tanh() + gx) / width
         cy = (out[..., 2].tanh() + gy) / height
         w, h = out[..., 3].sigmoid(), out[..., 4].sigmoid()
-        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+        boxes = _to_xyxy(torch.stack([cx, cy, w, h], dim=-1), "cxcywh")
         return [(boxes[b].reshape(-1, 4), scores[b].reshape(-1), labels[b].reshape(-1)) for b in range(batch)]
-
-    def __call__(self, output: torch.Tensor, conf: float | None = None) -> list[dict[str, torch.Tensor]]:
-        threshold = self.conf if conf is None else conf
-        return [_detections(*c, threshold, self.iou, self.max_detections) for c in self.candidates(output)]
-
-    def manifest(self) -> dict[str, Any]:
-        return {"decoder": self.kind, **asdict(self)}
 
 
 @dataclass(frozen=True)
-class YoloDecoder:
+class YoloDecoder(_Decoder):
     """A YOLO-style decoded head: ``[B, N, 4 + 1 + classes]`` rows of box centre and size in input
     pixels, objectness and class probabilities; a box's score is ``obj * max(class)``."""
 
@@ -153,17 +168,8 @@ class YoloDecoder:
         best, labels = out[..., 5:].max(dim=-1)
         scores = out[..., 4] * best
         cx, cy, w, h = out[..., 0] / width, out[..., 1] / height, out[..., 2] / width, out[..., 3] / height
-        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+        boxes = _to_xyxy(torch.stack([cx, cy, w, h], dim=-1), "cxcywh")
         return [(boxes[b], scores[b], labels[b]) for b in range(out.shape[0])]
-
-    def __call__(self, output: torch.Tensor, conf: float | None = None) -> list[dict[str, torch.Tensor]]:
-        threshold = self.conf if conf is None else conf
-        return [_detections(*c, threshold, self.iou, self.max_detections) for c in self.candidates(output)]
-
-    def manifest(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["input_size"] = list(self.input_size)
-        return {"decoder": self.kind, **data}
 
 
 Decoder = GridDecoder | YoloDecoder
