@@ -221,16 +221,12 @@ def _summary(result) -> None:
     flt = s.intervals.get("float")
     table.add_row("float", f"{s.float:.2f}" + (f"  [{flt['low']:.2f}, {flt['high']:.2f}]" if flt else ""))
     table.add_row("QAT (simulated)", f"{s.qat:.2f}")
-    labels = {
-        "qat": "QAT",
-        "ptq": "PTQ, calibration only",
-        "ptq+bias-correction": "PTQ + bias correction",
-        "ptq+rounding": "PTQ + weight rounding",
-    }
+    from edgeq.quant.candidates import candidate_label
+
     for name, measured in s.candidates.items():
         loss = measured.get("holdout_loss")
         table.add_row(
-            f"{labels.get(name, name)} (reference){'  <- shipped' if name == s.shipped else ''}",
+            f"{candidate_label(name)} (reference){'  <- shipped' if name == s.shipped else ''}",
             f"{measured['metric']:.2f}" + (f"  (held-out loss {loss:.4f})" if loss is not None else ""),
         )
     if s.selected_on:

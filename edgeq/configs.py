@@ -272,6 +272,12 @@ class BuildConfig:
     #: precisions x samples x the model's FLOPs per sample); beyond it each score uses fewer
     #: samples. A budget in FLOPs, not seconds: the same build plans the same on any machine
     analysis_flops: float = 4e12
+    #: also measure PTQ of the model with cross-layer equalization (consecutive convolutions with
+    #: only BatchNorm/ReLU between rescaled to equal weight ranges) as a candidate
+    equalization: bool = True
+    #: also measure PTQ with each activation range searched by its quantization error on the
+    #: calibration histogram (beside the observer's own greedy search) as a candidate
+    clipping: bool = True
     #: also measure PTQ with empirical bias correction as a candidate (needs ptq_batches > 0)
     bias_correction: bool = True
     #: also measure PTQ with each layer's weight scales and rounding fitted to its float output

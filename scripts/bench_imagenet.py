@@ -131,12 +131,31 @@ def _candidate(acc: dict, name: str) -> str:
     return f"{cand['metric']:.1f} {_wilson(cand['metric'])}, loss {cand['holdout_loss']:.4f}"
 
 
-def _methods_row(name: str, d: dict) -> list[str]:
+#: the uniform-int8 table's candidate columns: every PTQ method alone, rounding on top of the range
+#: methods, and QAT
+METHOD_COLUMNS = {
+    "ptq": "PTQ",
+    "ptq+equalization": "+ equalization",
+    "ptq+clipping": "+ clipping search",
+    "ptq+bias-correction": "+ bias corr.",
+    "ptq+rounding": "+ rounding",
+    "ptq+equalization+clipping+rounding": "+ equalization, clipping, rounding",
+    "ptq+clipping+rounding": "+ clipping, rounding",
+    "qat": "QAT distill",
+}
+
+
+def _method_columns(details: dict) -> list[str]:
+    present = {c for d in details.values() if "int8" in d for c in d["int8"]["accuracy"]["candidates"]}
+    return [c for c in METHOD_COLUMNS if c in present]
+
+
+def _methods_row(name: str, d: dict, columns: list[str]) -> list[str]:
     build, acc = d["int8"], d["int8"]["accuracy"]
     return [
         f"EfficientNet-{name.title()}",
         f"{acc['float']:.1f} {_wilson(acc['float'])}",
-        *(_candidate(acc, c) for c in ("ptq", "ptq+bias-correction", "ptq+rounding", "qat")),
+        *(_candidate(acc, c) for c in columns),
         f"{acc['shipped']} ({acc['selected_on'].split(' (')[0]})",
         f"**{acc['program']:.1f}** ({_drop(acc)})",
         f"{build['size']['ratio']:.3f}x",
@@ -217,14 +236,18 @@ with the paired test of its drop against float on the same photos."""
 
 
 #: the default build's stages in the time table
-STAGES = ("analyze", "qat", "ptq", "bias correction", "weight rounding", "evaluate", "lower", "fallback")
+STAGES = (
+    "analyze", "qat", "ptq", "equalization", "clipping search", "bias correction", "weight rounding", "evaluate",
+    "lower", "fallback",
+)  # fmt: skip
 
 
 def _body(details: dict) -> str:
     rows, stage_rows, method_rows = [], [], []
+    columns = _method_columns(details)
     for name, d in details.items():
         if "int8" in d:
-            method_rows.append(_methods_row(name, d))
+            method_rows.append(_methods_row(name, d, columns))
         default, acc = d["default"], d["default"]["accuracy"]
         cand = acc["candidates"]
         floats = sum(1 for layer in default.get("plan", []) if layer["precision"] == "float")
@@ -272,7 +295,7 @@ def _body(details: dict) -> str:
             METHODS
             + "\n\n"
             + table(
-                ["model", "float", "PTQ", "+ bias corr.", "+ rounding", "QAT distill", "shipped (decided on)",
+                ["model", "float", *(METHOD_COLUMNS[c] for c in columns), "shipped (decided on)",
                  ".pte (vs float)", "size / float", "build"],
                 method_rows,
             )

@@ -38,7 +38,7 @@ class Scores:
     ptq: builtins.float | None = None
     #: QAT's converted reference, whether shipped or not
     qat_reference: builtins.float | None = None
-    #: which candidate the program was lowered from (edgeq.quant.candidates.SIMPLICITY)
+    #: which candidate the program was lowered from (edgeq.quant.candidates)
     shipped: str = "qat"
     #: every quantized candidate measured: name -> {"holdout_loss", "metric"}; the build ships the
     #: lowest held-out loss (a slice of train_data(), never the eval data)

@@ -68,7 +68,7 @@ class FallbackStart:
     """The reference that would ship, and how it came about."""
 
     choice: PlanChoice
-    #: the candidate that shipped ("qat", "ptq", "ptq+bias-correction", "ptq+rounding")
+    #: the candidate that shipped ("qat", "ptq", or "ptq+" and its methods, edgeq.quant.candidates.METHODS)
     shipped: str
     reference: torch.fx.GraphModule
     #: QAT's trained graph when QAT shipped: each step then quantizes the float model holding
@@ -174,10 +174,11 @@ def step_quantizer(ctx: BuildContext, baseline: FloatBaseline, start: FallbackSt
 
     def quantize_step(plan: Plan) -> torch.fx.GraphModule:
         spec = ctx.spec(plan, qat=False)
-        reference = post_training_quantize(model, ctx.recipe, spec, ctx.training, ctx.config.ptq_batches or 16, every)
-        if method is not None:
-            methods.apply(reference, method)
-        return reference
+        made = methods.quantize(model, spec, method) if method is not None else None
+        if made is not None:
+            return made[0]
+        # plain PTQ, or a method that changes nothing on this plan
+        return post_training_quantize(model, ctx.recipe, spec, ctx.training, ctx.config.ptq_batches or 16, every)
 
     return quantize_step
 
@@ -231,7 +232,7 @@ class Shipped:
 
     choice: PlanChoice
     reference: torch.fx.GraphModule
-    #: a candidate's name (edgeq.quant.candidates.SIMPLICITY), with "+float-fallback" when the fallback shipped
+    #: a candidate's name (edgeq.quant.candidates), with "+float-fallback" when the fallback shipped
     name: str
     #: the fallback's report (None: it did not run), and the reference it started from
     fallback: dict[str, Any] | None = None

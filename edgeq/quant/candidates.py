@@ -1,9 +1,12 @@
 """The quantize stage: QAT of the plan, and the candidates it is measured against.
 
 Every build quantizes one plan several ways (QAT; plain PTQ with the backend's
-own calibration observers; PTQ with empirical bias correction; PTQ with weight
-scales and rounding fitted layer by layer, :mod:`edgeq.quant.rounding`) and
-ships the candidate with the lowest held-out loss (:mod:`edgeq.quant.heldout`),
+own calibration observers; PTQ with cross-layer equalization,
+:mod:`edgeq.quant.equalization`; with activation ranges searched by their
+quantization error, :mod:`edgeq.quant.clipping`; with empirical bias
+correction; with weight scales and rounding fitted layer by layer,
+:mod:`edgeq.quant.rounding`; rounding on top of the range methods that changed
+something) and ships the candidate with the lowest held-out loss (:mod:`edgeq.quant.heldout`),
 or a simpler one the held-out samples cannot tell from it.
 """
 
@@ -24,15 +27,17 @@ from edgeq.checks.stats import mean_interval
 from edgeq.context import BuildContext, FloatBaseline, Quantized
 from edgeq.planning.plan import Plan
 from edgeq.quant.bias_correction import correct_bias
+from edgeq.quant.clipping import search_clipping
 from edgeq.quant.convert import convert, prepare
+from edgeq.quant.equalization import EqualizationResult, equalize
 from edgeq.quant.heldout import Selection, calibration_inputs
-from edgeq.quant.ptq import post_training_quantize
+from edgeq.quant.ptq import calibrate
 from edgeq.quant.qat import run_qat, schedule, to_eval
 from edgeq.quant.rounding import RoundingConfig, fit_rounding
 
 __all__ = [
-    "SIMPLICITY", "CandidateChoice", "PTQMethods", "choose_candidate", "fingerprint", "fit_data", "quantize",
-    "score_candidates",
+    "METHODS", "CandidateChoice", "PTQMethods", "candidate_label", "choose_candidate", "complexity", "fingerprint", "fit_data",
+    "methods_of", "quantize", "score_candidates",
 ]  # fmt: skip
 
 
@@ -101,18 +106,22 @@ def choose_candidate(
     fits: dict[str, dict[str, Any]] = {}
     if config.ptq_batches:
         ctx.announce("ptq")
-        with ctx.stages("ptq"):
-            spec = ctx.spec(plan, qat=False)
-            ptq = post_training_quantize(
-                baseline.model, ctx.recipe, spec, ctx.training, config.ptq_batches, selection.every
-            )
-        references["ptq"] = ptq
+        spec = ctx.spec(plan, qat=False)
         methods = PTQMethods(ctx, baseline, selection.every)
-        for name in _ptq_candidates(config):
-            candidate = copy.deepcopy(ptq)
-            fit = methods.apply(candidate, name)
-            if fit is not None:
-                references[name], fits[name] = candidate, fit
+        with ctx.stages("ptq"):
+            calibrated = calibrate(baseline.model, ctx.recipe, spec, ctx.training, config.ptq_batches, selection.every)
+            references["ptq"] = convert(copy.deepcopy(calibrated))
+        changed: list[str] = []
+        for method in _single_methods(config):
+            made = methods.quantize(baseline.model, spec, f"ptq+{method}", calibrated)
+            if made is not None:
+                references[f"ptq+{method}"], fits[f"ptq+{method}"] = made
+                changed.append(method)
+        combined = _combination(changed)
+        if combined is not None:
+            made = methods.quantize(baseline.model, spec, combined, calibrated)
+            if made is not None:
+                references[combined], fits[combined] = made
     with ctx.stages("select"):
         measures = {name: selection.held.loss_and_samples(reference) for name, reference in references.items()}
         losses = {name: loss for name, (loss, _) in measures.items()}
@@ -130,45 +139,105 @@ def choose_candidate(
     return CandidateChoice(references, measured, shipped, selection.selected_on, lowest)
 
 
-def _ptq_candidates(config: Any) -> list[str]:
-    names = []
-    if config.bias_correction:
-        names.append("ptq+bias-correction")
-    if config.rounding:
-        names.append("ptq+rounding")
-    return names
+#: what a PTQ candidate may add to calibration, in the order a candidate applies them: equalization
+#: changes the float model, clipping the calibrated ranges, bias correction and rounding the
+#: converted weights
+METHODS = ("equalization", "clipping", "bias-correction", "rounding")
+
+
+def _single_methods(config: Any) -> list[str]:
+    enabled = {
+        "equalization": config.equalization,
+        "clipping": config.clipping,
+        "bias-correction": config.bias_correction,
+        "rounding": config.rounding,
+    }
+    return [method for method in METHODS if enabled[method]]
+
+
+def _combination(changed: list[str]) -> str | None:
+    """Weight rounding on top of the range methods that changed something: rounding fits each
+    layer to its float output given the quantized network upstream, so it composes with them
+    (bias correction does not: rounding already absorbs the mean error it would shift)."""
+    stacked = [method for method in ("equalization", "clipping") if method in changed]
+    if "rounding" not in changed or not stacked:
+        return None
+    return "+".join(["ptq", *stacked, "rounding"])
+
+
+def methods_of(name: str) -> list[str]:
+    """The methods a PTQ candidate's name lists ("ptq+clipping+rounding" -> clipping, rounding)."""
+    parts = name.split("+")
+    if parts[0] != "ptq" or any(part not in METHODS for part in parts[1:]):
+        raise ValueError(f"not a PTQ candidate: {name}")
+    return parts[1:]
 
 
 class PTQMethods:
-    """What a PTQ candidate adds to plain PTQ, applied to a converted reference in place: the
-    candidate's name says which ("ptq+bias-correction", "ptq+rounding"). The fallback's steps
+    """Quantizes a plan the way a PTQ candidate's name says ("ptq+clipping+rounding": calibrate,
+    search the activation ranges, fit the weights' scales and rounding). The fallback's steps
     re-quantize the way the shipped candidate was, through the same object."""
 
     def __init__(self, ctx: BuildContext, baseline: FloatBaseline, every: int) -> None:
         self.ctx, self.baseline, self.every = ctx, baseline, every
-        self._data: tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...]] | None = None
+        self._data: dict[int, tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...]]] = {}
+        self._equalized: dict[int, tuple[torch.nn.Module, EqualizationResult]] = {}
 
-    def data(self) -> tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...]]:
-        if self._data is None:
-            self._data = fit_data(self.ctx, self.baseline, self.every)
-        return self._data
+    def data(self, model: torch.nn.Module) -> tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...]]:
+        """The float graph of ``model`` (which equalization may have rescaled) and the fit samples."""
+        if id(model) not in self._data:
+            self._data[id(model)] = fit_data(self.ctx, self.baseline, self.every, model)
+        return self._data[id(model)]
 
-    def apply(self, reference: torch.fx.GraphModule, name: str) -> dict[str, Any] | None:
-        """The method's summary for the report, or None when it changed nothing (the backend
-        quantizes biases itself; no layer has per-channel integer weights)."""
-        if name.endswith("+bias-correction"):
-            with self.ctx.stages("bias correction"):
-                result = correct_bias(reference, *self.data())
-            return {"layers": len(result.shifts), "samples": result.samples} if result.shifts else None
-        if name.endswith("+rounding"):
-            self.ctx.announce("weight rounding")
-            with self.ctx.stages("weight rounding"):
-                config = RoundingConfig(iterations=self.ctx.config.rounding_iterations)
-                fitted = fit_rounding(reference, *self.data(), config)
+    def equalized(self, model: torch.nn.Module) -> tuple[torch.nn.Module, EqualizationResult]:
+        if id(model) not in self._equalized:
+            with self.ctx.stages("equalization"):
+                self._equalized[id(model)] = equalize(model, self.baseline.example_inputs)
+        return self._equalized[id(model)]
+
+    def quantize(
+        self,
+        model: torch.nn.Module,
+        spec: Any,
+        name: str,
+        calibrated: torch.fx.GraphModule | None = None,
+    ) -> tuple[torch.fx.GraphModule, dict[str, Any]] | None:
+        """The converted reference and each method's summary for the report, or None when a method
+        changed nothing (the candidate would be a simpler one again). ``calibrated``: ``model``
+        already calibrated with ``spec`` (copied, not changed)."""
+        ctx, methods, summary = self.ctx, methods_of(name), {}
+        if "equalization" in methods:
+            model, equalization = self.equalized(model)
+            if not equalization.changed:
+                return None
+            summary["equalization"] = {"pairs": len(equalization.pairs), "blocked_by_clamp": equalization.blocked_by_clamp}
+            calibrated = None
+        if calibrated is None:
+            with ctx.stages("ptq"):
+                calibrated = calibrate(model, ctx.recipe, spec, ctx.training, ctx.config.ptq_batches or 16, self.every)
+        prepared = copy.deepcopy(calibrated)
+        if "clipping" in methods:
+            with ctx.stages("clipping search"):
+                clipping = search_clipping(prepared)
+            if not clipping.changed:
+                return None
+            summary["clipping"] = clipping.summary()
+        with ctx.stages("ptq"):
+            reference = convert(prepared)
+        if "bias-correction" in methods:
+            with ctx.stages("bias correction"):
+                result = correct_bias(reference, *self.data(model))
+            if not result.shifts:
+                return None
+            summary["bias-correction"] = {"layers": len(result.shifts), "samples": result.samples}
+        if "rounding" in methods:
+            ctx.announce("weight rounding")
+            with ctx.stages("weight rounding"):
+                fitted = fit_rounding(reference, *self.data(model), RoundingConfig(iterations=ctx.config.rounding_iterations))
             if not fitted.improved:
                 return None
             rows = fitted.layers.values()
-            return {
+            summary["rounding"] = {
                 "layers": len(fitted.layers),
                 "samples": fitted.samples,
                 "output_mse_before": sum(r["before"] for r in rows),
@@ -176,20 +245,44 @@ class PTQMethods:
                 "weights_changed": sum(r["changed"] for r in rows) / max(1, len(fitted.layers)),
                 "seconds": fitted.seconds,
             }
-        return {}
+        return reference, summary
 
 
-#: candidates from the fewest moving parts to the most; a simpler one ships when the held-out data
-#: cannot tell it from the lowest-loss one
-SIMPLICITY = ("ptq", "ptq+bias-correction", "ptq+rounding", "qat")
+_LABELS = {
+    "equalization": "cross-layer equalization",
+    "clipping": "activation clipping search",
+    "bias-correction": "bias correction",
+    "rounding": "weight scales and rounding fitted per layer",
+}
+
+
+def candidate_label(name: str) -> str:
+    """A candidate's name in words, for summaries and the report."""
+    if name == "qat":
+        return "QAT"
+    try:
+        methods = methods_of(name)
+    except ValueError:
+        return name
+    return " + ".join(["PTQ" if methods else "PTQ, calibration only", *(_LABELS[m] for m in methods)])
+
+
+def complexity(name: str) -> int:
+    """How many moving parts a candidate has: plain PTQ 0, each PTQ method 1, QAT the most."""
+    if name == "qat":
+        return len(METHODS) + 1
+    return len(methods_of(name))
 
 
 def _simplest_as_good(samples: dict[str, torch.Tensor], lowest: str) -> tuple[str, dict[str, dict[str, Any]]]:
     """The simplest candidate whose held-out loss is not distinguishable (95%, paired bootstrap over
     the held-out samples: ``samples``, per-sample losses by candidate) from the lowest one's; with
     each test, for the report."""
-    before = SIMPLICITY[: SIMPLICITY.index(lowest)] if lowest in SIMPLICITY else ()
-    simpler = [name for name in before if name in samples]
+    order = {method: i for i, method in enumerate(METHODS)}
+    simpler = sorted(
+        (name for name in samples if complexity(name) < complexity(lowest)),
+        key=lambda name: (complexity(name), [order[m] for m in methods_of(name)] if name != "qat" else []),
+    )
     if not simpler:
         return lowest, {}
     evidence = {name: _loss_difference(samples[name], samples[lowest]) for name in simpler}
@@ -214,11 +307,13 @@ def _loss_difference(losses: torch.Tensor, base: torch.Tensor) -> dict[str, Any]
 
 
 def fit_data(
-    ctx: BuildContext, baseline: FloatBaseline, every: int
+    ctx: BuildContext, baseline: FloatBaseline, every: int, model: torch.nn.Module | None = None
 ) -> tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...]]:
-    """What bias correction and weight rounding fit a reference to: the float graph as quantization
-    captures it, and training samples (held-out batches skipped)."""
-    float_graph = capture_mod.capture_for_quantization(baseline.model, baseline.example_inputs, ctx.training.fold_bn)
+    """What bias correction and weight rounding fit a reference to: the float graph of ``model``
+    (the baseline's unless given) as quantization captures it, and training samples (held-out
+    batches skipped)."""
+    model = baseline.model if model is None else model
+    float_graph = capture_mod.capture_for_quantization(model, baseline.example_inputs, ctx.training.fold_bn)
     return float_graph, calibration_inputs(ctx.recipe, every, ctx.config.fit_samples)
 
 

@@ -21,6 +21,19 @@ def post_training_quantize(
     holdout: int = 0,
 ) -> torch.fx.GraphModule:
     """The plan quantized by calibration alone, with the backend's PTQ observers; the converted reference.
+    See :func:`calibrate`."""
+    return convert(calibrate(model, recipe, spec, config, batches, holdout))
+
+
+def calibrate(
+    model: torch.nn.Module,
+    recipe: Recipe,
+    spec: QuantSpec,
+    config: QATConfig,
+    batches: int,
+    holdout: int = 0,
+) -> torch.fx.GraphModule:
+    """The prepared graph with its observers calibrated, before conversion.
 
     ``spec`` is the plan's PTQ spec (``edgeq.backends.quant_spec(plan, target, qat=False)``).
     The observers are the backend quantizer's own for PTQ (XNNPACK's static activations use
@@ -38,4 +51,4 @@ def post_training_quantize(
             seen += 1
             if seen >= batches:
                 break
-    return convert(prepared)
+    return prepared

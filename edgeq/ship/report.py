@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from edgeq.backends import backend_of
+from edgeq.quant.candidates import candidate_label
 from edgeq.ship.package import versions, write_bytes_atomic
 from edgeq.ship.templating import manifest_schema, render
 
@@ -290,8 +291,10 @@ def render_html(report: dict[str, Any]) -> str:
         if key == "delegate_payloads":
             value = ", ".join(f"{p['backend']}: {p['bytes']:,} B" for p in value)
         notes.append([key.replace("_", " "), value])
+    candidates = (report.get("accuracy") or {}).get("candidates") or {}
     return render(
         "report.html.j2",
+        candidate_names={name: f"{candidate_label(name)} (converted reference)" for name in candidates},
         note_rows=notes,
         report=report,
         plan_rows=plan_rows,
