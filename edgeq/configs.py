@@ -155,6 +155,10 @@ class QATConfig:
     patience: int = 2
     #: QAT learning rate (cosine schedule to 0)
     lr: float = 1e-3
+    #: learning rates QAT tries before it trains: --lr, then each a factor sqrt(10) lower, each in a
+    #: short run (a quarter of the schedule) from the same calibrated state; the lowest held-out
+    #: loss picks the rate of the full run (1: --lr as given)
+    lr_candidates: int = 1
     #: QAT optimizer: sgd (momentum 0.9) or adam
     optimizer: str = "sgd"
     #: QAT weight decay
@@ -202,6 +206,7 @@ class QATConfig:
             (self.min_holdout_samples >= 0, "min_holdout_samples must be >= 0"),
             (self.patience >= 0, "patience must be >= 0"),
             (self.lr > 0, "lr must be > 0"),
+            (self.lr_candidates >= 1, "lr_candidates must be >= 1 (1: --lr as given)"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.calibration_batches >= 1, "calibration_batches must be >= 1"),
             (

@@ -58,7 +58,7 @@ OPTIONS: tuple[Option, ...] = (
     )),
     *(Option(QATConfig, name, kind, panel=_QAT) for name, kind in (
         ("steps", Optional[int]), ("epochs", float), ("holdout", float), ("min_holdout_samples", int),
-        ("patience", int), ("lr", float),
+        ("patience", int), ("lr", float), ("lr_candidates", int),
         ("optimizer", Optimizer), ("weight_decay", float), ("loss", Loss), ("dropout", bool),
         ("calibration_batches", int), ("fold_bn", bool), ("freeze_bn", float), ("freeze_ranges", float),
         ("intermediate_share", float), ("intermediate_bits", int), ("device", str), ("checkpoint_every", int),

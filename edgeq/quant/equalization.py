@@ -33,12 +33,12 @@ _CONV = "aten.conv2d."
 _BATCH_NORM = ("aten._native_batch_norm_legit_no_training.", "aten.batch_norm.")
 _EQUIVARIANT = ("aten.relu.", "aten.relu_.", "aten.dropout.", "aten.clone.")
 _PADS = ("aten.pad.", "aten.constant_pad_nd.")
-_CLAMPS = ("aten.hardtanh.", "aten.hardtanh_.", "aten.clamp.")
+_CLAMPS = ("aten.hardtanh.", "aten.hardtanh_.", "aten.relu6.", "aten.clamp.")
 
 
 @dataclass
 class EqualizationResult:
-    #: "A -> B" (module names) -> the spread of B's input-channel ranges before and after
+    #: "A -> B" (module names) -> the wider channel-range spread of A's outputs and B's inputs, before and after
     pairs: dict[str, dict[str, float]] = field(default_factory=dict)
     #: consecutive convolutions left alone because a clamp (ReLU6) sits between them
     blocked_by_clamp: int = 0
@@ -64,19 +64,24 @@ def equalize(model: nn.Module, example_inputs: tuple, iterations: int = 4) -> tu
     pairs = _pairs(model, example_inputs, result)
     if not pairs:
         return model, result
-    before = {p.label: _spread(_input_ranges(p.second)) for p in pairs}
+    before = {p.label: _pair_spread(p) for p in pairs}
     with torch.no_grad():
         for _ in range(iterations):
             for pair in pairs:
                 _equalize_pair(pair)
     for pair in pairs:
-        result.pairs[pair.label] = {"spread_before": before[pair.label], "spread_after": _spread(_input_ranges(pair.second))}
+        result.pairs[pair.label] = {"spread_before": before[pair.label], "spread_after": _pair_spread(pair)}
     return model, result
 
 
 def _spread(ranges: torch.Tensor) -> float:
     """Largest over smallest channel range (1: equal)."""
     return float(ranges.max() / ranges.clamp_min(1e-12).min())
+
+
+def _pair_spread(pair: _Pair) -> float:
+    """The wider spread of the two sides a pair's channels meet on (A's outputs, B's inputs)."""
+    return max(_spread(_output_ranges(pair)), _spread(_input_ranges(pair.second)))
 
 
 def _pairs(model: nn.Module, example_inputs: tuple, result: EqualizationResult) -> list[_Pair]:

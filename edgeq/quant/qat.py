@@ -60,6 +60,9 @@ class QATReport:
     warnings: list[str] = field(default_factory=list)
     #: initial activation ranges: held-out loss at min/max and at the histogram observer's, and the choice
     initial_ranges: dict[str, Any] = field(default_factory=dict)
+    #: when --lr-candidates searched the rate: the short runs' length, each rate's best held-out
+    #: loss ("losses") and the rate picked
+    rate_search: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -219,7 +219,7 @@ def _delegation(delegation: Any) -> dict[str, Any]:
 
 _QAT_FIELDS = (
     "steps", "seconds", "step_seconds", "first_loss", "last_loss", "commits", "intermediate", "losses",
-    "planned_steps", "passes", "holdout_losses", "best_step", "stopped_early", "initial_ranges",
+    "planned_steps", "passes", "holdout_losses", "best_step", "stopped_early", "initial_ranges", "rate_search",
 )  # fmt: skip
 
 
