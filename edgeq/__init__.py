@@ -38,6 +38,9 @@ _LAZY = {
     "load_target": ("edgeq.backends", "load_target"),
     "Plan": ("edgeq.planning.plan", "Plan"),
     "EdgeqError": ("edgeq.errors", "EdgeqError"),
+    "build_llm": ("edgeq.llm.build", "build_llm"),
+    "LLMBuildConfig": ("edgeq.llm.build", "LLMBuildConfig"),
+    "load_llm_recipe": ("edgeq.llm.recipe", "load_llm_recipe"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -140,13 +140,46 @@ def build(
         from edgeq.recipe import load_recipe
 
         config, qat = split(options, {name for name in options if _given(ctx, name)})
-        loaded = load_recipe(recipe)
+        from edgeq.llm.recipe import is_llm_module
+        from edgeq.recipe import import_recipe
+
+        module, source = import_recipe(recipe)
+        if is_llm_module(module):
+            _build_llm(module, source, config)
+            return
+        loaded = load_recipe(module)
         with RichProgress() as progress:
             result = run_build(loaded, config, progress=progress, qat_overrides=qat)
         if result is not None:  # ranks other than 0 of a torchrun job return None
             _summary(result)
     except EdgeqError as exc:  # anything else is a bug: its traceback stays
         _fail(exc)
+
+
+def _build_llm(module: Any, source: str, config: Any) -> None:
+    """A decoder LLM recipe (edgeq.llm): the build's --out, --target and --precision apply."""
+    from edgeq.llm.build import LLMBuildConfig, build_llm
+    from edgeq.llm.export import LINEAR
+    from edgeq.llm.recipe import llm_recipe_from_module
+
+    if config.target != "android":
+        raise EdgeqError(f"LLM recipes build for android only so far, not {config.target}", "pass --target android")
+    if config.precision is not None and config.precision not in LINEAR:
+        raise EdgeqError(
+            f"--precision {config.precision} is not an LLM linear precision", f"use one of: {', '.join(LINEAR)}"
+        )
+    recipe = llm_recipe_from_module(module, source)
+    out = Path(config.out) if config.out else Path("edgeq-out") / recipe.name
+    settings = {"linear": config.precision} if config.precision else {}
+    with console.status(f"building {recipe.name} (LLM) for android"):
+        result = build_llm(recipe, LLMBuildConfig(out=out, **settings))
+    acc, size, speed = result.report["accuracy"], result.report["size"], result.report["speed"]
+    console.print(
+        f"{result.out_dir}/model.pte: {size['program_bytes']:,} bytes ({size['ratio']:.3f}x float); "
+        f"perplexity {acc['program_perplexity']:.3f} vs float {acc['float_perplexity']:.3f} "
+        f"({acc['perplexity_ratio']:.4f}x); next-token agreement {acc['agreement']:.1f}% on {acc['tokens']} tokens; "
+        f"decode {speed['decode_tokens_per_s']:.1f} tokens/s"
+    )
 
 
 def _build_signature() -> inspect.Signature:

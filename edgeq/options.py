@@ -51,8 +51,8 @@ OPTIONS: tuple[Option, ...] = (
     *(Option(BuildConfig, name, kind, panel=_BUILD) for name, kind in (
         ("target", str), ("out", Optional[Path]), ("plan", Optional[Path]), ("precision", Optional[str]),
         ("size_budget", Optional[float]), ("outlier_ratio", float), ("max_drop", float), ("seed", int),
-        ("ptq_batches", int), ("equalization", bool), ("clipping", bool), ("bias_correction", bool), ("rounding", bool), ("rounding_iterations", int),
-        ("fit_samples", int),
+        ("ptq_batches", int), ("equalization", bool), ("clipping", bool), ("bias_correction", bool),
+        ("rounding", bool), ("rounding_iterations", int), ("fit_samples", int),
         ("fallback_layers", int), ("analysis_flops", float), ("allow_sdk_download", bool), ("resume", bool),
         ("debug_program", Optional[bool]), ("debug_samples", int), ("arm_cpu", Optional[str]),
     )),

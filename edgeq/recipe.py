@@ -259,20 +259,23 @@ def load_recipe(spec: str | Path | ModuleType | Recipe | None = None) -> Recipe:
     """
     if isinstance(spec, Recipe):
         return spec
+    module, source = import_recipe(spec)
+    return recipe_from_module(module, source)
+
+
+def import_recipe(spec: str | Path | ModuleType | None) -> tuple[ModuleType, str]:
+    """The recipe's module and where it came from (``None``: the bundled digits example)."""
     if spec is None:
         spec = BUNDLED
     if isinstance(spec, ModuleType):
-        module, source = spec, spec.__name__
-    else:
-        text = str(spec)
-        path = Path(text)
-        if text.endswith(".py") or path.exists():
-            if not path.is_file():
-                raise EdgeqError(f"recipe file {text} not found", "check the path given to --recipe")
-            module, source = _import_file(path), str(path.resolve())
-        else:
-            module, source = _import_module(text), text
-    return recipe_from_module(module, source)
+        return spec, spec.__name__
+    text = str(spec)
+    path = Path(text)
+    if text.endswith(".py") or path.exists():
+        if not path.is_file():
+            raise EdgeqError(f"recipe file {text} not found", "check the path given to --recipe")
+        return _import_file(path), str(path.resolve())
+    return _import_module(text), text
 
 
 def recipe_from_module(module: ModuleType, source: str = "") -> Recipe:

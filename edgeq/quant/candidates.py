@@ -36,8 +36,8 @@ from edgeq.quant.qat import run_qat, schedule, to_eval
 from edgeq.quant.rounding import RoundingConfig, fit_rounding
 
 __all__ = [
-    "METHODS", "CandidateChoice", "PTQMethods", "candidate_label", "choose_candidate", "complexity", "fingerprint", "fit_data",
-    "methods_of", "quantize", "score_candidates",
+    "METHODS", "CandidateChoice", "PTQMethods", "candidate_label", "choose_candidate", "complexity", "fingerprint",
+    "fit_data", "methods_of", "quantize", "score_candidates",
 ]  # fmt: skip
 
 
@@ -213,6 +213,8 @@ class PTQMethods:
         self.ctx, self.baseline, self.every = ctx, baseline, every
         self._data: dict[int, tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...]]] = {}
         self._equalized: dict[int, tuple[torch.nn.Module, EqualizationResult]] = {}
+        #: model id -> (the spec it was calibrated with, held so its id stays unique; the calibrated graph)
+        self._calibrated: dict[int, tuple[Any, torch.fx.GraphModule]] = {}
 
     def data(self, model: torch.nn.Module) -> tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...]]:
         """The float graph of ``model`` (which equalization may have rescaled) and the fit samples."""
@@ -236,16 +238,25 @@ class PTQMethods:
         """The converted reference and each method's summary for the report, or None when a method
         changed nothing (the candidate would be a simpler one again). ``calibrated``: ``model``
         already calibrated with ``spec`` (copied, not changed)."""
-        ctx, methods, summary = self.ctx, methods_of(name), {}
+        ctx, methods = self.ctx, methods_of(name)
+        summary: dict[str, dict[str, Any]] = {}
         if "equalization" in methods:
             model, equalization = self.equalized(model)
             if not equalization.changed:
                 return None
-            summary["equalization"] = {"pairs": len(equalization.pairs), "blocked_by_clamp": equalization.blocked_by_clamp}
+            summary["equalization"] = {
+                "pairs": len(equalization.pairs),
+                "blocked_by_clamp": equalization.blocked_by_clamp,
+            }
             calibrated = None
         if calibrated is None:
-            with ctx.stages("ptq"):
-                calibrated = calibrate(model, ctx.recipe, spec, ctx.training, ctx.config.ptq_batches or 16, self.every)
+            cached = self._calibrated.get(id(model))
+            if cached is None or cached[0] is not spec:  # the equalized model calibrates once per plan
+                with ctx.stages("ptq"):
+                    batches = ctx.config.ptq_batches or 16
+                    cached = (spec, calibrate(model, ctx.recipe, spec, ctx.training, batches, self.every))
+                self._calibrated[id(model)] = cached
+            calibrated = cached[1]
         prepared = copy.deepcopy(calibrated)
         if "clipping" in methods:
             with ctx.stages("clipping search"):
@@ -264,7 +275,9 @@ class PTQMethods:
         if "rounding" in methods:
             ctx.announce("weight rounding")
             with ctx.stages("weight rounding"):
-                fitted = fit_rounding(reference, *self.data(model), RoundingConfig(iterations=ctx.config.rounding_iterations))
+                fitted = fit_rounding(
+                    reference, *self.data(model), RoundingConfig(iterations=ctx.config.rounding_iterations)
+                )
             if not fitted.improved:
                 return None
             rows = fitted.layers.values()

@@ -1,0 +1,259 @@
+"""`edgeq build` for a decoder LLM: convert, quantize per layer, lower, validate the program, ship.
+
+    LLM recipe -> ExecuTorch's Llama transformer (edgeq.llm.convert)
+               -> per-layer torchao quantization + ExecuTorch's LLM export (edgeq.llm.export)
+               -> perplexity / next-token agreement / generations / tokens/s of the .pte (edgeq.llm.evaluate)
+               -> model.pte, tokenizer.json, generation.json, report, app bundle
+
+The float program is lowered beside the quantized one from the same model, so
+size and speed are ratios measured side by side. Everything is written into a
+staging directory that becomes ``--out`` only when the build succeeds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeq.checks.stats import mean_interval, wilson
+from edgeq.errors import EdgeqError
+from edgeq.llm.convert import check_causal_lm, executorch_params
+from edgeq.llm.evaluate import Generation, encode_windows, generate, score_float, score_program
+from edgeq.llm.export import EMBEDDING, LINEAR, LLMPlan, linear_names, lower_llm
+from edgeq.llm.recipe import LLMRecipe, load_llm_recipe
+from edgeq.ship.package import OutputDir, sha256, versions, write_bytes_atomic, write_json_atomic
+from edgeq.ship.templating import render
+
+__all__ = ["LLMBuildConfig", "LLMBuildResult", "build_llm"]
+
+
+@dataclass(frozen=True)
+class LLMBuildConfig:
+    out: Path = Path("edgeq-out")
+    #: every linear's precision (edgeq.llm.export.LINEAR)
+    linear: str = "w4g32"
+    #: the token table's precision (edgeq.llm.export.EMBEDDING)
+    embedding: str = "e8"
+    #: held-out tokens the perplexity and agreement are measured on
+    eval_tokens: int = 512
+    #: greedy generations shown side by side (prompts cut from the eval text)
+    prompts: int = 3
+    max_new_tokens: int = 32
+    #: fail (exit 3) when the program's teacher-forced next-token agreement with the float model
+    #: is below this percentage (unset: report only)
+    min_agreement: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.linear not in LINEAR:
+            raise EdgeqError(f"unknown linear precision {self.linear!r}", f"use one of: {', '.join(LINEAR)}")
+        if self.embedding not in EMBEDDING:
+            raise EdgeqError(f"unknown embedding precision {self.embedding!r}", f"use one of: {', '.join(EMBEDDING)}")
+        if self.eval_tokens < 16:
+            raise EdgeqError("eval_tokens must be >= 16", "pass the held-out tokens to score, e.g. 512")
+
+
+@dataclass
+class LLMBuildResult:
+    out_dir: Path
+    report: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _metadata(model: Any, tokenizer: Path) -> dict[str, Any]:
+    """The runner's bos/eos ids: the model config's, checked against the tokenizer's vocabulary."""
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(tokenizer)).get_vocab_size(with_added_tokens=True)
+    if vocab > model.config.vocab_size:
+        raise EdgeqError(
+            f"the tokenizer has {vocab} tokens but the model only {model.config.vocab_size}",
+            "return the model's own tokenizer from tokenizer()",
+        )
+    bos = model.config.bos_token_id
+    eos = model.config.eos_token_id
+    eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    metadata: dict[str, Any] = {"get_eos_ids": eos_ids}
+    if bos is not None:
+        metadata["get_bos_id"] = int(bos)
+    return metadata
+
+
+def _prompts(texts: list[str], count: int) -> list[str]:
+    """The first words of the first eval texts' opening lines: prompts the model has not trained on."""
+    prompts = []
+    for text in texts:
+        line = next((ln.strip() for ln in text.splitlines() if len(ln.split()) >= 6), "")
+        if line:
+            prompts.append(" ".join(line.split()[:6]))
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = None) -> LLMBuildResult:
+    """Build, validate and package a decoder LLM (see the module docstring and :class:`LLMBuildConfig`)."""
+    recipe = load_llm_recipe(recipe)
+    config = config or LLMBuildConfig(out=Path("edgeq-out") / recipe.name)
+    timings: dict[str, float] = {}
+
+    def stage(name: str, start: float) -> None:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+    begin = time.perf_counter()
+    model = recipe.model()
+    check_causal_lm(model)
+    model = model.eval().float()
+    tokenizer = recipe.tokenizer_file()
+    metadata = _metadata(model, tokenizer)
+    params = executorch_params(model, recipe.max_seq_len)
+    texts = recipe.texts()
+    eval_texts = recipe.texts(evaluation=True) if recipe.eval_text is not None else texts[-max(1, len(texts) // 8) :]
+    plan = LLMPlan.uniform(linear_names(params), config.linear, config.embedding)
+
+    out = OutputDir(config.out)
+    try:
+        t = time.perf_counter()
+        program = lower_llm(model, tokenizer, recipe.max_seq_len, plan, metadata)
+        stage("lower", t)
+        t = time.perf_counter()
+        float_program = lower_llm(model, tokenizer, recipe.max_seq_len, None, metadata)
+        stage("lower float", t)
+
+        t = time.perf_counter()
+        windows = encode_windows(tokenizer, eval_texts, recipe.max_seq_len, config.eval_tokens)
+        reference = score_float(model, windows)
+        scored = score_program(program, windows)
+        stage("perplexity", t)
+        t = time.perf_counter()
+        prompts = _prompts(eval_texts, config.prompts)
+        generations = generate(program, tokenizer, prompts, config.max_new_tokens)
+        float_generations = generate(float_program, tokenizer, prompts, config.max_new_tokens)
+        stage("generate", t)
+
+        report = _report(recipe, config, plan, params, metadata, program, float_program, reference, scored,
+                         generations, float_generations)  # fmt: skip
+        report["timings"] = timings
+        report["wall_seconds"] = time.perf_counter() - begin
+        write_bytes_atomic(out.path("model.pte"), program)
+        write_bytes_atomic(out.path("tokenizer.json"), tokenizer.read_bytes())
+        write_json_atomic(out.path("generation.json"), report["generation"])
+        write_json_atomic(out.path("plan.json"), plan.to_dict())
+        write_json_atomic(out.path("report.json"), report)
+        write_bytes_atomic(out.path("report.html"), render("llm_report.html.j2", report=report).encode())
+        _bundle(out, report, program, tokenizer)
+        agreement = report["accuracy"]["agreement"]
+        if config.min_agreement is not None and agreement < config.min_agreement:
+            from edgeq.errors import AccuracyError
+
+            raise AccuracyError(
+                f"the program's next-token agreement with the float model is {agreement:.2f}%, "
+                f"below --min-agreement {config.min_agreement}",
+                "use a wider --linear precision (w4g64 -> w4g32 -> w8dyn) or lower --min-agreement",
+            )
+        final = out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    return LLMBuildResult(final, report, timings)
+
+
+def _report(
+    recipe: LLMRecipe,
+    config: LLMBuildConfig,
+    plan: LLMPlan,
+    params: dict[str, Any],
+    metadata: dict[str, Any],
+    program: bytes,
+    float_program: bytes,
+    reference: Any,
+    scored: Any,
+    generations: list[Generation],
+    float_generations: list[Generation],
+) -> dict[str, Any]:
+    difference, low, high = mean_interval(scored.nll - reference.nll)
+    agree = int((scored.predictions == reference.predictions).sum())
+    agree_low, agree_high = wilson(agree, reference.tokens)
+    decode = _median([g.decode_tokens_per_s for g in generations])
+    float_decode = _median([g.decode_tokens_per_s for g in float_generations])
+    prefill = _median([g.prefill_tokens_per_s for g in generations])
+    float_prefill = _median([g.prefill_tokens_per_s for g in float_generations])
+    return {
+        "kind": "llm",
+        "recipe": recipe.name,
+        "target": "android",
+        "versions": versions(),
+        "model": {
+            "layers": params["n_layers"],
+            "dim": params["dim"],
+            "vocab": params["vocab_size"],
+            "max_seq_len": recipe.max_seq_len,
+        },  # fmt: skip
+        "plan": plan.to_dict(),
+        "size": {
+            "program_bytes": len(program),
+            "float_program_bytes": len(float_program),
+            "ratio": len(program) / len(float_program),
+            "sha256": sha256(program),
+        },
+        "accuracy": {
+            "tokens": reference.tokens,
+            "float_perplexity": reference.perplexity,
+            "program_perplexity": scored.perplexity,
+            "perplexity_ratio": math.exp(difference),
+            # the mean per-token NLL difference's paired bootstrap interval, as a perplexity ratio
+            "perplexity_ratio_interval": [math.exp(low), math.exp(high)],
+            "agreement": 100.0 * agree / reference.tokens,
+            "agreement_interval": [agree_low, agree_high],
+            "measured_on": "eval_text()" if recipe.eval_text is not None else "the last eighth of text()",
+        },
+        "speed": {
+            "prefill_tokens_per_s": prefill,
+            "decode_tokens_per_s": decode,
+            "float_prefill_tokens_per_s": float_prefill,
+            "float_decode_tokens_per_s": float_decode,
+            "decode_speedup": decode / float_decode if float_decode else None,
+            "runner": "executorch.extension.llm.runner.TextLLMRunner, host CPU",
+        },
+        "generations": [
+            {"prompt": g.prompt, "program": g.text, "float": f.text} for g, f in zip(generations, float_generations)
+        ],
+        "generation": {
+            **{k.removeprefix("get_"): v for k, v in metadata.items()},
+            "max_seq_len": recipe.max_seq_len,
+            "temperature": 0.0,
+            "max_new_tokens": config.max_new_tokens,
+        },
+    }
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(v for v in values if v > 0)
+    return values[len(values) // 2] if values else 0.0
+
+
+def _bundle(out: OutputDir, report: dict[str, Any], program: bytes, tokenizer: Path) -> None:
+    from edgeq.backends.xnnpack import XnnpackBackend
+    from edgeq.ship.bundle import class_name
+
+    manifest = {"versions": report["versions"], "recipe": {"name": report["recipe"]}}
+    runtime = XnnpackBackend().app_runtime(manifest)
+    context = {
+        "class_name": class_name(report["recipe"]).removesuffix("Model") + "Generator",
+        "package": "org.edgeq.generated",
+        "generation": report["generation"],
+        "edgeq_version": report["versions"]["edgeq"],
+        "executorch_version": report["versions"]["executorch"],
+        "recipe": report["recipe"],
+    }
+    write_bytes_atomic(out.path("bundle/model.pte"), program)
+    write_bytes_atomic(out.path("bundle/tokenizer.json"), tokenizer.read_bytes())
+    write_json_atomic(out.path("bundle/generation.json"), report["generation"])
+    kotlin = render("LlmGenerator.kt.j2", **context)
+    write_bytes_atomic(out.path(f"bundle/{context['class_name']}.kt"), kotlin.encode())
+    gradle = render("dependencies.gradle.j2", runtime=runtime)
+    write_bytes_atomic(out.path("bundle/dependencies.gradle"), gradle.encode())
+    readme = render("llm_README.md.j2", report=report, runtime=runtime, **context)
+    write_bytes_atomic(out.path("bundle/README.md"), readme.encode())

@@ -1,0 +1,153 @@
+"""Lower a decoder LLM to an ExecuTorch program that ExecuTorch's LLM runner generates from.
+
+ExecuTorch's own LLM export does the model side (``executorch.examples.models.llama``'s
+``LLMEdgeManager`` flow, the path ``export_llm`` takes): its static-KV-cache
+transformer, the custom SDPA and cache-update ops, dynamic prompt length, the
+metadata methods the runner reads (``get_max_seq_len``, ``get_vocab_size``,
+``get_bos_id``, ``get_eos_ids``, ``use_kv_cache``, ...) and the XNNPACK
+lowering. What edgeq adds is the precision of each layer: instead of one
+``qmode`` for every linear, each linear and the token table get their own
+torchao config (:data:`LINEAR`, :data:`EMBEDDING`), applied with ``quantize_``
+and a filter before export.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgeq.llm.convert import executorch_params, executorch_state_dict
+
+__all__ = ["EMBEDDING", "LINEAR", "LLMPlan", "lower_llm", "quantize_layers"]
+
+#: linear precisions: 8-bit dynamic activations with 4-bit weights in groups (XNNPACK's 8da4w),
+#: or 8-bit per-channel weights (8da8w), or float
+LINEAR = ("w4g32", "w4g64", "w4g128", "w8dyn", "float")
+#: token-table precisions: 8-bit per row, 4-bit in groups of 32, float
+EMBEDDING = ("e8", "e4g32", "float")
+
+
+@dataclass
+class LLMPlan:
+    """Each linear's precision (by its name in ExecuTorch's transformer, e.g. ``layers.0.attention.wq``)
+    and the token table's."""
+
+    linears: dict[str, str] = field(default_factory=dict)
+    embedding: str = "e8"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"linears": dict(self.linears), "embedding": self.embedding}
+
+    @classmethod
+    def uniform(cls, names: list[str], linear: str, embedding: str) -> LLMPlan:
+        return cls({name: linear for name in names}, embedding)
+
+
+def _linear_config(precision: str) -> Any:
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
+
+    if precision.startswith("w4g"):
+        return Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=getattr(torch, "int4"),  # torch's stubs lack the sub-byte dtypes
+            weight_granularity=PerGroup(int(precision[3:])),
+            intx_choose_qparams_algorithm="hqq_scale_only",
+        )
+    if precision == "w8dyn":
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    raise ValueError(precision)
+
+
+def _embedding_config(precision: str) -> Any:
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_api import IntxWeightOnlyConfig
+
+    if precision == "e8":
+        return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+    if precision == "e4g32":
+        return IntxWeightOnlyConfig(
+            weight_dtype=getattr(
+                torch, "int4"
+            ),  # torch's stubs lack the sub-byte dtypes granularity=PerGroup(32), intx_choose_qparams_algorithm="hqq_scale_only"
+        )
+    raise ValueError(precision)
+
+
+def quantize_layers(module: torch.nn.Module, plan: LLMPlan) -> torch.nn.Module:
+    """``module``'s linears and token table quantized in place as ``plan`` says (torchao ``quantize_``)."""
+    from torchao.quantization.quant_api import quantize_
+
+    if plan.embedding != "float":
+        quantize_(
+            module,
+            _embedding_config(plan.embedding),
+            filter_fn=lambda m, fqn: isinstance(m, torch.nn.Embedding),
+        )
+    for precision in sorted(set(plan.linears.values()) - {"float"}):
+        names = {name for name, p in plan.linears.items() if p == precision}
+        quantize_(
+            module,
+            _linear_config(precision),
+            filter_fn=lambda m, fqn, names=names: isinstance(m, torch.nn.Linear) and fqn in names,
+        )
+    return module
+
+
+def linear_names(params: dict[str, Any]) -> list[str]:
+    """The linears of ExecuTorch's transformer for ``params``, in order (the output head last)."""
+    per_layer = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
+                 "feed_forward.w3", "feed_forward.w2")  # fmt: skip
+    return [f"layers.{i}.{name}" for i in range(params["n_layers"]) for name in per_layer] + ["output"]
+
+
+def lower_llm(
+    model: Any,
+    tokenizer: Path,
+    max_seq_len: int,
+    plan: LLMPlan | None,
+    metadata: dict[str, Any],
+) -> bytes:
+    """The ``.pte`` of ``model`` (a Hugging Face decoder) quantized by ``plan`` (None: float),
+    lowered with XNNPACK, static KV cache of ``max_seq_len`` positions; ``metadata``: the
+    runner's ``get_bos_id`` / ``get_eos_ids``."""
+    from executorch.examples.models.llama.export_llama_lib import (
+        _prepare_for_llama_export,
+        _to_edge_and_lower_llama_xnnpack,
+    )
+    from executorch.extension.llm.export.config.llm_config import LlmConfig, ModelType
+
+    params = executorch_params(model, max_seq_len)
+    with tempfile.TemporaryDirectory(prefix="edgeq-llm-") as scratch:
+        root = Path(scratch)
+        torch.save(executorch_state_dict(model), root / "checkpoint.pth")
+        (root / "params.json").write_text(json.dumps(params))
+        config = LlmConfig()
+        config.base.model_class = ModelType.llama3
+        config.base.checkpoint = str(root / "checkpoint.pth")
+        config.base.params = str(root / "params.json")
+        config.base.tokenizer_path = str(tokenizer)
+        config.base.metadata = json.dumps(metadata)
+        config.model.use_kv_cache = True
+        config.model.use_sdpa_with_kv_cache = True
+        config.model.enable_dynamic_shape = True
+        config.export.max_seq_length = max_seq_len
+        config.export.max_context_length = max_seq_len
+        config.export.output_dir = str(root)
+        config.backend.xnnpack.enabled = True
+        # float and fp16 layers run in XNNPACK too, not only the dynamically quantized ones
+        config.backend.xnnpack.extended_ops = True
+        builder = _prepare_for_llama_export(config)
+        if plan is not None:
+            builder = builder.source_transform([lambda module: quantize_layers(module, plan)])
+        exported = builder.export()
+        exported.run_canonical_optimizations()
+        lowered = _to_edge_and_lower_llama_xnnpack(
+            exported, exported.modelname, [], None, [], None, xnnpack_extended_ops=True
+        )
+        lowered.save_to_pte("model.pte")
+        return Path(lowered.get_saved_pte_filename() or root / "model.pte").read_bytes()

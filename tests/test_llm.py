@@ -1,0 +1,122 @@
+"""Decoder LLMs: conversion to ExecuTorch's Llama, a program ExecuTorch's LLM runner generates from,
+and one-line errors for bad recipes. Real export, real lowering, real runtime and runner."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+
+from edgeq.errors import EdgeqError
+
+
+def _tiny_llama(vocab: int = 256):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def _tokenizer(tmp_path, vocab: int):
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def test_the_unquantized_program_computes_the_hugging_face_models_logits(tmp_path):
+    from edgeq.llm.evaluate import load_llm_program
+    from edgeq.llm.export import lower_llm
+
+    model = _tiny_llama()
+    program = lower_llm(model, _tokenizer(tmp_path, 256), 32, None, {"get_bos_id": 0, "get_eos_ids": [0]})
+    method = load_llm_program(program)
+    tokens = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(tokens).logits[0]
+    prefill = method.execute([tokens[:, :6], torch.tensor([0])])[0]  # dynamic-length prompt
+    torch.testing.assert_close(prefill.reshape(-1, 256)[-1], reference[5], atol=1e-4, rtol=1e-4)
+    for position in range(6, 10):  # decode steps through the static KV cache
+        step = method.execute([tokens[:, position : position + 1], torch.tensor([position])])[0]
+        torch.testing.assert_close(step.reshape(-1, 256)[-1], reference[position], atol=1e-4, rtol=1e-4)
+
+
+def _module(**functions) -> types.ModuleType:
+    module = types.ModuleType("bad_llm")
+    for name, value in functions.items():
+        setattr(module, name, value)
+    return module
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("not_causal", "not a supported causal LM"),
+        ("tokenizer", "the tokenizer has 300 tokens but the model only 256"),
+        ("context", "max_seq_len 128 is above the model's 64 positions"),
+        ("empty", "text() yielded no text"),
+        ("no_len", "has max_seq_len = None"),
+    ],
+)
+def test_bad_llm_recipes_are_one_line(tmp_path, case, message):
+    from edgeq.llm.build import LLMBuildConfig, build_llm
+    from edgeq.llm.recipe import llm_recipe_from_module
+
+    functions = {
+        "model": (lambda: torch.nn.Linear(2, 2)) if case == "not_causal" else _tiny_llama,
+        "tokenizer": lambda: _tokenizer(tmp_path, 300 if case == "tokenizer" else 256),
+        "text": (lambda: ["", "  "]) if case == "empty" else (lambda: ["w1 w2 w3 w4"] * 4),
+        "max_seq_len": 128 if case == "context" else (None if case == "no_len" else 32),
+    }
+    out = tmp_path / "out"
+    with pytest.raises(EdgeqError) as raised:
+        build_llm(llm_recipe_from_module(_module(**functions), "bad_llm"), LLMBuildConfig(out=out))
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_small_causal_lm_builds_a_program_the_llm_runner_generates_from(tmp_path):
+    """`edgeq build` on the bundled tiny LM (real BPE tokenizer, real text): the program carries the
+    runner's metadata, TextLLMRunner generates from it, and the report and bundle are complete."""
+    from typer.testing import CliRunner
+
+    from edgeq.cli import app
+    from edgeq.llm.evaluate import generate, load_llm_program
+
+    out = tmp_path / "llm"
+    result = CliRunner().invoke(app, ["build", "--recipe", "edgeq.examples.tiny_lm", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    acc, size = report["accuracy"], report["size"]
+    assert size["ratio"] < 0.3  # 4-bit linears, 8-bit token table
+    assert acc["perplexity_ratio"] < 1.1 and acc["agreement"] > 80.0
+    assert acc["perplexity_ratio_interval"][0] <= acc["perplexity_ratio"] <= acc["perplexity_ratio_interval"][1]
+    program = (out / "model.pte").read_bytes()
+    from executorch.runtime import Runtime
+
+    loaded = Runtime.get().load_program(program)
+    methods = set(loaded.method_names)
+    assert {"forward", "get_max_seq_len", "get_vocab_size", "get_bos_id", "get_eos_ids", "use_kv_cache"} <= methods
+    assert loaded.load_method("get_max_seq_len").execute([]) == [128]
+    assert load_llm_program(program) is not None
+    # the runner Android's LlmModule wraps generates from the shipped files
+    texts = generate(program, out / "tokenizer.json", ["Assignment statements are used to"], 12)
+    assert texts[0].generated_tokens >= 1 and texts[0].text.strip()
+    assert all(g["program"] for g in report["generations"])
+    bundle = out / "bundle"
+    kotlin = (bundle / "TinyLmGenerator.kt").read_text()
+    assert "LlmModule(modelPath, tokenizerPath, temperature)" in kotlin and "MAX_SEQ_LEN = 128" in kotlin
+    assert json.loads((bundle / "generation.json").read_text())["eos_ids"] == [0]
+    assert "org.pytorch:executorch-android:" in (bundle / "dependencies.gradle").read_text()
+    assert (bundle / "model.pte").read_bytes() == program
+    html = (out / "report.html").read_text()
+    assert "Greedy generations" in html and "next-token agreement" in html
