@@ -19,6 +19,7 @@ def _tiny_llama(vocab: int = 256):
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+        rope_theta=100000.0,  # SmolLM2's base; transformers 5 files it under rope_parameters
     )  # fmt: skip
     return LlamaForCausalLM(config).eval()
 

@@ -225,6 +225,7 @@ def _report(
             "max_seq_len": recipe.max_seq_len,
             "temperature": 0.0,
             "max_new_tokens": config.max_new_tokens,
+            **({"chat_template": recipe.chat_template} if recipe.chat_template else {}),
         },
     }
 

@@ -91,7 +91,7 @@ def executorch_params(model: Any, max_seq_len: int) -> dict[str, Any]:
         "vocab_size": c.vocab_size,
         "hidden_dim": c.intermediate_size,
         "norm_eps": c.rms_norm_eps,
-        "rope_theta": float(getattr(c, "rope_theta", None) or _rope_theta(c)),
+        "rope_theta": _rope_theta(c),
         "use_hf_rope": True,
         "use_scaled_rope": False,
         "attention_qkv_bias": type(model).__name__ == "Qwen2ForCausalLM",
@@ -109,5 +109,8 @@ def executorch_params(model: Any, max_seq_len: int) -> dict[str, Any]:
 
 
 def _rope_theta(config: Any) -> float:
-    parameters = getattr(config, "rope_parameters", None) or {}
-    return float(parameters.get("rope_theta", 10000.0))
+    """The RoPE base: transformers 5 keeps it in ``rope_parameters`` (also read as ``rope_scaling``)."""
+    theta = getattr(config, "rope_theta", None)
+    for name in ("rope_parameters", "rope_scaling"):
+        theta = theta or (getattr(config, name, None) or {}).get("rope_theta")
+    return float(theta or 10000.0)

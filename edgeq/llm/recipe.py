@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ class LLMRecipe:
     source: str = ""
     fingerprint: str = ""
     _tokenizer_file: Path | None = field(default=None, init=False, repr=False)
+    #: the tokenizer's chat template, when it has one (for the app's generation settings)
+    chat_template: str | None = field(default=None, init=False, repr=False)
     _scratch: Any = field(default=None, init=False, repr=False)
 
     def tokenizer_file(self) -> Path:
@@ -64,7 +67,12 @@ class LLMRecipe:
                     f"tokenizer() gave {given}, which holds no tokenizer.json",
                     "return the path of the model's tokenizer.json (or its directory), or the loaded tokenizer",
                 )
+            config = path.with_name("tokenizer_config.json")
+            if config.is_file():
+                self.chat_template = json.loads(config.read_text()).get("chat_template")
             return path
+        template = getattr(given, "chat_template", None)
+        self.chat_template = template if isinstance(template, str) else None
         backend = getattr(given, "backend_tokenizer", given)  # transformers fast tokenizer -> tokenizers.Tokenizer
         if not callable(getattr(backend, "save", None)) or not callable(getattr(backend, "encode", None)):
             raise EdgeqError(
