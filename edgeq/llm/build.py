@@ -105,7 +105,7 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
     begin = time.perf_counter()
     model = recipe.model()
     check_causal_lm(model)
-    model = model.eval().float()
+    model = model.eval()  # weights go to float32 in the conversion; a GGUF-loaded model refuses .float()
     tokenizer = recipe.tokenizer_file()
     metadata = _metadata(model, tokenizer)
     params = executorch_params(model, recipe.max_seq_len)
