@@ -278,11 +278,13 @@ class BuildConfig:
     #: samples. A budget in FLOPs, not seconds: the same build plans the same on any machine
     analysis_flops: float = 4e12
     #: also measure PTQ of the model with cross-layer equalization (consecutive convolutions with
-    #: only BatchNorm/ReLU between rescaled to equal weight ranges) as a candidate
-    equalization: bool = True
+    #: only BatchNorm/ReLU between rescaled to equal weight ranges) as a candidate, and weight
+    #: rounding on top of it; off by default: it did not pay on EfficientNet-Lite0/1 (BENCHMARKS.md)
+    equalization: bool = False
     #: also measure PTQ with each activation range searched by its quantization error on the
-    #: calibration histogram (beside the observer's own greedy search) as a candidate
-    clipping: bool = True
+    #: calibration histogram (beside the observer's own greedy search) as a candidate, and weight
+    #: rounding on top of it; off by default: it did not pay on EfficientNet-Lite0/1 (BENCHMARKS.md)
+    clipping: bool = False
     #: also measure PTQ with empirical bias correction as a candidate (needs ptq_batches > 0)
     bias_correction: bool = True
     #: also measure PTQ with each layer's weight scales and rounding fitted to its float output

@@ -21,6 +21,8 @@ def test_a_qat_run_that_hurts_the_model_ships_the_ptq_program_and_says_so(tmp_pa
         qat=QATConfig(steps=40, lr=5.0, patience=0),
         max_drop=100.0,
         debug_program=False,
+        equalization=True,  # every PTQ method, the opt-in ones too
+        clipping=True,
     )
     result = build(None, config)
     s = result.scores
