@@ -121,3 +121,22 @@ def test_a_small_causal_lm_builds_a_program_the_llm_runner_generates_from(tmp_pa
     assert (bundle / "model.pte").read_bytes() == program
     html = (out / "report.html").read_text()
     assert "Greedy generations" in html and "next-token agreement" in html
+
+
+@pytest.mark.parametrize("linear, embedding", [("w4g32", "e4g32"), ("w4g64", "e8"), ("w4g128", "e8"), ("w8dyn", "e8")])
+def test_each_precision_quantizes_its_layers_on_its_own_grid(linear, embedding):
+    from edgeq.llm.export import LLMPlan, quantize_layers
+
+    torch.manual_seed(0)
+    module = torch.nn.ModuleDict({"table": torch.nn.Embedding(64, 128), "proj": torch.nn.Linear(128, 128)})
+    weights = {name: m.weight.detach().clone() for name, m in module.items()}
+    quantize_layers(module, LLMPlan({"proj": linear, "other": "float"}, embedding))
+    for name, precision in (("proj", linear), ("table", embedding)):
+        quantized = module[name].weight
+        group = int(precision.split("g")[1]) if "g" in precision else 128  # per row: the whole row is one group
+        assert tuple(quantized.block_size) == (1, group)
+        bits = int(precision[1])
+        row = quantized.dequantize()[0, :group]
+        assert len(torch.unique(row)) <= 2**bits
+        error = (quantized.dequantize() - weights[name]).abs().max() / weights[name].abs().max()
+        assert 0 < error < (0.2 if bits == 4 else 0.02)

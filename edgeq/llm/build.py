@@ -21,7 +21,7 @@ from typing import Any
 from edgeq.checks.stats import mean_interval, wilson
 from edgeq.errors import EdgeqError
 from edgeq.llm.convert import check_causal_lm, executorch_params
-from edgeq.llm.evaluate import Generation, encode_windows, generate, score_float, score_program
+from edgeq.llm.evaluate import Generation, TokenScores, encode_windows, generate, score_float, score_program
 from edgeq.llm.export import EMBEDDING, LINEAR, LLMPlan, linear_names, lower_llm
 from edgeq.llm.recipe import LLMRecipe, load_llm_recipe
 from edgeq.ship.package import OutputDir, sha256, versions, write_bytes_atomic, write_json_atomic
@@ -133,8 +133,8 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
         float_generations = generate(float_program, tokenizer, prompts, config.max_new_tokens)
         stage("generate", t)
 
-        report = _report(recipe, config, plan, params, metadata, program, float_program, reference, scored,
-                         generations, float_generations)  # fmt: skip
+        measured = _Measured(program, float_program, reference, scored, generations, float_generations)
+        report = _report(recipe, config, plan, params, metadata, measured)
         report["timings"] = timings
         report["wall_seconds"] = time.perf_counter() - begin
         write_bytes_atomic(out.path("model.pte"), program)
@@ -160,19 +160,29 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
     return LLMBuildResult(final, report, timings)
 
 
+@dataclass
+class _Measured:
+    """The two programs and what the build measured on them."""
+
+    program: bytes
+    float_program: bytes
+    reference: TokenScores
+    scored: TokenScores
+    generations: list[Generation]
+    float_generations: list[Generation]
+
+
 def _report(
     recipe: LLMRecipe,
     config: LLMBuildConfig,
     plan: LLMPlan,
     params: dict[str, Any],
     metadata: dict[str, Any],
-    program: bytes,
-    float_program: bytes,
-    reference: Any,
-    scored: Any,
-    generations: list[Generation],
-    float_generations: list[Generation],
+    measured: _Measured,
 ) -> dict[str, Any]:
+    program, float_program = measured.program, measured.float_program
+    reference, scored = measured.reference, measured.scored
+    generations, float_generations = measured.generations, measured.float_generations
     difference, low, high = mean_interval(scored.nll - reference.nll)
     agree = int((scored.predictions == reference.predictions).sum())
     agree_low, agree_high = wilson(agree, reference.tokens)

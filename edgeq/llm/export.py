@@ -48,13 +48,17 @@ class LLMPlan:
         return cls({name: linear for name in names}, embedding)
 
 
+#: torch's type stubs lack the sub-byte dtypes
+_INT4: torch.dtype = torch.int4  # type: ignore[attr-defined]
+
+
 def _linear_config(precision: str) -> Any:
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
 
     if precision.startswith("w4g"):
         return Int8DynamicActivationIntxWeightConfig(
-            weight_dtype=getattr(torch, "int4"),  # torch's stubs lack the sub-byte dtypes
+            weight_dtype=_INT4,
             weight_granularity=PerGroup(int(precision[3:])),
             intx_choose_qparams_algorithm="hqq_scale_only",
         )
@@ -71,9 +75,7 @@ def _embedding_config(precision: str) -> Any:
         return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
     if precision == "e4g32":
         return IntxWeightOnlyConfig(
-            weight_dtype=getattr(
-                torch, "int4"
-            ),  # torch's stubs lack the sub-byte dtypes granularity=PerGroup(32), intx_choose_qparams_algorithm="hqq_scale_only"
+            weight_dtype=_INT4, granularity=PerGroup(32), intx_choose_qparams_algorithm="hqq_scale_only"
         )
     raise ValueError(precision)
 
