@@ -137,17 +137,16 @@ def build(
     try:
         from edgeq.options import split
         from edgeq.pipeline import build as run_build
-        from edgeq.recipe import load_recipe
 
         config, qat = split(options, {name for name in options if _given(ctx, name)})
         from edgeq.llm.recipe import is_llm_module
-        from edgeq.recipe import import_recipe
+        from edgeq.recipe import import_recipe, recipe_from_module
 
         module, source = import_recipe(recipe)
         if is_llm_module(module):
             _build_llm(module, source, config)
             return
-        loaded = load_recipe(module)
+        loaded = recipe_from_module(module, source)
         with RichProgress() as progress:
             result = run_build(loaded, config, progress=progress, qat_overrides=qat)
         if result is not None:  # ranks other than 0 of a torchrun job return None
