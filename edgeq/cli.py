@@ -138,13 +138,14 @@ def build(
         from edgeq.options import split
         from edgeq.pipeline import build as run_build
 
-        config, qat = split(options, {name for name in options if _given(ctx, name)})
+        given = {name for name in options if _given(ctx, name)}
+        config, qat = split(options, given)
         from edgeq.llm.recipe import is_llm_module
         from edgeq.recipe import import_recipe, recipe_from_module
 
         module, source = import_recipe(recipe)
         if is_llm_module(module):
-            _build_llm(module, source, config)
+            _build_llm(module, source, config, given)
             return
         loaded = recipe_from_module(module, source)
         with RichProgress() as progress:
@@ -155,8 +156,9 @@ def build(
         _fail(exc)
 
 
-def _build_llm(module: Any, source: str, config: Any) -> None:
-    """A decoder LLM recipe (edgeq.llm): the build's --out, --target and --precision apply."""
+def _build_llm(module: Any, source: str, config: Any, given: set[str]) -> None:
+    """A decoder LLM recipe (edgeq.llm): --out, --target, --precision (every linear), --max-drop (the
+    perplexity increase the per-layer plan may predict, in percent; 5 unless given) and --size-budget apply."""
     from edgeq.llm.build import LLMBuildConfig, build_llm
     from edgeq.llm.export import LINEAR
     from edgeq.llm.recipe import llm_recipe_from_module
@@ -169,7 +171,11 @@ def _build_llm(module: Any, source: str, config: Any) -> None:
         )
     recipe = llm_recipe_from_module(module, source)
     out = Path(config.out) if config.out else Path("edgeq-out") / recipe.name
-    settings = {"linear": config.precision} if config.precision else {}
+    settings: dict[str, Any] = {"linear": config.precision} if config.precision else {}
+    if "max_drop" in given:
+        settings["max_drop"] = config.max_drop
+    if config.size_budget is not None:
+        settings["size_budget"] = config.size_budget
     with console.status(f"building {recipe.name} (LLM) for android"):
         result = build_llm(recipe, LLMBuildConfig(out=out, **settings))
     acc, size, speed = result.report["accuracy"], result.report["size"], result.report["speed"]

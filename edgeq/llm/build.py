@@ -20,9 +20,10 @@ from typing import Any
 
 from edgeq.checks.stats import mean_interval, wilson
 from edgeq.errors import EdgeqError
-from edgeq.llm.convert import check_causal_lm, executorch_params
+from edgeq.llm.convert import check_causal_lm, executorch_params, executorch_state_dict
 from edgeq.llm.evaluate import Generation, TokenScores, encode_windows, generate, score_float, score_program
 from edgeq.llm.export import EMBEDDING, LINEAR, LLMPlan, linear_names, lower_llm
+from edgeq.llm.plan import analyze_llm, plan_llm
 from edgeq.llm.recipe import LLMRecipe, load_llm_recipe
 from edgeq.ship.package import OutputDir, sha256, versions, write_bytes_atomic, write_json_atomic
 from edgeq.ship.templating import render
@@ -33,8 +34,15 @@ __all__ = ["LLMBuildConfig", "LLMBuildResult", "build_llm"]
 @dataclass(frozen=True)
 class LLMBuildConfig:
     out: Path = Path("edgeq-out")
-    #: every linear's precision (edgeq.llm.export.LINEAR)
-    linear: str = "w4g32"
+    #: every linear's precision (edgeq.llm.export.LINEAR); unset: planned per layer
+    linear: str | None = None
+    #: the planner's limit: predicted perplexity at most this many percent above float's
+    max_drop: float = 5.0
+    #: or: the program's bytes (> 1) or share of the float program's (<= 1); the planner narrows
+    #: linears until they fit (cheapest loss per byte first)
+    size_budget: float | None = None
+    #: held-out training-text tokens (never eval_text()) the per-layer analysis scores on
+    analysis_tokens: int = 256
     #: the token table's precision (edgeq.llm.export.EMBEDDING)
     embedding: str = "e8"
     #: held-out tokens the perplexity and agreement are measured on
@@ -47,10 +55,14 @@ class LLMBuildConfig:
     min_agreement: float | None = None
 
     def __post_init__(self) -> None:
-        if self.linear not in LINEAR:
+        if self.linear is not None and self.linear not in LINEAR:
             raise EdgeqError(f"unknown linear precision {self.linear!r}", f"use one of: {', '.join(LINEAR)}")
         if self.embedding not in EMBEDDING:
             raise EdgeqError(f"unknown embedding precision {self.embedding!r}", f"use one of: {', '.join(EMBEDDING)}")
+        if self.max_drop < 0:
+            raise EdgeqError(f"--max-drop {self.max_drop} is negative", "pass the perplexity increase allowed, in %")
+        if self.size_budget is not None and self.size_budget <= 0:
+            raise EdgeqError(f"--size-budget {self.size_budget} is not positive", "pass bytes or a share <= 1")
         if self.eval_tokens < 16:
             raise EdgeqError("eval_tokens must be >= 16", "pass the held-out tokens to score, e.g. 512")
 
@@ -60,6 +72,27 @@ class LLMBuildResult:
     out_dir: Path
     report: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def _plan(
+    model: Any, tokenizer: Path, texts: list[str], params: dict[str, Any], max_seq_len: int, config: LLMBuildConfig
+) -> tuple[LLMPlan, dict[str, Any]]:
+    """``--precision`` everywhere, or the per-layer plan (edgeq.llm.plan) under --max-drop / --size-budget."""
+    if config.linear is not None:
+        return LLMPlan.uniform(linear_names(params), config.linear, config.embedding), {"rule": "uniform"}
+    windows = encode_windows(tokenizer, texts, max_seq_len, config.analysis_tokens)
+    analysis = analyze_llm(model, windows)
+    budget = None
+    if config.size_budget is not None:
+        float_bytes = 4.0 * sum(v.numel() for v in executorch_state_dict(model).values())
+        budget = config.size_budget if config.size_budget > 1 else config.size_budget * float_bytes
+        linear_params = sum(layer.params for layer in analysis.layers)
+        other = float_bytes - 4.0 * linear_params  # the token table, norms: priced at float, an upper bound
+        if config.embedding != "float":
+            other -= 3.0 * model.get_input_embeddings().weight.numel()
+        budget -= other
+    plan, prediction = plan_llm(analysis, config.embedding, config.max_drop / 100.0, budget)
+    return plan, {**prediction, "analysis": analysis.to_dict()}
 
 
 def _metadata(model: Any, tokenizer: Path) -> dict[str, Any]:
@@ -111,10 +144,12 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
     params = executorch_params(model, recipe.max_seq_len)
     texts = recipe.texts()
     eval_texts = recipe.texts(evaluation=True) if recipe.eval_text is not None else texts[-max(1, len(texts) // 8) :]
-    plan = LLMPlan.uniform(linear_names(params), config.linear, config.embedding)
 
     out = OutputDir(config.out)
     try:
+        t = time.perf_counter()
+        plan, planning = _plan(model, tokenizer, texts, params, recipe.max_seq_len, config)
+        stage("analyze", t)
         t = time.perf_counter()
         program = lower_llm(model, tokenizer, recipe.max_seq_len, plan, metadata)
         stage("lower", t)
@@ -135,6 +170,7 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
 
         measured = _Measured(program, float_program, reference, scored, generations, float_generations)
         report = _report(recipe, config, plan, params, metadata, measured)
+        report["planning"] = planning
         report["timings"] = timings
         report["wall_seconds"] = time.perf_counter() - begin
         write_bytes_atomic(out.path("model.pte"), program)

@@ -19,7 +19,7 @@ import torch
 
 from edgeq.errors import EdgeqError
 
-__all__ = ["SUPPORTED", "executorch_params", "executorch_state_dict", "check_causal_lm"]
+__all__ = ["SUPPORTED", "check_causal_lm", "executorch_name", "executorch_params", "executorch_state_dict"]
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
@@ -59,6 +59,17 @@ def check_causal_lm(model: Any) -> None:
         )
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", False):
         raise EdgeqError("the model uses sliding-window attention", "use a model with full attention")
+
+
+def executorch_name(module: str) -> str | None:
+    """The ExecuTorch transformer's name for a Hugging Face linear ("model.layers.0.mlp.up_proj" ->
+    "layers.0.feed_forward.w3", "lm_head" -> "output"), or None for a module it has no linear for."""
+    if module == "lm_head":
+        return "output"
+    match = re.match(r"^model\.layers\.(\d+)\.(.+)$", module)
+    if match is None or match.group(2) not in _LAYER:
+        return None
+    return f"layers.{match.group(1)}.{_LAYER[match.group(2)]}"
 
 
 def executorch_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
