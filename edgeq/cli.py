@@ -182,8 +182,8 @@ def _build_llm(module: Any, source: str, config: Any, given: set[str]) -> None:
     console.print(
         f"{result.out_dir}/model.pte: {size['program_bytes']:,} bytes ({size['ratio']:.3f}x float); "
         f"perplexity {acc['program_perplexity']:.3f} vs float {acc['float_perplexity']:.3f} "
-        f"({acc['perplexity_ratio']:.4f}x); next-token agreement {acc['agreement']:.1f}% on {acc['tokens']} tokens; "
-        f"decode {speed['decode_tokens_per_s']:.1f} tokens/s"
+        f"({acc['perplexity_ratio']:.4f}x); next-token agreement {acc['agreement']:.1f}% on {acc['tokens']} tokens"
+        + (f"; decode {speed['decode_tokens_per_s']:.1f} tokens/s" if speed["decode_tokens_per_s"] else "")
     )
 
 

@@ -260,7 +260,7 @@ def _report(
             "decode_tokens_per_s": decode,
             "float_prefill_tokens_per_s": float_prefill,
             "float_decode_tokens_per_s": float_decode,
-            "decode_speedup": decode / float_decode if float_decode else None,
+            "decode_speedup": decode / float_decode if decode and float_decode else None,
             "runner": "executorch.extension.llm.runner.TextLLMRunner, host CPU",
         },
         "generations": [

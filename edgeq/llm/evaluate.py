@@ -138,14 +138,22 @@ def generate(program: bytes, tokenizer: Path, prompts: list[str], max_new_tokens
 def _generation(prompt: str, text: str, stats: Any) -> Generation:
     if stats is None:
         return Generation(prompt, text)
-    prefill_ms = max(1, stats.prompt_eval_end_ms - stats.inference_start_ms)
-    decode_ms = max(1, stats.inference_end_ms - stats.prompt_eval_end_ms)
+    prefill_ms = stats.prompt_eval_end_ms - stats.inference_start_ms
+    decode_ms = stats.inference_end_ms - stats.prompt_eval_end_ms
     decoded = max(0, stats.num_generated_tokens - 1)  # the first token comes out of the prefill
     return Generation(
         prompt,
         text,
         prompt_tokens=stats.num_prompt_tokens,
         generated_tokens=stats.num_generated_tokens,
-        prefill_tokens_per_s=1000.0 * stats.num_prompt_tokens / prefill_ms,
-        decode_tokens_per_s=1000.0 * decoded / decode_ms,
+        prefill_tokens_per_s=_rate(stats.num_prompt_tokens, prefill_ms),
+        decode_tokens_per_s=_rate(decoded, decode_ms),
     )
+
+
+#: the runner's clock counts milliseconds: a window shorter than this is not timed (0.0: unmeasured)
+MIN_TIMED_MS = 20
+
+
+def _rate(tokens: int, milliseconds: int) -> float:
+    return 1000.0 * tokens / milliseconds if milliseconds >= MIN_TIMED_MS and tokens else 0.0
