@@ -79,12 +79,9 @@ def main() -> None:
     results = json.loads(saved.read_text()) if saved.exists() else {}
     recipe = llm_recipe_from_module(llm_recipes, "scripts/llm_recipes.py")
     for row in args.rows:
-        linear, embedding = ROWS[row]
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            config = LLMBuildConfig(
-                out=Path(tmp) / row, linear=linear, embedding=embedding, eval_tokens=args.eval_tokens
-            )
+            config = LLMBuildConfig(out=Path(tmp) / "out", eval_tokens=args.eval_tokens, **ROWS[row])
             report = build_llm(recipe, config).report
             report["bench_seconds"] = time.perf_counter() - start
         report["measured"] = time.strftime("%Y-%m-%d %H:%M")
