@@ -106,7 +106,7 @@ def main() -> None:
         "teacher-forced through the .pte's own forward against the float model on the same tokens (perplexity "
         "ratio with its paired bootstrap 95% interval over tokens, agreement with its Wilson interval). Planned "
         "rows start from w8dyn and move to w4g32 the linears whose own loss increase per byte saved is smallest "
-        "(measured one linear at a time on 256 held-out tokens of the training text). Tokens/s "
+        "(measured one linear at a time on 256 tokens of the training text, never the scored ones). Tokens/s "
         "are ExecuTorch's TextLLMRunner, greedy, median over 3 prompts, .pte / float program lowered in the same "
         "build.\n\n"
         + table(

@@ -2,7 +2,7 @@
 
 The analysis quantizes one linear at a time (a copy, with the very torchao
 config the program will use, so activations are quantized dynamically as
-XNNPACK runs them) and measures the mean next-token loss on held-out windows of
+XNNPACK runs them) and measures the mean next-token loss on windows of
 the recipe's *training* text (never ``eval_text()``, which only reports). The
 planner starts from 8-bit weights everywhere and moves to 4-bit groups the
 linears whose loss increase per byte saved is smallest, while the summed
@@ -76,7 +76,7 @@ def _loss(model: Any, windows: list[list[int]]) -> float:
 
 
 def analyze_llm(model: Any, windows: list[list[int]]) -> LLMAnalysis:
-    """Each linear's loss increase at NARROW, one at a time, on ``windows`` (held-out training text)."""
+    """Each linear's loss increase at NARROW, one at a time, on ``windows`` (the training text)."""
     from edgeq.llm.export import quantize_layers
 
     start = time.perf_counter()
