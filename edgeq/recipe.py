@@ -278,6 +278,19 @@ def import_recipe(spec: str | Path | ModuleType | None) -> tuple[ModuleType, str
     return _import_module(text), text
 
 
+def recipe_identity(module: ModuleType, source: str) -> tuple[str, str]:
+    """A recipe module's name (its ``name``, else its module or file name) and its source text (what
+    its fingerprint hashes)."""
+    name = getattr(module, "name", None) or module.__name__.rsplit(".", 1)[-1]
+    if name.startswith("edgeq_recipe_"):
+        name = Path(source).stem
+    try:
+        text = inspect.getsource(module)
+    except (OSError, TypeError):
+        text = source
+    return str(name), text
+
+
 def recipe_from_module(module: ModuleType, source: str = "") -> Recipe:
     missing = [name for name in REQUIRED if not callable(getattr(module, name, None))]
     if missing:
@@ -288,13 +301,7 @@ def recipe_from_module(module: ModuleType, source: str = "") -> Recipe:
     labels = getattr(module, "labels", None)
     if labels is not None:
         labels = [str(label) for label in labels]
-    name = getattr(module, "name", None) or module.__name__.rsplit(".", 1)[-1]
-    if name.startswith("edgeq_recipe_"):
-        name = Path(source).stem
-    try:
-        text = inspect.getsource(module)
-    except (OSError, TypeError):
-        text = source
+    name, text = recipe_identity(module, source)
     return Recipe(
         name=str(name),
         model=module.model,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from edgeq.examples._cache import cache_path
+from edgeq.examples._cache import cache_path, cached_model
 
 name = "tiny_lm"
 max_seq_len = 128
@@ -116,14 +116,4 @@ def _train():
 def model():
     from transformers import LlamaForCausalLM
 
-    path = cache_path("tiny_lm", SETTINGS)
-    if path.exists():
-        net = LlamaForCausalLM(_config())
-        net.load_state_dict(torch.load(path, weights_only=True), strict=False)
-        return net.eval()
-    net = _train()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, path)
-    return net
+    return cached_model(cache_path("tiny_lm", SETTINGS), LlamaForCausalLM(_config()), _train)

@@ -18,7 +18,6 @@ the model's positions, empty text.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import tempfile
 from collections.abc import Callable, Iterable
@@ -112,13 +111,9 @@ def llm_recipe_from_module(module: ModuleType, source: str = "") -> LLMRecipe:
             f"LLM recipe {source or module.__name__} has max_seq_len = {max_seq_len!r}",
             "set max_seq_len to the program's context length in tokens, e.g. max_seq_len = 512",
         )
-    name = getattr(module, "name", None) or module.__name__.rsplit(".", 1)[-1]
-    if name.startswith("edgeq_recipe_"):
-        name = Path(source).stem
-    try:
-        text = inspect.getsource(module)
-    except (OSError, TypeError):
-        text = source
+    from edgeq.recipe import recipe_identity
+
+    name, text = recipe_identity(module, source)
     eval_text = getattr(module, "eval_text", None)
     return LLMRecipe(
         name=name,
