@@ -38,9 +38,13 @@ READING = """Reading it:
   (0.253x, 1.020x) it sits between on both axes; it does not reach 1.05x, which it predicted (1.050x): the
   sum of each linear's own loss increase underestimates what 132 narrowed linears cost together. A plan
   checked on held-out text before lowering (and narrowed less when it misses) is the next step.
+- `--size-budget 0.20` is kept (0.192x: 156 linears at 4 bits) at 1.192x perplexity [1.128, 1.255] and 72.5%
+  agreement; predicted 1.121x. Per byte, the plan is far ahead of uniform 4-bit (1.565x at 0.161x): the
+  linears it keeps at 8 bits are the ones whose 4-bit copies cost the most.
 - Build times are not clean: every build shared the 2 cores with an ImageNet benchmark and test runs. Most
   of a build is ExecuTorch's lowering (quantized 9.5-14 min, float 4 min of it); the planner's analysis,
-  211 single-linear passes over 256 tokens, took 16 min of the planned row on the shared cores.
+  211 single-linear passes over 256 tokens, took 16 min of the --max-drop row on the busiest cores and 2.2 min
+  of the --size-budget row.
 """
 
 #: row -> LLMBuildConfig settings; "planned" rows are edgeq's per-layer plan (edgeq.llm.plan)
