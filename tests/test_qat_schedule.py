@@ -137,15 +137,15 @@ def test_a_rate_search_trains_at_the_rate_whose_short_run_held_out_best(tmp_path
     config = BuildConfig(
         out=tmp_path / "out",
         precision="int8",
-        qat=QATConfig(steps=40, lr=5.0, lr_candidates=3),
+        qat=QATConfig(steps=24, lr=5.0, lr_candidates=3),
         ptq_batches=0,
         max_drop=100.0,
         debug_program=False,
     )
     result = build(None, config)
     search = result.report["qat"]["rate_search"]
-    assert search["short_run_steps"] == 10 and set(search["losses"]) == {"5", "1.58", "0.5"}
+    assert search["short_run_steps"] == 6 and set(search["losses"]) == {"5", "1.58", "0.5"}
     assert search["picked"] == min((5.0, 5.0 / 10**0.5, 0.5), key=lambda r: search["losses"][f"{r:.3g}"])
     assert search["picked"] < 5.0 and search["losses"]["5"] > min(search["losses"].values())
     html = (result.out_dir / "report.html").read_text()
-    assert "picked by short runs of 10 steps" in html
+    assert "picked by short runs of 6 steps" in html
