@@ -174,11 +174,12 @@ def step_quantizer(ctx: BuildContext, baseline: FloatBaseline, start: FallbackSt
 
     def quantize_step(plan: Plan) -> torch.fx.GraphModule:
         spec = ctx.spec(plan, qat=False)
-        made = methods.quantize(model, spec, method) if method is not None else None
-        if made is not None:
-            return made[0]
-        # plain PTQ, or a method that changes nothing on this plan
-        return post_training_quantize(model, ctx.recipe, spec, ctx.training, ctx.config.ptq_batches or 16, every)
+        if method is None:
+            return post_training_quantize(model, ctx.recipe, spec, ctx.training, ctx.config.ptq_batches or 16, every)
+        # A method that changes nothing on this plan leaves plain PTQ, calibrated once.
+        made = methods.quantize(model, spec, method, keep_unchanged=True)
+        assert made is not None
+        return made[0]
 
     return quantize_step
 

@@ -234,15 +234,17 @@ class PTQMethods:
         spec: Any,
         name: str,
         calibrated: torch.fx.GraphModule | None = None,
+        keep_unchanged: bool = False,
     ) -> tuple[torch.fx.GraphModule, dict[str, Any]] | None:
         """The converted reference and each method's summary for the report, or None when a method
-        changed nothing (the candidate would be a simpler one again). ``calibrated``: ``model``
-        already calibrated with ``spec`` (copied, not changed)."""
+        changed nothing (the candidate would be a simpler one again), unless ``keep_unchanged``:
+        then the reference comes back as the methods left it. ``calibrated``: ``model`` already
+        calibrated with ``spec`` (copied, not changed)."""
         ctx, methods = self.ctx, methods_of(name)
         summary: dict[str, dict[str, Any]] = {}
         if "equalization" in methods:
             model, equalization = self.equalized(model)
-            if not equalization.changed:
+            if not equalization.changed and not keep_unchanged:
                 return None
             summary["equalization"] = {
                 "pairs": len(equalization.pairs),
@@ -261,7 +263,7 @@ class PTQMethods:
         if "clipping" in methods:
             with ctx.stages("clipping search"):
                 clipping = search_clipping(prepared)
-            if not clipping.changed:
+            if not clipping.changed and not keep_unchanged:
                 return None
             summary["clipping"] = clipping.summary()
         with ctx.stages("ptq"):
@@ -269,7 +271,7 @@ class PTQMethods:
         if "bias-correction" in methods:
             with ctx.stages("bias correction"):
                 result = correct_bias(reference, *self.data(model))
-            if not result.shifts:
+            if not result.shifts and not keep_unchanged:
                 return None
             summary["bias-correction"] = {"layers": len(result.shifts), "samples": result.samples}
         if "rounding" in methods:
@@ -278,7 +280,7 @@ class PTQMethods:
                 fitted = fit_rounding(
                     reference, *self.data(model), RoundingConfig(iterations=ctx.config.rounding_iterations)
                 )
-            if not fitted.improved:
+            if not fitted.improved and not keep_unchanged:
                 return None
             rows = fitted.layers.values()
             summary["rounding"] = {
