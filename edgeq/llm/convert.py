@@ -73,11 +73,13 @@ def executorch_name(module: str) -> str | None:
 
 
 def executorch_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under ExecuTorch's Llama names (tied output weights written out)."""
+    """The model's weights under ExecuTorch's Llama names (tied output weights written out). Float32
+    weights are the model's own tensors, not copies: a checkpoint is written from them and a size
+    counted, neither needs a second copy of every weight."""
     converted: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
         if key in _TOP:
-            converted[_TOP[key]] = value.detach().float().clone()
+            converted[_TOP[key]] = value.detach().float()
             continue
         match = _KEY.match(key)
         if match is None or match.group(2) not in _LAYER:
@@ -85,7 +87,7 @@ def executorch_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                 continue
             raise EdgeqError(f"the model has a weight {key} this conversion does not know", "use a Llama-style decoder")
         layer, module, kind = match.groups()
-        converted[f"layers.{layer}.{_LAYER[module]}.{kind}"] = value.detach().float().clone()
+        converted[f"layers.{layer}.{_LAYER[module]}.{kind}"] = value.detach().float()
     converted.setdefault("output.weight", converted["tok_embeddings.weight"])
     return converted
 
