@@ -143,7 +143,15 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
     metadata = _metadata(model, tokenizer)
     params = executorch_params(model, recipe.max_seq_len)
     texts = recipe.texts()
-    eval_texts = recipe.texts(evaluation=True) if recipe.eval_text is not None else texts[-max(1, len(texts) // 8) :]
+    if recipe.eval_text is not None:
+        eval_texts = recipe.texts(evaluation=True)
+        measured_on = "eval_text()"
+    elif len(texts) > 1:  # the last eighth only reports; the plan is made on the rest
+        held = max(1, len(texts) // 8)
+        texts, eval_texts = texts[:-held], texts[-held:]
+        measured_on = "the last eighth of text(), which the plan does not read"
+    else:
+        eval_texts, measured_on = texts, "text() (one text, no eval_text(): the plan read it too)"
 
     out = OutputDir(config.out)
     try:
@@ -168,7 +176,7 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
         float_generations = generate(float_program, tokenizer, prompts, config.max_new_tokens)
         stage("generate", t)
 
-        measured = _Measured(program, float_program, reference, scored, generations, float_generations)
+        measured = _Measured(program, float_program, reference, scored, generations, float_generations, measured_on)
         report = _report(recipe, config, plan, params, metadata, measured)
         report["planning"] = planning
         report["timings"] = timings
@@ -206,6 +214,8 @@ class _Measured:
     scored: TokenScores
     generations: list[Generation]
     float_generations: list[Generation]
+    #: what the perplexity and agreement were measured on, in words
+    measured_on: str
 
 
 def _report(
@@ -253,7 +263,7 @@ def _report(
             "perplexity_ratio_interval": [math.exp(low), math.exp(high)],
             "agreement": 100.0 * agree / reference.tokens,
             "agreement_interval": [agree_low, agree_high],
-            "measured_on": "eval_text()" if recipe.eval_text is not None else "the last eighth of text()",
+            "measured_on": measured.measured_on,
         },
         "speed": {
             "prefill_tokens_per_s": prefill,
