@@ -23,7 +23,8 @@ from edgeq.errors import EdgeqError
 from edgeq.llm.convert import check_causal_lm, executorch_params, executorch_state_dict
 from edgeq.llm.evaluate import Generation, TokenScores, encode_windows, generate, score_float, score_program
 from edgeq.llm.export import EMBEDDING, LINEAR, LLMPlan, linear_names, lower_llm
-from edgeq.llm.plan import analyze_llm, plan_llm
+from edgeq.llm.gptq import Hessians, collect_hessians
+from edgeq.llm.plan import analyze_llm, check_plan, linear_modules, plan_llm
 from edgeq.llm.recipe import LLMRecipe, load_llm_recipe
 from edgeq.ship.package import OutputDir, sha256, versions, write_bytes_atomic, write_json_atomic
 from edgeq.ship.templating import render
@@ -43,6 +44,9 @@ class LLMBuildConfig:
     size_budget: float | None = None
     #: held-out training-text tokens (never eval_text()) the per-layer analysis scores on
     analysis_tokens: int = 256
+    #: GPTQ (edgeq.llm.gptq): every quantized linear's integers fitted to its inputs on this many
+    #: training-text tokens (0: round to nearest)
+    gptq_tokens: int = 4096
     #: the token table's precision (edgeq.llm.export.EMBEDDING)
     embedding: str = "e8"
     #: held-out tokens the perplexity and agreement are measured on
@@ -63,6 +67,8 @@ class LLMBuildConfig:
             raise EdgeqError(f"--max-drop {self.max_drop} is negative", "pass the perplexity increase allowed, in %")
         if self.size_budget is not None and self.size_budget <= 0:
             raise EdgeqError(f"--size-budget {self.size_budget} is not positive", "pass bytes or a share <= 1")
+        if self.gptq_tokens < 0:
+            raise EdgeqError(f"gptq_tokens {self.gptq_tokens} is negative", "pass 0 to round to nearest")
         if self.eval_tokens < 16:
             raise EdgeqError("eval_tokens must be >= 16", "pass the held-out tokens to score, e.g. 512")
 
@@ -74,14 +80,32 @@ class LLMBuildResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _hessians(
+    model: Any, tokenizer: Path, texts: list[str], max_seq_len: int, config: LLMBuildConfig
+) -> Hessians | None:
+    """GPTQ's statistics on the training text (None with gptq_tokens 0)."""
+    if not config.gptq_tokens:
+        return None
+    windows = encode_windows(tokenizer, texts, max_seq_len, config.gptq_tokens)
+    return collect_hessians(model, windows, linear_modules(model))
+
+
 def _plan(
-    model: Any, tokenizer: Path, texts: list[str], params: dict[str, Any], max_seq_len: int, config: LLMBuildConfig
+    model: Any,
+    tokenizer: Path,
+    texts: list[str],
+    params: dict[str, Any],
+    max_seq_len: int,
+    config: LLMBuildConfig,
+    hessians: Hessians | None,
 ) -> tuple[LLMPlan, dict[str, Any]]:
     """``--precision`` everywhere, or the per-layer plan (edgeq.llm.plan) under --max-drop / --size-budget."""
     if config.linear is not None:
         return LLMPlan.uniform(linear_names(params), config.linear, config.embedding), {"rule": "uniform"}
-    windows = encode_windows(tokenizer, texts, max_seq_len, config.analysis_tokens)
-    analysis = analyze_llm(model, windows)
+    # the analysis reads the first analysis_tokens of the training text, the plan check the next ones
+    windows = encode_windows(tokenizer, texts, max_seq_len, 2 * config.analysis_tokens)
+    windows, check_windows = _split_windows(windows, config.analysis_tokens)
+    analysis = analyze_llm(model, windows, hessians)
     budget = None
     if config.size_budget is not None:
         float_bytes = 4.0 * sum(v.numel() for v in executorch_state_dict(model).values())
@@ -92,7 +116,23 @@ def _plan(
             other -= 3.0 * model.get_input_embeddings().weight.numel()
         budget -= other
     plan, prediction = plan_llm(analysis, config.embedding, config.max_drop / 100.0, budget)
-    return plan, {**prediction, "analysis": analysis.to_dict()}
+    planning = {**prediction, "analysis": analysis.to_dict()}
+    if budget is None and check_windows:
+        plan, check = check_plan(model, plan, prediction["order"], check_windows, config.max_drop / 100.0, hessians)
+        planning["check"] = check.to_dict()
+    return plan, planning
+
+
+def _split_windows(windows: list[list[int]], tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The windows scoring the first ``tokens`` tokens (the last one cut there), and the rest."""
+    total = 0
+    for i, window in enumerate(windows):
+        if total + len(window) - 1 >= tokens:
+            cut = tokens - total + 1
+            rest = [window[cut:]] if len(window) - cut >= 2 else []
+            return [*windows[:i], window[:cut]], rest + windows[i + 1 :]
+        total += len(window) - 1
+    return windows, []
 
 
 def _metadata(model: Any, tokenizer: Path) -> dict[str, Any]:
@@ -156,10 +196,13 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
     out = OutputDir(config.out)
     try:
         t = time.perf_counter()
-        plan, planning = _plan(model, tokenizer, texts, params, recipe.max_seq_len, config)
+        hessians = _hessians(model, tokenizer, texts, recipe.max_seq_len, config)
+        stage("gptq statistics", t)
+        t = time.perf_counter()
+        plan, planning = _plan(model, tokenizer, texts, params, recipe.max_seq_len, config, hessians)
         stage("analyze", t)
         t = time.perf_counter()
-        program = lower_llm(model, tokenizer, recipe.max_seq_len, plan, metadata)
+        program = lower_llm(model, tokenizer, recipe.max_seq_len, plan, metadata, hessians)
         stage("lower", t)
         t = time.perf_counter()
         float_program = lower_llm(model, tokenizer, recipe.max_seq_len, None, metadata)
@@ -179,6 +222,7 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
         measured = _Measured(program, float_program, reference, scored, generations, float_generations, measured_on)
         report = _report(recipe, config, plan, params, metadata, measured)
         report["planning"] = planning
+        report["gptq"] = {"tokens": hessians.tokens, "seconds": hessians.seconds} if hessians else None
         report["timings"] = timings
         report["wall_seconds"] = time.perf_counter() - begin
         write_bytes_atomic(out.path("model.pte"), program)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from edgeq.llm.convert import executorch_params, executorch_state_dict
+from edgeq.llm.gptq import Hessians, apply_gptq
 
 __all__ = ["EMBEDDING", "LINEAR", "LLMPlan", "lower_llm", "quantize_layers"]
 
@@ -80,8 +81,9 @@ def _embedding_config(precision: str) -> Any:
     raise ValueError(precision)
 
 
-def quantize_layers(module: torch.nn.Module, plan: LLMPlan) -> torch.nn.Module:
-    """``module``'s linears and token table quantized in place as ``plan`` says (torchao ``quantize_``)."""
+def quantize_layers(module: torch.nn.Module, plan: LLMPlan, hessians: Hessians | None = None) -> torch.nn.Module:
+    """``module``'s linears and token table quantized in place as ``plan`` says (torchao ``quantize_``);
+    with ``hessians``, each quantized linear then gets GPTQ's integers on torchao's grid."""
     from torchao.quantization.quant_api import quantize_
 
     if plan.embedding != "float":
@@ -97,6 +99,10 @@ def quantize_layers(module: torch.nn.Module, plan: LLMPlan) -> torch.nn.Module:
             _linear_config(precision),
             filter_fn=lambda m, fqn, names=names: isinstance(m, torch.nn.Linear) and fqn in names,
         )
+    if hessians is not None:
+        for name, precision in plan.linears.items():
+            if precision != "float":
+                apply_gptq(module.get_submodule(name), name, hessians)
     return module
 
 
@@ -113,10 +119,12 @@ def lower_llm(
     max_seq_len: int,
     plan: LLMPlan | None,
     metadata: dict[str, Any],
+    hessians: Hessians | None = None,
 ) -> bytes:
     """The ``.pte`` of ``model`` (a Hugging Face decoder) quantized by ``plan`` (None: float),
     lowered with XNNPACK, static KV cache of ``max_seq_len`` positions; ``metadata``: the
-    runner's ``get_bos_id`` / ``get_eos_ids``."""
+    runner's ``get_bos_id`` / ``get_eos_ids``; ``hessians``: GPTQ the quantized linears
+    (edgeq.llm.gptq)."""
     from executorch.examples.models.llama.export_llama_lib import (
         _prepare_for_llama_export,
         _to_edge_and_lower_llama_xnnpack,
@@ -145,7 +153,7 @@ def lower_llm(
         config.backend.xnnpack.extended_ops = True
         builder = _prepare_for_llama_export(config)
         if plan is not None:
-            builder = builder.source_transform([lambda module: quantize_layers(module, plan)])
+            builder = builder.source_transform([lambda module: quantize_layers(module, plan, hessians)])
         exported = builder.export()
         exported.run_canonical_optimizations()
         lowered = _to_edge_and_lower_llama_xnnpack(

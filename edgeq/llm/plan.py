@@ -22,8 +22,9 @@ import torch
 
 from edgeq.llm.convert import executorch_name
 from edgeq.llm.export import LLMPlan
+from edgeq.llm.gptq import Hessians, apply_gptq
 
-__all__ = ["LayerCost", "LLMAnalysis", "analyze_llm", "plan_llm", "weight_bytes"]
+__all__ = ["LayerCost", "LLMAnalysis", "PlanCheck", "analyze_llm", "check_plan", "plan_llm", "weight_bytes"]
 
 #: precisions the planner chooses between, narrowest last
 WIDE, NARROW = "w8dyn", "w4g32"
@@ -75,22 +76,31 @@ def _loss(model: Any, windows: list[list[int]]) -> float:
     return total / max(count, 1)
 
 
-def analyze_llm(model: Any, windows: list[list[int]]) -> LLMAnalysis:
-    """Each linear's loss increase at NARROW, one at a time, on ``windows`` (the training text)."""
+def linear_modules(model: Any) -> dict[str, str]:
+    """The HF model's linears that ExecuTorch's transformer has: HF name -> ExecuTorch name."""
+    names = {}
+    for name, module in model.named_modules():
+        target = executorch_name(name)
+        if isinstance(module, torch.nn.Linear) and target is not None:
+            names[name] = target
+    return names
+
+
+def analyze_llm(model: Any, windows: list[list[int]], hessians: Hessians | None = None) -> LLMAnalysis:
+    """Each linear's loss increase at NARROW, one at a time, on ``windows`` (the training text);
+    with ``hessians``, each narrowed the way the program will be (GPTQ integers)."""
     from edgeq.llm.export import quantize_layers
 
     start = time.perf_counter()
     base = _loss(model, windows)
     analysis = LLMAnalysis(base, sum(len(w) - 1 for w in windows))
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        target = executorch_name(name)
-        if target is None:
-            continue
+    for name, target in linear_modules(model).items():
+        module = model.get_submodule(name)
         parent_name, _, attribute = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         quantized = quantize_layers(copy.deepcopy(module), LLMPlan({"": NARROW}, "float"))
+        if hessians is not None:
+            apply_gptq(quantized, target, hessians)
         setattr(parent, attribute, quantized)
         try:
             loss = _loss(model, windows)
@@ -116,6 +126,7 @@ def plan_llm(
     size = sum(weight_bytes(layer.params, layer.rows, WIDE) for layer in analysis.layers)
     increase = 0.0
     order = sorted(analysis.layers, key=lambda layer: max(layer.narrow_loss, 0.0) / saved[layer.name])
+    narrowed: list[str] = []
     for layer in order:
         if size_budget is not None:
             if size <= size_budget:
@@ -123,12 +134,15 @@ def plan_llm(
         elif max_increase is None or math.exp(increase + max(layer.narrow_loss, 0.0)) - 1.0 > max_increase:
             continue
         chosen[layer.name] = NARROW
+        narrowed.append(layer.name)
         size -= saved[layer.name]
         increase += max(layer.narrow_loss, 0.0)
     prediction = {
         "predicted_perplexity_ratio": math.exp(increase),
         "linear_bytes": size,
         "narrow_layers": sum(1 for p in chosen.values() if p == NARROW),
+        #: the layers narrowed, in the planner's order (the plan check backs off from the end)
+        "order": narrowed,
         "rule": (
             f"linears to {NARROW} until they fit {size_budget:,.0f} bytes"
             if size_budget is not None
@@ -136,3 +150,110 @@ def plan_llm(
         ),
     }
     return LLMPlan(chosen, embedding), prediction
+
+
+@dataclass
+class PlanCheck:
+    """The whole plan measured before lowering, and how far it was backed off."""
+
+    tokens: int
+    float_loss: float
+    #: narrowed layers kept (a prefix of the planner's order) -> measured perplexity ratio
+    measured: dict[int, float] = field(default_factory=dict)
+    kept: int = 0
+    planned: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "float_loss": self.float_loss,
+            "measured": {str(k): v for k, v in sorted(self.measured.items())},
+            "kept": self.kept,
+            "planned": self.planned,
+            "seconds": self.seconds,
+        }
+
+
+class _Swapper:
+    """The HF model with any prefix of the planner's order narrowed, the rest at WIDE, the token table
+    at the plan's precision: quantized modules are made once (GPTQ'd like the program's) and swapped
+    in and out, so each measurement is one forward pass over the check text."""
+
+    def __init__(self, model: Any, hessians: Hessians | None) -> None:
+        from edgeq.llm.export import quantize_layers
+
+        self.model, self.hessians, self._quantize = model, hessians, quantize_layers
+        self.names = {target: name for name, target in linear_modules(model).items()}
+        self.made: dict[tuple[str, str], torch.nn.Module] = {}
+
+    def module(self, target: str, precision: str) -> torch.nn.Module:
+        key = (target, precision)
+        if key not in self.made:
+            original = self.model.get_submodule(self.names[target])
+            quantized = self._quantize(copy.deepcopy(original), LLMPlan({"": precision}, "float"))
+            if self.hessians is not None:
+                apply_gptq(quantized, target, self.hessians)
+            self.made[key] = quantized
+        return self.made[key]
+
+    def loss(self, precisions: dict[str, str], embedding: str, windows: list[list[int]]) -> float:
+        originals = {}
+        table = self.model.get_input_embeddings()
+        table_weight = table.weight
+        try:
+            for target, precision in precisions.items():
+                name = self.names[target]
+                parent_name, _, attribute = name.rpartition(".")
+                parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                originals[name] = (parent, attribute, getattr(parent, attribute))
+                if precision != "float":
+                    setattr(parent, attribute, self.module(target, precision))
+            if embedding != "float":
+                self._quantize(table, LLMPlan({}, embedding))
+            return _loss(self.model, windows)
+        finally:
+            table.weight = table_weight
+            for parent, attribute, module in originals.values():
+                setattr(parent, attribute, module)
+
+
+def check_plan(
+    model: Any,
+    plan: LLMPlan,
+    order: list[str],
+    windows: list[list[int]],
+    max_increase: float,
+    hessians: Hessians | None = None,
+) -> tuple[LLMPlan, PlanCheck]:
+    """Measure the whole plan on ``windows`` (training text the analysis did not read) and, when its
+    perplexity ratio is above ``1 + max_increase``, keep the longest prefix of ``order`` (the
+    narrowed layers, cheapest first) that measures within it (bisection: the loss of a prefix
+    grows with its length). Per-layer increases do not add up exactly; this makes --max-drop hold
+    on the whole plan, as measured, not only as predicted."""
+    start = time.perf_counter()
+    check = PlanCheck(sum(len(w) - 1 for w in windows), _loss(model, windows), planned=len(order))
+    swapper = _Swapper(model, hessians)
+    base = {name: (WIDE if precision == NARROW else precision) for name, precision in plan.linears.items()}
+
+    def ratio(k: int) -> float:
+        if k not in check.measured:
+            precisions = {**base, **{name: NARROW for name in order[:k]}}
+            check.measured[k] = math.exp(swapper.loss(precisions, plan.embedding, windows) - check.float_loss)
+        return check.measured[k]
+
+    limit = 1.0 + max_increase
+    if ratio(len(order)) <= limit:
+        check.kept = len(order)
+    else:
+        low, high = 0, len(order)  # ratio(high) > limit; ratio(low) is taken to fit (0: nothing narrowed)
+        while high - low > 1:
+            middle = (low + high) // 2
+            if ratio(middle) <= limit:
+                low = middle
+            else:
+                high = middle
+        check.kept = low
+    kept = {**base, **{name: NARROW for name in order[: check.kept]}}
+    check.seconds = time.perf_counter() - start
+    return LLMPlan(kept, plan.embedding), check

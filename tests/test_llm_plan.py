@@ -1,0 +1,73 @@
+"""The LLM planner's methods: GPTQ on torchao's 8da4w / 8da8w tensors (integers that keep each
+linear's output, on the grid torchao chose) and the whole-plan check that makes --max-drop hold."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgeq.llm.export import LLMPlan, quantize_layers
+from edgeq.llm.gptq import Hessians, apply_gptq, gptq_integers
+
+
+def _correlated_inputs(tokens: int, features: int, seed: int = 0) -> torch.Tensor:
+    """Inputs with a few outlier channels and correlated features, as transformer activations are."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(features, features, generator=g) / features**0.5 + torch.eye(features)
+    x = torch.randn(tokens, features, generator=g) @ mix
+    x[:, :4] *= 8.0
+    return x
+
+
+@pytest.mark.parametrize("precision", ["w4g32", "w4g128", "w8dyn"])
+def test_gptq_keeps_the_grid_and_lowers_the_output_error(precision):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 64, bias=False)
+    weight = linear.weight.detach().clone()
+    x, held = _correlated_inputs(2560, 128).split([2048, 512])  # one distribution, two samples
+    quantized = quantize_layers(torch.nn.Sequential(linear), LLMPlan({"0": precision}, "float"))[0]
+    rtn = quantized.weight.dequantize().clone()
+    scale = quantized.weight.scale.clone()
+    hessians = Hessians({"proj": x.T @ x / len(x)}, {"proj": weight}, len(x))
+    assert apply_gptq(quantized, "proj", hessians)
+    after = quantized.weight
+    assert torch.equal(after.scale, scale)  # only the integers move
+    bits = 4 if precision.startswith("w4") else 8
+    assert int(after.qdata.min()) >= -(2 ** (bits - 1)) and int(after.qdata.max()) <= 2 ** (bits - 1) - 1
+    error = lambda w: float(((held @ w.T) - (held @ weight.T)).square().mean())  # noqa: E731
+    assert error(after.dequantize()) < 0.8 * error(rtn)  # on inputs GPTQ never saw
+    assert not apply_gptq(quantized, "other", hessians)  # no Hessian: left as it is
+
+
+def test_gptq_is_round_to_nearest_when_the_inputs_are_uncorrelated():
+    """With H = I no column can compensate another: GPTQ must give exactly round-to-nearest."""
+    torch.manual_seed(0)
+    weight = torch.randn(16, 64)
+    scale = weight.abs().reshape(16, 2, 32).amax(-1) / 7.5
+    integers = gptq_integers(weight, torch.eye(64), scale, torch.zeros_like(scale), -8, 7, damping=0.0)
+    nearest = torch.clamp(torch.round(weight / scale.repeat_interleave(32, dim=1)), -8, 7)
+    assert torch.equal(integers, nearest)
+
+
+def test_the_plan_check_backs_off_to_the_longest_prefix_within_the_limit():
+    """Narrowing every linear of a random tiny Llama costs far more than a 0.2% limit allows: the
+    check keeps the longest prefix of the planner's order that measures within it, and the
+    layers after it go back to 8 bits; the model is left as it was."""
+    from edgeq.llm.export import linear_names
+    from edgeq.llm.plan import _loss, check_plan, linear_modules
+    from tests.test_llm import _tiny_llama
+
+    model = _tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    windows = [torch.randint(0, 256, (48,), generator=g).tolist() for _ in range(4)]
+    names = [name for name in linear_names({"n_layers": 2}) if name in linear_modules(model).values()]
+    plan = LLMPlan({name: "w4g32" for name in names}, "e8")
+    kept, check = check_plan(model, plan, names, windows, max_increase=0.002)
+    assert check.planned == len(names) and check.measured[len(names)] > 1.002
+    assert 0 <= check.kept < len(names)
+    assert check.measured.get(check.kept, 1.0) <= 1.002
+    assert check.measured[check.kept + 1] > 1.002  # the bisection's boundary was measured
+    assert [kept.linears[n] for n in names] == ["w4g32"] * check.kept + ["w8dyn"] * (len(names) - check.kept)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert abs(_loss(model, windows) - check.float_loss) < 1e-6
