@@ -49,10 +49,14 @@ READING = """Reading it:
 
 #: row -> LLMBuildConfig settings; "planned" rows are edgeq's per-layer plan (edgeq.llm.plan)
 ROWS = {
+    "w4g32, round to nearest": {"linear": "w4g32", "gptq_tokens": 0},
     "w4g32": {"linear": "w4g32"},
+    "w8dyn, round to nearest": {"linear": "w8dyn", "gptq_tokens": 0},
     "w8dyn": {"linear": "w8dyn"},
     "planned --max-drop 5": {"max_drop": 5.0},
     "planned --size-budget 0.20": {"size_budget": 0.20},
+    "planned --max-drop 5, round to nearest, no plan check": {"max_drop": 5.0, "gptq_tokens": 0, "check": False},
+    "planned --size-budget 0.20, round to nearest": {"size_budget": 0.20, "gptq_tokens": 0},
 }
 
 

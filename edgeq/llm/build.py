@@ -47,6 +47,9 @@ class LLMBuildConfig:
     #: GPTQ (edgeq.llm.gptq): every quantized linear's integers fitted to its inputs on this many
     #: training-text tokens (0: round to nearest)
     gptq_tokens: int = 4096
+    #: measure the whole --max-drop plan on training text the analysis did not read, and narrow
+    #: fewer linears when it misses (edgeq.llm.plan.check_plan)
+    check: bool = True
     #: the token table's precision (edgeq.llm.export.EMBEDDING)
     embedding: str = "e8"
     #: held-out tokens the perplexity and agreement are measured on
@@ -117,7 +120,7 @@ def _plan(
         budget -= other
     plan, prediction = plan_llm(analysis, config.embedding, config.max_drop / 100.0, budget)
     planning = {**prediction, "analysis": analysis.to_dict()}
-    if budget is None and check_windows:
+    if budget is None and config.check and check_windows:
         plan, check = check_plan(model, plan, prediction["order"], check_windows, config.max_drop / 100.0, hessians)
         planning["check"] = check.to_dict()
     return plan, planning
