@@ -403,6 +403,58 @@ def setup(
         _fail(exc)
 
 
+def _validate_llm(
+    program: Path,
+    recipe: str,
+    device: Optional[str],
+    runtime: str,
+    max_drop: Optional[float],
+    min_agreement: Optional[float],
+) -> bool:
+    """`edgeq validate` with an LLM recipe (edgeq.llm.validate); False when the recipe is not one.
+    --max-drop: the perplexity increase allowed, in percent, as in `edgeq build` for LLMs."""
+    from edgeq.errors import AccuracyError
+    from edgeq.llm.recipe import is_llm_module, llm_recipe_from_module
+    from edgeq.llm.validate import validate_llm
+    from edgeq.recipe import import_recipe
+
+    module, source = import_recipe(recipe)
+    if not is_llm_module(module):
+        return False
+    if device is not None or runtime != "host":
+        raise EdgeqError(
+            "LLM programs validate on the host runtime only so far",
+            "drop --device/--runtime, or run the bundle's LlmGenerator on the phone",
+        )
+    with console.status(f"validating {program} (LLM)"):
+        v = validate_llm(program, llm_recipe_from_module(module, source))
+    stdout.print(f"host: {v.summary()}", highlight=False, soft_wrap=True)
+
+    def shown(text: str) -> str:
+        text = " ".join(text.split())
+        return repr(text if len(text) <= 120 else text[:117] + "...")
+
+    for g in v.generations:
+        lines = [
+            f"  {g['prompt']!r}",
+            f"    model.pte:   {shown(g['program'])}",
+            f"    float model: {shown(g['float model'])}",
+        ]
+        stdout.print("\n".join(lines), highlight=False, soft_wrap=True)
+    increase = 100.0 * (v.perplexity_ratio - 1.0)
+    if max_drop is not None and increase > max_drop:
+        raise AccuracyError(
+            f"perplexity {increase:.2f}% above float exceeds --max-drop {max_drop}",
+            "rebuild with a lower --max-drop or a wider --precision",
+        )
+    if min_agreement is not None and v.agreement < min_agreement:
+        raise AccuracyError(
+            f"next-token agreement {v.agreement:.2f}% is below --min-agreement {min_agreement}",
+            "rebuild with a lower --max-drop or a wider --precision",
+        )
+    return True
+
+
 @app.command()
 def validate(
     program: Path = typer.Argument(..., help="The model.pte to run."),
@@ -444,6 +496,8 @@ def validate(
 
         if runtime not in ("host", "arm64"):
             raise EdgeqError(f"unknown --runtime {runtime!r}", "pass --runtime host or --runtime arm64")
+        if recipe is not None and _validate_llm(program, recipe, device, runtime, max_drop, min_agreement):
+            return
         r = load_recipe(recipe)
         if runtime == "arm64":
             _validate_arm(program, r, cpu, max_drop)

@@ -120,7 +120,21 @@ def test_a_small_causal_lm_builds_a_program_the_llm_runner_generates_from(tmp_pa
     assert "org.pytorch:executorch-android:" in (bundle / "dependencies.gradle").read_text()
     assert (bundle / "model.pte").read_bytes() == program
     html = (out / "report.html").read_text()
-    assert "Greedy generations" in html and "next-token agreement" in html
+    assert "Greedy generations" in html and "next-token agreement" in html and "Peak resident memory" in html
+    memory = report["memory"]["program"]
+    assert memory["peak_bytes"] > memory["baseline_bytes"] > 0
+    assert report["gptq"]["tokens"] > 1000 and report["planning"]["check"]["kept"] <= len(report["plan"]["linears"])
+
+    # `edgeq validate` re-measures the shipped file: the same held-out tokens give the build's numbers
+    validate = ["validate", str(out / "model.pte"), "--recipe", "edgeq.examples.tiny_lm"]
+    checked = CliRunner().invoke(app, validate)
+    assert checked.exit_code == 0, checked.output
+    assert f"({acc['perplexity_ratio']:.4f}x" in checked.output and f"{acc['agreement']:.1f}%" in checked.output
+    assert "runner peak memory" in checked.output and "float model:" in checked.output
+    refused = CliRunner().invoke(app, [*validate, "--min-agreement", "100"])
+    assert refused.exit_code == 3 and "below --min-agreement 100" in refused.output
+    on_phone = CliRunner().invoke(app, [*validate, "--device", "emulator-5554"])
+    assert on_phone.exit_code != 0 and "host runtime only" in on_phone.output
 
 
 @pytest.mark.parametrize("linear, embedding", [("w4g32", "e4g32"), ("w4g64", "e8"), ("w4g128", "e8"), ("w8dyn", "e8")])
@@ -140,3 +154,23 @@ def test_each_precision_quantizes_its_layers_on_its_own_grid(linear, embedding):
         assert len(torch.unique(row)) <= 2**bits
         error = (quantized.dequantize() - weights[name]).abs().max() / weights[name].abs().max()
         assert 0 < error < (0.2 if bits == 4 else 0.02)
+
+
+def test_validating_a_program_that_is_not_an_llm_program_is_one_line(tmp_path):
+    from executorch.exir import to_edge_transform_and_lower
+
+    from edgeq.llm.recipe import llm_recipe_from_module
+    from edgeq.llm.validate import validate_llm
+
+    linear = torch.nn.Linear(4, 4).eval()
+    program = to_edge_transform_and_lower(torch.export.export(linear, (torch.randn(1, 4),))).to_executorch()
+    path = tmp_path / "model.pte"
+    path.write_bytes(program.buffer)
+    functions = {"model": _tiny_llama, "tokenizer": lambda: _tokenizer(tmp_path, 256),
+                 "text": lambda: ["w1 w2 w3 w4"] * 4, "max_seq_len": 32}  # fmt: skip
+    recipe = llm_recipe_from_module(_module(**functions), "bad_llm")
+    with pytest.raises(EdgeqError) as raised:
+        validate_llm(path, recipe)
+    assert "no get_vocab_size() method: it is not an LLM program" in str(raised.value)
+    with pytest.raises(EdgeqError, match="no program at"):
+        validate_llm(tmp_path / "missing.pte", recipe)

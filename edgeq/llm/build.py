@@ -185,16 +185,7 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
     tokenizer = recipe.tokenizer_file()
     metadata = _metadata(model, tokenizer)
     params = executorch_params(model, recipe.max_seq_len)
-    texts = recipe.texts()
-    if recipe.eval_text is not None:
-        eval_texts = recipe.texts(evaluation=True)
-        measured_on = "eval_text()"
-    elif len(texts) > 1:  # the last eighth only reports; the plan is made on the rest
-        held = max(1, len(texts) // 8)
-        texts, eval_texts = texts[:-held], texts[-held:]
-        measured_on = "the last eighth of text(), which the plan does not read"
-    else:
-        eval_texts, measured_on = texts, "text() (one text, no eval_text(): the plan read it too)"
+    texts, eval_texts, measured_on = recipe.split_texts()
 
     out = OutputDir(config.out)
     try:
@@ -221,10 +212,14 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
         generations = generate(program, tokenizer, prompts, config.max_new_tokens)
         float_generations = generate(float_program, tokenizer, prompts, config.max_new_tokens)
         stage("generate", t)
+        t = time.perf_counter()
+        memory = _memory(program, float_program, tokenizer, prompts[0] if prompts else "The", config.max_new_tokens)
+        stage("memory", t)
 
         measured = _Measured(program, float_program, reference, scored, generations, float_generations, measured_on)
         report = _report(recipe, config, plan, params, metadata, measured)
         report["planning"] = planning
+        report["memory"] = memory
         report["gptq"] = {"tokens": hessians.tokens, "seconds": hessians.seconds} if hessians else None
         report["timings"] = timings
         report["wall_seconds"] = time.perf_counter() - begin
@@ -249,6 +244,22 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
         out.abort()
         raise
     return LLMBuildResult(final, report, timings)
+
+
+def _memory(program: bytes, float_program: bytes, tokenizer: Path, prompt: str, tokens: int) -> dict[str, Any]:
+    """Peak resident memory of the runner generating from each program (edgeq.llm.memory)."""
+    import tempfile
+
+    from edgeq.llm.memory import runner_memory
+
+    measured: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="edgeq-llm-mem-") as scratch:
+        for name, data in (("program", program), ("float_program", float_program)):
+            path = Path(scratch) / f"{name}.pte"
+            path.write_bytes(data)
+            measured[name] = runner_memory(path, tokenizer, prompt, tokens)
+            path.unlink()
+    return measured
 
 
 @dataclass

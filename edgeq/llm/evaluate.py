@@ -120,7 +120,10 @@ def generate(program: bytes, tokenizer: Path, prompts: list[str], max_new_tokens
     """Greedy generations of ExecuTorch's ``TextLLMRunner`` from the program, with its timings."""
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
-    with tempfile.TemporaryDirectory(prefix="edgeq-llm-run-") as scratch:
+    from edgeq.logs import native_stderr
+
+    # the runner prints its stats and load lines from C++; the report carries them (--verbose keeps them)
+    with tempfile.TemporaryDirectory(prefix="edgeq-llm-run-") as scratch, native_stderr(stdout=True):
         path = Path(scratch) / "model.pte"
         path.write_bytes(program)
         runner = TextLLMRunner(str(path), str(tokenizer))

@@ -93,6 +93,17 @@ class LLMRecipe:
             raise EdgeqError(f"{what} yielded no text", f"make {what} yield non-empty strings of real text")
         return texts
 
+    def split_texts(self) -> tuple[list[str], list[str], str]:
+        """(text the build may read, text the program is measured on, that text in words): eval_text()
+        when the recipe has it, else the last eighth of text(), which the build then does not read."""
+        texts = self.texts()
+        if self.eval_text is not None:
+            return texts, self.texts(evaluation=True), "eval_text()"
+        if len(texts) > 1:
+            held = max(1, len(texts) // 8)
+            return texts[:-held], texts[-held:], "the last eighth of text(), which the plan does not read"
+        return texts, texts, "text() (one text, no eval_text(): the plan read it too)"
+
 
 def is_llm_module(module: ModuleType) -> bool:
     return all(callable(getattr(module, name, None)) for name in MARKERS) and not hasattr(module, "example_inputs")
