@@ -24,7 +24,7 @@ from edgeq.llm.convert import check_causal_lm, executorch_params, executorch_sta
 from edgeq.llm.evaluate import Generation, TokenScores, encode_windows, generate, score_float, score_program
 from edgeq.llm.export import EMBEDDING, LINEAR, LLMPlan, linear_names, lower_llm
 from edgeq.llm.gptq import Hessians, collect_hessians
-from edgeq.llm.plan import analyze_llm, check_plan, linear_modules, plan_llm
+from edgeq.llm.plan import analyze_llm, check_plan, linear_modules, plan_llm, weight_bytes
 from edgeq.llm.recipe import LLMRecipe, load_llm_recipe
 from edgeq.ship.package import OutputDir, sha256, versions, write_bytes_atomic, write_json_atomic
 from edgeq.ship.templating import render
@@ -116,7 +116,10 @@ def _plan(
         linear_params = sum(layer.params for layer in analysis.layers)
         other = float_bytes - 4.0 * linear_params  # the token table, norms: priced at float, an upper bound
         if config.embedding != "float":
-            other -= 3.0 * model.get_input_embeddings().weight.numel()
+            table = model.get_input_embeddings().weight
+            # e8: a byte per weight and a float scale per row; e4g32: half a byte and a scale per 32
+            kept = weight_bytes(table.numel(), table.shape[0], "w8dyn" if config.embedding == "e8" else "w4g32")
+            other -= 4.0 * table.numel() - kept
         budget -= other
     plan, prediction = plan_llm(analysis, config.embedding, config.max_drop / 100.0, budget)
     planning = {**prediction, "analysis": analysis.to_dict()}
