@@ -12,7 +12,8 @@ very config the program uses, e.g. ``Int8DynamicActivationIntxWeightConfig``
 for XNNPACK's 8da4w): the scales (torchao's, HQQ-searched for 4-bit groups)
 stay as they are and only the integers (``qdata``) are replaced, so export and
 lowering read the GPTQ integers through the same tensor subclass and the
-program runs exactly them. Columns go in decreasing Hessian diagonal
+program runs exactly them (group scales are rounded to the bfloat16 XNNPACK keeps them in
+first). Columns go in decreasing Hessian diagonal
 ("act order"); the group scales are fixed beforehand ("static groups"), so
 the order needs no regrouping.
 
@@ -143,6 +144,10 @@ def apply_gptq(linear: torch.nn.Module, name: str, hessians: Hessians) -> bool:
     if name not in hessians or not isinstance(tensor, IntxUnpackedToInt8Tensor):
         return False
     scale = tensor.scale.reshape(tensor.qdata.shape[0], -1)
+    if tensor.target_dtype != torch.int8:
+        # XNNPACK stores group scales in bfloat16 (its qb4w kernels): fit the integers to the scales
+        # the program will hold, not to float32 ones it rounds afterwards
+        scale.copy_(scale.to(torch.bfloat16).to(scale.dtype))
     zero = tensor.zero_point.reshape(scale.shape)
     key = (name, _fingerprint(scale))
     integers = hessians._cache.get(key)
