@@ -54,6 +54,7 @@ ROWS = {
     "w8dyn, round to nearest": {"linear": "w8dyn", "gptq_tokens": 0},
     "w8dyn": {"linear": "w8dyn"},
     "planned --max-drop 5": {"max_drop": 5.0},
+    "planned --max-drop 5, plan check on 256 tokens": {"max_drop": 5.0, "check_tokens": 256},
     "planned --size-budget 0.20": {"size_budget": 0.20},
     # the bytes of uniform w4g32 (its program, 105,045,632 bytes): a 4-bit token table pays for 8-bit linears
     "planned at uniform w4g32's bytes, 4-bit token table": {"size_budget": 105_045_632, "embedding": "e4g32"},
@@ -66,11 +67,22 @@ def _row(name: str, report: dict) -> list[str]:
     acc, size, speed = report["accuracy"], report["size"], report["speed"]
     low, high = acc["perplexity_ratio_interval"]
     planning = report.get("planning") or {}
+    narrow = sum(1 for p in report["plan"]["linears"].values() if p == "w4g32")
     if planning.get("predicted_perplexity_ratio"):
-        name += (
-            f": {planning['narrow_layers']} of {len(report['plan']['linears'])} linears w4g32, "
-            f"predicted {planning['predicted_perplexity_ratio']:.3f}x"
-        )
+        name += f": {narrow} of {len(report['plan']['linears'])} linears w4g32"
+        check = planning.get("check")
+        if check and check["kept"] != check["planned"]:
+            measured = check["measured"][str(check["planned"])]
+            name += (
+                f" (planned {check['planned']}, predicted {planning['predicted_perplexity_ratio']:.3f}x, measured "
+                f"{measured:.3f}x on {check['tokens']} training tokens: backed off to {check['kept']})"
+            )
+        else:
+            name += f", predicted {planning['predicted_perplexity_ratio']:.3f}x"
+    if report["plan"]["embedding"] != "e8":
+        name += f", token table {report['plan']['embedding']}"
+    if report.get("gptq") is None:
+        name += "" if "round to nearest" in name else ", round to nearest"
     return [
         name,
         f"{size['program_bytes'] / 1e6:.1f} MB ({size['ratio']:.3f}x)",

@@ -235,6 +235,22 @@ def test_reference_debugging_names_a_deliberately_mis_quantized_layer_first(mis_
     assert first is not None and first.layer == "dw.0"
 
 
+def test_reference_debugging_keeps_only_the_layer_outputs_it_compares(mis_quantized):
+    """The build debugs the reference on an evaluation batch: holding every node's output there took
+    EfficientNet-Lite1's build past 16 GB of memory. Only each layer's output is kept."""
+    from edgeq.checks.debug import _layer_outputs, record_values
+
+    recipe, _, reference = mis_quantized
+    inputs = recipe.example_inputs()
+    everything = record_values(reference, inputs)
+    kept = _layer_outputs(reference, ["stem.0", "dw.0", "pw.0", "head"], inputs)
+    assert set(kept) == {"stem.0", "dw.0", "pw.0", "head"}
+    names = {n.name for n in reference.graph.nodes}
+    some = set(list(everything)[:3])
+    assert set(record_values(reference, inputs, keep=some)) == some and len(everything) > 4 * len(kept)
+    assert some <= names
+
+
 def test_program_debugging_reads_the_programs_layers_and_names_the_mis_quantized_one(mis_quantized, tmp_path):
     """The per-layer program runs on XNNPACK with ETDump; Inspector reads each layer's output back."""
     from executorch.devtools import Inspector

@@ -25,14 +25,17 @@ class LayerError:
     sqnr_db: float
 
 
-def record_values(graph: torch.fx.GraphModule, inputs: tuple) -> dict[str, torch.Tensor]:
-    """Run ``graph`` on ``inputs`` and keep every node's tensor output, by node name."""
+def record_values(
+    graph: torch.fx.GraphModule, inputs: tuple, keep: set[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Run ``graph`` on ``inputs`` and keep every node's tensor output (or only those named in
+    ``keep``: every activation of a CNN on an evaluation batch is tens of GB), by node name."""
     values: dict[str, torch.Tensor] = {}
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, n):
             result = super().run_node(n)
-            if isinstance(result, torch.Tensor):
+            if isinstance(result, torch.Tensor) and (keep is None or n.name in keep):
                 values[n.name] = result.detach()
             return result
 
@@ -47,7 +50,7 @@ def _layer_outputs(graph: torch.fx.GraphModule, layers: list[str], inputs: tuple
     for node in graph.graph.nodes:  # topological order: the last node of each layer is its output
         if node in owners:
             last[owners[node]] = node
-    values = record_values(graph, inputs)
+    values = record_values(graph, inputs, keep={node.name for node in last.values()})
     return {layer: values[node.name].float() for layer, node in last.items() if node.name in values}
 
 
