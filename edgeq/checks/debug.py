@@ -25,9 +25,7 @@ class LayerError:
     sqnr_db: float
 
 
-def record_values(
-    graph: torch.fx.GraphModule, inputs: tuple, keep: set[str] | None = None
-) -> dict[str, torch.Tensor]:
+def record_values(graph: torch.fx.GraphModule, inputs: tuple, keep: set[str] | None = None) -> dict[str, torch.Tensor]:
     """Run ``graph`` on ``inputs`` and keep every node's tensor output (or only those named in
     ``keep``: every activation of a CNN on an evaluation batch is tens of GB), by node name."""
     values: dict[str, torch.Tensor] = {}
