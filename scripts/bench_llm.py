@@ -56,6 +56,7 @@ ROWS = {
     "planned --max-drop 5": {"max_drop": 5.0},
     "planned --max-drop 5, plan check on 256 tokens": {"max_drop": 5.0, "check_tokens": 256},
     "planned --size-budget 0.20": {"size_budget": 0.20},
+    "planned --size-budget 0.20, analysis round to nearest": {"size_budget": 0.20, "gptq_analysis": False},
     # the bytes of uniform w4g32 (its program, 105,045,632 bytes): a 4-bit token table pays for 8-bit linears
     "planned at uniform w4g32's bytes, 4-bit token table": {"size_budget": 105_045_632, "embedding": "e4g32"},
     "planned --max-drop 5, round to nearest, no plan check": {"max_drop": 5.0, "gptq_tokens": 0, "check": False},

@@ -47,6 +47,9 @@ class LLMBuildConfig:
     #: GPTQ (edgeq.llm.gptq): every quantized linear's integers fitted to its inputs on this many
     #: training-text tokens (0: round to nearest)
     gptq_tokens: int = 4096
+    #: score each linear in the analysis with GPTQ's integers too (False: round to nearest there,
+    #: GPTQ only in the program)
+    gptq_analysis: bool = True
     #: measure the whole --max-drop plan on training text the analysis did not read, and narrow
     #: fewer linears when it misses (edgeq.llm.plan.check_plan)
     check: bool = True
@@ -111,7 +114,7 @@ def _plan(
     # the analysis reads the first analysis_tokens of the training text, the plan check the next ones
     windows = encode_windows(tokenizer, texts, max_seq_len, config.analysis_tokens + config.check_tokens)
     windows, check_windows = _split_windows(windows, config.analysis_tokens)
-    analysis = analyze_llm(model, windows, hessians)
+    analysis = analyze_llm(model, windows, hessians if config.gptq_analysis else None)
     budget = None
     if config.size_budget is not None:
         float_bytes = 4.0 * sum(v.numel() for v in executorch_state_dict(model).values())
