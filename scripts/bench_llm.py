@@ -43,7 +43,9 @@ READING = """Reading it:
 - Single-linear costs with GPTQ underestimate joint cost more than rounded ones do: `--size-budget 0.20`
   predicted 1.026x and measured 1.229x [1.181, 1.283] (0.189x) with GPTQ in the analysis, against
   1.121x predicted and 1.192x [1.128, 1.255] measured (0.192x) rounded to nearest: the intervals overlap,
-  GPTQ bought nothing at that size, and its single-layer prediction misleads. ANALYSIS_ROW
+  GPTQ bought nothing at that size, and its single-layer prediction misleads.
+  Whether an analysis rounded to nearest under a GPTQ program plans better (`gptq_analysis=False`, the row
+  'analysis round to nearest') was started but not finished this session.
 - Speed: every quantized program decodes 2.5-3.9x faster than the float one in the runner on this host.
 - Build times are not clean: every build shared the 2 cores with an ImageNet build and test runs (the
   --max-drop row's analysis, 211 single-linear passes each with its GPTQ, took 21 min there, 3.8 min in the
