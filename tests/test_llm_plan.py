@@ -54,11 +54,18 @@ def test_the_plan_check_backs_off_to_the_longest_prefix_within_the_limit():
     """Narrowing every linear of a random tiny Llama costs far more than a 0.2% limit allows: the
     check keeps the longest prefix of the planner's order that measures within it, and the
     layers after it go back to 8 bits; the model is left as it was."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from edgeq.llm.export import linear_names
     from edgeq.llm.plan import _loss, check_plan, linear_modules
-    from tests.test_llm import _tiny_llama
 
-    model = _tiny_llama()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+        rope_theta=100000.0,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     windows = [torch.randint(0, 256, (48,), generator=g).tolist() for _ in range(4)]
