@@ -86,26 +86,39 @@ def linear_modules(model: Any) -> dict[str, str]:
     return names
 
 
+def _quantized_copy(module: torch.nn.Module, target: str, precision: str, hessians: Hessians | None) -> torch.nn.Module:
+    """A copy of one linear (``target``: its ExecuTorch name) quantized at ``precision`` as the program
+    will hold it (GPTQ's integers with ``hessians``)."""
+    from edgeq.llm.export import quantize_layers
+
+    quantized = quantize_layers(copy.deepcopy(module), LLMPlan({"": precision}, "float"))
+    if hessians is not None:
+        apply_gptq(quantized, target, hessians)
+    return quantized
+
+
+def _swap(model: Any, name: str, module: torch.nn.Module) -> torch.nn.Module:
+    """Put ``module`` at ``name`` in ``model``; returns what was there."""
+    parent_name, _, attribute = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    previous = getattr(parent, attribute)
+    setattr(parent, attribute, module)
+    return previous
+
+
 def analyze_llm(model: Any, windows: list[list[int]], hessians: Hessians | None = None) -> LLMAnalysis:
     """Each linear's loss increase at NARROW, one at a time, on ``windows`` (the training text);
     with ``hessians``, each narrowed the way the program will be (GPTQ integers)."""
-    from edgeq.llm.export import quantize_layers
-
     start = time.perf_counter()
     base = _loss(model, windows)
     analysis = LLMAnalysis(base, sum(len(w) - 1 for w in windows))
     for name, target in linear_modules(model).items():
         module = model.get_submodule(name)
-        parent_name, _, attribute = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        quantized = quantize_layers(copy.deepcopy(module), LLMPlan({"": NARROW}, "float"))
-        if hessians is not None:
-            apply_gptq(quantized, target, hessians)
-        setattr(parent, attribute, quantized)
+        _swap(model, name, _quantized_copy(module, target, NARROW, hessians))
         try:
             loss = _loss(model, windows)
         finally:
-            setattr(parent, attribute, module)
+            _swap(model, name, module)
         weight = module.weight
         analysis.layers.append(LayerCost(target, weight.numel(), weight.shape[0], loss - base))
     analysis.seconds = time.perf_counter() - start
@@ -180,42 +193,38 @@ class _Swapper:
     at the plan's precision: quantized modules are made once (GPTQ'd like the program's) and swapped
     in and out, so each measurement is one forward pass over the check text."""
 
-    def __init__(self, model: Any, hessians: Hessians | None) -> None:
+    def __init__(self, model: Any, hessians: Hessians | None, embedding: str) -> None:
         from edgeq.llm.export import quantize_layers
 
-        self.model, self.hessians, self._quantize = model, hessians, quantize_layers
+        self.model, self.hessians = model, hessians
         self.names = {target: name for name, target in linear_modules(model).items()}
         self.made: dict[tuple[str, str], torch.nn.Module] = {}
+        table = model.get_input_embeddings()
+        self.table = table if embedding == "float" else quantize_layers(copy.deepcopy(table), LLMPlan({}, embedding))
 
     def module(self, target: str, precision: str) -> torch.nn.Module:
         key = (target, precision)
         if key not in self.made:
             original = self.model.get_submodule(self.names[target])
-            quantized = self._quantize(copy.deepcopy(original), LLMPlan({"": precision}, "float"))
-            if self.hessians is not None:
-                apply_gptq(quantized, target, self.hessians)
-            self.made[key] = quantized
+            self.made[key] = _quantized_copy(original, target, precision, self.hessians)
         return self.made[key]
 
-    def loss(self, precisions: dict[str, str], embedding: str, windows: list[list[int]]) -> float:
-        originals = {}
+    def loss(self, precisions: dict[str, str], windows: list[list[int]]) -> float:
         table = self.model.get_input_embeddings()
-        table_weight = table.weight
+        float_weight = table.weight
+        originals: dict[str, torch.nn.Module] = {}
         try:
+            table.weight = self.table.weight
             for target, precision in precisions.items():
-                name = self.names[target]
-                parent_name, _, attribute = name.rpartition(".")
-                parent = self.model.get_submodule(parent_name) if parent_name else self.model
-                originals[name] = (parent, attribute, getattr(parent, attribute))
                 if precision != "float":
-                    setattr(parent, attribute, self.module(target, precision))
-            if embedding != "float":
-                self._quantize(table, LLMPlan({}, embedding))
+                    originals[self.names[target]] = _swap(
+                        self.model, self.names[target], self.module(target, precision)
+                    )
             return _loss(self.model, windows)
         finally:
-            table.weight = table_weight
-            for parent, attribute, module in originals.values():
-                setattr(parent, attribute, module)
+            table.weight = float_weight
+            for name, module in originals.items():
+                _swap(self.model, name, module)
 
 
 def check_plan(
@@ -233,13 +242,13 @@ def check_plan(
     on the whole plan, as measured, not only as predicted."""
     start = time.perf_counter()
     check = PlanCheck(sum(len(w) - 1 for w in windows), _loss(model, windows), planned=len(order))
-    swapper = _Swapper(model, hessians)
+    swapper = _Swapper(model, hessians, plan.embedding)
     base = {name: (WIDE if precision == NARROW else precision) for name, precision in plan.linears.items()}
 
     def ratio(k: int) -> float:
         if k not in check.measured:
             precisions = {**base, **{name: NARROW for name in order[:k]}}
-            check.measured[k] = math.exp(swapper.loss(precisions, plan.embedding, windows) - check.float_loss)
+            check.measured[k] = math.exp(swapper.loss(precisions, windows) - check.float_loss)
         return check.measured[k]
 
     limit = 1.0 + max_increase
