@@ -12,16 +12,24 @@ staging directory that becomes ``--out`` only when the build succeeds.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeq.checks.stats import mean_interval, wilson
 from edgeq.errors import EdgeqError
 from edgeq.llm.convert import check_causal_lm, executorch_params, executorch_state_dict
-from edgeq.llm.evaluate import Generation, TokenScores, encode_windows, generate, score_float, score_program
+from edgeq.llm.evaluate import (
+    Generation,
+    TokenScores,
+    compare,
+    encode_windows,
+    generate,
+    median_rate,
+    prompts_from,
+    score_float,
+    score_program,
+)  # fmt: skip
 from edgeq.llm.export import EMBEDDING, LINEAR, LLMPlan, linear_names, lower_llm
 from edgeq.llm.gptq import Hessians, collect_hessians
 from edgeq.llm.plan import analyze_llm, check_plan, linear_modules, plan_llm, weight_bytes
@@ -166,18 +174,6 @@ def _metadata(model: Any, tokenizer: Path) -> dict[str, Any]:
     return metadata
 
 
-def _prompts(texts: list[str], count: int) -> list[str]:
-    """The first words of the first eval texts' opening lines: prompts the model has not trained on."""
-    prompts = []
-    for text in texts:
-        line = next((ln.strip() for ln in text.splitlines() if len(ln.split()) >= 6), "")
-        if line:
-            prompts.append(" ".join(line.split()[:6]))
-        if len(prompts) == count:
-            break
-    return prompts
-
-
 def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = None) -> LLMBuildResult:
     """Build, validate and package a decoder LLM (see the module docstring and :class:`LLMBuildConfig`)."""
     recipe = load_llm_recipe(recipe)
@@ -217,7 +213,7 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
         scored = score_program(program, windows)
         stage("perplexity", t)
         t = time.perf_counter()
-        prompts = _prompts(eval_texts, config.prompts)
+        prompts = prompts_from(eval_texts, config.prompts)
         generations = generate(program, tokenizer, prompts, config.max_new_tokens)
         float_generations = generate(float_program, tokenizer, prompts, config.max_new_tokens)
         stage("generate", t)
@@ -296,13 +292,10 @@ def _report(
     program, float_program = measured.program, measured.float_program
     reference, scored = measured.reference, measured.scored
     generations, float_generations = measured.generations, measured.float_generations
-    difference, low, high = mean_interval(scored.nll - reference.nll)
-    agree = int((scored.predictions == reference.predictions).sum())
-    agree_low, agree_high = wilson(agree, reference.tokens)
-    decode = _median([g.decode_tokens_per_s for g in generations])
-    float_decode = _median([g.decode_tokens_per_s for g in float_generations])
-    prefill = _median([g.prefill_tokens_per_s for g in generations])
-    float_prefill = _median([g.prefill_tokens_per_s for g in float_generations])
+    decode = median_rate([g.decode_tokens_per_s for g in generations])
+    float_decode = median_rate([g.decode_tokens_per_s for g in float_generations])
+    prefill = median_rate([g.prefill_tokens_per_s for g in generations])
+    float_prefill = median_rate([g.prefill_tokens_per_s for g in float_generations])
     return {
         "kind": "llm",
         "recipe": recipe.name,
@@ -321,17 +314,7 @@ def _report(
             "ratio": len(program) / len(float_program),
             "sha256": sha256(program),
         },
-        "accuracy": {
-            "tokens": reference.tokens,
-            "float_perplexity": reference.perplexity,
-            "program_perplexity": scored.perplexity,
-            "perplexity_ratio": math.exp(difference),
-            # the mean per-token NLL difference's paired bootstrap interval, as a perplexity ratio
-            "perplexity_ratio_interval": [math.exp(low), math.exp(high)],
-            "agreement": 100.0 * agree / reference.tokens,
-            "agreement_interval": [agree_low, agree_high],
-            "measured_on": measured.measured_on,
-        },
+        "accuracy": {**compare(reference, scored), "measured_on": measured.measured_on},
         "speed": {
             "prefill_tokens_per_s": prefill,
             "decode_tokens_per_s": decode,
@@ -351,11 +334,6 @@ def _report(
             **({"chat_template": recipe.chat_template} if recipe.chat_template else {}),
         },
     }
-
-
-def _median(values: list[float]) -> float:
-    values = sorted(v for v in values if v > 0)
-    return values[len(values) // 2] if values else 0.0
 
 
 def _bundle(out: OutputDir, report: dict[str, Any], program: bytes, tokenizer: Path) -> None:

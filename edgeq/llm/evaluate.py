@@ -18,7 +18,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["Generation", "TokenScores", "encode_windows", "generate", "score_program", "score_float"]
+__all__ = [
+    "Generation", "TokenScores", "compare", "encode_windows", "generate", "median_rate", "prompts_from",
+    "score_program", "score_float",
+]  # fmt: skip
 
 
 @dataclass
@@ -35,6 +38,44 @@ class TokenScores:
     @property
     def tokens(self) -> int:
         return int(self.nll.numel())
+
+
+def compare(reference: TokenScores, scored: TokenScores) -> dict[str, Any]:
+    """The program's scores against the float model's on the same tokens: perplexities, their ratio
+    with the paired bootstrap interval of the mean per-token NLL difference (as a ratio), and
+    next-token agreement with its Wilson interval."""
+    from edgeq.checks.stats import mean_interval, wilson
+
+    difference, low, high = mean_interval(scored.nll - reference.nll)
+    agree = int((scored.predictions == reference.predictions).sum())
+    agree_low, agree_high = wilson(agree, reference.tokens)
+    return {
+        "tokens": reference.tokens,
+        "float_perplexity": reference.perplexity,
+        "program_perplexity": scored.perplexity,
+        "perplexity_ratio": math.exp(difference),
+        "perplexity_ratio_interval": [math.exp(low), math.exp(high)],
+        "agreement": 100.0 * agree / reference.tokens,
+        "agreement_interval": [agree_low, agree_high],
+    }
+
+
+def prompts_from(texts: list[str], count: int) -> list[str]:
+    """The first words of the first eval texts' opening lines: prompts the model has not trained on."""
+    prompts = []
+    for text in texts:
+        line = next((ln.strip() for ln in text.splitlines() if len(ln.split()) >= 6), "")
+        if line:
+            prompts.append(" ".join(line.split()[:6]))
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def median_rate(values: list[float]) -> float:
+    """The median of the measured rates (0.0: a window too short to time), 0.0 when none was."""
+    values = sorted(v for v in values if v > 0)
+    return values[len(values) // 2] if values else 0.0
 
 
 def encode_windows(tokenizer: Path, texts: list[str], window: int, max_tokens: int) -> list[list[int]]:

@@ -8,17 +8,24 @@ the runner's prefill and decode tokens/s, and its peak memory (edgeq.llm.memory)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from edgeq.checks.stats import mean_interval, wilson
 from edgeq.errors import EdgeqError
 from edgeq.llm.convert import check_causal_lm
-from edgeq.llm.evaluate import encode_windows, generate, load_llm_program, score_float, score_program
+from edgeq.llm.evaluate import (
+    compare,
+    encode_windows,
+    generate,
+    load_llm_program,
+    median_rate,
+    prompts_from,
+    score_float,
+    score_program,
+)  # fmt: skip
 from edgeq.llm.memory import runner_memory
 from edgeq.llm.recipe import LLMRecipe, load_llm_recipe
 
@@ -93,8 +100,6 @@ def validate_llm(
 ) -> LLMValidation:
     """Measure ``program_path`` (a .pte from an LLM build) against ``recipe``'s float model on its
     held-out text; ``tokenizer``: default tokenizer.json beside the program, else the recipe's."""
-    from edgeq.llm.build import _prompts
-
     if not program_path.is_file():
         raise EdgeqError(f"no program at {program_path}", "pass the model.pte an LLM build wrote")
     recipe = load_llm_recipe(recipe)
@@ -115,27 +120,22 @@ def validate_llm(
     load_llm_program(program)  # the LLM kernels are there before the runner needs them
     _, eval_texts, measured_on = recipe.split_texts()
     windows = encode_windows(tokenizer, eval_texts, max_seq_len, eval_tokens)
-    reference, scored = score_float(model, windows), score_program(program, windows)
-    difference, low, high = mean_interval(scored.nll - reference.nll)
-    agree = int((scored.predictions == reference.predictions).sum())
-    agree_low, agree_high = wilson(agree, reference.tokens)
-    chosen = _prompts(eval_texts, prompts)
+    accuracy = compare(score_float(model, windows), score_program(program, windows))
+    chosen = prompts_from(eval_texts, prompts)
     generations = generate(program, tokenizer, chosen, max_new_tokens)
     floats = _float_generations(model, tokenizer, chosen, max_new_tokens)
-    rates = sorted(g.decode_tokens_per_s for g in generations if g.decode_tokens_per_s > 0)
-    prefill = sorted(g.prefill_tokens_per_s for g in generations if g.prefill_tokens_per_s > 0)
     memory = runner_memory(program_path, tokenizer, chosen[0] if chosen else "The", max_new_tokens)
     return LLMValidation(
-        tokens=reference.tokens,
-        float_perplexity=reference.perplexity,
-        program_perplexity=scored.perplexity,
-        perplexity_ratio=math.exp(difference),
-        perplexity_ratio_interval=(math.exp(low), math.exp(high)),
-        agreement=100.0 * agree / reference.tokens,
-        agreement_interval=(agree_low, agree_high),
+        tokens=accuracy["tokens"],
+        float_perplexity=accuracy["float_perplexity"],
+        program_perplexity=accuracy["program_perplexity"],
+        perplexity_ratio=accuracy["perplexity_ratio"],
+        perplexity_ratio_interval=tuple(accuracy["perplexity_ratio_interval"]),
+        agreement=accuracy["agreement"],
+        agreement_interval=tuple(accuracy["agreement_interval"]),
         measured_on=measured_on,
-        prefill_tokens_per_s=prefill[len(prefill) // 2] if prefill else 0.0,
-        decode_tokens_per_s=rates[len(rates) // 2] if rates else 0.0,
+        prefill_tokens_per_s=median_rate([g.prefill_tokens_per_s for g in generations]),
+        decode_tokens_per_s=median_rate([g.decode_tokens_per_s for g in generations]),
         memory=memory,
         generations=[{"prompt": g.prompt, "program": g.text, "float model": f} for g, f in zip(generations, floats)],
     )
