@@ -405,22 +405,19 @@ def setup(
 
 def _validate_llm(
     program: Path,
-    recipe: str,
+    module: Any,
+    source: str,
     device: Optional[str],
     runtime: str,
     max_drop: Optional[float],
     min_agreement: Optional[float],
-) -> bool:
-    """`edgeq validate` with an LLM recipe (edgeq.llm.validate); False when the recipe is not one.
-    --max-drop: the perplexity increase allowed, in percent, as in `edgeq build` for LLMs."""
+) -> None:
+    """`edgeq validate` with an LLM recipe module (edgeq.llm.validate). --max-drop: the perplexity
+    increase allowed, in percent, as in `edgeq build` for LLMs."""
     from edgeq.errors import AccuracyError
-    from edgeq.llm.recipe import is_llm_module, llm_recipe_from_module
+    from edgeq.llm.recipe import llm_recipe_from_module
     from edgeq.llm.validate import validate_llm
-    from edgeq.recipe import import_recipe
 
-    module, source = import_recipe(recipe)
-    if not is_llm_module(module):
-        return False
     if device is not None or runtime != "host":
         raise EdgeqError(
             "LLM programs validate on the host runtime only so far",
@@ -452,7 +449,6 @@ def _validate_llm(
             f"next-token agreement {v.agreement:.2f}% is below --min-agreement {min_agreement}",
             "rebuild with a lower --max-drop or a wider --precision",
         )
-    return True
 
 
 @app.command()
@@ -492,13 +488,16 @@ def validate(
         from edgeq.checks.validate import load_reference
         from edgeq.checks.validate import validate as run_validate
         from edgeq.errors import AccuracyError
-        from edgeq.recipe import load_recipe
+        from edgeq.llm.recipe import is_llm_module
+        from edgeq.recipe import import_recipe, recipe_from_module
 
         if runtime not in ("host", "arm64"):
             raise EdgeqError(f"unknown --runtime {runtime!r}", "pass --runtime host or --runtime arm64")
-        if recipe is not None and _validate_llm(program, recipe, device, runtime, max_drop, min_agreement):
+        module, source = import_recipe(recipe)  # once: an LLM recipe goes its own way, as in `edgeq build`
+        if is_llm_module(module):
+            _validate_llm(program, module, source, device, runtime, max_drop, min_agreement)
             return
-        r = load_recipe(recipe)
+        r = recipe_from_module(module, source)
         if runtime == "arm64":
             _validate_arm(program, r, cpu, max_drop)
             return
