@@ -12,6 +12,7 @@ staging directory that becomes ``--out`` only when the build succeeds.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from edgeq.llm.evaluate import (
 )  # fmt: skip
 from edgeq.llm.export import EMBEDDING, LINEAR, LLMPlan, linear_names, lower_llm
 from edgeq.llm.gptq import Hessians, collect_hessians
+from edgeq.llm.memory import runner_memory
 from edgeq.llm.plan import analyze_llm, check_plan, linear_modules, plan_llm, weight_bytes
 from edgeq.llm.recipe import LLMRecipe, load_llm_recipe
 from edgeq.ship.package import OutputDir, sha256, versions, write_bytes_atomic, write_json_atomic
@@ -212,14 +214,10 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
         reference = score_float(model, windows)
         scored = score_program(program, windows)
         stage("perplexity", t)
-        t = time.perf_counter()
+        write_bytes_atomic(out.path("model.pte"), program)  # where it ships: the runner reads it there
         prompts = prompts_from(eval_texts, config.prompts)
-        generations = generate(program, tokenizer, prompts, config.max_new_tokens)
-        float_generations = generate(float_program, tokenizer, prompts, config.max_new_tokens)
-        stage("generate", t)
-        t = time.perf_counter()
-        memory = _memory(program, float_program, tokenizer, prompts[0] if prompts else "The", config.max_new_tokens)
-        stage("memory", t)
+        runs = _run_programs(out.path("model.pte"), float_program, tokenizer, prompts, config.max_new_tokens, stage)
+        generations, float_generations, memory = runs
 
         measured = _Measured(program, float_program, reference, scored, generations, float_generations, measured_on)
         report = _report(recipe, config, plan, params, metadata, measured)
@@ -228,7 +226,6 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
         report["gptq"] = {"tokens": hessians.tokens, "seconds": hessians.seconds} if hessians else None
         report["timings"] = timings
         report["wall_seconds"] = time.perf_counter() - begin
-        write_bytes_atomic(out.path("model.pte"), program)
         write_bytes_atomic(out.path("tokenizer.json"), tokenizer.read_bytes())
         write_json_atomic(out.path("generation.json"), report["generation"])
         write_json_atomic(out.path("plan.json"), plan.to_dict())
@@ -251,20 +248,26 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
     return LLMBuildResult(final, report, timings)
 
 
-def _memory(program: bytes, float_program: bytes, tokenizer: Path, prompt: str, tokens: int) -> dict[str, Any]:
-    """Peak resident memory of the runner generating from each program (edgeq.llm.memory)."""
-    import tempfile
-
-    from edgeq.llm.memory import runner_memory
-
-    measured: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="edgeq-llm-mem-") as scratch:
-        for name, data in (("program", program), ("float_program", float_program)):
-            path = Path(scratch) / f"{name}.pte"
-            path.write_bytes(data)
-            measured[name] = runner_memory(path, tokenizer, prompt, tokens)
-            path.unlink()
-    return measured
+def _run_programs(
+    shipped: Path, float_program: bytes, tokenizer: Path, prompts: list[str], tokens: int, stage: Any
+) -> tuple[list[Generation], list[Generation], dict[str, Any]]:
+    """The runner's greedy generations and peak memory on the shipped program (already at ``shipped``)
+    and on the float program (written once, to a scratch file: the runner reads files)."""
+    with tempfile.TemporaryDirectory(prefix="edgeq-llm-float-") as scratch:
+        float_path = Path(scratch) / "float.pte"
+        float_path.write_bytes(float_program)
+        t = time.perf_counter()
+        generations = generate(shipped, tokenizer, prompts, tokens)
+        float_generations = generate(float_path, tokenizer, prompts, tokens)
+        stage("generate", t)
+        t = time.perf_counter()
+        prompt = prompts[0] if prompts else "The"
+        memory = {
+            "program": runner_memory(shipped, tokenizer, prompt, tokens),
+            "float_program": runner_memory(float_path, tokenizer, prompt, tokens),
+        }
+        stage("memory", t)
+    return generations, float_generations, memory
 
 
 @dataclass

@@ -157,16 +157,18 @@ class Generation:
         return asdict(self)
 
 
-def generate(program: bytes, tokenizer: Path, prompts: list[str], max_new_tokens: int) -> list[Generation]:
-    """Greedy generations of ExecuTorch's ``TextLLMRunner`` from the program, with its timings."""
+def generate(program: bytes | Path, tokenizer: Path, prompts: list[str], max_new_tokens: int) -> list[Generation]:
+    """Greedy generations of ExecuTorch's ``TextLLMRunner`` from the program (its file, or its bytes:
+    written to a scratch file, the runner reads a path), with its timings."""
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     from edgeq.logs import native_stderr
 
     # the runner prints its stats and load lines from C++; the report carries them (--verbose keeps them)
     with tempfile.TemporaryDirectory(prefix="edgeq-llm-run-") as scratch, native_stderr(stdout=True):
-        path = Path(scratch) / "model.pte"
-        path.write_bytes(program)
+        path = program if isinstance(program, Path) else Path(scratch) / "model.pte"
+        if not isinstance(program, Path):
+            path.write_bytes(program)
         runner = TextLLMRunner(str(path), str(tokenizer))
         results = []
         for prompt in prompts:

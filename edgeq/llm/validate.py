@@ -122,7 +122,7 @@ def validate_llm(
     windows = encode_windows(tokenizer, eval_texts, max_seq_len, eval_tokens)
     accuracy = compare(score_float(model, windows), score_program(program, windows))
     chosen = prompts_from(eval_texts, prompts)
-    generations = generate(program, tokenizer, chosen, max_new_tokens)
+    generations = generate(program_path, tokenizer, chosen, max_new_tokens)
     floats = _float_generations(model, tokenizer, chosen, max_new_tokens)
     memory = runner_memory(program_path, tokenizer, chosen[0] if chosen else "The", max_new_tokens)
     return LLMValidation(
