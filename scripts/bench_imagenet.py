@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import imagenet_recipes  # noqa: E402
-from bench_report import machine, table, timed_build, write_section  # noqa: E402
+from bench_report import machine, plan_mix, table, timed_build, write_section  # noqa: E402
 from bench_runtime import latency  # noqa: E402
 
 from edgeq.configs import QATConfig  # noqa: E402
@@ -287,11 +287,8 @@ STAGES = (
 
 
 def _plan_summary(plan: list[dict]) -> str:
-    """Layers per (kind, precision), the way the report counts them."""
-    from collections import Counter
-
-    counts = Counter(f"{layer.get('kind', 'layer')} {layer['precision']}" for layer in plan)
-    return ", ".join(f"{n} {key}" for key, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    """Layers per (kind, precision), most first."""
+    return ", ".join(f"{n} {key}" for key, n in sorted(plan_mix(plan).items(), key=lambda kv: -kv[1]))
 
 
 def _budget_row(name: str, d: dict) -> list[str]:

@@ -65,6 +65,15 @@ def commit() -> str:
     return found.stdout.strip() or "unknown"
 
 
+def plan_mix(layers: list[dict]) -> dict[str, int]:
+    """How many layers of plan.json's ``layers`` hold each "kind precision" (e.g. "conv int8")."""
+    mix: dict[str, int] = {}
+    for layer in layers:
+        key = f"{layer['kind']} {layer['precision']}"
+        mix[key] = mix.get(key, 0) + 1
+    return mix
+
+
 def timed_build(recipe, out: Path, **settings) -> dict:
     """``edgeq.build``'s report.json with its wall time; a build the accuracy gate refused is measured
     all the same (its artifacts stay for inspection)."""

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_report import machine, table, write_section  # noqa: E402
+from bench_report import machine, plan_mix, table, write_section  # noqa: E402
 from bench_runtime import latency  # noqa: E402
 
 from edgeq.configs import BuildConfig, QATConfig  # noqa: E402
@@ -125,10 +125,7 @@ def run_row(recipe, name: str, settings: dict, out: Path, epochs: int, **qat_set
     program = (out / "model.pte").read_bytes()
     embeddings, reference = program_embeddings(program, recipe)
     plan = json.loads((out / "plan.json").read_text())
-    mix: dict[str, int] = {}
-    for layer in plan["layers"]:
-        key = f"{layer['kind']} {layer['precision']}"
-        mix[key] = mix.get(key, 0) + 1
+    mix = plan_mix(plan["layers"])
     return {
         "row": name,
         "bytes": len(program),
