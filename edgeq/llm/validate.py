@@ -20,7 +20,6 @@ from edgeq.llm.evaluate import (
     compare,
     encode_windows,
     generate,
-    load_llm_program,
     median_rate,
     prompts_from,
     score_float,
@@ -64,16 +63,18 @@ class LLMValidation:
         return line
 
 
-def _program_int(program: bytes, method: str) -> int:
+def _program_ints(program: bytes, *methods: str) -> list[int]:
+    """The values of the program's metadata methods (``get_vocab_size``, ...), loading it once."""
     from executorch.runtime import Runtime
 
     loaded = Runtime.get().load_program(program)
-    if method not in loaded.method_names:
-        raise EdgeqError(
-            f"the program has no {method}() method: it is not an LLM program",
-            "pass a model.pte that `edgeq build` wrote for an LLM recipe",
-        )
-    return int(loaded.load_method(method).execute([])[0])
+    for method in methods:
+        if method not in loaded.method_names:
+            raise EdgeqError(
+                f"the program has no {method}() method: it is not an LLM program",
+                "pass a model.pte that `edgeq build` wrote for an LLM recipe",
+            )
+    return [int(loaded.load_method(method).execute([])[0]) for method in methods]
 
 
 def _float_generations(model: Any, tokenizer: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -107,17 +108,15 @@ def validate_llm(
     model = recipe.model()
     check_causal_lm(model)
     model = model.eval()
-    vocab = _program_int(program, "get_vocab_size")
+    vocab, max_seq_len = _program_ints(program, "get_vocab_size", "get_max_seq_len")
     if vocab != model.config.vocab_size:
         raise EdgeqError(
             f"the program has a vocabulary of {vocab} tokens, the recipe's model {model.config.vocab_size}",
             "validate with the recipe the program was built from",
         )
-    max_seq_len = _program_int(program, "get_max_seq_len")
     if tokenizer is None:
         beside = program_path.with_name("tokenizer.json")
         tokenizer = beside if beside.is_file() else recipe.tokenizer_file()
-    load_llm_program(program)  # the LLM kernels are there before the runner needs them
     _, eval_texts, measured_on = recipe.split_texts()
     windows = encode_windows(tokenizer, eval_texts, max_seq_len, eval_tokens)
     accuracy = compare(score_float(model, windows), score_program(program, windows))
