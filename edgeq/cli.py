@@ -87,9 +87,9 @@ class RichProgress:
         if self.qat_task is None:
             return
         rate = (i + 1) / max(time.perf_counter() - self.started, 1e-9)
-        self.progress.update(self.qat_task, advance=1, info=f"loss {loss:.4f}  {rate:.1f} steps/s")
+        self.progress.update(self.qat_task, advance=1, info=f"loss {loss:.4g}  {rate:.1f} steps/s")
         if not console.is_terminal and ((i + 1) % 100 == 0 or i == 0):
-            console.print(f"[dim]edgeq: QAT step {i + 1}: loss {loss:.4f}, {rate:.1f} steps/s[/dim]", highlight=False)
+            console.print(f"[dim]edgeq: QAT step {i + 1}: loss {loss:.4g}, {rate:.1f} steps/s[/dim]", highlight=False)
 
     def eval_start(self, label: str) -> None:
         self.eval_task = self.progress.add_task(f"eval {label}", total=None, info="samples")
@@ -265,7 +265,7 @@ def _summary(result) -> None:
         loss = measured.get("holdout_loss")
         table.add_row(
             f"{candidate_label(name)} (reference){'  <- shipped' if name == s.shipped else ''}",
-            f"{measured['metric']:.2f}" + (f"  (held-out loss {loss:.4f})" if loss is not None else ""),
+            f"{measured['metric']:.2f}" + (f"  (held-out loss {loss:.4g})" if loss is not None else ""),
         )
     if s.selected_on:
         why = "lowest held-out loss" if s.lowest in ("", s.shipped) else f"as good as {s.lowest} (lowest), simpler"

@@ -144,8 +144,9 @@ class Recipe:
     #: transformer's {"optimizer": "adam", "lr": 1e-5}); a build uses them unless it is given
     #: its own QATConfig, and `edgeq build` flags override them one by one
     qat: dict[str, Any] = field(default_factory=dict)
-    #: what the app runs on the output, e.g. an edgeq.tasks.detection decoder: written to the
-    #: manifest, and the bundle carries its implementation (Detections.java)
+    #: what the app runs on the output, e.g. an edgeq.tasks.detection decoder or
+    #: edgeq.tasks.segmentation.SegmentationMasks: written to the manifest, and the bundle carries
+    #: its implementation (Detections.java, Segmentation.java)
     postprocessing: Any = None
     #: what the app computes from its raw input before the program runs, e.g. edgeq.tasks.audio.LogMel:
     #: written to the manifest, and the bundle carries its implementation (AudioFeatures.java)
@@ -156,7 +157,8 @@ class Recipe:
         if self.postprocessing is not None and not callable(getattr(self.postprocessing, "manifest", None)):
             raise EdgeqError(
                 f"recipe {self.name}: postprocessing is a {type(self.postprocessing).__name__}",
-                "set it to a decoder from edgeq.tasks.detection (GridDecoder or YoloDecoder), or leave it out",
+                "set it to a decoder from edgeq.tasks.detection (GridDecoder or YoloDecoder), "
+                "edgeq.tasks.segmentation.SegmentationMasks, or leave it out",
             )
         if self.features is not None and not callable(getattr(self.features, "manifest", None)):
             raise EdgeqError(

@@ -396,7 +396,8 @@ def combined_loss(
     if kind in ("task", "both"):
         total = recipe.loss(output, target)
     if kind in ("distill", "both") and reference is not None:
-        distill = distillation_loss(output, reference)
+        # a task that knows its output's meaning (a segmenter's per-pixel classes) distils its own way
+        distill = getattr(recipe.postprocessing, "distillation_loss", distillation_loss)(output, reference)
         total = distill if total is None else total + distill
     if total is None:
         raise EdgeqError(f"QAT loss '{kind}' has nothing to learn from", "pass the float model as teacher")

@@ -118,6 +118,40 @@ def detection_sources(manifest: dict[str, Any], package: str = "org.edgeq.genera
     }
 
 
+def voc_palette(count: int) -> list[str]:
+    """The PASCAL VOC colour map (class bits spread over R, G, B), as Java ARGB literals."""
+    colours = []
+    for label in range(count):
+        r = g = b = 0
+        c = label
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        colours.append(f"0xFF{r:02X}{g:02X}{b:02X}")
+    return colours
+
+
+def segmentation_sources(manifest: dict[str, Any], package: str = "org.edgeq.generated") -> dict[str, str]:
+    """For a segmenter: the Kotlin class returning a class mask, and Segmentation.java (the argmax of
+    edgeq.tasks.segmentation.SegmentationMasks, and a palette to draw the mask with)."""
+    post = manifest["postprocessing"]
+    out = manifest["outputs"][0]["shape"]
+    if len(out) != 4 or out[1] != post["classes"]:
+        raise EdgeqError(
+            f"the argmax mask reads [1, {post['classes']}, H, W] class scores; the program's first output is {out}",
+            "set the recipe's SegmentationMasks classes to the model's class count",
+        )
+    context = _image_context(manifest) | {"package": package, "palette": voc_palette(post["classes"])} | post
+    context["labels"] = manifest.get("labels") or [str(i) for i in range(post["classes"])]
+    name = class_name(manifest["recipe"]["name"])
+    return {
+        f"{name}.kt": render("SegmenterModel.kt.j2", name=name, **context),
+        "Segmentation.java": render("Segmentation.java.j2", **context),
+    }
+
+
 def audio_sources(manifest: dict[str, Any], package: str = "org.edgeq.generated") -> dict[str, str]:
     """For a keyword spotter: the Kotlin class taking a recording, and AudioFeatures.java (the log-mel
     features the model was trained on, from the manifest's parameters)."""
@@ -173,6 +207,8 @@ def write_bundle(directory: Path, program: bytes, manifest: dict[str, Any], voca
         sources = text_sources(manifest)
     elif manifest.get("features"):
         sources = audio_sources(manifest)
+    elif (manifest.get("postprocessing") or {}).get("task") == "segmentation":
+        sources = {**segmentation_sources(manifest), **native_sources(manifest)}
     elif manifest.get("postprocessing"):
         sources = {**detection_sources(manifest), **native_sources(manifest)}
     else:
@@ -181,8 +217,12 @@ def write_bundle(directory: Path, program: bytes, manifest: dict[str, Any], voca
     runtime = get_backend(manifest["target"]["backend"]).app_runtime(manifest)
     name = class_name(manifest["recipe"]["name"])
     labels = manifest.get("labels") or []
+    task = (manifest.get("postprocessing") or {}).get("task") or (
+        "text" if manifest.get("text") else "keywords" if manifest.get("features") else "classification"
+    )
     readme = render(
         "README.md.j2",
+        task=task,
         manifest=manifest,
         runtime=runtime,
         name=name,

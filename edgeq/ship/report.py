@@ -82,8 +82,9 @@ def manifest(
 
 
 def post_manifest(decoder: Any) -> dict[str, Any]:
-    """A detector's decode and NMS settings, as the bundle's Detections.java reads them."""
-    return {"task": "detection", **decoder.manifest()}
+    """What the app runs on the output (a detector's decode and NMS, a segmenter's argmax), as the
+    bundle's Detections.java or Segmentation.java reads it."""
+    return {"task": getattr(decoder, "task", "detection"), **decoder.manifest()}
 
 
 def text_manifest(text: dict[str, Any]) -> dict[str, Any]:
