@@ -60,6 +60,17 @@ def test_ignored_pixels_and_absent_classes_do_not_count():
     assert metric(fixed, truth) == pytest.approx(100.0)
 
 
+def test_a_teachers_scores_as_targets_are_scored_by_their_masks(float_outputs, masks_recipe):
+    """Training targets distilled from the float model (its class scores) are what the held-out
+    decisions score against: their argmax masks are the truth."""
+    outputs = float_outputs[0][:32]
+    metric = masks_recipe.metric.__wrapped__
+    assert metric(outputs, outputs) == pytest.approx(100.0)
+    noisy = outputs + 2.0 * torch.randn(outputs.shape, generator=torch.Generator().manual_seed(0))
+    assert metric(noisy, outputs) == pytest.approx(metric(noisy, outputs.argmax(1)))
+    assert metric(noisy, outputs) < 95.0
+
+
 def test_wrong_shapes_are_one_line_errors(float_outputs):
     outputs, targets = float_outputs
     with pytest.raises(EdgeqError, match="resize labels with nearest"):

@@ -69,28 +69,33 @@ class SegmentationMasks:
 
 def _targets(targets: Any) -> torch.Tensor:
     if isinstance(targets, torch.Tensor):
-        return targets.long()
-    return torch.stack([torch.as_tensor(t) for t in targets]).long()
+        return targets
+    return torch.stack([torch.as_tensor(t) for t in targets])
 
 
 class MeanIoU:
     """Mean intersection over union (percent) of the argmax masks against per-pixel class targets
-    ``[B, H, W]`` (a tensor, or one mask per image), averaged over the classes present in either."""
+    ``[B, H, W]`` (a tensor, or one mask per image), averaged over the classes present in either.
+    Targets shaped like the outputs are a teacher's class scores (training data distilled from the
+    float model): their argmax masks are the truth, as the held-out decisions score them."""
 
     def __init__(self, masks: SegmentationMasks) -> None:
         self.masks = masks
 
-    def _check(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    def _truth(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
         self.masks.check(outputs)
-        if targets.shape != (outputs.shape[0], *outputs.shape[2:]):
+        truth = _targets(targets)
+        if truth.shape == outputs.shape and truth.is_floating_point():
+            return self.masks(truth)
+        if truth.shape != (outputs.shape[0], *outputs.shape[2:]):
             raise EdgeqError(
-                f"mIoU: targets of shape {tuple(targets.shape)} for outputs {tuple(outputs.shape)}",
+                f"mIoU: targets of shape {tuple(truth.shape)} for outputs {tuple(outputs.shape)}",
                 "give one [H, W] mask per image at the output's resolution (resize labels with nearest)",
             )
+        return truth.long()
 
     def __call__(self, outputs: torch.Tensor, targets: Any) -> float:
-        truth = _targets(targets)
-        self._check(outputs, truth)
+        truth = self._truth(outputs, targets)
         value = _torchmetrics().multiclass_jaccard_index(
             self.masks(outputs), truth, self.masks.classes, average="macro", ignore_index=self.masks.ignore_index
         )
@@ -98,8 +103,7 @@ class MeanIoU:
 
     def confusion(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
         """One confusion matrix per image, ``[B, classes, classes]`` (rows: truth)."""
-        truth = _targets(targets)
-        self._check(outputs, truth)
+        truth = self._truth(outputs, targets)
         predicted = self.masks(outputs)
         confusion = _torchmetrics().multiclass_confusion_matrix
         return torch.stack(
