@@ -96,6 +96,24 @@ def test_range_contains_zero_and_scale_is_positive():
     assert float(fq0.calculate_qparams()[0]) > 0
 
 
+def test_bounds_that_pass_each_other_on_a_narrow_far_band_still_give_a_valid_range():
+    """Each bound of an affine range follows its own votes: on values in a narrow band far from
+    zero (ESPNet's decoder sits near -6,000) step moves of |P| * step can carry the lower bound
+    over the upper one. The range is then the two in order, never torchao's min > max assertion."""
+    torch.manual_seed(0)
+    fq = calibrated([torch.linspace(-6200.0, -5700.0, 64)], min_votes=2, rule="step", **AFFINE)
+    for _ in range(40):
+        fq(-5950.0 + 5.0 * torch.randn(64))  # the band narrows to the middle: both bounds move inwards
+    low, high = fq.committed_range()
+    assert float(low) <= float(high)
+    scale, zero_point = fq.calculate_qparams()  # torchao's formula, which asserts min <= max
+    assert float(scale) > 0
+    observer = fq.activation_post_process
+    observer.committed.copy_(torch.tensor([[-5748.4], [-6119.7]]))  # the pair measured on ESPNet
+    assert (float(observer.min_val), float(observer.max_val)) == pytest.approx((-6119.7, -5748.4))
+    fq.calculate_qparams()
+
+
 def test_observer_and_fake_quant_switch_off():
     x = torch.linspace(-1, 1, 50)
     fq = calibrated([x], min_votes=1, **AFFINE)
