@@ -154,6 +154,10 @@ class Recipe:
 
     def __post_init__(self) -> None:
         self.qat = recipe_qat(self.qat, self.name)
+        # an edgeq.tasks.image.ImageInput is kept as its manifest entry (every parameter), which the
+        # bundle's ImageInput.java implements
+        manifest = getattr(self.preprocessing, "manifest", None)
+        self.preprocessing = dict(manifest() if callable(manifest) else self.preprocessing)
         if self.postprocessing is not None and not callable(getattr(self.postprocessing, "manifest", None)):
             raise EdgeqError(
                 f"recipe {self.name}: postprocessing is a {type(self.postprocessing).__name__}",
@@ -314,7 +318,7 @@ def recipe_from_module(module: ModuleType, source: str = "") -> Recipe:
         metric=getattr(module, "metric", top1_accuracy),
         output=getattr(module, "output", None),
         labels=labels,
-        preprocessing=dict(getattr(module, "preprocessing", {}) or {}),
+        preprocessing=getattr(module, "preprocessing", None) or {},
         text=dict(getattr(module, "text", {}) or {}),
         qat=getattr(module, "qat", None) or {},
         postprocessing=getattr(module, "postprocessing", None),

@@ -93,6 +93,8 @@ def _image_context(manifest: dict[str, Any]) -> dict[str, Any]:
         "mean": per_channel(pre.get("mean", 0.0)),
         "std": per_channel(pre.get("std", 1.0)),
         "channels": channels,
+        # the recipe's preprocessing is an edgeq.tasks.image.ImageInput: the bundle has ImageInput.java
+        "image_input": pre.get("kind") == "image",
         "layout": pre.get("layout", "as exported"),
     }
 
@@ -115,7 +117,23 @@ def detection_sources(manifest: dict[str, Any], package: str = "org.edgeq.genera
     return {
         f"{name}.kt": render("DetectorModel.kt.j2", name=name, **context),
         "Detections.java": render("Detections.java.j2", **context),
+        **image_input_sources(manifest, package),
     }
+
+
+def image_input_sources(manifest: dict[str, Any], package: str = "org.edgeq.generated") -> dict[str, str]:
+    """ImageInput.java (resize or letterbox, channel order, normalisation of a photo's ARGB pixels)
+    when the recipe's preprocessing is an edgeq.tasks.image.ImageInput; nothing otherwise."""
+    pre = manifest.get("preprocessing") or {}
+    if pre.get("kind") != "image":
+        return {}
+    shape = manifest["inputs"][0]["shape"]
+    if len(shape) != 4 or shape[1] != 3 or list(shape[2:]) != list(pre["size"]):
+        raise EdgeqError(
+            f"ImageInput makes [1, 3, {pre['size'][0]}, {pre['size'][1]}] inputs; the program takes {shape}",
+            "set the recipe's ImageInput size to the program's input (height, width)",
+        )
+    return {"ImageInput.java": render("ImageInput.java.j2", **_generated_by(manifest), package=package, **pre)}
 
 
 def voc_palette(count: int) -> list[str]:
@@ -149,6 +167,7 @@ def segmentation_sources(manifest: dict[str, Any], package: str = "org.edgeq.gen
     return {
         f"{name}.kt": render("SegmenterModel.kt.j2", name=name, **context),
         "Segmentation.java": render("Segmentation.java.j2", **context),
+        **image_input_sources(manifest, package),
     }
 
 
@@ -212,7 +231,11 @@ def write_bundle(directory: Path, program: bytes, manifest: dict[str, Any], voca
     elif manifest.get("postprocessing"):
         sources = {**detection_sources(manifest), **native_sources(manifest)}
     else:
-        sources = {f"{class_name(manifest['recipe']['name'])}.kt": kotlin_source(manifest), **native_sources(manifest)}
+        sources = {
+            f"{class_name(manifest['recipe']['name'])}.kt": kotlin_source(manifest),
+            **native_sources(manifest),
+            **image_input_sources(manifest),
+        }
     directory.mkdir(parents=True, exist_ok=True)
     runtime = get_backend(manifest["target"]["backend"]).app_runtime(manifest)
     name = class_name(manifest["recipe"]["name"])
