@@ -308,6 +308,8 @@ def _summary(result) -> None:
         timing.add_row(name, f"{secs:.2f}")
     timing.add_row("total", f"{sum(result.timings.values()):.2f}")
     stdout.print(timing)
+    for warning in result.report.get("warnings", []):
+        stdout.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     stdout.print(f"wrote {result.out_dir}")
 
 

@@ -215,6 +215,38 @@ def model():
     assert saved["step"] == 4 and all(l == l for l in saved["losses"])
 
 
+def test_qat_that_diverges_keeps_its_best_held_out_state_and_the_build_goes_on(tmp_path):
+    """QAT is one candidate of several: when its loss turns NaN after checks on held-out batches
+    exist, it stops, keeps its best checked state and says so, and the build ships a program."""
+    import json
+
+    recipe = _recipe(
+        tmp_path,
+        BASE.replace("for _ in range(4)]", "for _ in range(20)]")
+        + """
+calls = [0]
+def loss(output, target):
+    calls[0] += torch.is_grad_enabled()
+    value = nn.functional.cross_entropy(output, target)
+    return value * float("nan") if calls[0] > 5 else value
+def model():
+    return nn.Sequential(nn.Linear(4, 3)).eval()
+""",
+    )
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app,
+        ["build", "--recipe", recipe, "--out", str(out), "--steps", "10", "--precision", "int8"]
+        + ["--checkpoint-every", "0", "--loss", "task", "--max-drop", "100"],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["qat"]["steps"] == 5 and report["qat"]["best_step"] is not None
+    assert any("became non-finite at step 6" in w for w in report["warnings"]), report["warnings"]
+    assert "became non-finite at step 6" in result.output
+    assert (out / "model.pte").is_file()
+
+
 def test_invalid_target_file_is_refused_cleanly(tmp_path):
     target = tmp_path / "mine.toml"
     target.write_text('name = "mine"\nbackend = "xnnpack"\n')

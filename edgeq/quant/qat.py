@@ -346,6 +346,10 @@ def calibrate(
     return chosen
 
 
+class QATDiverged(EdgeqError):
+    """The QAT loss became NaN or infinite."""
+
+
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """KL divergence to the teacher's distribution for logits ([batch, classes], classes > 1);
     otherwise mean squared error with each channel (dim 1 of a [B, C, H, W] map, the last dim of
@@ -540,7 +544,19 @@ def _run_qat(
     run.start(saved)
     start = time.perf_counter()
     for step in range(run.first, plan.steps):
-        value = run.step(step)
+        try:
+            value = run.step(step)
+        except QATDiverged:
+            if run.best is None:
+                raise
+            run.diverged = True  # the failed step's forward may have fed NaN to BatchNorm's statistics
+            # QAT is one candidate of several: a run that diverged keeps its best held-out state
+            # (the calibrated model at worst) and the selection compares it with the others.
+            warnings.append(
+                f"QAT loss became non-finite at step {step + 1} (lr {config.lr:g}): training stopped and "
+                f"kept its best held-out state (step {run.best['step']}); a lower --lr may let QAT help"
+            )
+            break
         stop = run.check(step + 1)
         if checkpoint is not None and run.checkpoint_due(step + 1):
             run.save(checkpoint, fingerprint, step + 1)
@@ -582,6 +598,7 @@ class _Training:
         self.losses: list[float] = []
         self.checks: list[tuple[int, float]] = []
         self.best: dict[str, Any] | None = None  # {"step", "loss", "state"}
+        self.diverged = False
         self.stale = 0
 
     def make_optimizer(self) -> None:
@@ -660,7 +677,7 @@ class _Training:
             loss = qat_loss(self.config.loss, self.recipe, output, target, self.teacher, inputs)
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise EdgeqError(
+            raise QATDiverged(
                 f"QAT loss became {value} at step {step}",
                 "lower the learning rate (--lr) or check the training data for NaN/inf values",
             )
@@ -711,7 +728,7 @@ class _Training:
         model, trained = self.model, len(self.losses)
         if self.inter_steps and trained <= self.inter_steps:
             _set_weight_width(model, self.narrow, None)
-        if self.best is not None and self.best["step"] != trained:
+        if self.best is not None and (self.best["step"] != trained or self.diverged):
             restore_state(model, self.best["state"])
         to_eval(model)
         model.to("cpu")
