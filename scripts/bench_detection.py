@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_report import commit, machine, table, timed_build, write_section  # noqa: E402
+from bench_report import build_facts, commit, machine, program_outputs, table, timed_build, write_section  # noqa: E402
 
 from edgeq.recipe import Recipe  # noqa: E402
 from edgeq.tasks.detection import GridDecoder, MeanAveragePrecision, yolo_targets  # noqa: E402
@@ -142,37 +142,17 @@ def _names() -> list[str]:
     return shown.stdout.decode().splitlines() if shown.returncode == 0 else [str(i) for i in range(80)]
 
 
-def program_outputs(program: Path, recipe: Recipe) -> tuple[torch.Tensor, list]:
-    from edgeq.backends import get_backend
-    from edgeq.checks.evaluate import collect
-
-    manifest = json.loads((program.parent / "manifest.json").read_text())
-    runner = get_backend(manifest["target"]["backend"]).runner(program)
-    return collect(runner, recipe.eval_data())
-
-
 def measure(name: str, recipe: Recipe, report: dict, program: Path, float_out: torch.Tensor, targets) -> dict:
     from edgeq.checks.stats import interval, paired
 
     outputs, _ = program_outputs(program, recipe)
-    row: dict = {"name": name, "bytes": program.stat().st_size}
+    row: dict = {"name": name}
     for iou in ("0.5", "0.5:0.95"):
         metric = MeanAveragePrecision(DECODER, iou=iou)
         row[iou] = interval(metric, outputs, targets).to_dict()
         row[f"drop {iou}"] = paired(metric, float_out, outputs, targets).to_dict()
-    row["float_ops"] = report.get("float_ops", [])
-    precisions: dict[str, int] = {}
-    for layer in report["plan"]:
-        precisions[layer["precision"]] = precisions.get(layer["precision"], 0) + 1
-    row["plan"] = precisions
     row["concats"] = (report.get("analysis") or {}).get("concats", [])
-    row["shipped"] = report["accuracy"]["shipped"]
-    row["candidates"] = {k: v.get("metric") for k, v in report["accuracy"]["candidates"].items()}
-    row["delegation"] = {k: report["delegation"][k] for k in ("delegated_ops", "outside_ops", "delegate_calls")}
-    row["outside"] = report["delegation"].get("outside", {})
-    row["timings"] = report["timings"]
-    row["wall_seconds"] = report["wall_seconds"]
-    return row
+    return row | build_facts(report, program)
 
 
 def main() -> None:

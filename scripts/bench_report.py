@@ -74,6 +74,37 @@ def plan_mix(layers: list[dict]) -> dict[str, int]:
     return mix
 
 
+def program_outputs(program: Path, recipe) -> tuple:
+    """The program's outputs on the recipe's evaluation data, run by its backend's runner, and the targets."""
+    import json
+
+    from edgeq.backends import get_backend
+    from edgeq.checks.evaluate import collect
+
+    manifest = json.loads((program.parent / "manifest.json").read_text())
+    return collect(get_backend(manifest["target"]["backend"]).runner(program), recipe.eval_data())
+
+
+def build_facts(report: dict, program: Path) -> dict:
+    """What every task benchmark's row reads off a build: bytes, layers per precision, float ops, the
+    shipped candidate and each candidate's metric, delegation, stage times."""
+    precisions: dict[str, int] = {}
+    for layer in report["plan"]:
+        precisions[layer["precision"]] = precisions.get(layer["precision"], 0) + 1
+    return {
+        "bytes": program.stat().st_size,
+        "plan": precisions,
+        "float_ops": report.get("float_ops", []),
+        "shipped": report["accuracy"]["shipped"],
+        "candidates": {k: v.get("metric") for k, v in report["accuracy"]["candidates"].items()},
+        "delegation": {k: report["delegation"][k] for k in ("delegated_ops", "outside_ops", "delegate_calls")},
+        "outside": report["delegation"].get("outside", {}),
+        "warnings": report.get("warnings", []),
+        "timings": report["timings"],
+        "wall_seconds": report["wall_seconds"],
+    }
+
+
 def timed_build(recipe, out: Path, **settings) -> dict:
     """``edgeq.build``'s report.json with its wall time; a build the accuracy gate refused is measured
     all the same (its artifacts stay for inspection)."""

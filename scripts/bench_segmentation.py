@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_report import commit, machine, table, timed_build, write_section  # noqa: E402
+from bench_report import build_facts, commit, machine, program_outputs, table, timed_build, write_section  # noqa: E402
 
 from edgeq.recipe import Recipe  # noqa: E402
 from edgeq.tasks.segmentation import MeanIoU, SegmentationMasks  # noqa: E402
@@ -177,31 +177,16 @@ def make_recipe(work: Path) -> Recipe:
 
 
 def measure(name: str, recipe: Recipe, report: dict, program: Path, float_out: torch.Tensor, targets) -> dict:
-    from edgeq.backends import get_backend
-    from edgeq.checks.evaluate import collect
     from edgeq.checks.stats import interval, paired
 
-    manifest = json.loads((program.parent / "manifest.json").read_text())
-    outputs, _ = collect(get_backend(manifest["target"]["backend"]).runner(program), recipe.eval_data())
+    outputs, _ = program_outputs(program, recipe)
     metric = MeanIoU(MASKS)
-    precisions: dict[str, int] = {}
-    for layer in report["plan"]:
-        precisions[layer["precision"]] = precisions.get(layer["precision"], 0) + 1
     return {
         "name": name,
-        "bytes": program.stat().st_size,
         "miou": interval(metric, outputs, targets).to_dict(),
         "drop": paired(metric, float_out, outputs, targets).to_dict(),
         "pixels_same_as_float": float((MASKS(outputs) == MASKS(float_out)).float().mean()),
-        "plan": precisions,
-        "float_ops": report.get("float_ops", []),
-        "shipped": report["accuracy"]["shipped"],
-        "candidates": {k: v.get("metric") for k, v in report["accuracy"]["candidates"].items()},
-        "delegation": {k: report["delegation"][k] for k in ("delegated_ops", "outside_ops", "delegate_calls")},
-        "outside": report["delegation"].get("outside", {}),
-        "timings": report["timings"],
-        "wall_seconds": report["wall_seconds"],
-    }
+    } | build_facts(report, program)
 
 
 def run(args: argparse.Namespace, tmp: Path) -> dict:
