@@ -175,11 +175,8 @@ def test_bad_input_catalogue(tmp_path, body, message):
     )
 
 
-def test_nan_loss_stops_qat_and_keeps_the_last_good_checkpoint(tmp_path):
-    recipe = _recipe(
-        tmp_path,
-        BASE
-        + """
+#: a loss that turns NaN after five training steps, and a model to train with it
+NAN_AFTER_FIVE_STEPS = """
 calls = [0]
 def loss(output, target):
     calls[0] += torch.is_grad_enabled()  # training steps only: plan checks and held-out losses run without grad
@@ -187,7 +184,13 @@ def loss(output, target):
     return value * float("nan") if calls[0] > 5 else value
 def model():
     return nn.Sequential(nn.Linear(4, 3)).eval()
-""",
+"""
+
+
+def test_nan_loss_stops_qat_and_keeps_the_last_good_checkpoint(tmp_path):
+    recipe = _recipe(
+        tmp_path,
+        BASE + NAN_AFTER_FIVE_STEPS,
     )
     out = tmp_path / "out"
     result = CliRunner().invoke(
@@ -222,16 +225,7 @@ def test_qat_that_diverges_keeps_its_best_held_out_state_and_the_build_goes_on(t
 
     recipe = _recipe(
         tmp_path,
-        BASE.replace("for _ in range(4)]", "for _ in range(20)]")
-        + """
-calls = [0]
-def loss(output, target):
-    calls[0] += torch.is_grad_enabled()
-    value = nn.functional.cross_entropy(output, target)
-    return value * float("nan") if calls[0] > 5 else value
-def model():
-    return nn.Sequential(nn.Linear(4, 3)).eval()
-""",
+        BASE.replace("for _ in range(4)]", "for _ in range(20)]") + NAN_AFTER_FIVE_STEPS,
     )
     out = tmp_path / "out"
     result = CliRunner().invoke(
