@@ -541,7 +541,7 @@ def _validate_arm(program: Path, r: Any, cpu: str, max_drop: float | None) -> No
     from edgeq.backends import get_backend
     from edgeq.checks import arm64
     from edgeq.checks.evaluate import collect
-    from edgeq.checks.validate import program_backend
+    from edgeq.checks.validate import program_backend, program_manifest
     from edgeq.errors import AccuracyError
 
     if not program.is_file():
@@ -550,7 +550,8 @@ def _validate_arm(program: Path, r: Any, cpu: str, max_drop: float | None) -> No
     if not backend.arm_cpu_runtime:
         raise EdgeqError(f"{program} is a {backend.title} program: the arm64 runtime runs CPU programs",
                          "validate it with `edgeq validate` (its own runtime), or build for android")  # fmt: skip
-    c = arm64.compare(program, r, arm64.check_cpu(cpu))
+    scored = int(program_manifest(program).get("scored_output", 0))
+    c = arm64.compare(program, r, arm64.check_cpu(cpu), scored=scored)
     float_metric = float(r.metric(*collect(r.model().eval(), r.eval_data(), select=r.score_output)))
     stdout.print(
         f"arm64 ({cpu}, emulated): program {c.metric:.2f}  x86 runtime {c.host_metric:.2f}  float {float_metric:.2f}  "

@@ -110,8 +110,8 @@ def _run(ctx: BuildContext, output: OutputDir, checkpoint: Path) -> BuildResult 
     latency = checks.host_latency(ctx, lowered, baseline)
     if shipped.fallback is not None and shipped.before_fallback is not None:
         shipped.fallback.update(checks.fallback_price(ctx, shipped.before_fallback, baseline))
-    runner = checks.validate_program(ctx, lowered, evals)
-    arm = checks.arm_kernels(ctx, lowered)
+    runner = checks.validate_program(ctx, lowered, evals, baseline)
+    arm = checks.arm_kernels(ctx, lowered, runner.scored)
     notes = package(ctx, output, shipped.choice, baseline, shipped.reference, lowered, runner.signature)
     numerics = debug_layers(ctx, shipped.choice.plan, baseline, shipped.reference, lowered)
     plan, sizes = shipped.choice.plan, checks.program_sizes(ctx, shipped.choice.plan, baseline, lowered)

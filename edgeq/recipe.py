@@ -95,6 +95,13 @@ def select_output(output: Any, key: str | int | None = None) -> torch.Tensor:
     raise EdgeqError(f"the model returned a {type(output).__name__}", "return a tensor, a tuple or a dict of tensors")
 
 
+def output_leaves(output: Any) -> list[torch.Tensor]:
+    """Every tensor of a model's output in the order torch.export flattens it: the program's outputs."""
+    import torch.utils._pytree as pytree
+
+    return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+
+
 def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     """The user's loss/metric, with any exception it raises turned into one line naming it."""
     if getattr(fn, "_edgeq_guarded", False):
@@ -174,6 +181,11 @@ class Recipe:
 
     def score_output(self, output: Any) -> torch.Tensor:
         return select_output(output, self.output)
+
+    def scored_index(self, output: Any) -> int:
+        """Which of the program's outputs is the scored one (its position among ``output``'s tensors)."""
+        scored = self.score_output(output)
+        return next(i for i, leaf in enumerate(output_leaves(output)) if leaf is scored)
 
 
 #: QATConfig fields a recipe may set (the rest belong to the build: ranges, device, seed, checkpoints)

@@ -65,6 +65,8 @@ class ProgramRunner:
             ],
         )
         self.batch = self.signature.inputs[0][0][0] if self.signature.inputs and self.signature.inputs[0][0] else 1
+        #: the output a call returns: the recipe's scored one (manifest "scored_output")
+        self.scored = 0
 
     def close(self) -> None:
         """Free the loaded program; delegates log their teardown from C++, kept off the terminal."""
@@ -83,7 +85,8 @@ class ProgramRunner:
         return list(self._method.execute(tuple(t.contiguous() for t in inputs)))
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.outputs(*inputs)[0]
+        """The scored output (``scored``: its index among the program's outputs; the first by default)."""
+        return self.outputs(*inputs)[self.scored]
 
     def outputs(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         """Every output of ``forward`` for a batch of any size (one program call per chunk)."""

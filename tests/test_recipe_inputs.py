@@ -32,6 +32,8 @@ class Logits(nn.Module):
             return out, out.softmax(-1)
         if self.kind == "dict":
             return {"logits": out, "probs": out.softmax(-1)}
+        if self.kind == "second":  # the scored output is not the first one
+            return {"probs": out.softmax(-1), "logits": out}
         return out
 
 
@@ -115,3 +117,30 @@ def test_a_model_returning_a_tuple_or_dict_builds(tmp_path, kind):
     # Scored on the logits (not the probabilities, not the dict), and the program's output is the same tensor.
     assert result.scores.float == pytest.approx(expected)
     assert result.scores.agreement["reference_vs_program"] >= 90
+
+
+def test_the_scored_output_is_the_programs_too_when_it_is_not_the_first(tmp_path):
+    """A model whose logits come second: the build scores and gates the program on its second
+    output (not on the probabilities), writes which one in the manifest, reports every output's
+    SQNR, and the Kotlin class reads that output."""
+    import json
+
+    from edgeq.configs import BuildConfig, QATConfig
+    from edgeq.pipeline import build
+
+    recipe = _recipe("second", output="logits")
+    out = tmp_path / "out"
+    result = build(recipe, BuildConfig(out=out, qat=QATConfig(steps=10), max_drop=100.0, debug_program=False))
+    assert result.scores.agreement["reference_vs_program"] >= 90
+    assert abs(result.scores.program - result.scores.float) <= 10
+    assert result.scores.sqnr_db["reference_vs_program"] > 20  # logits against logits, not probabilities
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["scored_output"] == 1 and manifest["outputs"][1]["shape"] == [1, 4]
+    rows = json.loads((out / "report.json").read_text())["every_output_sqnr_db"]
+    assert [r["scored"] for r in rows] == [False, True] and all(r["float_vs_program_db"] > 15 for r in rows)
+    assert "[1].toTensor()" in (out / "bundle" / "RSecondModel.kt").read_text()
+    assert "Every output of the program" in (out / "report.html").read_text()
+    from edgeq.checks.validate import validate
+
+    checked = validate(out / "model.pte", recipe)  # reads scored_output from the manifest beside it
+    assert checked.program == pytest.approx(result.scores.program) and checked.sqnr_db[0] > 20

@@ -279,8 +279,11 @@ class ArmComparison:
         }
 
 
-def compare(program: str | Path, recipe: Any, cpu: str = DEFAULT_CPU, limit: int | None = None) -> ArmComparison:
-    """Run ``program`` on the recipe's evaluation data on Arm kernels and on x86, and compare."""
+def compare(
+    program: str | Path, recipe: Any, cpu: str = DEFAULT_CPU, limit: int | None = None, scored: int = 0
+) -> ArmComparison:
+    """Run ``program`` on the recipe's evaluation data on Arm kernels and on x86, and compare; the
+    metric reads output ``scored`` (the manifest's scored_output)."""
     from edgeq.checks.evaluate import agreement
     from edgeq.recipe import as_tuple
     from edgeq.samples import count, join
@@ -303,7 +306,7 @@ def compare(program: str | Path, recipe: Any, cpu: str = DEFAULT_CPU, limit: int
     a = [torch.cat(parts) for parts in zip(*arm_out)]
     h = [torch.cat(parts) for parts in zip(*host_out)]
     y = join(targets, sizes)
-    scored_a, scored_h = recipe.score_output(a if len(a) > 1 else a[0]), recipe.score_output(h if len(h) > 1 else h[0])
+    scored_a, scored_h = a[scored], h[scored]
     return ArmComparison(
         cpu=cpu,
         samples=count(y),

@@ -70,9 +70,13 @@ class AdbDevice:
         return self._run([self.adb, "-s", self.serial, *args], what)
 
     def run(
-        self, program: Path, samples: list[list[torch.Tensor]], output_shapes: list[tuple[tuple[int, ...], str]]
+        self,
+        program: Path,
+        samples: list[list[torch.Tensor]],
+        output_shapes: list[tuple[tuple[int, ...], str]],
+        scored: int = 0,
     ) -> list[torch.Tensor]:
-        """Run each sample (a list of input tensors) through the program on the phone."""
+        """Run each sample (a list of input tensors) through the program on the phone; output ``scored`` of each."""
         with tempfile.TemporaryDirectory(prefix="edgeq-adb-") as tmp:
             local = Path(tmp)
             (local / "inputs").mkdir()
@@ -99,15 +103,16 @@ class AdbDevice:
             self._adb("shell", f"chmod 755 {REMOTE}/executor_runner && sh {REMOTE}/run.sh", what="run the program")
             self._adb("pull", f"{REMOTE}/outputs", str(local), what="pull the outputs")
             outputs = []
-            ((shape, dtype),) = output_shapes[:1]
+            shape, dtype = output_shapes[scored]
             for k in range(len(samples)):
-                raw = (local / "outputs" / f"{k}-0.bin").read_bytes()
+                raw = (local / "outputs" / f"{k}-{scored}.bin").read_bytes()
                 outputs.append(torch.from_numpy(np.frombuffer(raw, dtype=_NP[dtype]).copy().reshape(shape)))
             return outputs
 
 
-def device_runner(program: Path, serial: str | None, runner: str | Path | None):
-    """A callable like :class:`edgeq.checks.validate.ProgramRunner` that runs on the phone."""
+def device_runner(program: Path, serial: str | None, runner: str | Path | None, scored: int = 0):
+    """A callable like :class:`edgeq.checks.validate.ProgramRunner` that runs on the phone and
+    returns output ``scored`` of the program's."""
 
     signature = ProgramRunner(program).signature  # shapes from the program itself
     device = AdbDevice(serial, runner)
@@ -115,7 +120,7 @@ def device_runner(program: Path, serial: str | None, runner: str | Path | None):
 
     def run(*inputs: torch.Tensor) -> torch.Tensor:
         samples = program_batches(inputs, batch)
-        outs = device.run(program, [c for c, _ in samples], signature.outputs)
+        outs = device.run(program, [c for c, _ in samples], signature.outputs, scored)
         return torch.cat([o[:real] for o, (_, real) in zip(outs, samples)])
 
     run.device = device  # type: ignore[attr-defined]

@@ -19,6 +19,7 @@ from edgeq.context import BuildContext, FloatBaseline, Quantized
 from edgeq.errors import EdgeqError, SdkMissingError
 from edgeq.lower import Lowered, lower
 from edgeq.planning.plan import Plan, weight_bytes
+from edgeq.recipe import Recipe, as_tuple, output_leaves
 
 __all__ = [
     "Evaluations", "Scores", "ensure_sdk", "evaluate_models", "fallback_price", "host_latency", "program_sizes",
@@ -55,6 +56,8 @@ class Scores:
     verdict: str = ""
     #: SQNR (dB) of the scored output, "a_vs_b": b against a (every model, classifier or not)
     sqnr_db: dict[str, builtins.float] = dataclasses.field(default_factory=dict)
+    #: a multi-output program: every output's SQNR against the float model, the scored one marked
+    every_output_sqnr: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -69,6 +72,8 @@ class Evaluations:
     program: Evaluation | None = None
     #: every quantized candidate's converted reference, by candidate name
     candidates: dict[str, Evaluation] = dataclasses.field(default_factory=dict)
+    #: a multi-output program: each output's SQNR against the float model (the scored one marked)
+    every_output: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def evaluate_models(ctx: BuildContext, float_eval: Evaluation, quantized: Quantized) -> Evaluations:
@@ -80,13 +85,42 @@ def evaluate_models(ctx: BuildContext, float_eval: Evaluation, quantized: Quanti
     return Evaluations(float=float_eval, qat=qat, qat_reference=reference, reference=reference)
 
 
-def validate_program(ctx: BuildContext, lowered: Lowered, evaluations: Evaluations) -> Any:
-    """Score the program in the backend's host runtime; returns the runner (its signature goes in the manifest)."""
+def validate_program(ctx: BuildContext, lowered: Lowered, evaluations: Evaluations, baseline: FloatBaseline) -> Any:
+    """Score the program in the backend's host runtime on the recipe's scored output; with several
+    outputs, every output's SQNR against the float model too. Returns the runner (its signature goes
+    in the manifest)."""
     ctx.announce("validate")
     with ctx.stages("validate"):
         runner = ctx.backend.runner(lowered.program)
+        with torch.no_grad():
+            runner.scored = ctx.recipe.scored_index(baseline.model(*baseline.example_inputs))
         evaluations.program = ctx.score(runner, "model.pte (ExecuTorch runtime)")
+        if len(runner.signature.outputs) > 1:
+            evaluations.every_output = every_output_sqnr(ctx.recipe, runner, baseline.model)
     return runner
+
+
+@torch.no_grad()
+def every_output_sqnr(recipe: Recipe, runner: Any, model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Each of the program's outputs against the float model's, on the evaluation data: SQNR in dB."""
+    program_parts: list[list[torch.Tensor]] = []
+    float_parts: list[list[torch.Tensor]] = []
+    for inputs, _ in recipe.eval_data():
+        inputs = as_tuple(inputs)
+        program_parts.append([t.float() for t in runner.outputs(*inputs)])
+        float_parts.append([t.float() for t in output_leaves(model(*inputs))])
+    rows = []
+    for i, (ours, theirs) in enumerate(zip(zip(*program_parts), zip(*float_parts))):
+        program_out, float_out = torch.cat(ours), torch.cat(theirs)
+        rows.append(
+            {
+                "output": f"output_{i}",
+                "shape": list(program_out.shape[1:]),
+                "float_vs_program_db": sqnr_db(float_out, program_out),
+                "scored": i == runner.scored,
+            }
+        )
+    return rows
 
 
 def arm_preflight(ctx: BuildContext) -> None:
@@ -104,7 +138,7 @@ def arm_preflight(ctx: BuildContext) -> None:
     arm64.find_setup()
 
 
-def arm_kernels(ctx: BuildContext, lowered: Lowered) -> dict[str, Any] | None:
+def arm_kernels(ctx: BuildContext, lowered: Lowered, scored: int = 0) -> dict[str, Any] | None:
     """The program on Arm kernels (qemu) against the x86 runtime, on the evaluation data."""
     if ctx.config.arm_cpu is None:
         return None
@@ -116,7 +150,7 @@ def arm_kernels(ctx: BuildContext, lowered: Lowered) -> dict[str, Any] | None:
     with ctx.stages("arm64"), tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pte"
         path.write_bytes(lowered.program)
-        return arm64.compare(path, ctx.recipe, ctx.config.arm_cpu).to_dict()
+        return arm64.compare(path, ctx.recipe, ctx.config.arm_cpu, scored=scored).to_dict()
 
 
 def scores(
@@ -153,6 +187,7 @@ def scores(
             "reference_vs_program": sqnr_db(evaluations.reference.outputs, program.outputs),
             "float_vs_program": sqnr_db(evaluations.float.outputs, program.outputs),
         },
+        every_output_sqnr=evaluations.every_output,
     )
     _uncertainty(result, evaluations, metric, max_drop)
     return result

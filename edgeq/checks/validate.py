@@ -6,6 +6,7 @@ import builtins
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,16 +65,18 @@ def validate(
     program = Path(program)
     if not program.is_file():
         raise EdgeqError(f"program {program} not found", "pass the path of a model.pte written by `edgeq build`")
+    scored = int(program_manifest(program).get("scored_output", 0))  # the output the build scored
     if on_phone or device is not None or runner is not None:
         from edgeq.checks.device import device_runner
 
-        run = device_runner(program, device, runner)
+        run = device_runner(program, device, runner, scored)
         where = f"phone {run.device.serial}"
     else:
         from edgeq.backends import get_backend
 
         chosen = get_backend(backend or program_backend(program))
         run, where = chosen.runner(program), chosen.host_runtime
+        run.scored = scored
     select = recipe.score_output  # the output the build scored
     outputs, targets = collect(run, recipe.eval_data(), select=select)
     float_out, _ = collect(recipe.model().eval(), recipe.eval_data(), select=select)
@@ -93,17 +96,25 @@ def validate(
     )
 
 
-def program_backend(program: Path) -> str:
-    """The backend named by the manifest beside a program (xnnpack when there is none)."""
+def program_manifest(program: Path) -> dict[str, Any]:
+    """The manifest beside a program ({} when there is none)."""
     import json
 
     manifest = Path(program).with_name("manifest.json")
-    if manifest.is_file():
-        try:
-            return str(json.loads(manifest.read_text())["target"]["backend"])
-        except (ValueError, KeyError, TypeError):
-            raise EdgeqError(f"{manifest} is not an edgeq manifest", "rebuild with `edgeq build`") from None
-    return "xnnpack"
+    if not manifest.is_file():
+        return {}
+    try:
+        data = json.loads(manifest.read_text())
+        data["target"]["backend"]
+    except (ValueError, KeyError, TypeError):
+        raise EdgeqError(f"{manifest} is not an edgeq manifest", "rebuild with `edgeq build`") from None
+    return data
+
+
+def program_backend(program: Path) -> str:
+    """The backend named by the manifest beside a program (xnnpack when there is none)."""
+    manifest = program_manifest(program)
+    return str(manifest["target"]["backend"]) if manifest else "xnnpack"
 
 
 def load_reference(path: str | Path) -> torch.nn.Module:

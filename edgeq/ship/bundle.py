@@ -26,12 +26,19 @@ def class_name(recipe_name: str) -> str:
     return (name if not name[0].isdigit() else "M" + name) + "Model"
 
 
+def scored(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The output the build scored (manifest "scored_output"; the first in manifests without it)."""
+    return manifest["outputs"][manifest.get("scored_output", 0)]
+
+
 def _generated_by(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What every generated file's header names: the versions that built the program, and the recipe."""
+    """What every generated file names: the versions that built the program, the recipe, and which
+    of the program's outputs it reads."""
     return {
         "edgeq_version": manifest["versions"]["edgeq"],
         "executorch_version": manifest["versions"]["executorch"],
         "recipe": manifest["recipe"]["name"],
+        "scored_output": manifest.get("scored_output", 0),
     }
 
 
@@ -58,7 +65,7 @@ def text_sources(manifest: dict[str, Any], package: str = "org.edgeq.generated")
             inputs=names,
             lowercase=bool(text.get("lowercase", True)),
             pooling=text.get("pooling", ""),
-            dimension=manifest["outputs"][0]["shape"][-1],
+            dimension=scored(manifest)["shape"][-1],
             **common,
         ),
         "WordPieceTokenizer.java": render("WordPieceTokenizer.java.j2", **common),
@@ -72,7 +79,7 @@ NATIVE_BINARY = "edgeq_runner"
 def _image_context(manifest: dict[str, Any]) -> dict[str, Any]:
     """What the Kotlin class and the native app both bake in: input, preprocessing, labels."""
     inp = manifest["inputs"][0]
-    out = manifest["outputs"][0]
+    out = scored(manifest)
     if inp["dtype"] != "float32":
         raise ValueError(f"the generated class feeds float32 inputs; this program takes {inp['dtype']}")
     shape = inp["shape"]
@@ -103,7 +110,7 @@ def detection_sources(manifest: dict[str, Any], package: str = "org.edgeq.genera
     """For a detector: the Kotlin class returning boxes, and Detections.java (decode + per-class NMS,
     the same steps as the recipe's edgeq.tasks.detection decoder, from the manifest's parameters)."""
     post = manifest["postprocessing"]
-    out = manifest["outputs"][0]["shape"]
+    out = scored(manifest)["shape"]
     want = 4 if post["decoder"] == "grid" else 3
     if len(out) != want or out[1 if want == 4 else 2] != 5 + post["classes"]:
         layout = "[1, 5 + classes, H, W]" if want == 4 else "[1, N, 5 + classes]"
@@ -155,7 +162,7 @@ def segmentation_sources(manifest: dict[str, Any], package: str = "org.edgeq.gen
     """For a segmenter: the Kotlin class returning a class mask, and Segmentation.java (the argmax of
     edgeq.tasks.segmentation.SegmentationMasks, and a palette to draw the mask with)."""
     post = manifest["postprocessing"]
-    out = manifest["outputs"][0]["shape"]
+    out = scored(manifest)["shape"]
     if len(out) != 4 or out[1] != post["classes"]:
         raise EdgeqError(
             f"the argmax mask reads [1, {post['classes']}, H, W] class scores; the program's first output is {out}",
@@ -188,7 +195,7 @@ def audio_sources(manifest: dict[str, Any], package: str = "org.edgeq.generated"
             f"the features are {list(mel.shape)} (n_mels x frames) but the program takes {inp['dtype']} {inp['shape']}",
             "make the recipe's features the LogMel the model was trained on, and example_inputs its shape",
         )
-    out = manifest["outputs"][0]
+    out = scored(manifest)
     context = _generated_by(manifest) | {
         "package": package,
         "input": inp,
@@ -250,7 +257,7 @@ def write_bundle(directory: Path, program: bytes, manifest: dict[str, Any], voca
         runtime=runtime,
         name=name,
         input=manifest["inputs"][0],
-        output=manifest["outputs"][0],
+        output=scored(manifest),
         preprocessing=json.dumps(manifest.get("preprocessing") or {}),
     )
     files = {

@@ -63,6 +63,8 @@ def manifest(
             {"name": f"output_{i}", "shape": list(shape), "dtype": dtype}
             for i, (shape, dtype) in enumerate(signature.outputs)
         ],
+        # which of the outputs the build scored and gated on (the Kotlin classes read that one)
+        "scored_output": _scored_output(recipe, float_model, example_inputs),
         "preprocessing": recipe.preprocessing,
         **({"text": text_manifest(recipe.text)} if getattr(recipe, "text", None) else {}),
         **({"postprocessing": post_manifest(recipe.postprocessing)} if getattr(recipe, "postprocessing", None) else {}),
@@ -79,6 +81,11 @@ def manifest(
         },
         **({"program": program_notes} if program_notes else {}),
     }
+
+
+@torch.no_grad()
+def _scored_output(recipe: Any, float_model: torch.nn.Module, example_inputs: tuple) -> int:
+    return int(recipe.scored_index(float_model(*example_inputs)))
 
 
 def post_manifest(decoder: Any) -> dict[str, Any]:
@@ -154,6 +161,7 @@ def build_report(record: BuildRecord) -> dict[str, Any]:
         "accuracy": _accuracy(r),
         "agreement": r.scores.agreement,
         "output_sqnr_db": r.scores.sqnr_db,
+        "every_output_sqnr_db": r.scores.every_output_sqnr,
         "latency": dict(r.latency),
         "arm_kernels": r.arm,
         "fallback": r.fallback,

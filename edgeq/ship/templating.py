@@ -39,6 +39,9 @@ def environment() -> jinja2.Environment:
     env.filters["kotlin_floats"] = kotlin_floats
     env.filters["cpp_floats"] = kotlin_floats  # the same literal: 0.5f
     env.filters["tojson"] = json.dumps
+    env.filters["output_rows"] = lambda rows: [
+        [r["output"], str(r["shape"]), round(r["float_vs_program_db"], 1), "yes" if r["scored"] else ""] for r in rows
+    ]
     env.filters["humanize_pair"] = lambda kv: [str(kv[0]).replace("_", " "), kv[1]]
     env.filters["zip_ops"] = lambda _layers, ops: [
         [op["layer"] or "(model)", op["op"], "—" if op["program_vs_float_db"] is None else op["program_vs_float_db"]]
