@@ -73,3 +73,44 @@ def test_distillation_ignores_useless_labels_that_the_task_loss_learns(tmp_path)
         scores[loss] = build(recipe, config).scores
     assert scores["task"].program < scores["task"].float - 20  # learned the label bias
     assert scores["distill"].program >= scores["distill"].float - 1.0
+
+
+def test_every_output_distils_not_only_the_scored_one():
+    """A model with two outputs (probabilities first, the scored logits second): distillation
+    counts the other output too, the task loss reads the scored one only, and the held-out loss
+    per sample sums to the batch's."""
+    from recipes import batches_of, recipe_of
+
+    from edgeq.quant.qat import HeldOut, objective
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(6, 4)
+
+        def forward(self, x):
+            out = self.net(x)
+            return {"probs": out.softmax(-1), "logits": out}
+
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    x, y = torch.randn(32, 6), torch.randint(0, 4, (32,))
+    recipe = dataclasses.replace(recipe_of(model, batches_of(x, y, 16), "two_heads"), output="logits")
+    with torch.no_grad():
+        teacher = model(x)
+    assert objective("distill", recipe, teacher, y, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    drifted = {"probs": teacher["probs"].roll(1, dims=-1), "logits": teacher["logits"]}  # only the other output moved
+    other = distillation_loss(drifted["probs"], teacher["probs"]).item()
+    assert other > 0.01
+    assert objective("distill", recipe, drifted, y, teacher).item() == pytest.approx(other, rel=1e-5)
+    task = torch.nn.functional.cross_entropy(teacher["logits"], y).item()
+    assert objective("task", recipe, drifted, y, teacher).item() == pytest.approx(task, rel=1e-6)
+    held = HeldOut("distill", recipe, batches_of(x, y, 16), model, "cpu")
+
+    def drifting(inputs):
+        out = model(inputs)
+        return {"probs": out["probs"].roll(1, dims=-1), "logits": out["logits"]}
+
+    total, per_sample = held.loss_and_samples(drifting)
+    assert total == pytest.approx(other, rel=1e-4) and per_sample.shape == (32,)
+    assert held.loss(model) == pytest.approx(0.0, abs=1e-6)

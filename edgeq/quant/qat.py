@@ -31,7 +31,7 @@ from edgeq.errors import EdgeqError
 from edgeq.quant.configs import RangeConfig
 from edgeq.quant.fake_quant import AdaptiveRangeFakeQuantize, start_tracking
 from edgeq.quant.ranges import VoteConfig
-from edgeq.recipe import Recipe, as_tuple
+from edgeq.recipe import Recipe, as_tuple, output_leaves
 from edgeq.samples import to_device
 
 __all__ = ["AdaptiveRangeFakeQuantize", "QATConfig", "QATReport", "VoteConfig", "RangeConfig", "run_qat"]
@@ -384,12 +384,34 @@ def qat_loss(
     teacher: torch.nn.Module | None,
     inputs: tuple,
 ) -> torch.Tensor:
-    """The loss a QAT step minimises: the recipe's task loss, distillation from the float model, or both."""
+    """The loss a QAT step minimises: the recipe's task loss, distillation from the float model, or
+    both; ``output`` is the model's whole output (every output distils, see :func:`objective`)."""
     reference = None
     if kind in ("distill", "both") and teacher is not None:
         with torch.no_grad():
-            reference = recipe.score_output(teacher(*inputs))
-    return combined_loss(kind, recipe, output, target, reference)
+            reference = teacher(*inputs)
+    return objective(kind, recipe, output, target, reference)
+
+
+def objective(kind: str, recipe: Recipe, output: Any, target: Any, reference: Any | None) -> torch.Tensor:
+    """:func:`combined_loss` on the scored output, plus, when distilling, :func:`distillation_loss`
+    on each of the model's other outputs against the float model's: a detector's or multi-head
+    model's second output is shipped too and must not drift while the first is trained."""
+    scored = recipe.score_output(output)
+    scored_reference = recipe.score_output(reference) if reference is not None else None
+    total = combined_loss(kind, recipe, scored, target, scored_reference)
+    if kind in ("distill", "both") and reference is not None:
+        for mine, theirs in zip(output_leaves(output), output_leaves(reference)):
+            if mine is not scored and mine.is_floating_point() and mine.shape == theirs.shape:
+                total = total + distillation_loss(mine, theirs)
+    return total
+
+
+def _sample(output: Any, i: int) -> Any:
+    """Sample ``i`` of every tensor in a model's output (batch on dim 0)."""
+    import torch.utils._pytree as pytree
+
+    return pytree.tree_map(lambda t: t[i : i + 1] if isinstance(t, torch.Tensor) else t, output)
 
 
 def combined_loss(
@@ -418,7 +440,7 @@ class HeldOut:
             for inputs, target in batches:
                 inputs = tuple(t.to(self.device) for t in as_tuple(inputs))
                 target = to_device(target, self.device)
-                reference = recipe.score_output(teacher(*inputs)) if teacher is not None else None
+                reference = teacher(*inputs) if teacher is not None else None  # every output
                 self.batches.append((inputs, target, reference))
 
     def __bool__(self) -> bool:
@@ -428,8 +450,7 @@ class HeldOut:
     def loss(self, model: Callable) -> float:
         total = 0.0
         for inputs, target, reference in self.batches:
-            output = self.recipe.score_output(model(*inputs))
-            total += float(combined_loss(self.kind, self.recipe, output, target, reference))
+            total += float(objective(self.kind, self.recipe, model(*inputs), target, reference))
         return total / len(self.batches)
 
     @torch.no_grad()
@@ -438,12 +459,12 @@ class HeldOut:
         from one pass of ``model`` over the held-out batches."""
         total, values = 0.0, []
         for inputs, target, reference in self.batches:
-            output = self.recipe.score_output(model(*inputs))
-            total += float(combined_loss(self.kind, self.recipe, output, target, reference))
-            for i in range(int(output.shape[0])):
-                one_reference = reference[i : i + 1] if reference is not None else None
+            output = model(*inputs)
+            total += float(objective(self.kind, self.recipe, output, target, reference))
+            for i in range(int(self.recipe.score_output(output).shape[0])):
+                one_reference = _sample(reference, i) if reference is not None else None
                 values.append(
-                    float(combined_loss(self.kind, self.recipe, output[i : i + 1], target[i : i + 1], one_reference))
+                    float(objective(self.kind, self.recipe, _sample(output, i), target[i : i + 1], one_reference))
                 )
         return total / len(self.batches), torch.tensor(values)
 
@@ -673,7 +694,7 @@ class _Training:
         # Grad on whatever the data generator left set: one that yields inside `with torch.no_grad()`
         # (computing a teacher's targets) switches it off in this frame between its batches.
         with torch.enable_grad():
-            output = self.recipe.score_output(self.trainer(*inputs))
+            output = self.trainer(*inputs)  # every output: the scored one is the recipe's loss, all distil
             loss = qat_loss(self.config.loss, self.recipe, output, target, self.teacher, inputs)
         value = float(loss.detach())
         if not math.isfinite(value):
