@@ -451,25 +451,89 @@ def record_dropout_rates(model: torch.fx.GraphModule) -> list[float]:
     return list(model.meta[DROPOUT_RATES])
 
 
+#: graph.meta key: each batch norm's (momentum, eps), in graph order, as the model had them
+BATCH_NORM_SETTINGS = "edgeq_batch_norm_settings"
+
+
+def _batch_norms(model: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [
+        n
+        for n in model.graph.nodes
+        if n.op == "call_function" and "batch_norm" in str(n.target) and _arg_position(n, "eps") is not None
+    ]
+
+
+def _arg_position(node: torch.fx.Node, name: str) -> int | None:
+    schema = getattr(node.target, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else []
+    return names.index(name) if name in names else None
+
+
+def _bn_setting(node: torch.fx.Node, name: str) -> float:
+    at = _arg_position(node, name)
+    assert at is not None
+    if at < len(node.args):
+        return float(node.args[at])  # type: ignore[arg-type]
+    default = node.target._schema.arguments[at].default_value  # type: ignore[union-attr]
+    return float(node.kwargs.get(name, default))  # type: ignore[arg-type]
+
+
+def record_batch_norm_settings(model: torch.fx.GraphModule) -> list[tuple[float, float]]:
+    """Remember each batch norm's momentum and eps (once; later calls return what was recorded)."""
+    if BATCH_NORM_SETTINGS not in model.meta:
+        model.meta[BATCH_NORM_SETTINGS] = [
+            (_bn_setting(n, "momentum"), _bn_setting(n, "eps")) for n in _batch_norms(model)
+        ]
+    return list(model.meta[BATCH_NORM_SETTINGS])
+
+
+def _restore(model: torch.fx.GraphModule, what: str, nodes: list, values: list, put: Callable) -> None:
+    if len(nodes) != len(values):
+        raise RuntimeError(
+            f"torchao's train/eval switch left {len(nodes)} {what} ops where the model had {len(values)}: "
+            "edgeq.upstream.move_to_train needs updating for this torchao"
+        )
+    for node, value in zip(nodes, values):
+        put(node, value)
+
+
+def _put_bn(node: torch.fx.Node, settings: tuple[float, float]) -> None:
+    args, kwargs = list(node.args), dict(node.kwargs)
+    for name, value in zip(("momentum", "eps"), settings):
+        at = _arg_position(node, name)
+        assert at is not None
+        if at < len(args):
+            args[at] = value
+        else:
+            kwargs[name] = value
+    node.args, node.kwargs = tuple(args), kwargs
+
+
 def _switch(model: torch.fx.GraphModule, train: bool) -> torch.fx.GraphModule:
     from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
 
     rates = record_dropout_rates(model)
+    norms = record_batch_norm_settings(model)
     (move_exported_model_to_train if train else move_exported_model_to_eval)(model)
-    nodes = _dropouts(model)
-    if len(nodes) != len(rates):
-        raise RuntimeError(
-            f"torchao's train/eval switch left {len(nodes)} dropout ops where the model had {len(rates)}: "
-            "edgeq.upstream.move_to_train needs updating for this torchao"
-        )
-    for node, rate in zip(nodes, rates):
+
+    def put_rate(node: torch.fx.Node, rate: float) -> None:
         node.args = (node.args[0], rate, *node.args[2:])
+
+    _restore(model, "dropout", _dropouts(model), rates, put_rate)
+    _restore(model, "batch norm", _batch_norms(model), norms, _put_bn)
     model.recompile()
     return model
 
 
 def move_to_train(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """torchao's ``move_exported_model_to_train``, keeping every dropout's own rate.
+    """torchao's ``move_exported_model_to_train``, keeping every dropout's own rate and every
+    batch norm's own eps and momentum.
+
+    torchao (0.18) rewrites a standalone batch norm (one not folded into a conv: ESPNet's after
+    each concatenation) with a pattern that writes PyTorch's default eps 1e-5 back over the
+    model's (its source says so: "fails to support custom momentum and eps value"); ESPNet's
+    eps 1e-3 over running variances near 1e-6 turned its QAT graph to noise (SQNR -70 dB with
+    every fake-quant off). Recorded and put back like the dropout rates.
 
     torchao (0.18) switches dropout by rewriting each ``aten.dropout`` with a
     pattern written as ``F.dropout(x, p=0.5)``; it matches any rate

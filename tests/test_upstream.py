@@ -80,6 +80,45 @@ def test_quantized_embedding_ops_are_still_where_edgeq_registers_them():
     assert torch.equal(out4, torch.tensor([[2.0, -4.0]]))
 
 
+def test_torchao_train_switch_rewrites_batch_norm_eps_and_edgeq_keeps_it():
+    """torchao writes eps 1e-5 into every standalone batch norm it switches (one that follows a
+    concatenation, as in ESPNet, is not folded into a conv); when this starts failing on the
+    first assertion, torchao keeps eps itself and the batch-norm half of edgeq's switch can go."""
+    import torch
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+
+    from edgeq.capture import capture_for_quantization
+
+    class CatNorm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(3, 4, 1)
+            self.bn = torch.nn.BatchNorm2d(8, eps=1e-3, momentum=0.05)
+
+        def forward(self, x):
+            return self.bn(torch.cat([self.a(x), self.b(x)], 1))
+
+    torch.manual_seed(0)
+    model = CatNorm().eval()
+    model.bn.running_var.fill_(1e-6)  # tiny activations, as ESPNet's (x - mean) / std / 255 input makes
+    x = torch.randn(2, 3, 8, 8) * 1e-3
+
+    def settings(graph):
+        return [(float(n.args[6]), float(n.args[7])) for n in graph.graph.nodes if "batch_norm" in str(n.target)]
+
+    plain = capture_for_quantization(model, (x,), fold_bn=True)
+    assert settings(plain) == [(0.05, 1e-3)]
+    move_exported_model_to_eval(plain)
+    assert settings(plain) == [(0.1, 1e-5)], "torchao keeps batch norm eps now: drop the workaround"
+
+    graph = capture_for_quantization(model, (x,), fold_bn=True)
+    upstream.move_to_train(graph)
+    upstream.move_to_eval(graph)
+    assert settings(graph) == [(0.05, 1e-3)]
+    with torch.no_grad():
+        assert torch.allclose(graph(x), model(x), atol=1e-5)
+
+
 def test_torchao_train_switch_rewrites_dropout_rates_and_edgeq_keeps_them():
     """torchao writes p=0.5 into every dropout it switches; when this starts failing on the
     first assertion, torchao keeps rates itself and edgeq.upstream.move_to_train can go."""
