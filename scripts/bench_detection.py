@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_report import build_facts, commit, machine, program_outputs, table, timed_build, write_section  # noqa: E402
+from bench_report import build_facts, commit, distilled_data, machine, program_outputs, table, timed_build, write_section  # noqa: E402
 
 from edgeq.recipe import Recipe  # noqa: E402
 from edgeq.tasks.detection import GridDecoder, MeanAveragePrecision, yolo_targets  # noqa: E402
@@ -101,17 +101,7 @@ def make_recipe(repo: Path) -> Recipe:
     count = len(list((DATA / "images").glob("*.jpg")))
     train_x, _ = load_images(range(0, count, 2))
     eval_x, eval_y = load_images(range(1, count, 2))
-    teacher = model()
-    with torch.no_grad():
-        teacher_out = torch.cat([teacher(train_x[i : i + BATCH]) for i in range(0, len(train_x), BATCH)])
-
-    def train_data():
-        for i in range(0, len(train_x), BATCH):
-            yield train_x[i : i + BATCH], teacher_out[i : i + BATCH]
-
-    def eval_data():
-        for i in range(0, len(eval_x), BATCH):
-            yield eval_x[i : i + BATCH], eval_y[i : i + BATCH]
+    train_data, eval_data = distilled_data(model(), train_x, eval_x, eval_y, BATCH)
 
     from edgeq.quant.qat import distillation_loss
 

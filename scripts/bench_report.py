@@ -74,6 +74,25 @@ def plan_mix(layers: list[dict]) -> dict[str, int]:
     return mix
 
 
+def distilled_data(teacher, train_x, eval_x, eval_targets, batch: int) -> tuple:
+    """A recipe's train_data() with the float model's outputs as targets (distillation needs no
+    labels) and eval_data() with the real targets, both in batches of ``batch``."""
+    import torch
+
+    with torch.no_grad():
+        taught = torch.cat([teacher(train_x[i : i + batch]) for i in range(0, len(train_x), batch)])
+
+    def train_data():
+        for i in range(0, len(train_x), batch):
+            yield train_x[i : i + batch], taught[i : i + batch]
+
+    def eval_data():
+        for i in range(0, len(eval_x), batch):
+            yield eval_x[i : i + batch], eval_targets[i : i + batch]
+
+    return train_data, eval_data
+
+
 def program_outputs(program: Path, recipe) -> tuple:
     """The program's outputs on the recipe's evaluation data, run by its backend's runner, and the targets."""
     import json
