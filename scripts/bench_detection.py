@@ -35,7 +35,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_report import build_facts, commit, distilled_data, machine, program_outputs, table, timed_build, write_section  # noqa: E402
+from bench_report import (  # noqa: E402
+    build_facts,
+    commit,
+    distilled_data,
+    machine,
+    program_outputs,
+    table,
+    timed_build,
+    write_section,
+)
 
 from edgeq.recipe import Recipe  # noqa: E402
 from edgeq.tasks.detection import GridDecoder, MeanAveragePrecision, yolo_targets  # noqa: E402
