@@ -119,6 +119,8 @@ class FloatBaseline:
     program_bytes: int
     #: the lowered float program itself (host latency is measured against it)
     program: bytes = b""
+    #: which of the program's outputs is the recipe's scored one (Recipe.scored_index)
+    scored_output: int = 0
 
 
 @dataclass

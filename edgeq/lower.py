@@ -157,7 +157,11 @@ def float_baseline(ctx: BuildContext) -> FloatBaseline:
         graph = capture(model, example_inputs, dynamic_batch=False)
     with stages("lower"):
         program = lower_float(model, example_inputs, ctx.target)
-    return FloatBaseline(model, example_inputs, graph, program_bytes=len(program), program=program)
+    with torch.no_grad():
+        scored = recipe.scored_index(model(*example_inputs))
+    return FloatBaseline(
+        model, example_inputs, graph, program_bytes=len(program), program=program, scored_output=scored
+    )
 
 
 def lower_reference(ctx: BuildContext, reference: torch.fx.GraphModule, baseline: FloatBaseline) -> Lowered:

@@ -87,28 +87,35 @@ def evaluate_models(ctx: BuildContext, float_eval: Evaluation, quantized: Quanti
 
 def validate_program(ctx: BuildContext, lowered: Lowered, evaluations: Evaluations, baseline: FloatBaseline) -> Any:
     """Score the program in the backend's host runtime on the recipe's scored output; with several
-    outputs, every output's SQNR against the float model too. Returns the runner (its signature goes
-    in the manifest)."""
+    outputs, every output's SQNR against the float model too, from the same program run. Returns
+    the runner (its signature goes in the manifest)."""
     ctx.announce("validate")
+    label = "model.pte (ExecuTorch runtime)"
     with ctx.stages("validate"):
         runner = ctx.backend.runner(lowered.program)
-        with torch.no_grad():
-            runner.scored = ctx.recipe.scored_index(baseline.model(*baseline.example_inputs))
-        evaluations.program = ctx.score(runner, "model.pte (ExecuTorch runtime)")
-        if len(runner.signature.outputs) > 1:
-            evaluations.every_output = every_output_sqnr(ctx.recipe, runner, baseline.model)
+        runner.scored = baseline.scored_output
+        if len(runner.signature.outputs) == 1:
+            evaluations.program = ctx.score(runner, label)
+            return runner
+        every: list[list[torch.Tensor]] = []
+
+        def run(*inputs: torch.Tensor) -> torch.Tensor:
+            outputs = runner.outputs(*inputs)
+            every.append([t.float() for t in outputs])
+            return outputs[runner.scored]
+
+        evaluations.program = ctx.score(run, label)
+        evaluations.every_output = every_output_sqnr(ctx.recipe, every, baseline.model, runner.scored)
     return runner
 
 
 @torch.no_grad()
-def every_output_sqnr(recipe: Recipe, runner: Any, model: torch.nn.Module) -> list[dict[str, Any]]:
-    """Each of the program's outputs against the float model's, on the evaluation data: SQNR in dB."""
-    program_parts: list[list[torch.Tensor]] = []
-    float_parts: list[list[torch.Tensor]] = []
-    for inputs, _ in recipe.eval_data():
-        inputs = as_tuple(inputs)
-        program_parts.append([t.float() for t in runner.outputs(*inputs)])
-        float_parts.append([t.float() for t in output_leaves(model(*inputs))])
+def every_output_sqnr(
+    recipe: Recipe, program_parts: list[list[torch.Tensor]], model: torch.nn.Module, scored: int
+) -> list[dict[str, Any]]:
+    """Each of the program's outputs (``program_parts``: per evaluation batch, every output) against
+    the float model's on the same batches: SQNR in dB."""
+    float_parts = [[t.float() for t in output_leaves(model(*as_tuple(inputs)))] for inputs, _ in recipe.eval_data()]
     rows = []
     for i, (ours, theirs) in enumerate(zip(zip(*program_parts), zip(*float_parts))):
         program_out, float_out = torch.cat(ours), torch.cat(theirs)
@@ -117,7 +124,7 @@ def every_output_sqnr(recipe: Recipe, runner: Any, model: torch.nn.Module) -> li
                 "output": f"output_{i}",
                 "shape": list(program_out.shape[1:]),
                 "float_vs_program_db": sqnr_db(float_out, program_out),
-                "scored": i == runner.scored,
+                "scored": i == scored,
             }
         )
     return rows

@@ -65,7 +65,8 @@ def validate(
     program = Path(program)
     if not program.is_file():
         raise EdgeqError(f"program {program} not found", "pass the path of a model.pte written by `edgeq build`")
-    scored = int(program_manifest(program).get("scored_output", 0))  # the output the build scored
+    manifest = program_manifest(program)
+    scored = int(manifest.get("scored_output", 0))  # the output the build scored
     if on_phone or device is not None or runner is not None:
         from edgeq.checks.device import device_runner
 
@@ -74,7 +75,7 @@ def validate(
     else:
         from edgeq.backends import get_backend
 
-        chosen = get_backend(backend or program_backend(program))
+        chosen = get_backend(backend or _backend_name(manifest))
         run, where = chosen.runner(program), chosen.host_runtime
         run.scored = scored
     select = recipe.score_output  # the output the build scored
@@ -111,10 +112,13 @@ def program_manifest(program: Path) -> dict[str, Any]:
     return data
 
 
+def _backend_name(manifest: dict[str, Any]) -> str:
+    return str(manifest["target"]["backend"]) if manifest else "xnnpack"
+
+
 def program_backend(program: Path) -> str:
     """The backend named by the manifest beside a program (xnnpack when there is none)."""
-    manifest = program_manifest(program)
-    return str(manifest["target"]["backend"]) if manifest else "xnnpack"
+    return _backend_name(program_manifest(program))
 
 
 def load_reference(path: str | Path) -> torch.nn.Module:

@@ -78,9 +78,7 @@ def package(
         choice.plan.save(output.path("plan.json"))
         notes = {**ctx.backend.program_notes(lowered.program), **lowered.payloads()}
         digest = sha256(lowered.program)
-        man = manifest(
-            ctx.recipe, ctx.target, ctx.config, signature, baseline.example_inputs, baseline.model, digest, notes
-        )
+        man = manifest(ctx.recipe, ctx.target, ctx.config, signature, baseline, digest, notes)
         write_json_atomic(output.path("manifest.json"), man)
         if choice.analysis is not None:
             choice.analysis.save(output.path("analysis.json"))

@@ -42,13 +42,14 @@ def manifest(
     target: Any,
     config: Any,
     signature: Any,
-    example_inputs: tuple,
-    float_model: torch.nn.Module,
+    baseline: Any,
     program_sha256: str,
     program_notes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``signature``: the loaded program's ProgramSignature (its output shapes and dtypes)."""
-    names = _input_names(float_model, len(example_inputs))
+    """``signature``: the loaded program's ProgramSignature (its output shapes and dtypes);
+    ``baseline``: the build's FloatBaseline (the float model, its example inputs, the scored output)."""
+    example_inputs = baseline.example_inputs
+    names = _input_names(baseline.model, len(example_inputs))
     return {
         "schema": MANIFEST_SCHEMA,
         "model": "model.pte",
@@ -64,7 +65,7 @@ def manifest(
             for i, (shape, dtype) in enumerate(signature.outputs)
         ],
         # which of the outputs the build scored and gated on (the Kotlin classes read that one)
-        "scored_output": _scored_output(recipe, float_model, example_inputs),
+        "scored_output": baseline.scored_output,
         "preprocessing": recipe.preprocessing,
         **({"text": text_manifest(recipe.text)} if getattr(recipe, "text", None) else {}),
         **({"postprocessing": post_manifest(recipe.postprocessing)} if getattr(recipe, "postprocessing", None) else {}),
@@ -81,11 +82,6 @@ def manifest(
         },
         **({"program": program_notes} if program_notes else {}),
     }
-
-
-@torch.no_grad()
-def _scored_output(recipe: Any, float_model: torch.nn.Module, example_inputs: tuple) -> int:
-    return int(recipe.scored_index(float_model(*example_inputs)))
 
 
 def post_manifest(decoder: Any) -> dict[str, Any]:
