@@ -26,9 +26,14 @@ def class_name(recipe_name: str) -> str:
     return (name if not name[0].isdigit() else "M" + name) + "Model"
 
 
+def scored_index(manifest: dict[str, Any]) -> int:
+    """Which output the build scored (manifest "scored_output"; the first in manifests without it)."""
+    return int(manifest.get("scored_output", 0))
+
+
 def scored(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The output the build scored (manifest "scored_output"; the first in manifests without it)."""
-    return manifest["outputs"][manifest.get("scored_output", 0)]
+    """The output the build scored."""
+    return manifest["outputs"][scored_index(manifest)]
 
 
 def _generated_by(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -38,7 +43,7 @@ def _generated_by(manifest: dict[str, Any]) -> dict[str, Any]:
         "edgeq_version": manifest["versions"]["edgeq"],
         "executorch_version": manifest["versions"]["executorch"],
         "recipe": manifest["recipe"]["name"],
-        "scored_output": manifest.get("scored_output", 0),
+        "scored_output": scored_index(manifest),
     }
 
 
@@ -165,7 +170,7 @@ def segmentation_sources(manifest: dict[str, Any], package: str = "org.edgeq.gen
     out = scored(manifest)["shape"]
     if len(out) != 4 or out[1] != post["classes"]:
         raise EdgeqError(
-            f"the argmax mask reads [1, {post['classes']}, H, W] class scores; the program's first output is {out}",
+            f"the argmax mask reads [1, {post['classes']}, H, W] class scores; the program's scored output is {out}",
             "set the recipe's SegmentationMasks classes to the model's class count",
         )
     context = _image_context(manifest) | {"package": package, "palette": voc_palette(post["classes"])} | post
@@ -225,17 +230,29 @@ def native_sources(manifest: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def bundle_task(manifest: dict[str, Any]) -> str:
+    """What the bundle's sources and README are written for: text, keywords, segmentation,
+    detection or classification."""
+    if manifest.get("text"):
+        return "text"
+    if manifest.get("features"):
+        return "keywords"
+    post = manifest.get("postprocessing")
+    return str(post.get("task") or "detection") if post else "classification"
+
+
 def write_bundle(directory: Path, program: bytes, manifest: dict[str, Any], vocab: bytes | None = None) -> list[str]:
     """Write bundle/ into ``directory``; returns the file names. ``vocab``: a text model's vocab.txt."""
     if manifest.get("text") and vocab is None:
         raise EdgeqError("a text model's bundle needs its vocab.txt", 'set the recipe\'s text["vocab_file"]')
-    if manifest.get("text"):
+    task = bundle_task(manifest)
+    if task == "text":
         sources = text_sources(manifest)
-    elif manifest.get("features"):
+    elif task == "keywords":
         sources = audio_sources(manifest)
-    elif (manifest.get("postprocessing") or {}).get("task") == "segmentation":
+    elif task == "segmentation":
         sources = {**segmentation_sources(manifest), **native_sources(manifest)}
-    elif manifest.get("postprocessing"):
+    elif task == "detection":
         sources = {**detection_sources(manifest), **native_sources(manifest)}
     else:
         sources = {
@@ -247,9 +264,6 @@ def write_bundle(directory: Path, program: bytes, manifest: dict[str, Any], voca
     runtime = get_backend(manifest["target"]["backend"]).app_runtime(manifest)
     name = class_name(manifest["recipe"]["name"])
     labels = manifest.get("labels") or []
-    task = (manifest.get("postprocessing") or {}).get("task") or (
-        "text" if manifest.get("text") else "keywords" if manifest.get("features") else "classification"
-    )
     readme = render(
         "README.md.j2",
         task=task,
