@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -286,13 +287,20 @@ class MeanAveragePrecision:
         predictions = self.decoder(outputs, conf=self.conf)
         return coco_map(predictions, truth, self.decoder.classes, self.iou)
 
-    def resampled(self, outputs: torch.Tensor, targets: Any, indices: torch.Tensor) -> torch.Tensor:
-        """The metric on each row of ``indices`` (bootstrap resamples of the images): decoded and
-        matched once, accumulated per resample (edgeq.checks.stats uses it when a metric has it)."""
+    def resampler(self, outputs: torch.Tensor, targets: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The metric on each row of the indices it is given (bootstrap resamples of the images):
+        decoded and matched here, once, and accumulated per resample (edgeq.checks.stats uses it
+        when a metric has it)."""
         evaluation = _evaluated(
             self.decoder(outputs, conf=self.conf), self.truth(outputs, targets), self.decoder.classes, self.iou
         )
-        return torch.tensor([_accumulated(evaluation, row.tolist()) for row in indices], dtype=torch.float64)
+        return lambda indices: torch.tensor(
+            [_accumulated(evaluation, row.tolist()) for row in indices], dtype=torch.float64
+        )
+
+    def resampled(self, outputs: torch.Tensor, targets: Any, indices: torch.Tensor) -> torch.Tensor:
+        """:meth:`resampler`, prepared and applied to ``indices`` in one call."""
+        return self.resampler(outputs, targets)(indices)
 
 
 def _evaluated(predictions: list[dict], truth: list[dict], classes: int, iou: str) -> Any:

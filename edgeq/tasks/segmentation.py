@@ -12,7 +12,7 @@ confusion matrix per image.
 
 from __future__ import annotations
 
-import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,9 +82,6 @@ class MeanIoU:
 
     def __init__(self, masks: SegmentationMasks) -> None:
         self.masks = masks
-        # the last outputs' per-image confusion matrices: the bootstrap calls resampled() in chunks
-        # on the same outputs, and the matrices are most of its cost (weak: no stale reuse)
-        self._last: tuple[Any, Any, torch.Tensor] | None = None
 
     def _truth(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
         self.masks.check(outputs)
@@ -117,20 +114,21 @@ class MeanIoU:
             ]
         )
 
+    def resampler(self, outputs: torch.Tensor, targets: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        """mIoU on each row of the indices it is given (bootstrap resamples of the images), from the
+        per-image confusion matrices computed here, once: tests/test_segmentation.py holds it equal
+        to torchmetrics on the images."""
+        per_image = self.confusion(outputs, targets).double()
+
+        def score(indices: torch.Tensor) -> torch.Tensor:
+            totals = torch.stack([per_image[row].sum(0) for row in indices])
+            return 100.0 * _macro_iou(totals, self.masks.ignore_index)
+
+        return score
+
     def resampled(self, outputs: torch.Tensor, targets: Any, indices: torch.Tensor) -> torch.Tensor:
-        """mIoU on each row of ``indices`` (bootstrap resamples of the images) from the per-image
-        confusion matrices: tests/test_segmentation.py holds it equal to torchmetrics on the images."""
-        last = self._last
-        if last is not None and last[0]() is outputs and last[1]() is targets:
-            per_image = last[2]
-        else:
-            per_image = self.confusion(outputs, targets).double()
-            try:
-                self._last = (weakref.ref(outputs), weakref.ref(targets), per_image)
-            except TypeError:  # targets that take no weak reference: computed again next time
-                self._last = None
-        totals = torch.stack([per_image[row].sum(0) for row in indices])
-        return 100.0 * _macro_iou(totals, self.masks.ignore_index)
+        """:meth:`resampler`, prepared and applied to ``indices`` in one call."""
+        return self.resampler(outputs, targets)(indices)
 
 
 def _macro_iou(confusion: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
