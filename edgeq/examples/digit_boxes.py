@@ -16,6 +16,7 @@ example's.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -180,23 +181,32 @@ def _cache_path() -> Path:
     return cache_path("digit-boxes", f"{DigitBoxNet()}{_SEED}{_BATCH}{_EPOCHS}{_TRAIN_CANVASES}{CANVAS}{GRID}")
 
 
-def _train_float() -> DigitBoxNet:
+def fit_on_canvases(
+    make: Callable[[], nn.Module], loss_fn: Callable, epochs: int, lr: float, batch: int, canvas_seed: int,
+    batches: Callable[[Iterator], Iterator] = lambda b: b,
+) -> nn.Module:  # fmt: skip
+    """Train ``make()``'s network with Adam and a cosine schedule on fresh canvases of the training
+    digits every epoch (``canvas_seed`` offsets their layout; ``batches`` may turn each batch into
+    the task's targets): the same 1,437 digits in new places, where one fixed set of canvases lets
+    the network memorise positions."""
     torch.manual_seed(_SEED)
-    net = DigitBoxNet()
+    net = make()
     digits, classes = _digits()[:2]
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, _EPOCHS)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     net.train()
-    for epoch in range(_EPOCHS):
-        # Fresh canvases from the training digits every epoch: the same 1,437 digits in new places,
-        # where one fixed set of canvases lets the classifier memorise positions.
-        x, targets = _canvases(digits, classes, _TRAIN_CANVASES, _SEED * 1000 + epoch + 100)
-        for xb, tb in _batches(x, targets, _BATCH, shuffle_seed=_SEED * 1000 + epoch):
+    for epoch in range(epochs):
+        x, targets = _canvases(digits, classes, _TRAIN_CANVASES, _SEED * 1000 + epoch + canvas_seed)
+        for xb, tb in batches(_batches(x, targets, batch, shuffle_seed=_SEED * 1000 + epoch)):
             opt.zero_grad()
-            loss(net(xb), tb).backward()
+            loss_fn(net(xb), tb).backward()
             opt.step()
         sched.step()
     return net.eval()
+
+
+def _train_float() -> nn.Module:
+    return fit_on_canvases(DigitBoxNet, loss, _EPOCHS, lr=3e-3, batch=_BATCH, canvas_seed=100)
 
 
 def model() -> nn.Module:

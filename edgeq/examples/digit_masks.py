@@ -87,21 +87,10 @@ def _cache_path() -> Path:
     )
 
 
-def _train_float() -> DigitMaskNet:
-    torch.manual_seed(_SEED)
-    net = DigitMaskNet()
-    digits, classes = base._digits()[:2]
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, _EPOCHS)
-    net.train()
-    for epoch in range(_EPOCHS):
-        x, targets = base._canvases(digits, classes, base._TRAIN_CANVASES, _SEED * 1000 + epoch + 300)
-        for xb, tb in _with_masks(base._batches(x, targets, _BATCH, shuffle_seed=_SEED * 1000 + epoch)):
-            opt.zero_grad()
-            loss(net(xb), tb).backward()
-            opt.step()
-        sched.step()
-    return net.eval()
+def _train_float() -> nn.Module:
+    return base.fit_on_canvases(
+        DigitMaskNet, loss, _EPOCHS, lr=1e-2, batch=_BATCH, canvas_seed=300, batches=_with_masks
+    )
 
 
 def model() -> nn.Module:
