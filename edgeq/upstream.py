@@ -123,6 +123,20 @@ PATCHES: tuple[Patch, ...] = (
         "their meta's fake tensors and fails, so no QNN model with a concatenation could be converted",
     ),
     Patch(
+        "executorch.backends.qualcomm.quantizer.observers.concat_observer",
+        "ConcatObserver.forward",
+        ("self", "x_orig"),
+        "a softmax feeding a concatenation keeps its own [0, 1] encoding: the HTP's softmax ignores a "
+        "non-zero output offset, so the concatenation's shared range made its probabilities garbage",
+    ),
+    Patch(
+        "executorch.backends.qualcomm._passes.layout_transform",
+        "LayoutTransform.is_layout_sensitive",
+        ("self", "node"),
+        "a softmax over channels is channel-last wherever the traversal meets it (upstream only in its first "
+        "sweep), so no second permute lands behind it: QNN refused every such graph at execute",
+    ),
+    Patch(
         "executorch.backends.qualcomm.utils.qnn_sdk_setup",
         "setup_qnn_sdk",
         (),
@@ -420,6 +434,61 @@ def copyable_concat_observer() -> None:
         return clone
 
     ConcatObserver.__deepcopy__ = deepcopy
+
+
+_SOFTMAX_TARGETS = ("aten.softmax.int", "aten._softmax.default", "aten._safe_softmax.default")
+
+
+def concat_keeps_softmax_encoding() -> None:
+    """Leave a softmax's output observer out of QNN's shared concatenation range.
+
+    QNN's ``ConcatObserver`` writes the concatenation's range into every input's observer,
+    so all inputs share one encoding. A detector head concatenates signed box offsets with
+    softmax class probabilities; the shared encoding then has a non-zero offset, and the HTP's
+    softmax writes its output as if the offset were 0 (measured on the simulator: probabilities
+    came back near -0.6, 0.35-0.56 from the reference, while the same graph with the softmax
+    alone, or with only non-negative inputs, matched within one step). With the softmax's own
+    observer left alone, its [0, 1] encoding has offset 0 and the lowering inserts QNN's
+    requantize in front of the concatenation; the program then matches its reference.
+    """
+    if not _once("concat_keeps_softmax_encoding"):
+        return
+    from executorch.backends.qualcomm.quantizer.observers.concat_observer import ConcatObserver
+
+    shared_range = ConcatObserver.forward
+
+    @functools.wraps(shared_range)
+    def forward(self: ConcatObserver, x_orig: torch.Tensor) -> torch.Tensor:
+        if not self.input_observers:  # the first call links the input observers: leave softmaxes out
+            self.input_nodes = [n for n in self.input_nodes if str(n.target) not in _SOFTMAX_TARGETS]
+        return shared_range(self, x_orig)
+
+    ConcatObserver.forward = forward
+
+
+def qnn_channel_softmax_layout() -> None:
+    """Make QNN's layout pass treat a softmax over channels as layout-sensitive everywhere.
+
+    ``LayoutTransform`` moves such a softmax to channel-last (QNN's softmax takes the last
+    axis only) by listing it among its starting nodes, but its traversal asks
+    ``is_layout_sensitive``, which knows only the fixed op set. When the traversal reaches
+    the softmax from a consumer first (a detector head: conv -> softmax(dim=1) -> cat with
+    other conv branches), it inserts a NCHW->NHWC permute behind the softmax, and the
+    softmax is then made channel-last as well: its output is permuted twice, and QNN fails
+    at execute ("concat.cc: tensor 2 has mismatched dim"). Counting the conditional case
+    as sensitive is what the pass's own comment says it means.
+    """
+    if not _once("qnn_channel_softmax_layout"):
+        return
+    from executorch.backends.qualcomm._passes.layout_transform import LayoutTransform
+
+    fixed = LayoutTransform.is_layout_sensitive
+
+    @functools.wraps(fixed)
+    def is_layout_sensitive(self: LayoutTransform, node: torch.fx.Node) -> bool:
+        return fixed(self, node) or self.conditional_sensitive_check(node)
+
+    LayoutTransform.is_layout_sensitive = is_layout_sensitive
 
 
 def register_quantized_embedding_ops() -> None:

@@ -102,6 +102,47 @@ def test_simulator_outputs_are_within_a_few_steps_of_the_reference(qnn_build):
     assert error.max().item() <= 6 * step and error.mean().item() <= 2 * step
 
 
+def test_a_detector_head_with_a_channel_softmax_runs_on_the_simulator_and_matches_its_reference():
+    """cat(sigmoid(objectness), box offsets, softmax(classes, dim=1)): the head of FastestDet and of
+    edgeq's digit detectors. Before upstream.qnn_channel_softmax_layout QNN refused it at execute
+    ("concat.cc: tensor 2 has mismatched dim"); before upstream.concat_keeps_softmax_encoding the
+    class probabilities came back 0.35-0.7 away from the reference."""
+    from torch import nn
+
+    from edgeq.backends import get_backend, load_target
+    from edgeq.configs import QATConfig
+    from edgeq.lower import lower
+    from edgeq.planning.plan import uniform_plan
+    from edgeq.quant.ptq import post_training_quantize
+    from edgeq.quant.spec import quant_spec
+    from edgeq.recipe import Recipe
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.neck = nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU())
+            self.obj, self.box, self.cls = nn.Conv2d(8, 1, 1), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 10, 1)
+
+        def forward(self, x):
+            x = self.neck(x)
+            return torch.cat((self.obj(x).sigmoid(), self.box(x), self.cls(x).softmax(dim=1)), 1)
+
+    torch.manual_seed(0)
+    model = Head().eval()
+    data = [(torch.randn(2, 8, 8, 8), torch.zeros(2)) for _ in range(2)]
+    recipe = Recipe("head", lambda: model, lambda: (torch.zeros(1, 8, 8, 8),), lambda: data, lambda: data)
+    target = load_target("qualcomm-sm8650")
+    plan = uniform_plan(model, target, example_inputs=recipe.example_inputs())
+    reference = post_training_quantize(model, recipe, quant_spec(plan, target, qat=False), QATConfig(), 2)
+    x = data[0][0][:1]
+    program = get_backend("qnn").runner(lower(reference, recipe.example_inputs(), target).program)(x)
+    expected = reference(x)
+    step = float(expected.max() - expected.min()) / 255
+    assert program.shape == (1, 15, 4, 4)
+    assert torch.abs(program - expected).max().item() <= 2 * step
+    assert torch.allclose(program[0, 5:].sum(0), torch.ones(4, 4), atol=0.05)  # probabilities again
+
+
 def test_qualcomm_build_makes_no_network_connection(tmp_path):
     from netguard import no_network_env
 

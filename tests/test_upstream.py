@@ -176,3 +176,61 @@ def test_xnnpack_cat_annotator_still_ignores_its_filter_and_edgeq_makes_it_honou
         utils.OP_TO_ANNOTATOR["cat"](gm, config, first_only)
     assert {n.name for n in gm.graph.nodes if key in n.meta} == {"cat"}
     assert utils.OP_TO_ANNOTATOR["cat"] is registered
+
+
+def test_qnn_layout_pass_still_misses_a_channel_softmax_and_edgeq_counts_it_sensitive():
+    """Upstream's traversal asks is_layout_sensitive, which does not know a softmax over channels
+    (only the pass's start list does); edgeq's qnn_channel_softmax_layout makes it answer yes.
+    When this first assert fails, upstream fixed it and the patch can go."""
+    import torch
+    from executorch.backends.qualcomm._passes.layout_transform import LayoutTransform
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = torch.empty(1, 10, 4, 4)
+    over_channels = graph.call_function(exir_ops.edge.aten._softmax.default, (x, 1, False))
+    over_last = graph.call_function(exir_ops.edge.aten._softmax.default, (x, -1, False))
+    for node in (over_channels, over_last):
+        node.meta["val"] = torch.empty(1, 10, 4, 4)
+    upstream.qnn_channel_softmax_layout()
+    layout = LayoutTransform(None)
+    assert not LayoutTransform.is_layout_sensitive.__wrapped__(layout, over_channels)
+    assert layout.is_layout_sensitive(over_channels)
+    assert not layout.is_layout_sensitive(over_last)  # QNN's own axis: stays where it is
+
+
+def test_qnn_concat_observer_shares_its_range_except_with_a_softmax():
+    """QNN's ConcatObserver writes the concatenation's range into its inputs' observers; with
+    concat_keeps_softmax_encoding a softmax's observer keeps its own (non-negative) range."""
+    import torch
+    from torch import nn
+
+    from edgeq.backends import get_backend, load_target
+    from edgeq.capture import capture_for_quantization
+    from edgeq.planning.plan import uniform_plan
+    from edgeq.quant.convert import prepare
+    from edgeq.quant.spec import quant_spec
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.box, self.cls = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 6, 1)
+
+        def forward(self, x):
+            return torch.cat((self.box(x), self.cls(x).softmax(1)), 1)
+
+    torch.manual_seed(0)
+    model, x = Head().eval(), torch.randn(2, 4, 5, 5)
+    target = load_target("qualcomm-sm8650")
+    get_backend("qnn")  # registers the backend's quantizer
+    plan = uniform_plan(model, target, example_inputs=(x[:1],))
+    prepared = prepare(capture_for_quantization(model, (x[:1],), False), quant_spec(plan, target, qat=False))
+    prepared(x)
+    prepared(x)
+    softmax = next(n for n in prepared.graph.nodes if "softmax" in str(n.target))
+    cat = next(n for n in prepared.graph.nodes if str(n.target) == "aten.cat.default")
+    observer = getattr(prepared, next(iter(softmax.users)).name)
+    concat = getattr(prepared, next(iter(cat.users)).name)
+    assert float(concat.min_val) < 0  # the box offsets are signed
+    assert float(observer.min_val) >= 0 and float(observer.max_val) <= 1

@@ -98,6 +98,7 @@ class QnnBackend(Backend):
     def quantizer(self, plan: Plan, target: Target, qat: bool, ranges: RangeConfig) -> Any:
         upstream.forbid_qnn_sdk_download()
         upstream.copyable_concat_observer()
+        upstream.concat_keeps_softmax_encoding()
         from executorch.backends.qualcomm.quantizer.quantizer import ModuleQConfig, QnnQuantizer
 
         def module_qconfig(precision: str) -> Any:
@@ -147,6 +148,7 @@ class QnnBackend(Backend):
         from executorch.backends.qualcomm.utils.utils import to_edge_transform_and_lower_to_qnn
 
         specs = self.compiler_specs(target, allow_download)
+        upstream.qnn_channel_softmax_layout()
         with native_stderr(stdout=True):  # QNN's compiler logs every op at INFO from C++
             return to_edge_transform_and_lower_to_qnn(model, example_inputs, specs)
 
@@ -154,6 +156,7 @@ class QnnBackend(Backend):
         from executorch.backends.qualcomm.utils.utils import to_edge_transform_and_lower_to_qnn
 
         specs = self.compiler_specs(target, dump_intermediate_outputs=True)
+        upstream.qnn_channel_softmax_layout()
         with native_stderr(stdout=True):
             return to_edge_transform_and_lower_to_qnn(model, example_inputs, specs, generate_etrecord=True)
 
