@@ -89,6 +89,8 @@ def call_names(graph: torch.fx.GraphModule) -> set[str]:
 #: ops whose second operand is a layer's weight, by layer kind
 _WEIGHT_OPS = {
     "conv": ("aten.conv1d.", "aten.conv2d.", "aten.convolution."),
+    # weight [in, out / groups, k...]: its output channels (and per-channel scales) are dim 1
+    "conv_transpose": ("aten.conv_transpose1d.", "aten.conv_transpose2d."),
     "linear": ("aten.linear.", "aten.matmul.", "aten.mm.", "aten.addmm.", "aten.bmm."),
     "embedding": ("aten.embedding.",),
 }
@@ -108,6 +110,13 @@ class WeightLayer:
     #: output channels (table rows, for an embedding) of its first weight: each carries
     #: per-channel scales and a bias in the program
     channels: int = 0
+
+
+def output_channels(weight: torch.Tensor, kind: str) -> int:
+    """Output channels of a layer's weight (rows of a table): how many per-channel scales it carries."""
+    if weight.dim() == 0:
+        return 1
+    return int(weight.shape[1 if kind == "conv_transpose" and weight.dim() > 1 else 0])
 
 
 def _kind_of(node: torch.fx.Node) -> str | None:
@@ -149,7 +158,11 @@ def weight_layers(model: torch.nn.Module, example_inputs: tuple) -> list[WeightL
     exported = torch.export.export(model, example_inputs)
     parameters = dict(exported.graph_signature.inputs_to_parameters)
     sizes = {name: int(p.numel()) for name, p in model.named_parameters(remove_duplicate=False)}
-    rows = {name: int(p.shape[0]) if p.dim() else 1 for name, p in model.named_parameters(remove_duplicate=False)}
+    rows = {
+        (kind, name): output_channels(p, kind)
+        for name, p in model.named_parameters(remove_duplicate=False)
+        for kind in _WEIGHT_OPS
+    }
     found: dict[str, tuple[str, list[str]]] = {}
     for node in exported.graph.nodes:
         if node.op != "call_function":
@@ -166,7 +179,7 @@ def weight_layers(model: torch.nn.Module, example_inputs: tuple) -> list[WeightL
         if weight not in entry[1]:
             entry[1].append(weight)
     return [
-        WeightLayer(name, kind, sum(sizes.get(w, 0) for w in weights), tuple(weights), rows.get(weights[0], 0))
+        WeightLayer(name, kind, sum(sizes.get(w, 0) for w in weights), tuple(weights), rows.get((kind, weights[0]), 0))
         for name, (kind, weights) in found.items()
     ]
 

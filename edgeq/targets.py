@@ -23,7 +23,7 @@ from edgeq.errors import EdgeqError
 ACTIVATION_MODES = ("static", "dynamic", "float")
 #: activations beyond this may overflow float16 (65504) once a layer sums over its inputs
 FP16_SAFE_MAGNITUDE = 65504.0 / 16
-OP_KINDS = ("conv", "linear", "embedding")
+OP_KINDS = ("conv", "conv_transpose", "linear", "embedding")
 
 
 @dataclass(frozen=True)

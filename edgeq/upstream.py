@@ -491,6 +491,43 @@ def qnn_channel_softmax_layout() -> None:
     LayoutTransform.is_layout_sensitive = is_layout_sensitive
 
 
+_QUANT_ANNOTATION = "quantization_annotation"
+
+
+def honour_channel_axes(prepared: torch.fx.GraphModule) -> int:
+    """Give each per-channel weight fake-quant the channel axis its quantizer annotated; returns how many changed.
+
+    torchao's prepare passes a spec's ``ch_axis`` only to classes whose name contains
+    "PerChannel" (its observers); every fake-quant (torchao's own FakeQuantize and
+    FusedMovingAvgObsFakeQuantize, edgeq's adaptive one) gets its default, axis 0. A
+    transposed convolution's weight is [in, out, k...] and XNNPACK and QNN annotate it per
+    channel on axis 1, so QAT scaled it per input channel, and XNNPACK then refused the
+    converted weight (its dequantize stayed outside the delegate and the program failed to
+    serialize: "Missing out variants: dequantize_per_channel"). Runs before any forward, while
+    the fake-quants have no per-channel state yet.
+    """
+    modules = dict(prepared.named_modules())
+    changed = 0
+    for node in prepared.graph.nodes:
+        annotation = node.meta.get(_QUANT_ANNOTATION)
+        if annotation is None:
+            continue
+        for source, qspec in annotation.input_qspec_map.items():
+            axis = getattr(qspec, "ch_axis", None)
+            if axis is None or qspec.qscheme not in (torch.per_channel_symmetric, torch.per_channel_affine):
+                continue
+            for arg in node.all_input_nodes:
+                module = modules.get(str(arg.target)) if arg.op == "call_module" else None
+                if module is None or arg.args[:1] != (source,) or getattr(module, "ch_axis", axis) == axis:
+                    continue
+                module.ch_axis = axis
+                observer = getattr(module, "activation_post_process", None)
+                if observer is not None and hasattr(observer, "ch_axis"):
+                    observer.ch_axis = axis
+                changed += 1
+    return changed
+
+
 def register_quantized_embedding_ops() -> None:
     """Make ``quantized_decomposed::embedding_byte/_4bit`` callable ops and runnable kernels.
 

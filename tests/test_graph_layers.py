@@ -106,3 +106,66 @@ def test_a_layer_applied_twice_lowers_to_a_program_that_matches_its_reference():
     reference = convert(prepared)
     program = ProgramRunner(lower(reference, (h[:1],), target).program)
     assert sqnr_db(reference(h), program(h)) > 40
+
+
+class Upsampler(nn.Module):
+    """An encoder-decoder's upsampling path: a transposed convolution between two convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(3, 16, 3, 2, 1)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.head = nn.Conv2d(8, 4, 1)
+        with torch.no_grad():  # one output channel 50x the others: per-channel scales must follow dim 1
+            self.up.weight[:, 0].mul_(50)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.up(F.relu(self.enc(x)))))
+
+
+def test_a_transposed_convolution_is_a_planned_layer_scaled_per_output_channel():
+    """ConvTranspose2d's weight is [in, out, k, k]: its per-channel scales (XNNPACK's and QNN's) run
+    along dim 1. It is a layer of its own kind, analysed per output channel, and a plan can keep it in
+    float or quantize it; both programs match their references."""
+    from edgeq.backends import load_target, quant_spec
+    from edgeq.capture import capture_for_quantization
+    from edgeq.checks.evaluate import sqnr_db
+    from edgeq.lower import lower
+    from edgeq.planning.analysis import analyze
+    from edgeq.planning.plan import uniform_plan
+    from edgeq.quant.convert import convert, prepare
+    from edgeq.runtime import ProgramRunner
+
+    torch.manual_seed(0)
+    model, x = Upsampler().eval(), torch.randn(32, 3, 16, 16)
+    targets = model(x).detach()
+    recipe = recipe_of(
+        model, batches_of(x, targets, 8), "upsampler", loss=F.mse_loss, metric=lambda o, t: -float(F.mse_loss(o, t))
+    )
+    layers = {layer.name: layer for layer in weight_layers(model, recipe.example_inputs())}
+    assert layers["up"].kind == "conv_transpose" and layers["up"].channels == 8
+    assert [layer.name for layer in quantizable_layers(model)] == ["enc", "up", "head"]  # by class as well
+
+    target = load_target("android")
+    analysis = {entry.name: entry for entry in analyze(model, recipe, target, batches=2).layers}
+    up = analysis["up"]
+    assert len(up.channel_absmax) == 8 and up.channel_spread > 20  # the 50x channel is one of 8, not a row
+    # scaled per output channel as the quantizers do: 47.8 dB; per input row (dim 0) it would be 40.5
+    assert up.weight_sqnr["int8"] > 45
+
+    # QAT too: torchao hands a fake-quant no channel axis (edgeq.upstream.honour_channel_axes);
+    # on axis 0 the converted weight stayed outside XNNPACK and the program failed to serialize.
+    for precision, qat in (("int8", False), ("int8", True), ("float", False)):
+        plan = uniform_plan(model, target, example_inputs=recipe.example_inputs())
+        next(entry for entry in plan.layers if entry.name == "up").precision = precision
+        prepared = prepare(capture_for_quantization(model, (x[:1],), qat), quant_spec(plan, target, qat=qat))
+        prepared(x)
+        reference = convert(prepared)
+        deconv = next(n for n in reference.graph.nodes if "conv_transpose" in str(n.target))
+        weight = deconv.args[1]
+        if precision == "float":
+            assert weight.op == "get_attr", weight
+        else:
+            assert str(weight.target).startswith("quantized_decomposed.dequantize_per_channel") and weight.args[3] == 1
+        program = ProgramRunner(lower(reference, (x[:1],), target).program)
+        assert sqnr_db(reference(x), program(x)) > 30, (precision, qat)

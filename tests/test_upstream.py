@@ -234,3 +234,24 @@ def test_qnn_concat_observer_shares_its_range_except_with_a_softmax():
     concat = getattr(prepared, next(iter(cat.users)).name)
     assert float(concat.min_val) < 0  # the box offsets are signed
     assert float(observer.min_val) >= 0 and float(observer.max_val) <= 1
+
+
+def test_torchao_prepare_still_drops_the_channel_axis_of_a_fake_quant():
+    """torchao passes a spec's ch_axis only to classes named "PerChannel..."; edgeq's
+    upstream.honour_channel_axes puts it back. When this fails, torchao passes it on and
+    honour_channel_axes has nothing left to do."""
+    import torch
+    from torchao.quantization.pt2e.prepare import _create_obs_or_fq_from_qspec
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec
+
+    from edgeq.quant.fake_quant import AdaptiveRangeFakeQuantize
+
+    spec = QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=-127,
+        quant_max=127,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=1,
+        observer_or_fake_quant_ctr=AdaptiveRangeFakeQuantize.with_args(),
+    )
+    assert _create_obs_or_fq_from_qspec(spec, {}, True).ch_axis == 0

@@ -115,6 +115,11 @@ def fake_quant_weight(w: torch.Tensor, bits: int, group: int = 0) -> torch.Tenso
     return torch.clamp(torch.round(w / scale.view(shape)), -top, top) * scale.view(shape)
 
 
+def _by_output_channel(w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``w`` with output channels first (its own inverse): a transposed conv's weight is [in, out, k...]."""
+    return w.transpose(0, 1) if transposed and w.dim() > 1 else w
+
+
 def fake_quant_act(x: torch.Tensor, lo: float, hi: float, bits: int) -> torch.Tensor:
     """Per-tensor affine fake-quantization over [lo, hi] (widened to contain 0)."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -344,7 +349,8 @@ def _layer_entry(
     """One layer's weights, input range and single-layer sensitivity at each scored precision."""
     name, kind, params = layer.name, layer.kind, layer.params
     weights = [model.get_parameter(w) for w in layer.weights]
-    w = weights[0].detach().float()
+    # per output channel, as the quantizers scale it: a transposed conv's are its weight's dim 1
+    w = _by_output_channel(weights[0].detach().float(), kind == "conv_transpose")
     ch_absmax = w.flatten(1).abs().amax(1)
     lo, hi, acts = seen
     mags = acts.abs()
@@ -397,8 +403,10 @@ def _layer_alone(
 ) -> tuple[float, float]:
     """Loss and metric with only ``module`` quantized (its weights and its input)."""
     originals = [weight.data.clone() for weight in weights]
+    transposed = bool(getattr(module, "transposed", False))  # ConvTranspose: output channels are dim 1
     for weight, original in zip(weights, originals):
-        weight.data = fake_quant_weight(original, spec.weight_bits, spec.group_size)
+        quantized = fake_quant_weight(_by_output_channel(original, transposed), spec.weight_bits, spec.group_size)
+        weight.data = _by_output_channel(quantized, transposed).contiguous()
 
     def quantize_input(mod, args):
         x = args[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from edgeq.errors import EdgeqError
-from edgeq.graph import WeightLayer, weight_layers
+from edgeq.graph import WeightLayer, output_channels, weight_layers
 from edgeq.targets import Precision, Target
 
 PLAN_VERSION = 1
@@ -23,7 +23,7 @@ PLAN_VERSION = 1
 @dataclass
 class LayerPlan:
     name: str  # qualified module name in the float model, e.g. "features.3.conv"
-    kind: str  # "conv" | "linear" | "embedding"
+    kind: str  # "conv" | "conv_transpose" | "linear" | "embedding"
     precision: str  # a name from the target's precision menu
     reason: str = ""
     params: int = 0
@@ -103,6 +103,8 @@ def _other_ops(value: object, where: str) -> str:
 _KINDS: tuple[tuple[type, str], ...] = (
     (nn.Conv1d, "conv"),
     (nn.Conv2d, "conv"),
+    (nn.ConvTranspose1d, "conv_transpose"),
+    (nn.ConvTranspose2d, "conv_transpose"),
     (nn.Linear, "linear"),
     (nn.Embedding, "embedding"),
 )
@@ -113,7 +115,8 @@ def model_layers(model: nn.Module, example_inputs: tuple | None = None) -> list[
 
     From the graph, a layer is any module owning a conv, linear or
     weight-bearing matmul, whatever its class (see :func:`edgeq.graph.weight_layers`).
-    Without inputs, modules that are (subclasses of) Conv1d, Conv2d or Linear.
+    Without inputs, modules that are (subclasses of) Conv1d, Conv2d, their transposed forms, Linear
+    or Embedding.
     """
     if example_inputs is not None:
         return weight_layers(model, example_inputs)
@@ -122,7 +125,9 @@ def model_layers(model: nn.Module, example_inputs: tuple | None = None) -> list[
         for cls, kind in _KINDS:
             if isinstance(module, cls):
                 weight = module.weight  # type: ignore[attr-defined]
-                layers.append(WeightLayer(name, kind, int(weight.numel()), (f"{name}.weight",), int(weight.shape[0])))
+                layers.append(
+                    WeightLayer(name, kind, int(weight.numel()), (f"{name}.weight",), output_channels(weight, kind))
+                )
                 break
     return layers
 

@@ -23,6 +23,7 @@ def prepare(graph: torch.fx.GraphModule, spec: QuantSpec) -> torch.fx.GraphModul
     # before anything rewrites them (see upstream.move_to_train)
     rates, norms = upstream.record_dropout_rates(graph), upstream.record_batch_norm_settings(graph)
     prepared = prepare_qat_pt2e(graph, spec.quantizer) if spec.qat else prepare_pt2e(graph, spec.quantizer)
+    upstream.honour_channel_axes(prepared)
     insert_fake_quants(prepared, dict(spec.groupwise), spec.ranges)
     insert_casts(prepared, set(spec.half))
     prepared.meta[upstream.DROPOUT_RATES] = rates
