@@ -292,7 +292,15 @@ def _reading(results: dict) -> str:
             "listed above); on these photos its mAP is not distinguishable from the default's, which keeps it "
             "float: the measured loss difference does not show in mAP@0.5 on 64 photos."
         )
-    if i:
+    if i and results["target"].startswith("qualcomm"):
+        calls = i["delegation"]["delegate_calls"]
+        lines.append(
+            f"- {results.get('precision', 'int8')} is {i['bytes'] / results['float']['bytes']:.2f}x the float XNNPACK "
+            f"program: its graph ({i['delegation']['delegated_ops']} ops delegated in {calls} call(s), "
+            f"{i['delegation']['outside_ops']} outside) is HTP context binary, and beside {results['weights']:,} one-byte weights it holds "
+            f"QNN's compiled graph for the SM8650 ({i['bytes'] - results['weights']:,} bytes here)."
+        )
+    elif i:
         lines.append(
             f"- int8 is {i['bytes'] / results['float']['bytes']:.2f}x the float program, not 0.25x: FastestDet has "
             f"{results['weights']:,} weights in 70 thin layers, and each layer's int32 biases, per-channel scales "

@@ -301,8 +301,8 @@ def _reading(results: dict) -> str:
     if r:
         lines.append(
             f"- {r['bytes'] / float_bytes:.2f}x the float program, not 0.25x: ESPNet has {results['weights']:,} "
-            "weights in 82 thin layers, whose int32 biases, per-channel scales and delegate graph weigh beside "
-            "their int8 weights; its three transposed convolutions keep float weights (edgeq does not plan them)."
+            f"weights in {sum(r['plan'].values())} thin layers (its three transposed convolutions among them), "
+            "whose int32 biases, per-channel scales and compiled graph weigh beside their 8-bit weights."
         )
     if results.get("earlier"):
         lines.append(f"- {results['earlier']}")
