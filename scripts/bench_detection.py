@@ -297,10 +297,27 @@ def _reading(results: dict) -> str:
         lines.append(
             f"- {results.get('precision', 'int8')} is {i['bytes'] / results['float']['bytes']:.2f}x the float XNNPACK "
             f"program: its graph ({i['delegation']['delegated_ops']} ops delegated in {calls} call(s), "
-            f"{i['delegation']['outside_ops']} outside) is HTP context binary, and beside {results['weights']:,} one-byte weights it holds "
+            f"{i['delegation']['outside_ops']} outside) is one HTP context binary, and beside {results['weights']:,} one-byte weights it holds "
             f"QNN's compiled graph for the SM8650 ({i['bytes'] - results['weights']:,} bytes here)."
         )
-    elif i:
+    if d and d.get("outside") and results["target"].startswith("qualcomm"):
+        lines.append(
+            "- default: ops outside the delegate: "
+            + "; ".join(f"`{op}` ({why})" for op, why in d["outside"].items())
+            + ". The concatenation the analysis widened to 16 bits is the one left out: QNN validates the HTP "
+            "Concat with an 8-bit input into its 16-bit output and refuses it (QNN's log: 'Unsupported input/output "
+            "datatypes ... in[0]: UFIXED_POINT_8, out[0]: UFIXED_POINT_16'). Measured on a small head: a widened "
+            "cat(sigmoid, conv) is refused the same way, cat(conv, sigmoid) is delegated; the program still "
+            "computes its reference (the concatenation runs on the CPU between the delegate's outputs)."
+        )
+    widened = [c["node"] for c in (d or {}).get("concats") or [] if c.get("widen")]
+    if widened and results["target"].startswith("qualcomm"):
+        lines.append(
+            f"- default: the HTP runs no float op, so the analysis gave {', '.join(widened)} 16-bit activations "
+            "(the plan's wide_ops) instead of keeping it float; the layers stayed at 8a8w."
+        )
+    lines.extend(f"- {note}" for note in results.get("notes", []))
+    if i and not results["target"].startswith("qualcomm"):
         lines.append(
             f"- int8 is {i['bytes'] / results['float']['bytes']:.2f}x the float program, not 0.25x: FastestDet has "
             f"{results['weights']:,} weights in 70 thin layers, and each layer's int32 biases, per-channel scales "
