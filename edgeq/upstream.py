@@ -584,6 +584,16 @@ def _bn_setting(node: torch.fx.Node, name: str) -> float:
     return float(node.kwargs.get(name, default))  # type: ignore[arg-type]
 
 
+def batch_norm_setting(node: torch.fx.Node, name: str) -> Any:
+    """A batch norm node's ``eps``, ``momentum`` or ``training`` argument, wherever the call put it."""
+    if name == "training":
+        at = _arg_position(node, name)
+        if at is None:  # _native_batch_norm_legit_no_training: inference only
+            return False
+        return bool(node.args[at]) if at < len(node.args) else bool(node.kwargs.get(name, False))
+    return _bn_setting(node, name)
+
+
 def record_batch_norm_settings(model: torch.fx.GraphModule) -> list[tuple[float, float]]:
     """Remember each batch norm's momentum and eps (once; later calls return what was recorded)."""
     if BATCH_NORM_SETTINGS not in model.meta:

@@ -138,3 +138,47 @@ def test_a_bilinear_upsample_still_lowers_into_xnnpack():
     assert lowered.delegation.by_op.get("aten_upsample_bilinear2d_vec") == (1, 0)
     with torch.no_grad():
         assert torch.allclose(ProgramRunner(lowered.program)(x), model(x), atol=1e-5)
+
+
+def test_qnn_rewrites_a_standalone_batch_norm_as_the_depthwise_conv_it_computes():
+    """ExecuTorch's QNN lowering computes a batch norm that stands alone wrongly on the HTP (-10 dB
+    against its reference on the simulator); the QNN backend hands the quantizer a depthwise 1x1
+    convolution computing the same function instead, for 4-D and 3-D inputs, in PTQ and QAT graphs."""
+    import torch
+    from torch import nn
+
+    from edgeq.backends import load_target
+    from edgeq.backends.qnn import batch_norms_as_depthwise_convs
+    from edgeq.capture import capture_for_quantization
+    from edgeq.planning.plan import uniform_plan
+    from edgeq.quant.convert import convert, prepare
+    from edgeq.quant.spec import quant_spec
+    from edgeq.upstream import move_to_eval, move_to_train
+
+    def trained(norm: nn.Module) -> nn.Module:
+        norm.running_mean.uniform_(-3, 3)
+        norm.running_var.uniform_(0.5, 4)
+        norm.weight.data.uniform_(0.5, 2)
+        norm.bias.data.uniform_(-1, 1)
+        return norm
+
+    torch.manual_seed(0)
+    image = nn.Sequential(trained(nn.BatchNorm2d(3)), nn.Conv2d(3, 4, 3), trained(nn.BatchNorm2d(4)), nn.ReLU())
+    sequence = nn.Sequential(trained(nn.BatchNorm1d(5)), nn.Conv1d(5, 2, 1))
+    for model, x in ((image.eval(), torch.randn(2, 3, 8, 8)), (sequence.eval(), torch.randn(2, 5, 7))):
+        graph = capture_for_quantization(model, (x[:1],), False)
+        assert batch_norms_as_depthwise_convs(graph) == 1
+        # the one after a conv is left to torchao, which folds it into the conv
+        left = [n for n in graph.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)]
+        assert all(str(n.args[0].target).startswith("aten.conv") for n in left)
+        torch.testing.assert_close(graph(x[:1]), model(x[:1]), atol=1e-5, rtol=1e-5)
+
+    target = load_target("qualcomm-sm8650")
+    plan = uniform_plan(image, target, example_inputs=(torch.zeros(1, 3, 8, 8),))
+    spec = quant_spec(plan, target, qat=True)
+    prepared = prepare(capture_for_quantization(image, (torch.zeros(1, 3, 8, 8),), True), spec)
+    assert not any(n.op == "call_function" and "batch_norm" in str(n.target) for n in prepared.graph.nodes)
+    move_to_train(prepared)  # the batch norms it recorded are the ones left: none
+    prepared(torch.randn(4, 3, 8, 8))
+    move_to_eval(prepared)
+    assert convert(prepared)(torch.randn(1, 3, 8, 8)).shape == (1, 4, 6, 6)

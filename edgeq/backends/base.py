@@ -94,6 +94,11 @@ class Backend(ABC):
     def float_partitioners(self) -> list[Any]:
         """Partitioners for the float baseline program that sizes are measured against."""
 
+    def rewrite_for_quantization(self, graph: torch.fx.GraphModule) -> int:
+        """Rewrite the captured graph, in place and computing the same function, into ops this backend
+        quantizes correctly, before anything records or annotates it; returns how many ops changed."""
+        return 0
+
     def ensure_sdk(self, allow_download: bool = False) -> None:  # noqa: B027 - optional hook
         """Raise SdkMissingError (one line, naming the fix) when lowering cannot run here."""
 

@@ -20,6 +20,8 @@ def prepare(graph: torch.fx.GraphModule, spec: QuantSpec) -> torch.fx.GraphModul
     upstream.apply()
     # Planned embedding tables are rounded to their grid before PT2E sees the graph (see quant.embeddings).
     quantize_tables(graph, dict(spec.tables))
+    if spec.rewrite is not None:
+        spec.rewrite(graph)
     # before anything rewrites them (see upstream.move_to_train)
     rates, norms = upstream.record_dropout_rates(graph), upstream.record_batch_norm_settings(graph)
     prepared = prepare_qat_pt2e(graph, spec.quantizer) if spec.qat else prepare_pt2e(graph, spec.quantizer)

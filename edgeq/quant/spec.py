@@ -8,9 +8,11 @@ the third-party quantizer object.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from edgeq.configs import RangeConfig
 from edgeq.errors import EdgeqError
@@ -33,6 +35,8 @@ class QuantSpec:
     half: frozenset[str] = frozenset()
     #: embedding layer -> row bits (edgeq.quant.embeddings)
     tables: Mapping[str, int] = field(default_factory=dict)
+    #: the backend's rewrite of the captured graph before quantization (Backend.rewrite_for_quantization)
+    rewrite: Callable[[torch.fx.GraphModule], int] | None = None
 
 
 def edgeq_layers(plan: Plan, target: Target) -> dict[str, Any]:
@@ -60,4 +64,10 @@ def quant_spec(plan: Plan, target: Target, qat: bool = True, ranges: RangeConfig
         )
     ranges = ranges or RangeConfig()
     quantizer = target.impl.quantizer(plan, target, qat, ranges)
-    return QuantSpec(quantizer=quantizer, qat=qat, ranges=ranges, **edgeq_layers(plan, target))
+    return QuantSpec(
+        quantizer=quantizer,
+        qat=qat,
+        ranges=ranges,
+        rewrite=target.impl.rewrite_for_quantization,
+        **edgeq_layers(plan, target),
+    )
