@@ -29,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_report import commit, machine, table, timed_build, write_section  # noqa: E402
+from bench_report import build_facts, commit, machine, table, timed_build, write_section  # noqa: E402
 
 from edgeq.examples._cache import cache_path, cached_model  # noqa: E402
 from edgeq.recipe import Recipe  # noqa: E402
@@ -178,21 +178,20 @@ def main() -> None:
     results["precision"] = load_target(args.target).default_precision
     with tempfile.TemporaryDirectory() as tmp_name:
         for kind in args.builds:
-            settings = {"target": args.target, "max_drop": 100.0}
+            # The default row is what a user's `edgeq build` does: --max-drop 1 steers the planner (a gate it
+            # misses is measured all the same); --max-drop 100 would let it narrow every layer that saves bytes.
+            settings: dict = {"target": args.target}
             if kind == "int8":  # the target's own 8-bit precision: int8 on CPUs, 8a8w on the HTP
-                settings["precision"] = load_target(args.target).default_precision
+                settings.update(precision=load_target(args.target).default_precision, max_drop=100.0)
             out = Path(tmp_name) / kind
             report = timed_build(recipe, out, **settings)
             runner = get_backend(report["backend"]).runner(out / "model.pte")
             outputs, _ = collect(runner, recipe.eval_data())
             results[kind] = {
+                **build_facts(report, out / "model.pte"),
                 "top1": interval(top1_accuracy, outputs, targets).to_dict(),
                 "drop": paired(top1_accuracy, float_out, outputs, targets).to_dict(),
-                "bytes": (out / "model.pte").stat().st_size,
                 "float_bytes": report["size"]["float_program_bytes"],
-                "shipped": report["accuracy"]["shipped"],
-                "wall_seconds": report["wall_seconds"],
-                "timings": report["timings"],
                 "bundle": sorted(p.name for p in (out / "bundle").iterdir()),
             }
             print(json.dumps(results[kind], default=str)[:1500])
@@ -204,7 +203,7 @@ def main() -> None:
 
 def body(results: dict) -> str:
     f, precision = results["float"], results.get("precision", "int8")
-    rows = [["float (eager)", f"{f['value']:.2f} [{f['low']:.2f}, {f['high']:.2f}]", "", "", "", ""]]
+    rows = [["float (eager)", f"{f['value']:.2f} [{f['low']:.2f}, {f['high']:.2f}]", "", "", "", "", ""]]
     for kind in ("int8", "default"):
         r = results.get(kind)
         if not r:
@@ -217,12 +216,13 @@ def body(results: dict) -> str:
                 f"{t['value']:.2f} [{t['low']:.2f}, {t['high']:.2f}]",
                 f"{d['difference']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}], p {d['p_value']:.2g}",
                 f"{r['bytes']:,} ({r['bytes'] / r['float_bytes']:.3f}x float {r['float_bytes']:,})",
+                ", ".join(f"{n} {p}" for p, n in r.get("plan", {}).items()) or "(not recorded)",
                 f"{r['wall_seconds']:.0f}",
                 ", ".join(n for n in r["bundle"] if n.endswith((".java", ".kt"))),
             ]
         )
     header = ["program (.pte in ExecuTorch's runtime)", "top-1 % [95%]", "drop vs float (paired, McNemar p)",
-              "bytes", "build s", "app code in the bundle"]  # fmt: skip
+              "bytes", "plan (layers per precision)", "build s", "app code in the bundle"]  # fmt: skip
     return f"""## Keyword spotting: spoken digits (FSDD) ({results["target"]})
 
 `python scripts/bench_keywords.py --target {results["target"]}` on {results["machine"]}, edgeq at {results.get("commit", "unknown")}.
