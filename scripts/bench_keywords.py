@@ -235,6 +235,7 @@ keyword model for it ships in a wheel: the float CNN ({results["weights"]:,} wei
 
 The bundle's AudioFeatures.java against `LogMel` on the {results["clips"]} evaluation recordings: largest
 difference of any feature {results.get("java_features_max_difference")} (log-mel units).
+{"".join(chr(10) + "- " + note for note in results.get("notes", []))}
 """
 
 
