@@ -102,13 +102,8 @@ def test_simulator_outputs_are_within_a_few_steps_of_the_reference(qnn_build):
     assert error.max().item() <= 6 * step and error.mean().item() <= 2 * step
 
 
-def test_a_detector_head_with_a_channel_softmax_runs_on_the_simulator_and_matches_its_reference():
-    """cat(sigmoid(objectness), box offsets, softmax(classes, dim=1)): the head of FastestDet and of
-    edgeq's digit detectors. Before upstream.qnn_channel_softmax_layout QNN refused it at execute
-    ("concat.cc: tensor 2 has mismatched dim"); before upstream.concat_keeps_softmax_encoding the
-    class probabilities came back 0.35-0.7 away from the reference."""
-    from torch import nn
-
+def _uniform_ptq_on_the_simulator(model: torch.nn.Module, data: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference, program) outputs on the first sample of a uniform 8a8w PTQ build of ``model``."""
     from edgeq.backends import get_backend, load_target
     from edgeq.configs import QATConfig
     from edgeq.lower import lower
@@ -116,6 +111,22 @@ def test_a_detector_head_with_a_channel_softmax_runs_on_the_simulator_and_matche
     from edgeq.quant.ptq import post_training_quantize
     from edgeq.quant.spec import quant_spec
     from edgeq.recipe import Recipe
+
+    example = (torch.zeros_like(data[0][0][:1]),)
+    recipe = Recipe("probe", lambda: model, lambda: example, lambda: data, lambda: data)
+    target = load_target("qualcomm-sm8650")
+    plan = uniform_plan(model, target, example_inputs=example)
+    reference = post_training_quantize(model, recipe, quant_spec(plan, target, qat=False), QATConfig(), 2)
+    x = data[0][0][:1]
+    return reference(x), get_backend("qnn").runner(lower(reference, example, target).program)(x)
+
+
+def test_a_detector_head_with_a_channel_softmax_runs_on_the_simulator_and_matches_its_reference():
+    """cat(sigmoid(objectness), box offsets, softmax(classes, dim=1)): the head of FastestDet and of
+    edgeq's digit detectors. Before upstream.qnn_channel_softmax_layout QNN refused it at execute
+    ("concat.cc: tensor 2 has mismatched dim"); before upstream.concat_keeps_softmax_encoding the
+    class probabilities came back 0.35-0.7 away from the reference."""
+    from torch import nn
 
     class Head(nn.Module):
         def __init__(self) -> None:
@@ -128,15 +139,7 @@ def test_a_detector_head_with_a_channel_softmax_runs_on_the_simulator_and_matche
             return torch.cat((self.obj(x).sigmoid(), self.box(x), self.cls(x).softmax(dim=1)), 1)
 
     torch.manual_seed(0)
-    model = Head().eval()
-    data = [(torch.randn(2, 8, 8, 8), torch.zeros(2)) for _ in range(2)]
-    recipe = Recipe("head", lambda: model, lambda: (torch.zeros(1, 8, 8, 8),), lambda: data, lambda: data)
-    target = load_target("qualcomm-sm8650")
-    plan = uniform_plan(model, target, example_inputs=recipe.example_inputs())
-    reference = post_training_quantize(model, recipe, quant_spec(plan, target, qat=False), QATConfig(), 2)
-    x = data[0][0][:1]
-    program = get_backend("qnn").runner(lower(reference, recipe.example_inputs(), target).program)(x)
-    expected = reference(x)
+    expected, program = _uniform_ptq_on_the_simulator(Head().eval(), [(torch.randn(2, 8, 8, 8), 0) for _ in range(2)])
     step = float(expected.max() - expected.min()) / 255
     assert program.shape == (1, 15, 4, 4)
     assert torch.abs(program - expected).max().item() <= 2 * step
@@ -149,28 +152,16 @@ def test_a_standalone_batch_norm_runs_right_on_the_simulator():
     10% (chance). The QNN backend lowers it as a depthwise convolution (batch_norms_as_depthwise_convs)."""
     from torch import nn
 
-    from edgeq.backends import get_backend, load_target
     from edgeq.checks.evaluate import sqnr_db
-    from edgeq.configs import QATConfig
-    from edgeq.lower import lower
-    from edgeq.planning.plan import uniform_plan
-    from edgeq.quant.ptq import post_training_quantize
-    from edgeq.quant.spec import quant_spec
-    from edgeq.recipe import Recipe
 
     torch.manual_seed(0)
     norm = nn.BatchNorm2d(1)
     norm.running_mean.fill_(-5.0)
     norm.running_var.fill_(9.0)
     model = nn.Sequential(norm, nn.Conv2d(1, 8, 3, padding=1), nn.ReLU()).eval()
-    data = [(torch.randn(4, 1, 40, 61) * 3 - 5, torch.zeros(4)) for _ in range(2)]
-    recipe = Recipe("norm", lambda: model, lambda: (torch.zeros(1, 1, 40, 61),), lambda: data, lambda: data)
-    target = load_target("qualcomm-sm8650")
-    plan = uniform_plan(model, target, example_inputs=recipe.example_inputs())
-    reference = post_training_quantize(model, recipe, quant_spec(plan, target, qat=False), QATConfig(), 2)
-    x = data[0][0][:1]
-    program = get_backend("qnn").runner(lower(reference, recipe.example_inputs(), target).program)(x)
-    assert sqnr_db(reference(x), program) > 30
+    spectrograms = [(torch.randn(4, 1, 40, 61) * 3 - 5, 0) for _ in range(2)]
+    reference, program = _uniform_ptq_on_the_simulator(model, spectrograms)
+    assert sqnr_db(reference, program) > 30
 
 
 def test_qualcomm_build_makes_no_network_connection(tmp_path):
