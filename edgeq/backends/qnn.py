@@ -111,7 +111,8 @@ def batch_norms_as_depthwise_convs(graph: torch.fx.GraphModule) -> int:
             for suffix, tensor in (("weight", weight), ("bias", bias)):
                 graph.register_parameter(f"{name}_{suffix}", torch.nn.Parameter(tensor, requires_grad=True))
                 attr = graph.graph.get_attr(f"{name}_{suffix}")
-                attr.meta["val"] = value.fake_mode.from_tensor(tensor) if value.fake_mode else tensor
+                fake_mode = getattr(value, "fake_mode", None)
+                attr.meta["val"] = fake_mode.from_tensor(tensor) if fake_mode is not None else tensor
                 nodes.append(attr)
             ones, zeros = [1] * (rank - 2), [0] * (rank - 2)
             conv_op = torch.ops.aten.conv2d.default if rank == 4 else torch.ops.aten.conv1d.default
