@@ -137,6 +137,13 @@ PATCHES: tuple[Patch, ...] = (
         "sweep), so no second permute lands behind it: QNN refused every such graph at execute",
     ),
     Patch(
+        "executorch.backends.qualcomm._passes.annotate_quant_attrs",
+        "AnnotateQuantAttrs._annotate_requant",
+        ("self", "n"),
+        "a sigmoid whose consumer takes another dtype (a 16-bit concatenation) is requantized: upstream never "
+        "requantizes a sigmoid, and QNN then refused the 8-bit input into the 16-bit Concat",
+    ),
+    Patch(
         "executorch.backends.qualcomm.utils.qnn_sdk_setup",
         "setup_qnn_sdk",
         (),
@@ -464,6 +471,39 @@ def concat_keeps_softmax_encoding() -> None:
         return shared_range(self, x_orig)
 
     ConcatObserver.forward = forward
+
+
+def requantize_sigmoid_across_dtypes() -> None:
+    """Let QNN requantize a sigmoid's output where its consumer takes another dtype.
+
+    ``AnnotateQuantAttrs`` records a requantize wherever a quantize is followed by a dequantize
+    with other parameters, except after a sigmoid ("a fixed scale op"). A detector head whose
+    output concatenation takes 16-bit activations (edgeq's wide_ops on the HTP) then feeds the
+    sigmoid's 8-bit objectness straight into a 16-bit Concat, which QNN's op validation refuses
+    ("Unsupported input/output datatypes ... in[0]: UFIXED_POINT_8, out[0]: UFIXED_POINT_16"),
+    leaving the concatenation on the CPU (FastestDet on sm8650). For a sigmoid the requantize is
+    recorded where the dtypes differ; a sigmoid into a consumer of its own dtype is left as upstream
+    leaves it.
+    """
+    if not _once("requantize_sigmoid_across_dtypes"):
+        return
+    from executorch.backends.qualcomm._passes.annotate_quant_attrs import AnnotateQuantAttrs
+
+    record = AnnotateQuantAttrs._annotate_requant
+
+    @functools.wraps(record)
+    def _annotate_requant(self: AnnotateQuantAttrs, n: torch.fx.Node) -> None:
+        source = n.args[0] if n.args else None
+        if not (isinstance(source, torch.fx.Node) and source.target in self.skip_requant_allowlist):
+            return record(self, n)
+        saved = self.skip_requant_allowlist, self.skip_advanced_requant
+        self.skip_requant_allowlist, self.skip_advanced_requant = set(), True  # dtype changes only
+        try:
+            return record(self, n)
+        finally:
+            self.skip_requant_allowlist, self.skip_advanced_requant = saved
+
+    AnnotateQuantAttrs._annotate_requant = _annotate_requant
 
 
 def qnn_channel_softmax_layout() -> None:

@@ -255,3 +255,13 @@ def test_torchao_prepare_still_drops_the_channel_axis_of_a_fake_quant():
         observer_or_fake_quant_ctr=AdaptiveRangeFakeQuantize.with_args(),
     )
     assert _create_obs_or_fq_from_qspec(spec, {}, True).ch_axis == 0
+
+
+def test_qnn_still_never_requantizes_a_sigmoid():
+    """QNN's AnnotateQuantAttrs skips the requantize after a sigmoid whatever its consumer's dtype;
+    upstream.requantize_sigmoid_across_dtypes records it where the dtypes differ. When this fails,
+    upstream changed the rule: re-check that patch."""
+    from executorch.backends.qualcomm._passes.annotate_quant_attrs import AnnotateQuantAttrs
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    assert exir_ops.edge.aten.sigmoid.default in AnnotateQuantAttrs(None).skip_requant_allowlist

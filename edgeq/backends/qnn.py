@@ -231,6 +231,7 @@ class QnnBackend(Backend):
 
         specs = self.compiler_specs(target, allow_download)
         upstream.qnn_channel_softmax_layout()
+        upstream.requantize_sigmoid_across_dtypes()
         with native_stderr(stdout=True):  # QNN's compiler logs every op at INFO from C++
             return to_edge_transform_and_lower_to_qnn(model, example_inputs, specs)
 
@@ -239,6 +240,7 @@ class QnnBackend(Backend):
 
         specs = self.compiler_specs(target, dump_intermediate_outputs=True)
         upstream.qnn_channel_softmax_layout()
+        upstream.requantize_sigmoid_across_dtypes()
         with native_stderr(stdout=True):
             return to_edge_transform_and_lower_to_qnn(model, example_inputs, specs, generate_etrecord=True)
 
