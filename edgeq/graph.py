@@ -119,7 +119,8 @@ def output_channels(weight: torch.Tensor, kind: str) -> int:
     return int(weight.shape[1 if kind == "conv_transpose" and weight.dim() > 1 else 0])
 
 
-def _kind_of(node: torch.fx.Node) -> str | None:
+def layer_kind(node: torch.fx.Node) -> str | None:
+    """The layer kind ("conv", "conv_transpose", "linear", "embedding") of a weight-bearing op, else None."""
     name = str(node.target)
     for kind, prefixes in _WEIGHT_OPS.items():
         if name.startswith(prefixes):
@@ -157,17 +158,12 @@ def weight_layers(model: torch.nn.Module, example_inputs: tuple) -> list[WeightL
     """
     exported = torch.export.export(model, example_inputs)
     parameters = dict(exported.graph_signature.inputs_to_parameters)
-    sizes = {name: int(p.numel()) for name, p in model.named_parameters(remove_duplicate=False)}
-    rows = {
-        (kind, name): output_channels(p, kind)
-        for name, p in model.named_parameters(remove_duplicate=False)
-        for kind in _WEIGHT_OPS
-    }
+    named = dict(model.named_parameters(remove_duplicate=False))
     found: dict[str, tuple[str, list[str]]] = {}
     for node in exported.graph.nodes:
         if node.op != "call_function":
             continue
-        kind = _kind_of(node)
+        kind = layer_kind(node)
         if kind is None:
             continue
         weight = _weight_parameter(node, parameters)
@@ -179,7 +175,13 @@ def weight_layers(model: torch.nn.Module, example_inputs: tuple) -> list[WeightL
         if weight not in entry[1]:
             entry[1].append(weight)
     return [
-        WeightLayer(name, kind, sum(sizes.get(w, 0) for w in weights), tuple(weights), rows.get((kind, weights[0]), 0))
+        WeightLayer(
+            name,
+            kind,
+            sum(int(named[w].numel()) for w in weights if w in named),
+            tuple(weights),
+            output_channels(named[weights[0]], kind) if weights[0] in named else 0,
+        )
         for name, (kind, weights) in found.items()
     ]
 

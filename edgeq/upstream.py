@@ -615,30 +615,23 @@ def _arg_position(node: torch.fx.Node, name: str) -> int | None:
     return names.index(name) if name in names else None
 
 
-def _bn_setting(node: torch.fx.Node, name: str) -> float:
+def batch_norm_setting(node: torch.fx.Node, name: str) -> float:
+    """A batch norm node's ``eps``, ``momentum`` or ``training`` argument, wherever the call put it
+    (0 for one its op does not take: ``training`` of the inference-only op)."""
     at = _arg_position(node, name)
-    assert at is not None
+    if at is None:
+        return 0.0
     if at < len(node.args):
         return float(node.args[at])  # type: ignore[arg-type]
     default = node.target._schema.arguments[at].default_value  # type: ignore[union-attr]
     return float(node.kwargs.get(name, default))  # type: ignore[arg-type]
 
 
-def batch_norm_setting(node: torch.fx.Node, name: str) -> Any:
-    """A batch norm node's ``eps``, ``momentum`` or ``training`` argument, wherever the call put it."""
-    if name == "training":
-        at = _arg_position(node, name)
-        if at is None:  # _native_batch_norm_legit_no_training: inference only
-            return False
-        return bool(node.args[at]) if at < len(node.args) else bool(node.kwargs.get(name, False))
-    return _bn_setting(node, name)
-
-
 def record_batch_norm_settings(model: torch.fx.GraphModule) -> list[tuple[float, float]]:
     """Remember each batch norm's momentum and eps (once; later calls return what was recorded)."""
     if BATCH_NORM_SETTINGS not in model.meta:
         model.meta[BATCH_NORM_SETTINGS] = [
-            (_bn_setting(n, "momentum"), _bn_setting(n, "eps")) for n in _batch_norms(model)
+            (batch_norm_setting(n, "momentum"), batch_norm_setting(n, "eps")) for n in _batch_norms(model)
         ]
     return list(model.meta[BATCH_NORM_SETTINGS])
 

@@ -42,6 +42,7 @@ from bench_report import (  # noqa: E402
     machine,
     program_outputs,
     table,
+    task_build_settings,
     timed_build,
     write_section,
 )
@@ -187,13 +188,8 @@ def main() -> None:
         results["precision"] = load_target(args.target).default_precision
         results["weights"] = sum(p.numel() for p in recipe.model().parameters())
         for kind in args.builds:
-            # The default row is what a user's `edgeq build` does: --max-drop 1 steers the planner (a gate it
-            # misses is measured all the same); --max-drop 100 would let it narrow every layer that saves bytes.
-            settings: dict = {"target": args.target}
-            if kind == "int8":  # the target's own 8-bit precision: int8 on CPUs, 8a8w on the HTP
-                settings.update(precision=load_target(args.target).default_precision, max_drop=100.0)
             out = tmp / kind
-            report = timed_build(recipe, out, **settings)
+            report = timed_build(recipe, out, **task_build_settings(kind, args.target))
             results[kind] = measure(kind, recipe, report, out / "model.pte", float_out, targets)
             print(json.dumps({k: v for k, v in results[kind].items() if k != "concats"}, default=str)[:2000])
     path = Path(__file__).with_name(f"bench_detection_{args.target}.json")
@@ -300,17 +296,13 @@ def _reading(results: dict) -> str:
             f"- {results.get('precision', 'int8')} is {i['bytes'] / results['float']['bytes']:.2f}x the float XNNPACK "
             f"program: its graph ({i['delegation']['delegated_ops']} ops delegated in {calls} call(s), "
             f"{i['delegation']['outside_ops']} outside) is one HTP context binary, and beside {results['weights']:,} one-byte weights it holds "
-            f"QNN's compiled graph for the SM8650 ({i['bytes'] - results['weights']:,} bytes here)."
+            f"QNN's compiled graph for {results['target']} ({i['bytes'] - results['weights']:,} bytes here)."
         )
     if d and d.get("outside") and results["target"].startswith("qualcomm"):
         lines.append(
             "- default: ops outside the delegate: "
             + "; ".join(f"`{op}` ({why})" for op, why in d["outside"].items())
-            + ". The concatenation the analysis widened to 16 bits is the one left out: QNN validates the HTP "
-            "Concat with an 8-bit input into its 16-bit output and refuses it (QNN's log: 'Unsupported input/output "
-            "datatypes ... in[0]: UFIXED_POINT_8, out[0]: UFIXED_POINT_16'). Measured on a small head: a widened "
-            "cat(sigmoid, conv) is refused the same way, cat(conv, sigmoid) is delegated; the program still "
-            "computes its reference (the concatenation runs on the CPU between the delegate's outputs)."
+            + "."
         )
     widened = [c["node"] for c in (d or {}).get("concats") or [] if c.get("widen")]
     if widened and results["target"].startswith("qualcomm"):

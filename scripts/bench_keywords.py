@@ -29,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_report import build_facts, commit, machine, table, timed_build, write_section  # noqa: E402
+from bench_report import build_facts, commit, machine, table, task_build_settings, timed_build, write_section  # noqa: E402
 
 from edgeq.examples._cache import cache_path, cached_model  # noqa: E402
 from edgeq.recipe import Recipe  # noqa: E402
@@ -178,13 +178,8 @@ def main() -> None:
     results["precision"] = load_target(args.target).default_precision
     with tempfile.TemporaryDirectory() as tmp_name:
         for kind in args.builds:
-            # The default row is what a user's `edgeq build` does: --max-drop 1 steers the planner (a gate it
-            # misses is measured all the same); --max-drop 100 would let it narrow every layer that saves bytes.
-            settings: dict = {"target": args.target}
-            if kind == "int8":  # the target's own 8-bit precision: int8 on CPUs, 8a8w on the HTP
-                settings.update(precision=load_target(args.target).default_precision, max_drop=100.0)
             out = Path(tmp_name) / kind
-            report = timed_build(recipe, out, **settings)
+            report = timed_build(recipe, out, **task_build_settings(kind, args.target))
             runner = get_backend(report["backend"]).runner(out / "model.pte")
             outputs, _ = collect(runner, recipe.eval_data())
             results[kind] = {

@@ -74,6 +74,18 @@ def plan_mix(layers: list[dict]) -> dict[str, int]:
     return mix
 
 
+def task_build_settings(kind: str, target: str) -> dict:
+    """``edgeq build`` settings of a task benchmark's row: "int8" builds every layer at the target's own
+    8-bit precision (int8 on CPUs, 8a8w on the HTP) with the gate off; "default" is what a user's
+    `edgeq build` does: --max-drop 1 steers the planner (a gate it misses is measured all the same),
+    where --max-drop 100 would let it narrow every layer that saves bytes."""
+    from edgeq.backends import load_target
+
+    if kind == "int8":
+        return {"target": target, "precision": load_target(target).default_precision, "max_drop": 100.0}
+    return {"target": target}
+
+
 def distilled_data(teacher, train_x, eval_x, eval_targets, batch: int) -> tuple:
     """A recipe's train_data() with the float model's outputs as targets (distillation needs no
     labels) and eval_data() with the real targets, both in batches of ``batch``."""

@@ -41,6 +41,7 @@ from bench_report import (  # noqa: E402
     machine,
     program_outputs,
     table,
+    task_build_settings,
     timed_build,
     write_section,
 )
@@ -203,12 +204,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
     results["weights"] = sum(p.numel() for p in recipe.model().parameters())
     results["precision"] = load_target(args.target).default_precision
     for kind in args.builds:
-        # The default row is what a user's `edgeq build` does: --max-drop 1 steers the planner (a gate it
-        # misses is measured all the same); --max-drop 100 would let it narrow every layer that saves bytes.
-        settings: dict = {"target": args.target}
-        if kind == "int8":  # the target's own 8-bit precision: int8 on CPUs, 8a8w on the HTP
-            settings.update(precision=load_target(args.target).default_precision, max_drop=100.0)
-        report = timed_build(recipe, tmp / kind, **settings)
+        report = timed_build(recipe, tmp / kind, **task_build_settings(kind, args.target))
         results[kind] = measure(kind, recipe, report, tmp / kind / "model.pte", float_out, targets)
         print(json.dumps(results[kind], default=str)[:2000], flush=True)
     return results
@@ -303,8 +299,8 @@ def _reading(results: dict) -> str:
     if r:
         lines.append(
             f"- {r['bytes'] / float_bytes:.2f}x the float program, not 0.25x: ESPNet has {results['weights']:,} "
-            f"weights in {sum(r['plan'].values())} thin layers (its three transposed convolutions among them), "
-            "whose int32 biases, per-channel scales and compiled graph weigh beside their 8-bit weights."
+            f"weights in {sum(r['plan'].values())} planned layers, whose int32 biases, per-channel scales and "
+            "compiled graph weigh beside their 8-bit weights."
         )
     if results.get("earlier"):
         lines.append(f"- {results['earlier']}")

@@ -21,7 +21,7 @@ from edgeq import upstream
 from edgeq.backends import qnn_host
 from edgeq.backends.base import AppRuntime, Backend
 from edgeq.errors import EdgeqError, SdkMissingError
-from edgeq.graph import layer_owners
+from edgeq.graph import attr_tensor, layer_kind, layer_owners
 from edgeq.logs import native_stderr
 from edgeq.quant.configs import RangeConfig, swap_fake_quants
 
@@ -76,7 +76,6 @@ def _owned_by(owner: Callable[[torch.fx.Node], str | None], name: str) -> Callab
 
 
 _BATCH_NORMS = ("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default")
-_CONVS = ("aten.conv1d.", "aten.conv2d.", "aten.convolution.")
 
 
 def batch_norms_as_depthwise_convs(graph: torch.fx.GraphModule) -> int:
@@ -100,19 +99,18 @@ def batch_norms_as_depthwise_convs(graph: torch.fx.GraphModule) -> int:
         value = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
         if value is None or value.dim() not in (3, 4) or upstream.batch_norm_setting(node, "training"):
             continue
-        if str(x.target).startswith(_CONVS) and len(x.users) == 1:  # type: ignore[union-attr]
+        if layer_kind(x) == "conv" and len(x.users) == 1:  # type: ignore[arg-type]
             continue  # torchao folds it into that convolution
-        weight, bias = _depthwise_affine(graph, node)
-        channels, rank = weight.shape[0], value.dim()
-        weight = weight.reshape(channels, 1, *([1] * (rank - 2)))
-        name = f"{node.name}_depthwise"
+        rank = value.dim()
+        weight, bias = _depthwise_parameters(graph, node, rank)
+        channels, name = weight.shape[0], f"{node.name}_depthwise"
+        fake_mode = getattr(value, "fake_mode", None)
         with graph.graph.inserting_before(node):
             nodes = []
-            for suffix, tensor in (("weight", weight), ("bias", bias)):
-                graph.register_parameter(f"{name}_{suffix}", torch.nn.Parameter(tensor, requires_grad=True))
+            for suffix, parameter in (("weight", weight), ("bias", bias)):
+                graph.register_parameter(f"{name}_{suffix}", parameter)
                 attr = graph.graph.get_attr(f"{name}_{suffix}")
-                fake_mode = getattr(value, "fake_mode", None)
-                attr.meta["val"] = fake_mode.from_tensor(tensor) if fake_mode is not None else tensor
+                attr.meta["val"] = fake_mode.from_tensor(parameter) if fake_mode is not None else parameter
                 nodes.append(attr)
             ones, zeros = [1] * (rank - 2), [0] * (rank - 2)
             conv_op = torch.ops.aten.conv2d.default if rank == 4 else torch.ops.aten.conv1d.default
@@ -128,20 +126,22 @@ def batch_norms_as_depthwise_convs(graph: torch.fx.GraphModule) -> int:
     return replaced
 
 
-def _depthwise_affine(graph: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) per channel of an inference batch norm: y = x * scale + shift."""
-    from edgeq.graph import attr_tensor
+def _depthwise_parameters(
+    graph: torch.fx.GraphModule, node: torch.fx.Node, rank: int
+) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    """Weight and bias of the depthwise 1x1 convolution an inference batch norm computes: PyTorch's
+    conv-BN folding applied to the identity depthwise convolution."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
 
     def tensor(arg: Any) -> torch.Tensor | None:
         return attr_tensor(graph, str(arg.target)).detach().float() if isinstance(arg, torch.fx.Node) else None
 
     gamma, beta, mean, var = (tensor(a) for a in node.args[1:5])
     assert mean is not None and var is not None, "an inference batch norm carries its running statistics"
-    scale = torch.rsqrt(var + upstream.batch_norm_setting(node, "eps"))
-    if gamma is not None:
-        scale = scale * gamma
-    shift = -mean * scale + (beta if beta is not None else 0.0)
-    return scale, shift
+    channels = mean.shape[0]
+    identity = torch.ones(channels, 1, *([1] * (rank - 2)), requires_grad=True)  # trainable, as QAT may tune them
+    zero = torch.zeros(channels, requires_grad=True)
+    return fuse_conv_bn_weights(identity, zero, mean, var, upstream.batch_norm_setting(node, "eps"), gamma, beta)
 
 
 def _replace_batch_norm_output(node: torch.fx.Node, conv: torch.fx.Node) -> None:

@@ -350,7 +350,8 @@ def _layer_entry(
     name, kind, params = layer.name, layer.kind, layer.params
     weights = [model.get_parameter(w) for w in layer.weights]
     # per output channel, as the quantizers scale it: a transposed conv's are its weight's dim 1
-    w = _by_output_channel(weights[0].detach().float(), kind == "conv_transpose")
+    transposed = kind == "conv_transpose"
+    w = _by_output_channel(weights[0].detach().float(), transposed)
     ch_absmax = w.flatten(1).abs().amax(1)
     lo, hi, acts = seen
     mags = acts.abs()
@@ -382,7 +383,7 @@ def _layer_entry(
         entry.weight_sqnr[pname] = round(_sqnr(w, fake_quant_weight(w, spec.weight_bits, spec.group_size)), 3)
         if spec.activations == "static" and not lookup:
             entry.act_sqnr[pname] = round(_sqnr(acts, fake_quant_act(acts, lo, hi, spec.activation_bits)), 3)
-        loss, metric = _layer_alone(model, module, weights, recipe, sensitivity, spec, lo, hi)
+        loss, metric = _layer_alone(model, module, weights, recipe, sensitivity, spec, (lo, hi), transposed)
         entry.loss_delta[pname] = round(loss - floats[0], 6)
         entry.metric_drop[pname] = round(floats[1] - metric, 4)
     return entry
@@ -399,11 +400,19 @@ def analyze_recipe(recipe=None, target="android", batches: int = 8) -> Analysis:
 
 
 def _layer_alone(
-    model, module, weights: list[torch.nn.Parameter], recipe, data, spec: Precision, lo: float, hi: float
+    model,
+    module,
+    weights: list[torch.nn.Parameter],
+    recipe,
+    data,
+    spec: Precision,
+    act_range: tuple[float, float],
+    transposed: bool,
 ) -> tuple[float, float]:
-    """Loss and metric with only ``module`` quantized (its weights and its input)."""
+    """Loss and metric with only ``module`` quantized (its weights, per output channel, and its input
+    over ``act_range``); ``transposed``: a transposed conv, whose output channels are dim 1."""
+    lo, hi = act_range
     originals = [weight.data.clone() for weight in weights]
-    transposed = bool(getattr(module, "transposed", False))  # ConvTranspose: output channels are dim 1
     for weight, original in zip(weights, originals):
         quantized = fake_quant_weight(_by_output_channel(original, transposed), spec.weight_bits, spec.group_size)
         weight.data = _by_output_channel(quantized, transposed).contiguous()
