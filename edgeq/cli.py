@@ -145,7 +145,7 @@ def build(
 
         module, source = import_recipe(recipe)
         if is_llm_module(module):
-            _build_llm(module, source, config, given)
+            _build_llm(module, source, config, given, qat)
             return
         loaded = recipe_from_module(module, source)
         with RichProgress() as progress:
@@ -156,9 +156,10 @@ def build(
         _fail(exc)
 
 
-def _build_llm(module: Any, source: str, config: Any, given: set[str]) -> None:
+def _build_llm(module: Any, source: str, config: Any, given: set[str], qat: dict[str, Any]) -> None:
     """A decoder LLM recipe (edgeq.llm): --out, --target, --precision (every linear), --max-drop (the
-    perplexity increase the per-layer plan may predict, in percent; 5 unless given) and --size-budget apply."""
+    perplexity increase the per-layer plan may predict, in percent; 5 unless given), --size-budget, and
+    --steps / --lr (QAT by distillation, edgeq.llm.qat: off unless --steps is given) apply."""
     from edgeq.llm.build import LLMBuildConfig, build_llm
     from edgeq.llm.export import LINEAR
     from edgeq.llm.recipe import llm_recipe_from_module
@@ -176,6 +177,10 @@ def _build_llm(module: Any, source: str, config: Any, given: set[str]) -> None:
         settings["max_drop"] = config.max_drop
     if config.size_budget is not None:
         settings["size_budget"] = config.size_budget
+    if qat.get("steps") is not None:
+        settings["qat_steps"] = qat["steps"]
+    if "lr" in qat:
+        settings["qat_lr"] = qat["lr"]
     with console.status(f"building {recipe.name} (LLM) for android"):
         result = build_llm(recipe, LLMBuildConfig(out=out, **settings))
     acc, size, speed = result.report["accuracy"], result.report["size"], result.report["speed"]

@@ -66,6 +66,9 @@ ROWS = {
     "planned at uniform w4g32's bytes, 4-bit token table": {"size_budget": 105_045_632, "embedding": "e4g32"},
     "planned --max-drop 5, round to nearest, no plan check": {"max_drop": 5.0, "gptq_tokens": 0, "check": False},
     "planned --size-budget 0.20, round to nearest": {"size_budget": 0.20, "gptq_tokens": 0},
+    # QAT by distillation (edgeq.llm.qat) instead of GPTQ: 96 windows of 128 training tokens
+    "planned --size-budget 0.20, QAT": {"size_budget": 0.20, "gptq_tokens": 0, "qat_steps": 96},
+    "w4g32, QAT": {"linear": "w4g32", "gptq_tokens": 0, "qat_steps": 96},
 }
 
 
@@ -87,7 +90,10 @@ def _row(name: str, report: dict) -> list[str]:
             name += f", predicted {planning['predicted_perplexity_ratio']:.3f}x"
     if report["plan"]["embedding"] != "e8":
         name += f", token table {report['plan']['embedding']}"
-    if report.get("gptq") is None:
+    qat = report.get("qat")
+    if qat:
+        name += f" ({qat['steps']} steps of {qat['tokens'] // qat['steps']} tokens, lr {qat['lr']:g}, best check {qat['best_step']})"
+    elif report.get("gptq") is None:
         name += "" if "round to nearest" in name else ", round to nearest"
     return [
         name,

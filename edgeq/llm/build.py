@@ -12,6 +12,7 @@ staging directory that becomes ``--out`` only when the build succeeds.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from edgeq.llm.evaluate import (
 from edgeq.llm.export import EMBEDDING, LINEAR, LLMPlan, linear_names, lower_llm
 from edgeq.llm.gptq import Hessians, collect_hessians
 from edgeq.llm.memory import runner_memory
+from edgeq.llm.qat import LLMQATConfig, LLMQATResult, distill
 from edgeq.llm.plan import analyze_llm, check_plan, linear_modules, plan_llm, weight_bytes
 from edgeq.llm.recipe import LLMRecipe, load_llm_recipe
 from edgeq.ship.package import OutputDir, sha256, versions, write_bytes_atomic, write_json_atomic
@@ -73,6 +75,12 @@ class LLMBuildConfig:
     #: greedy generations shown side by side (prompts cut from the eval text)
     prompts: int = 3
     max_new_tokens: int = 32
+    #: QAT by distillation (edgeq.llm.qat): optimizer steps, one training window of qat_window tokens
+    #: each, through the plan's fake quantization (0: none; the program is rounded, GPTQ'd when
+    #: gptq_tokens > 0)
+    qat_steps: int = 0
+    qat_lr: float = 1e-4
+    qat_window: int = 128
     #: fail (exit 3) when the program's teacher-forced next-token agreement with the float model
     #: is below this percentage (unset: report only)
     min_agreement: float | None = None
@@ -88,6 +96,11 @@ class LLMBuildConfig:
             raise EdgeqError(f"--size-budget {self.size_budget} is not positive", "pass bytes or a share <= 1")
         if self.gptq_tokens < 0:
             raise EdgeqError(f"gptq_tokens {self.gptq_tokens} is negative", "pass 0 to round to nearest")
+        if self.qat_steps < 0 or self.qat_lr <= 0 or self.qat_window < 2:
+            raise EdgeqError(
+                f"QAT settings steps {self.qat_steps}, lr {self.qat_lr}, window {self.qat_window} are out of range",
+                "pass --steps >= 0 and --lr > 0",
+            )
         if self.eval_tokens < 16:
             raise EdgeqError("eval_tokens must be >= 16", "pass the held-out tokens to score, e.g. 512")
 
@@ -143,6 +156,23 @@ def _plan(
         plan, check = check_plan(model, plan, prediction["order"], check_windows, config.max_drop / 100.0, hessians)
         planning["check"] = check.to_dict()
     return plan, planning
+
+
+def _qat(
+    model: Any, tokenizer: Path, texts: list[str], plan: LLMPlan, config: LLMBuildConfig
+) -> tuple[Any, LLMQATResult | None]:
+    """The model the program is lowered from: ``model`` itself, or QAT's trained copy (edgeq.llm.qat)
+    with its record. The first windows of the training text are held out of QAT's training and
+    decide which check ships."""
+    if not config.qat_steps or all(p == "float" for p in plan.linears.values()):
+        return model, None
+    qat = LLMQATConfig(steps=config.qat_steps, lr=config.qat_lr, window=config.qat_window)
+    tokens = (config.qat_steps + qat.held_out_windows) * config.qat_window
+    windows = encode_windows(tokenizer, texts, config.qat_window, tokens)
+    held_out, windows = windows[: qat.held_out_windows], windows[qat.held_out_windows :]
+    if not windows:
+        raise EdgeqError("the recipe's text() is too short for QAT's held-out windows", "give more text or --steps 0")
+    return distill(model, plan, windows, held_out, qat)
 
 
 def _split_windows(windows: list[list[int]], tokens: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -203,7 +233,13 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
         plan, planning = _plan(model, tokenizer, texts, params, recipe.max_seq_len, config, hessians)
         stage("analyze", t)
         t = time.perf_counter()
-        program = lower_llm(model, tokenizer, recipe.max_seq_len, plan, metadata, hessians)
+        trained, qat = _qat(model, tokenizer, texts, plan, config)
+        stage("qat", t)
+        t = time.perf_counter()
+        if qat is not None:  # QAT's weights on the grid it trained against; GPTQ would re-round them
+            plan, hessians = dataclasses.replace(plan, scales="minmax"), None
+        program = lower_llm(trained, tokenizer, recipe.max_seq_len, plan, metadata, hessians)
+        del trained
         stage("lower", t)
         t = time.perf_counter()
         float_program = lower_llm(model, tokenizer, recipe.max_seq_len, None, metadata)
@@ -224,6 +260,7 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
         report["planning"] = planning
         report["memory"] = memory
         report["gptq"] = {"tokens": hessians.tokens, "seconds": hessians.seconds} if hessians else None
+        report["qat"] = qat.to_dict() if qat else None
         report["timings"] = timings
         report["wall_seconds"] = time.perf_counter() - begin
         write_bytes_atomic(out.path("tokenizer.json"), tokenizer.read_bytes())

@@ -24,11 +24,13 @@ import torch
 from edgeq.llm.convert import executorch_params, executorch_state_dict
 from edgeq.llm.gptq import Hessians, apply_gptq
 
-__all__ = ["EMBEDDING", "LINEAR", "LLMPlan", "lower_llm", "quantize_layers"]
+__all__ = ["EMBEDDING", "LINEAR", "SCALES", "LLMPlan", "linear_config", "lower_llm", "quantize_layers"]
 
 #: linear precisions: 8-bit dynamic activations with 4-bit weights in groups (XNNPACK's 8da4w),
 #: or 8-bit per-channel weights (8da8w), or float
 LINEAR = ("w4g32", "w4g64", "w4g128", "w8dyn", "float")
+#: 4-bit group scale choices: torchao's HQQ scale search, or min-max (what torchao's QAT fake-quantizes to)
+SCALES = ("hqq", "minmax")
 #: token-table precisions: 8-bit per row, 4-bit in groups of 32, float
 EMBEDDING = ("e8", "e4g32", "float")
 
@@ -40,9 +42,12 @@ class LLMPlan:
 
     linears: dict[str, str] = field(default_factory=dict)
     embedding: str = "e8"
+    #: how 4-bit group scales are chosen (:data:`SCALES`): "hqq" searches each group's scale for
+    #: round-to-nearest; "minmax" is the grid QAT trained against (edgeq.llm.qat)
+    scales: str = "hqq"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"linears": dict(self.linears), "embedding": self.embedding}
+        return {"linears": dict(self.linears), "embedding": self.embedding, "scales": self.scales}
 
     @classmethod
     def uniform(cls, names: list[str], linear: str, embedding: str) -> LLMPlan:
@@ -53,7 +58,8 @@ class LLMPlan:
 _INT4: torch.dtype = torch.int4  # type: ignore[attr-defined]
 
 
-def _linear_config(precision: str) -> Any:
+def linear_config(precision: str, scales: str = "hqq") -> Any:
+    """The torchao config a linear at ``precision`` is lowered with (and QAT fake-quantizes to)."""
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
 
@@ -61,7 +67,7 @@ def _linear_config(precision: str) -> Any:
         return Int8DynamicActivationIntxWeightConfig(
             weight_dtype=_INT4,
             weight_granularity=PerGroup(int(precision[3:])),
-            intx_choose_qparams_algorithm="hqq_scale_only",
+            intx_choose_qparams_algorithm="hqq_scale_only" if scales == "hqq" else "affine",
         )
     if precision == "w8dyn":
         return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
@@ -96,7 +102,7 @@ def quantize_layers(module: torch.nn.Module, plan: LLMPlan, hessians: Hessians |
         names = {name for name, p in plan.linears.items() if p == precision}
         quantize_(
             module,
-            _linear_config(precision),
+            linear_config(precision, plan.scales),
             filter_fn=lambda m, fqn, names=names: isinstance(m, torch.nn.Linear) and fqn in names,
         )
     if hessians is not None:

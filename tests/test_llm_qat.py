@@ -1,0 +1,75 @@
+"""QAT by distillation for decoders (edgeq.llm.qat), on the bundled tiny LM (real BPE tokenizer, real
+text): the trained weights lower to the very grid QAT trained against, QAT lowers the held-out KL from
+the rounded model's, and the float model it distils from is left as it was."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from edgeq.llm.evaluate import encode_windows
+from edgeq.llm.export import LLMPlan, linear_names, quantize_layers
+from edgeq.llm.qat import LLMQATConfig, _kl, distill
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from edgeq.examples import tiny_lm
+    from edgeq.llm.convert import executorch_params
+    from edgeq.llm.recipe import llm_recipe_from_module
+
+    recipe = llm_recipe_from_module(tiny_lm, "edgeq.examples.tiny_lm")
+    model = recipe.model().eval()
+    tokenizer = recipe.tokenizer_file()
+    windows = encode_windows(tokenizer, recipe.texts(), 64, 64 * 48)
+    plan = LLMPlan.uniform(linear_names(executorch_params(model, 128)), "w4g32", "float")
+    return model, plan, windows
+
+
+def _mean_kl(teacher, student, windows) -> float:
+    with torch.no_grad():
+        return sum(float(_kl(teacher, student, torch.tensor([w]))) for w in windows) / len(windows)
+
+
+def test_qat_lowers_the_held_out_kl_and_ships_weights_on_its_own_grid(tiny):
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    from edgeq.llm.export import linear_config
+    from edgeq.llm.plan import linear_modules
+
+    model, plan, windows = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    held_out, train = windows[:8], windows[8:]
+    trained, result = distill(model, plan, train, held_out, LLMQATConfig(steps=24, lr=1e-4, checks=3))
+    # the float model is the teacher and stays the float model (its tied head too)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert trained.lm_head.weight is not trained.get_input_embeddings().weight
+    assert torch.equal(trained.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    # the rounded model is the step-0 check; a trained check must beat it on the held-out windows
+    assert result.held_out_kl[result.best_step] < 0.85 * result.held_out_kl[0], result.held_out_kl
+    assert result.best_step > 0 and set(result.held_out_kl) == {0, 8, 16, 24}
+
+    # what ships is the grid QAT trained against: the trained weights quantized with the program's
+    # own config (min-max scales) compute what the fake-quantized student computed
+    names = linear_modules(trained)
+    qat_plan = LLMPlan(plan.linears, "float", scales="minmax")
+    fake = copy.deepcopy(trained)
+    quantize_(
+        fake,
+        QATConfig(linear_config("w4g32", "minmax"), step="prepare"),
+        filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn in names,
+    )
+    real = copy.deepcopy(trained)
+    for hf, target in names.items():
+        quantize_layers(real.get_submodule(hf), LLMPlan({"": qat_plan.linears[target]}, "float", "minmax"))
+    ids = torch.tensor([held_out[0]])
+    with torch.no_grad():
+        assert torch.allclose(fake(input_ids=ids).logits, real(input_ids=ids).logits, atol=1e-3, rtol=1e-3)
+    # and on that grid it is closer to the float model than the rounded model with HQQ's scales
+    rounded = copy.deepcopy(model)
+    for hf, target in names.items():
+        quantize_layers(rounded.get_submodule(hf), LLMPlan({"": plan.linears[target]}, "float"))
+    assert _mean_kl(model, real, held_out) < _mean_kl(model, rounded, held_out)
