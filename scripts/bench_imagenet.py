@@ -130,13 +130,18 @@ READING = """Reading it:
   in 40 s before it was killed: the debug stage kept every node's output of the converted reference on an
   evaluation batch. It now keeps only the layer outputs it compares. The Lite1 row above is the run after
   that fix, which peaked at 4.2 GB.
-- Build times are not clean: every 2026-11-30 row shared the 2 cores with other work (the --size-budget
-  rows, 21 and 50 min, with an LLM build and the CI suite; the uniform-int8 rows
-  with an LLM build and test runs: weight rounding took 251 s and 622 s there, twice each; 102 s measured
-  alone on Lite0). The by-hand and task-loss columns are from the earlier run (2026-11-2x), which had no
-  rounding candidate.
-- Latency: on this x86 VM XNNPACK's int8 kernels run about as fast as its fp32 ones; the int8 program's gain is
-  size (0.27x). Arm kernels: section "Arm kernels under emulation".
+- Build time, measured alone (the Lite0 default row, 2026-12-01, nothing else on the 2 cores): 12.9 min
+  (775 s) against the 11 minutes before the rounding candidate existed. The difference is that candidate
+  (weight rounding 165 s), which is what ships on both nets; without it the stages sum to about 10 min.
+  Evaluation (134 s) scores six models on the 250 photos for the report (float, QAT simulated, and every
+  candidate's reference, for the paired candidate tests); none of them decides anything. Every other row
+  shared the 2 cores with other work (the --size-budget rows, 21 and 50 min, with an LLM build and the CI
+  suite; the uniform-int8 rows with an LLM build and test runs: weight rounding took 251 s and 622 s there).
+  The by-hand and task-loss columns are from the earlier run (2026-11-2x), which had no rounding candidate.
+- Latency: on this x86 VM XNNPACK's int8 kernels run about as fast as its fp32 ones, and the ratio moves
+  between runs (Lite0: 0.77x in the 2026-11-30 run, 1.21x in the 2026-12-01 one, 20 runs each, the second
+  measured while another process was starting): the int8 program's gain here is size (0.27x). Arm kernels:
+  section "Arm kernels under emulation".
 """
 
 
