@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from edgeq.checks.stats import interval, mcnemar_p, paired, verdict, wilson
+from edgeq.checks.stats import interval, mcnemar_p, paired, paired_proportion_interval, verdict, wilson
 from edgeq.recipe import top1_accuracy
 
 
@@ -43,7 +43,45 @@ def test_top1_interval_and_paired_test_on_the_same_samples():
     assert test.low <= test.difference <= test.high
 
 
-def test_a_custom_metric_gets_a_seeded_bootstrap():
+def test_the_paired_top1_interval_keeps_its_width_when_no_sample_flips():
+    # no discordant sample in 250: the score interval is +-z^2/(n+z^2) (Tango 1998), not [0, 0]
+    low, high = paired_proportion_interval(0, 0, 250)
+    z2 = 1.959963984540054**2
+    assert high == pytest.approx(100 * z2 / (250 + z2), rel=1e-4) and low == pytest.approx(-high)
+    # many discordant samples: close to the Wald interval of a paired difference
+    b, c, n = 60, 100, 1000
+    d, se = (b - c) / n, math.sqrt((b + c) / n**2 - (b - c) ** 2 / n**3)
+    low, high = paired_proportion_interval(b, c, n)
+    assert low == pytest.approx(100 * (d - 1.96 * se), abs=0.15) and high == pytest.approx(100 * (d + 1.96 * se), abs=0.15)
+    assert paired_proportion_interval(2, 0, 250) == pytest.approx(tuple(-x for x in paired_proportion_interval(0, 2, 250))[::-1])
+
+
+def test_the_paired_top1_interval_covers_the_true_difference_with_few_flips():
+    """250 samples where the two models disagree on about 1%: the interval must hold the true difference
+    in about 95% of repeated samples (a paired bootstrap holds it in far fewer: zero width when none flips)."""
+    n, p_a_only, p_b_only = 250, 0.008, 0.002  # true difference +0.6 points
+    truth = 100 * (p_a_only - p_b_only)
+    trials = 2000
+    torch.manual_seed(0)
+    counts = torch.distributions.Multinomial(n, torch.tensor([p_a_only, p_b_only, 1 - p_a_only - p_b_only]))
+    b, c = counts.sample((trials,))[:, :2].T
+    intervals = {pair: paired_proportion_interval(*pair, n) for pair in set(zip(b.long().tolist(), c.long().tolist()))}
+    covered = sum(intervals[pair][0] <= truth <= intervals[pair][1] for pair in zip(b.long().tolist(), c.long().tolist()))
+    # the paired bootstrap of the same data (400 resamples each): resampled discordant counts
+    b_star = torch.distributions.Binomial(n, (b / n).expand(400, trials)).sample()
+    rest = (c / (n - b).clamp(min=1)).clamp(max=1).expand(400, trials)
+    c_star = torch.distributions.Binomial(n - b_star, rest).sample()
+    diffs = 100 * (b_star - c_star) / n
+    low, high = diffs.quantile(0.025, dim=0), diffs.quantile(0.975, dim=0)
+    bootstrap_covered = int(((low <= truth) & (truth <= high)).sum())
+    assert covered / trials >= 0.93, covered / trials
+    assert bootstrap_covered / trials < 0.9, bootstrap_covered / trials
+
+
+def test_a_custom_metric_gets_a_seeded_bootstrap(monkeypatch):
+    # the resample count is a time budget: on a loaded machine two calls could fit different counts
+    monkeypatch.setattr("edgeq.checks.stats.BOOTSTRAP_SECONDS", 1e6)
+
     def cosine(outputs, targets):
         return 100.0 * float(torch.nn.functional.cosine_similarity(outputs, targets).mean())
 
