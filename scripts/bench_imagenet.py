@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import imagenet_recipes  # noqa: E402
-from bench_report import machine, plan_mix, table, timed_build, write_section  # noqa: E402
+from bench_report import machine, plan_mix, table, timed_build, top1_pair, write_section  # noqa: E402
 from bench_runtime import latency  # noqa: E402
 
 from edgeq.configs import QATConfig  # noqa: E402
@@ -113,7 +113,7 @@ READING = """Reading it:
   QAT run) stays opt-in.
 - Bias correction raises the held-out loss on both (Lite0 0.026, Lite1 0.109 against 0.0065): it is not
   shipped. QAT at the default schedule ends near PTQ (0.0065-0.0070) and also loses to rounding.
-- Lite1's uniform-int8 program is 0.8 points under float (2 photos of 250; paired 95% interval [-2.8, +1.2]):
+- Lite1's uniform-int8 program is 0.8 points under float (2 photos of 250; paired 95% interval [-3.3, +1.5]):
   not distinguishable from 0, nor from the 0.5-point goal. The lowest held-out loss (rounding on top of both
   range methods) scored 86.4 = float on these photos, but the held-out photos could not tell it from
   rounding alone, and the evaluation photos must not decide.
@@ -121,8 +121,8 @@ READING = """Reading it:
   following ReLU but not ReLU6, so by hand every conv output is quantized on its pre-activation range before
   the clamp. edgeq fuses them (`edgeq/upstream.py`).
 - `--size-budget 0.25` (uniform int8 is 0.267x; on android only linears go below 8 bits, so the classifier,
-  1.28M weights, goes to 4 bits, w4g32 on Lite0 and w4dyn on Lite1, and every conv stays int8): Lite0 0.236x at 88.0 = float (paired 95% [-1.2,
-  +1.2]); Lite1 0.238x at 85.2 against 86.4 (-1.2, 95% [-2.8, +0.4], McNemar p 0.38): 3 photos of 250 net,
+  1.28M weights, goes to 4 bits, w4g32 on Lite0 and w4dyn on Lite1, and every conv stays int8): Lite0 0.236x at 88.0 = float (paired 95% [-1.9,
+  +1.9]); Lite1 0.238x at 85.2 against 86.4 (-1.2, 95% [-3.7, +0.8], McNemar p 0.38): 3 photos of 250 net,
   not distinguishable from 0 nor from the 1.0-point goal, which it misses as measured. The build's own gate
   (--max-drop 1, on these evaluation photos) refused it with exit 3; its artifacts were kept and measured.
 - Memory: the first Lite1 --size-budget run, after Lite0 in one process beside an LLM build, was OOM-killed
@@ -158,6 +158,7 @@ def _drop(acc: dict) -> str:
     text = f"{acc['program'] - acc['float']:+.1f}"
     pair = (acc.get("paired") or {}).get("float_vs_program")
     if pair:
+        pair = top1_pair(pair)
         text += f", 95% [{0.0 - pair['high']:+.1f}, {0.0 - pair['low']:+.1f}], McNemar p {pair['p_value']:.2f}"
     return text
 
@@ -281,7 +282,9 @@ only by method), in one build per model: each candidate's converted reference sc
 photos (top-1, 95% Wilson interval) with its held-out distillation loss (mean KL to the float model on the
 held-out training photos: what decides). The build ships the lowest held-out loss, or a simpler candidate
 the held-out samples cannot tell from it. The .pte column is the shipped program in executorch.runtime,
-with the paired test of its drop against float on the same photos."""
+with the paired test of its drop against float on the same photos (McNemar's exact p; Tango's score interval,
+restated from the saved discordant counts for runs that saved a paired bootstrap, which is [0, 0] when no
+photo flips)."""
 
 
 #: the default build's stages in the time table

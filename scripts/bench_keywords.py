@@ -29,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_report import build_facts, commit, machine, table, task_build_settings, timed_build, write_section  # noqa: E402
+from bench_report import build_facts, commit, machine, table, task_build_settings, timed_build, top1_pair, write_section  # noqa: E402
 
 from edgeq.examples._cache import cache_path, cached_model  # noqa: E402
 from edgeq.recipe import Recipe  # noqa: E402
@@ -203,7 +203,7 @@ def body(results: dict) -> str:
         r = results.get(kind)
         if not r:
             continue
-        t, d = r["top1"], r["drop"]
+        t, d = r["top1"], top1_pair(r["drop"])
         rows.append(
             [
                 {"int8": f"uniform {precision} (`--precision {precision}`)", "default": "edgeq default"}[kind]

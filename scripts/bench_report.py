@@ -46,6 +46,18 @@ def write_section(name: str, body: str) -> None:
     BENCHMARKS.write_text(text)
 
 
+def top1_pair(pair: dict) -> dict:
+    """A saved top-1 paired test with its interval as edgeq computes it now (Tango's score interval from
+    the discordant counts the JSON keeps; runs before it saved a paired bootstrap, which is [0, 0] when
+    no sample flips)."""
+    if not pair.get("discordant"):
+        return pair
+    from edgeq.checks.stats import paired_proportion_interval
+
+    low, high = paired_proportion_interval(*pair["discordant"], pair["samples"])
+    return {**pair, "low": low, "high": high, "method": "McNemar exact test; Tango score interval"}
+
+
 def table(header: list[str], rows: list[list]) -> str:
     def fmt(v):
         return f"{v:.2f}" if isinstance(v, float) else str(v)

@@ -35,8 +35,8 @@ from edgeq.llm.evaluate import (
 from edgeq.llm.export import EMBEDDING, LINEAR, LLMPlan, linear_names, lower_llm
 from edgeq.llm.gptq import Hessians, collect_hessians
 from edgeq.llm.memory import runner_memory
-from edgeq.llm.qat import LLMQATConfig, LLMQATResult, distill
 from edgeq.llm.plan import analyze_llm, check_plan, linear_modules, plan_llm, weight_bytes
+from edgeq.llm.qat import LLMQATConfig, LLMQATResult, distill
 from edgeq.llm.recipe import LLMRecipe, load_llm_recipe
 from edgeq.ship.package import OutputDir, sha256, versions, write_bytes_atomic, write_json_atomic
 from edgeq.ship.templating import render
