@@ -51,6 +51,8 @@ def test_qat_lowers_the_held_out_kl_and_ships_weights_on_its_own_grid(tiny):
     # the rounded model is the step-0 check; a trained check must beat it on the held-out windows
     assert result.held_out_kl[result.best_step] < 0.85 * result.held_out_kl[0], result.held_out_kl
     assert result.best_step > 0 and set(result.held_out_kl) == {0, 8, 16, 24}
+    # the fake quantizers are gone: plain linears that export and lowering read as any model's
+    assert {type(m) for m in trained.modules() if isinstance(m, torch.nn.Linear)} == {torch.nn.Linear}
 
     # what ships is the grid QAT trained against: the trained weights quantized with the program's
     # own config (min-max scales) compute what the fake-quantized student computed
