@@ -25,7 +25,7 @@ def tiny():
     tokenizer = recipe.tokenizer_file()
     windows = encode_windows(tokenizer, recipe.texts(), 64, 64 * 48)
     plan = LLMPlan.uniform(linear_names(executorch_params(model, 128)), "w4g32", "float")
-    return model, plan, windows
+    return model, plan, windows, recipe
 
 
 def _mean_kl(teacher, student, windows) -> float:
@@ -40,7 +40,7 @@ def test_qat_lowers_the_held_out_kl_and_ships_weights_on_its_own_grid(tiny):
     from edgeq.llm.export import linear_config
     from edgeq.llm.plan import linear_modules
 
-    model, plan, windows = tiny
+    model, plan, windows, _ = tiny
     before = {k: v.clone() for k, v in model.state_dict().items()}
     held_out, train = windows[:8], windows[8:]
     trained, result = distill(model, plan, train, held_out, LLMQATConfig(steps=24, lr=1e-4, checks=3))
@@ -75,6 +75,18 @@ def test_qat_lowers_the_held_out_kl_and_ships_weights_on_its_own_grid(tiny):
     for hf, target in names.items():
         quantize_layers(rounded.get_submodule(hf), LLMPlan({"": plan.linears[target]}, "float"))
     assert _mean_kl(model, real, held_out) < _mean_kl(model, rounded, held_out)
+
+
+def test_qat_that_never_beats_the_rounded_model_hands_the_build_the_float_model(tiny):
+    """A rate that wrecks the weights: every check is worse than step 0, so the build lowers the original
+    model (searched scales, GPTQ) instead of rounded weights on QAT's min-max grid."""
+    from edgeq.llm.build import LLMBuildConfig, _qat
+
+    model, plan, _, recipe = tiny
+    config = LLMBuildConfig(qat_steps=4, qat_lr=1.0, qat_window=64)
+    lowered_from, result = _qat(model, recipe.tokenizer_file(), recipe.texts(), plan, config)
+    assert result is not None and result.best_step == 0 and max(result.held_out_kl.values()) > result.held_out_kl[0]
+    assert lowered_from is model
 
 
 def test_a_qat_plan_lowers_to_the_grid_it_trained_against(tmp_path):

@@ -172,7 +172,10 @@ def _qat(
     held_out, windows = windows[: qat.held_out_windows], windows[qat.held_out_windows :]
     if not windows:
         raise EdgeqError("the recipe's text() is too short for QAT's held-out windows", "give more text or --steps 0")
-    return distill(model, plan, windows, held_out, qat)
+    trained, result = distill(model, plan, windows, held_out, qat)
+    # no check beat the rounded model (step 0): the program is the plan without QAT, with the
+    # searched scales and GPTQ, not the rounded weights on QAT's min-max grid
+    return (trained if result.best_step else model), result
 
 
 def _split_windows(windows: list[list[int]], tokens: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -236,7 +239,7 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
         trained, qat = _qat(model, tokenizer, texts, plan, config)
         stage("qat", t)
         t = time.perf_counter()
-        if qat is not None:  # QAT's weights on the grid it trained against; GPTQ would re-round them
+        if qat is not None and qat.best_step:  # QAT's weights on the grid it trained against; GPTQ would re-round them
             plan, hessians = dataclasses.replace(plan, scales="minmax"), None
         program = lower_llm(trained, tokenizer, recipe.max_seq_len, plan, metadata, hessians)
         del trained

@@ -60,6 +60,8 @@ _INT4: torch.dtype = torch.int4  # type: ignore[attr-defined]
 
 def linear_config(precision: str, scales: str = "hqq") -> Any:
     """The torchao config a linear at ``precision`` is lowered with (and QAT fake-quantizes to)."""
+    if scales not in SCALES:
+        raise ValueError(f"scales {scales!r} is not one of {SCALES}")
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
 
