@@ -116,7 +116,9 @@ def _run(ctx: BuildContext, output: OutputDir, checkpoint: Path) -> BuildResult 
     numerics = debug_layers(ctx, shipped.choice.plan, baseline, shipped.reference, lowered)
     plan, sizes = shipped.choice.plan, checks.program_sizes(ctx, shipped.choice.plan, baseline, lowered)
     metric, max_drop = ctx.recipe.metric, ctx.config.max_drop
-    scores = checks.scores(evals, made.measured, shipped.name, made.selected_on, metric, max_drop, made.lowest)
+    ctx.announce("intervals")
+    with ctx.stages("intervals"):
+        scores = checks.scores(evals, made.measured, shipped.name, made.selected_on, metric, max_drop, made.lowest)
     assert evals.program is not None
     record = BuildRecord(
         ctx.recipe, ctx.target, ctx.config, plan, scores, sizes, lowered, quantized.qat, dict(ctx.stages.seconds),

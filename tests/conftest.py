@@ -11,10 +11,25 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, each worker's torch takes its share of the cores: two workers with two
+    intra-op threads each on a 2-core CI runner would fight over them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def edgeq_cache(tmp_path_factory):
-    """A fresh float-model cache per session: tests never read or fill the user's ~/.cache/edgeq."""
-    path = tmp_path_factory.mktemp("edgeq-cache")
+    """A fresh float-model cache per session, shared by pytest-xdist's workers (the examples train
+    once, under a lock): tests never read or fill the user's ~/.cache/edgeq."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        path = tmp_path_factory.getbasetemp().parent / "edgeq-cache"  # the run's root, above each worker's
+        path.mkdir(exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp("edgeq-cache")
     previous = os.environ.get("EDGEQ_CACHE")
     os.environ["EDGEQ_CACHE"] = str(path)
     yield path

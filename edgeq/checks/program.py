@@ -21,6 +21,11 @@ from edgeq.lower import Lowered, lower
 from edgeq.planning.plan import Plan, weight_bytes
 from edgeq.recipe import Recipe, as_tuple, output_leaves
 
+#: seconds the report's intervals and paired tests may spend resampling a slow metric, all of them
+#: together (COCO mAP re-accumulates per resample: 22 resampled models cost over 2 minutes at
+#: 1,000 resamples each on 2 cores); each still gets stats.MIN_RESAMPLES, and says how many it used
+UNCERTAINTY_SECONDS = 30.0
+
 __all__ = [
     "Evaluations", "Scores", "ensure_sdk", "evaluate_models", "fallback_price", "host_latency", "program_sizes",
     "scores", "validate_program",
@@ -201,22 +206,23 @@ def scores(
 
 
 def _uncertainty(result: Scores, evaluations: Evaluations, metric: Callable, max_drop: float) -> None:
-    """Intervals for each model and paired tests for the pairs a reader compares."""
+    """Intervals for each model and paired tests for the pairs a reader compares; a bootstrapped
+    metric shares UNCERTAINTY_SECONDS among them all (each pair of candidates adds a test)."""
     targets = evaluations.float.targets
     models = {"float": evaluations.float, "qat": evaluations.qat, "reference": evaluations.reference}
     models["program"] = evaluations.program  # type: ignore[assignment]
-    result.intervals = {name: interval(metric, e.outputs, targets).to_dict() for name, e in models.items()}
-    pairs = {"float_vs_program": (evaluations.float, evaluations.program)}
-    pairs["reference_vs_program"] = (evaluations.reference, evaluations.program)
+    candidate_pairs = {"float_vs_program": (evaluations.float, evaluations.program)}
+    candidate_pairs["reference_vs_program"] = (evaluations.reference, evaluations.program)
     names = sorted(evaluations.candidates)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            pairs[f"{a}_vs_{b}"] = (evaluations.candidates[a], evaluations.candidates[b])
-    tests = {
-        name: paired(metric, a.outputs, b.outputs, targets)
-        for name, (a, b) in pairs.items()
-        if a is not None and b is not None
+            candidate_pairs[f"{a}_vs_{b}"] = (evaluations.candidates[a], evaluations.candidates[b])
+    pairs = {name: (a, b) for name, (a, b) in candidate_pairs.items() if a is not None and b is not None}
+    each = UNCERTAINTY_SECONDS / (len(models) + 2 * len(pairs))  # a paired test resamples two models
+    result.intervals = {
+        name: interval(metric, e.outputs, targets, seconds=each).to_dict() for name, e in models.items()
     }
+    tests = {name: paired(metric, a.outputs, b.outputs, targets, seconds=2 * each) for name, (a, b) in pairs.items()}
     result.paired = {name: test.to_dict() for name, test in tests.items()}
     result.verdict = verdict(tests["float_vs_program"], max_drop)
 

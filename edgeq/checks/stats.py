@@ -135,10 +135,10 @@ def _resampler(metric: Callable, outputs: torch.Tensor, targets: Any) -> Callabl
 
 
 def _budgeted_bootstrap(
-    metric: Callable, outputs: torch.Tensor, targets: Any, n: int, seed: int
+    metric: Callable, outputs: torch.Tensor, targets: Any, n: int, seed: int, seconds: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Resample indices and the metric on each: RESAMPLES of them, or as many as fit in
-    BOOTSTRAP_SECONDS for a slow metric (timed on the first few, which are kept), never under
+    ``seconds`` for a slow metric (timed on the first few, which are kept), never under
     MIN_RESAMPLES."""
     indices = _resamples(n, seed)
     probe = 5
@@ -146,7 +146,7 @@ def _budgeted_bootstrap(
     start = time.perf_counter()
     first = score(indices[:probe])
     each = max((time.perf_counter() - start) / probe, 1e-9)
-    indices = indices[: int(min(RESAMPLES, max(MIN_RESAMPLES, BOOTSTRAP_SECONDS / each)))]
+    indices = indices[: int(min(RESAMPLES, max(MIN_RESAMPLES, seconds / each)))]
     return indices, torch.cat([first, score(indices[probe:])])
 
 
@@ -157,15 +157,19 @@ def _percentiles(values: torch.Tensor) -> tuple[float, float]:
     return float(ordered[int(round(tail * last))]), float(ordered[int(round((1 - tail) * last))])
 
 
-def interval(metric: Callable, outputs: torch.Tensor, targets: Any, seed: int = 0) -> Interval:
-    """The metric of one model with its 95% interval over the evaluation samples."""
+def interval(
+    metric: Callable, outputs: torch.Tensor, targets: Any, seed: int = 0, seconds: float | None = None
+) -> Interval:
+    """The metric of one model with its 95% interval over the evaluation samples; a bootstrapped
+    metric's resampling spends about ``seconds`` (unset: BOOTSTRAP_SECONDS)."""
     n = int(outputs.shape[0])
     value = float(metric(outputs, targets))
     if _is_top1(metric):
         correct = int(top1_hits(outputs, targets).sum())
         low, high = wilson(correct, n)
         return Interval(value, low, high, n, "Wilson score interval")
-    indices, values = _budgeted_bootstrap(metric, outputs, targets, n, seed)
+    budget = BOOTSTRAP_SECONDS if seconds is None else seconds
+    indices, values = _budgeted_bootstrap(metric, outputs, targets, n, seed, budget)
     low, high = _percentiles(values)
     return Interval(value, low, high, n, f"percentile bootstrap, {len(indices)} resamples")
 
@@ -190,8 +194,11 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
     return min(1.0, 2.0 * tail)
 
 
-def paired(metric: Callable, a: torch.Tensor, b: torch.Tensor, targets: Any, seed: int = 0) -> Paired:
-    """``metric(a) - metric(b)`` on the same samples, with a paired 95% interval and p-value."""
+def paired(
+    metric: Callable, a: torch.Tensor, b: torch.Tensor, targets: Any, seed: int = 0, seconds: float | None = None
+) -> Paired:
+    """``metric(a) - metric(b)`` on the same samples, with a paired 95% interval and p-value; a
+    bootstrapped metric's resampling of both spends about ``seconds`` (unset: BOOTSTRAP_SECONDS)."""
     n = int(a.shape[0])
     difference = float(metric(a, targets)) - float(metric(b, targets))
     if _is_top1(metric):
@@ -201,7 +208,8 @@ def paired(metric: Callable, a: torch.Tensor, b: torch.Tensor, targets: Any, see
         p = mcnemar_p(only_a, only_b)
         method = "McNemar exact test; Tango score interval"
         return Paired(difference, low, high, p, n, method, (only_a, only_b))
-    indices, values = _budgeted_bootstrap(metric, a, targets, n, seed)
+    budget = BOOTSTRAP_SECONDS if seconds is None else seconds
+    indices, values = _budgeted_bootstrap(metric, a, targets, n, seed, budget / 2)
     diffs = values - _resampler(metric, b, targets)(indices)
     low, high = _percentiles(diffs)
     # Two-sided bootstrap p-value: how often the resampled difference falls on the other side of 0.

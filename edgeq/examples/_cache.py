@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,14 +20,31 @@ def cache_path(name: str, settings: str) -> Path:
 
 
 def cached_model(path: Path, empty: nn.Module, train: Callable[[], nn.Module]) -> nn.Module:
-    """``empty`` loaded from ``path``, or ``train()``'s model, saved there atomically (several builds
-    may train at once)."""
-    if path.exists():
-        empty.load_state_dict(torch.load(path, weights_only=True))
-        return empty.eval()
-    net = train()
+    """``empty`` loaded from ``path``, or ``train()``'s model, saved there atomically. Builds that
+    start at once (parallel test workers, a sweep) train it once: the others wait on a lock file
+    beside it, then load it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, path)
-    return net.eval()
+    with _locked(path.with_suffix(".lock")):
+        if path.exists():
+            empty.load_state_dict(torch.load(path, weights_only=True))
+            return empty.eval()
+        net = train()
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(net.state_dict(), tmp)
+        os.replace(tmp, path)
+        return net.eval()
+
+
+@contextmanager
+def _locked(lock: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; concurrent builds may each train, as before
+        yield
+        return
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
