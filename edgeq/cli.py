@@ -162,6 +162,7 @@ def _build_llm(module: Any, source: str, config: Any, given: set[str], qat: dict
     --steps / --lr (QAT by distillation, edgeq.llm.qat: off unless --steps is given) apply."""
     from edgeq.llm.build import LLMBuildConfig, build_llm
     from edgeq.llm.export import LINEAR
+    from edgeq.llm.qat import LLMQATConfig
     from edgeq.llm.recipe import llm_recipe_from_module
 
     if config.target != "android":
@@ -177,10 +178,9 @@ def _build_llm(module: Any, source: str, config: Any, given: set[str], qat: dict
         settings["max_drop"] = config.max_drop
     if config.size_budget is not None:
         settings["size_budget"] = config.size_budget
-    if qat.get("steps") is not None:
-        settings["qat_steps"] = qat["steps"]
-    if "lr" in qat:
-        settings["qat_lr"] = qat["lr"]
+    qat_settings = {k: qat[k] for k in ("steps", "lr") if qat.get(k) is not None}
+    if qat_settings:
+        settings["qat"] = LLMQATConfig(**qat_settings)
     with console.status(f"building {recipe.name} (LLM) for android"):
         result = build_llm(recipe, LLMBuildConfig(out=out, **settings))
     acc, size, speed = result.report["accuracy"], result.report["size"], result.report["speed"]

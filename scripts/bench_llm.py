@@ -22,6 +22,7 @@ import llm_recipes
 from bench_report import commit, machine, table, write_section
 
 from edgeq.llm.build import LLMBuildConfig, build_llm
+from edgeq.llm.qat import LLMQATConfig
 from edgeq.llm.recipe import llm_recipe_from_module
 
 READING = """Reading it:
@@ -80,8 +81,8 @@ ROWS = {
     "planned --max-drop 5, round to nearest, no plan check": {"max_drop": 5.0, "gptq_tokens": 0, "check": False},
     "planned --size-budget 0.20, round to nearest": {"size_budget": 0.20, "gptq_tokens": 0},
     # QAT by distillation (edgeq.llm.qat) instead of GPTQ: 96 windows of 128 training tokens
-    "planned --size-budget 0.20, QAT": {"size_budget": 0.20, "gptq_tokens": 0, "qat_steps": 96},
-    "w4g32, QAT": {"linear": "w4g32", "gptq_tokens": 0, "qat_steps": 96},
+    "planned --size-budget 0.20, QAT": {"size_budget": 0.20, "gptq_tokens": 0, "qat": LLMQATConfig(steps=96)},
+    "w4g32, QAT": {"linear": "w4g32", "gptq_tokens": 0, "qat": LLMQATConfig(steps=96)},
 }
 
 

@@ -11,7 +11,7 @@ import torch
 
 from edgeq.llm.evaluate import encode_windows
 from edgeq.llm.export import LLMPlan, linear_names, quantize_layers
-from edgeq.llm.qat import LLMQATConfig, _kl, distill
+from edgeq.llm.qat import HeldOutKL, LLMQATConfig, distill
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +26,6 @@ def tiny():
     windows = encode_windows(tokenizer, recipe.texts(), 64, 64 * 48)
     plan = LLMPlan.uniform(linear_names(executorch_params(model, 128)), "w4g32", "float")
     return model, plan, windows, recipe
-
-
-def _mean_kl(teacher, student, windows) -> float:
-    with torch.no_grad():
-        return sum(float(_kl(teacher, student, torch.tensor([w]))) for w in windows) / len(windows)
 
 
 def test_qat_lowers_the_held_out_kl_and_ships_weights_on_its_own_grid(tiny):
@@ -74,7 +69,8 @@ def test_qat_lowers_the_held_out_kl_and_ships_weights_on_its_own_grid(tiny):
     rounded = copy.deepcopy(model)
     for hf, target in names.items():
         quantize_layers(rounded.get_submodule(hf), LLMPlan({"": plan.linears[target]}, "float"))
-    assert _mean_kl(model, real, held_out) < _mean_kl(model, rounded, held_out)
+    held_out_kl = HeldOutKL(model, held_out)
+    assert held_out_kl(real) < held_out_kl(rounded)
 
 
 def test_qat_that_never_beats_the_rounded_model_hands_the_build_the_float_model(tiny):
@@ -83,7 +79,7 @@ def test_qat_that_never_beats_the_rounded_model_hands_the_build_the_float_model(
     from edgeq.llm.build import LLMBuildConfig, _qat
 
     model, plan, _, recipe = tiny
-    config = LLMBuildConfig(qat_steps=4, qat_lr=1.0, qat_window=64)
+    config = LLMBuildConfig(qat=LLMQATConfig(steps=4, lr=1.0, window=64))
     lowered_from, result = _qat(model, recipe.tokenizer_file(), recipe.texts(), plan, config)
     assert result is not None and result.best_step == 0 and max(result.held_out_kl.values()) > result.held_out_kl[0]
     assert lowered_from is model

@@ -99,6 +99,23 @@ def test_a_custom_metric_gets_a_seeded_bootstrap(monkeypatch):
     assert worse.difference > 0 and worse.significant and worse.low > 0
 
 
+def test_a_slow_metric_spends_the_seconds_it_is_given_not_the_default():
+    """A build shares one budget among its intervals and paired tests (checks.program.UNCERTAINTY_SECONDS):
+    a slow metric given little time resamples MIN_RESAMPLES times, where BOOTSTRAP_SECONDS would give 1,000."""
+    import time
+
+    from edgeq.checks.stats import MIN_RESAMPLES
+
+    def slow(outputs, targets):
+        time.sleep(0.002)
+        return float((outputs - targets).abs().mean())
+
+    targets = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    outputs = targets + 0.1
+    assert interval(slow, outputs, targets, seconds=0.1).method == f"percentile bootstrap, {MIN_RESAMPLES} resamples"
+    assert paired(slow, outputs, targets, targets, seconds=0.1).method == f"paired bootstrap, {MIN_RESAMPLES} resamples"
+
+
 def test_the_verdict_says_whether_the_drop_is_distinguishable():
     from edgeq.checks.stats import Paired
 

@@ -75,12 +75,9 @@ class LLMBuildConfig:
     #: greedy generations shown side by side (prompts cut from the eval text)
     prompts: int = 3
     max_new_tokens: int = 32
-    #: QAT by distillation (edgeq.llm.qat): optimizer steps, one training window of qat_window tokens
-    #: each, through the plan's fake quantization (0: none; the program is rounded, GPTQ'd when
-    #: gptq_tokens > 0)
-    qat_steps: int = 0
-    qat_lr: float = 1e-4
-    qat_window: int = 128
+    #: QAT by distillation (edgeq.llm.qat) through the plan's fake quantization; steps=0 (the
+    #: default): none, the program is rounded, GPTQ'd when gptq_tokens > 0
+    qat: LLMQATConfig = field(default_factory=LLMQATConfig)
     #: fail (exit 3) when the program's teacher-forced next-token agreement with the float model
     #: is below this percentage (unset: report only)
     min_agreement: float | None = None
@@ -96,11 +93,6 @@ class LLMBuildConfig:
             raise EdgeqError(f"--size-budget {self.size_budget} is not positive", "pass bytes or a share <= 1")
         if self.gptq_tokens < 0:
             raise EdgeqError(f"gptq_tokens {self.gptq_tokens} is negative", "pass 0 to round to nearest")
-        if self.qat_steps < 0 or self.qat_lr <= 0 or self.qat_window < 2:
-            raise EdgeqError(
-                f"QAT settings steps {self.qat_steps}, lr {self.qat_lr}, window {self.qat_window} are out of range",
-                "pass --steps >= 0 and --lr > 0",
-            )
         if self.eval_tokens < 16:
             raise EdgeqError("eval_tokens must be >= 16", "pass the held-out tokens to score, e.g. 512")
 
@@ -164,11 +156,11 @@ def _qat(
     """The model the program is lowered from: ``model`` itself, or QAT's trained copy (edgeq.llm.qat)
     with its record. The first windows of the training text are held out of QAT's training and
     decide which check ships."""
-    if not config.qat_steps or all(p == "float" for p in plan.linears.values()):
+    qat = config.qat
+    if not qat.steps or all(p == "float" for p in plan.linears.values()):
         return model, None
-    qat = LLMQATConfig(steps=config.qat_steps, lr=config.qat_lr, window=config.qat_window)
-    tokens = (config.qat_steps + qat.held_out_windows) * config.qat_window
-    windows = encode_windows(tokenizer, texts, config.qat_window, tokens)
+    tokens = (qat.steps + qat.held_out_windows) * qat.window
+    windows = encode_windows(tokenizer, texts, qat.window, tokens)
     held_out, windows = windows[: qat.held_out_windows], windows[qat.held_out_windows :]
     if not windows:
         raise EdgeqError("the recipe's text() is too short for QAT's held-out windows", "give more text or --steps 0")
