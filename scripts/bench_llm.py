@@ -83,6 +83,12 @@ ROWS = {
     # QAT by distillation (edgeq.llm.qat) instead of GPTQ: 96 windows of 128 training tokens
     "planned --size-budget 0.20, QAT": {"size_budget": 0.20, "gptq_tokens": 0, "qat": LLMQATConfig(steps=96)},
     "w4g32, QAT": {"linear": "w4g32", "gptq_tokens": 0, "qat": LLMQATConfig(steps=96)},
+    "planned at uniform w4g32's bytes, 4-bit token table, QAT": {
+        "size_budget": 105_045_632,
+        "embedding": "e4g32",
+        "gptq_tokens": 0,
+        "qat": LLMQATConfig(steps=96),
+    },
 }
 
 
