@@ -181,8 +181,13 @@ def _build_llm(module: Any, source: str, config: Any, given: set[str], qat: dict
     qat_settings = {k: qat[k] for k in ("steps", "lr") if qat.get(k) is not None}
     if qat_settings:
         settings["qat"] = LLMQATConfig(**qat_settings)
-    with console.status(f"building {recipe.name} (LLM) for android"):
-        result = build_llm(recipe, LLMBuildConfig(out=out, **settings))
+    with console.status(f"building {recipe.name} (LLM) for android") as status:
+
+        def started(stage: str) -> None:  # a 135M-parameter build runs for half an hour on 2 cores
+            console.print(f"[dim]edgeq: {stage}[/dim]", highlight=False)
+            status.update(f"building {recipe.name} (LLM) for android: {stage}")
+
+        result = build_llm(recipe, LLMBuildConfig(out=out, **settings), on_stage=started)
     acc, size, speed = result.report["accuracy"], result.report["size"], result.report["speed"]
     console.print(
         f"{result.out_dir}/model.pte: {size['program_bytes']:,} bytes ({size['ratio']:.3f}x float); "

@@ -97,6 +97,10 @@ def test_a_small_causal_lm_builds_a_program_the_llm_runner_generates_from(tmp_pa
     result = CliRunner().invoke(app, ["build", "--recipe", "edgeq.examples.tiny_lm", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
+    # a half-hour build says which stage it is in, and times each
+    stages = ["load", "gptq statistics", "analyze", "qat", "lower", "lower float", "perplexity", "generate", "memory"]
+    assert list(report["timings"]) == stages
+    assert all(f"edgeq: {stage}" in result.output for stage in stages), result.output
     acc, size = report["accuracy"], report["size"]
     assert size["ratio"] < 0.3  # 4-bit linears, 8-bit token table
     assert acc["perplexity_ratio"] < 1.1 and acc["agreement"] > 80.0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from edgeq.llm.qat import LLMQATConfig, LLMQATResult, distill
 from edgeq.llm.recipe import LLMRecipe, load_llm_recipe
 from edgeq.ship.package import OutputDir, sha256, versions, write_bytes_atomic, write_json_atomic
 from edgeq.ship.templating import render
+from edgeq.timing import Stages
 
 __all__ = ["LLMBuildConfig", "LLMBuildResult", "build_llm"]
 
@@ -201,53 +203,48 @@ def _metadata(model: Any, tokenizer: Path) -> dict[str, Any]:
     return metadata
 
 
-def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = None) -> LLMBuildResult:
-    """Build, validate and package a decoder LLM (see the module docstring and :class:`LLMBuildConfig`)."""
+def build_llm(
+    recipe: LLMRecipe | str | Path,
+    config: LLMBuildConfig | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> LLMBuildResult:
+    """Build, validate and package a decoder LLM (see the module docstring and :class:`LLMBuildConfig`);
+    ``on_stage`` is told each stage's name as it starts (SmolLM2-135M builds for half an hour on 2 cores)."""
     recipe = load_llm_recipe(recipe)
     config = config or LLMBuildConfig(out=Path("edgeq-out") / recipe.name)
-    timings: dict[str, float] = {}
-
-    def stage(name: str, start: float) -> None:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
-
+    stages = Stages(on_start=on_stage)
     begin = time.perf_counter()
-    model = recipe.model()
-    check_causal_lm(model)
-    model = model.eval()  # weights go to float32 in the conversion; a GGUF-loaded model refuses .float()
-    tokenizer = recipe.tokenizer_file()
-    metadata = _metadata(model, tokenizer)
-    params = executorch_params(model, recipe.max_seq_len)
-    texts, eval_texts, measured_on = recipe.split_texts()
+    with stages("load"):
+        model = recipe.model()
+        check_causal_lm(model)
+        model = model.eval()  # weights go to float32 in the conversion; a GGUF-loaded model refuses .float()
+        tokenizer = recipe.tokenizer_file()
+        metadata = _metadata(model, tokenizer)
+        params = executorch_params(model, recipe.max_seq_len)
+        texts, eval_texts, measured_on = recipe.split_texts()
 
     out = OutputDir(config.out)
     try:
-        t = time.perf_counter()
-        hessians = _hessians(model, tokenizer, texts, recipe.max_seq_len, config)
-        stage("gptq statistics", t)
-        t = time.perf_counter()
-        plan, planning = _plan(model, tokenizer, texts, params, recipe.max_seq_len, config, hessians)
-        stage("analyze", t)
-        t = time.perf_counter()
-        trained, qat = _qat(model, tokenizer, texts, plan, config)
-        stage("qat", t)
-        t = time.perf_counter()
-        if qat is not None and qat.best_step:  # QAT's weights on the grid it trained against; GPTQ would re-round them
-            plan, hessians = dataclasses.replace(plan, scales="minmax"), None
-        program = lower_llm(trained, tokenizer, recipe.max_seq_len, plan, metadata, hessians)
-        del trained
-        stage("lower", t)
-        t = time.perf_counter()
-        float_program = lower_llm(model, tokenizer, recipe.max_seq_len, None, metadata)
-        stage("lower float", t)
-
-        t = time.perf_counter()
-        windows = encode_windows(tokenizer, eval_texts, recipe.max_seq_len, config.eval_tokens)
-        reference = score_float(model, windows)
-        scored = score_program(program, windows)
-        stage("perplexity", t)
+        with stages("gptq statistics"):
+            hessians = _hessians(model, tokenizer, texts, recipe.max_seq_len, config)
+        with stages("analyze"):
+            plan, planning = _plan(model, tokenizer, texts, params, recipe.max_seq_len, config, hessians)
+        with stages("qat"):
+            trained, qat = _qat(model, tokenizer, texts, plan, config)
+        with stages("lower"):
+            if qat is not None and qat.best_step:  # QAT's weights on its own grid; GPTQ would re-round them
+                plan, hessians = dataclasses.replace(plan, scales="minmax"), None
+            program = lower_llm(trained, tokenizer, recipe.max_seq_len, plan, metadata, hessians)
+            del trained
+        with stages("lower float"):
+            float_program = lower_llm(model, tokenizer, recipe.max_seq_len, None, metadata)
+        with stages("perplexity"):
+            windows = encode_windows(tokenizer, eval_texts, recipe.max_seq_len, config.eval_tokens)
+            reference = score_float(model, windows)
+            scored = score_program(program, windows)
         write_bytes_atomic(out.path("model.pte"), program)  # where it ships: the runner reads it there
         prompts = prompts_from(eval_texts, config.prompts)
-        runs = _run_programs(out.path("model.pte"), float_program, tokenizer, prompts, config.max_new_tokens, stage)
+        runs = _run_programs(out.path("model.pte"), float_program, tokenizer, prompts, config.max_new_tokens, stages)
         generations, float_generations, memory = runs
 
         measured = _Measured(program, float_program, reference, scored, generations, float_generations, measured_on)
@@ -256,49 +253,55 @@ def build_llm(recipe: LLMRecipe | str | Path, config: LLMBuildConfig | None = No
         report["memory"] = memory
         report["gptq"] = {"tokens": hessians.tokens, "seconds": hessians.seconds} if hessians else None
         report["qat"] = qat.to_dict() if qat else None
-        report["timings"] = timings
+        report["timings"] = dict(stages.seconds)
         report["wall_seconds"] = time.perf_counter() - begin
-        write_bytes_atomic(out.path("tokenizer.json"), tokenizer.read_bytes())
-        write_json_atomic(out.path("generation.json"), report["generation"])
-        write_json_atomic(out.path("plan.json"), plan.to_dict())
-        write_json_atomic(out.path("report.json"), report)
-        write_bytes_atomic(out.path("report.html"), render("llm_report.html.j2", report=report).encode())
-        _bundle(out, report, program, tokenizer)
-        agreement = report["accuracy"]["agreement"]
-        if config.min_agreement is not None and agreement < config.min_agreement:
-            from edgeq.errors import AccuracyError
-
-            raise AccuracyError(
-                f"the program's next-token agreement with the float model is {agreement:.2f}%, "
-                f"below --min-agreement {config.min_agreement}",
-                "use a wider --linear precision (w4g64 -> w4g32 -> w8dyn) or lower --min-agreement",
-            )
+        _write(out, report, plan, program, tokenizer)
+        _require_agreement(report, config)
         final = out.commit()
     except BaseException:
         out.abort()
         raise
-    return LLMBuildResult(final, report, timings)
+    return LLMBuildResult(final, report, dict(stages.seconds))
+
+
+def _write(out: OutputDir, report: dict[str, Any], plan: LLMPlan, program: bytes, tokenizer: Path) -> None:
+    write_bytes_atomic(out.path("tokenizer.json"), tokenizer.read_bytes())
+    write_json_atomic(out.path("generation.json"), report["generation"])
+    write_json_atomic(out.path("plan.json"), plan.to_dict())
+    write_json_atomic(out.path("report.json"), report)
+    write_bytes_atomic(out.path("report.html"), render("llm_report.html.j2", report=report).encode())
+    _bundle(out, report, program, tokenizer)
+
+
+def _require_agreement(report: dict[str, Any], config: LLMBuildConfig) -> None:
+    agreement = report["accuracy"]["agreement"]
+    if config.min_agreement is not None and agreement < config.min_agreement:
+        from edgeq.errors import AccuracyError
+
+        raise AccuracyError(
+            f"the program's next-token agreement with the float model is {agreement:.2f}%, "
+            f"below --min-agreement {config.min_agreement}",
+            "use a wider --linear precision (w4g64 -> w4g32 -> w8dyn) or lower --min-agreement",
+        )
 
 
 def _run_programs(
-    shipped: Path, float_program: bytes, tokenizer: Path, prompts: list[str], tokens: int, stage: Any
+    shipped: Path, float_program: bytes, tokenizer: Path, prompts: list[str], tokens: int, stages: Stages
 ) -> tuple[list[Generation], list[Generation], dict[str, Any]]:
     """The runner's greedy generations and peak memory on the shipped program (already at ``shipped``)
     and on the float program (written once, to a scratch file: the runner reads files)."""
     with tempfile.TemporaryDirectory(prefix="edgeq-llm-float-") as scratch:
         float_path = Path(scratch) / "float.pte"
         float_path.write_bytes(float_program)
-        t = time.perf_counter()
-        generations = generate(shipped, tokenizer, prompts, tokens)
-        float_generations = generate(float_path, tokenizer, prompts, tokens)
-        stage("generate", t)
-        t = time.perf_counter()
-        prompt = prompts[0] if prompts else "The"
-        memory = {
-            "program": runner_memory(shipped, tokenizer, prompt, tokens),
-            "float_program": runner_memory(float_path, tokenizer, prompt, tokens),
-        }
-        stage("memory", t)
+        with stages("generate"):
+            generations = generate(shipped, tokenizer, prompts, tokens)
+            float_generations = generate(float_path, tokenizer, prompts, tokens)
+        with stages("memory"):
+            prompt = prompts[0] if prompts else "The"
+            memory = {
+                "program": runner_memory(shipped, tokenizer, prompt, tokens),
+                "float_program": runner_memory(float_path, tokenizer, prompt, tokens),
+            }
     return generations, float_generations, memory
 
 
