@@ -342,6 +342,29 @@ def allow_qnn_sdk_download() -> Callable[[], None]:
     return qnn_sdk_setup.setup_qnn_sdk
 
 
+_QNN_LLM = "executorch.examples.qualcomm.oss_scripts.llama"
+
+
+def qnn_static_llama() -> Any:
+    """ExecuTorch's QNN LLM model module (``static_llama``: the Llama its Qualcomm LLM flow quantizes
+    and lowers), imported without its package's ``__init__``.
+
+    That ``__init__`` registers every model the flow knows and imports their weight converters,
+    which need torchtune; torchtune 0.6.1 (the newest) imports a torchao module torchao 0.18 no
+    longer has, so the package cannot be imported here at all. ``static_llama`` itself needs none of
+    it: an empty package object with the right ``__path__`` lets its own imports resolve.
+    """
+    import sys
+    import types
+
+    if _QNN_LLM not in sys.modules:
+        parent = importlib.import_module(_QNN_LLM.rsplit(".", 1)[0])
+        package = types.ModuleType(_QNN_LLM)
+        package.__path__ = [os.path.join(list(parent.__path__)[0], "llama")]
+        sys.modules[_QNN_LLM] = package
+    return importlib.import_module(f"{_QNN_LLM}.model.static_llama")
+
+
 def _is_relu_or_relu6(node: Any) -> bool:
     return node.op == "call_function" and node.target in (
         torch.ops.aten.relu.default,

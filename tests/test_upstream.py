@@ -265,3 +265,16 @@ def test_qnn_still_never_requantizes_a_sigmoid():
     from executorch.exir.dialects._ops import ops as exir_ops
 
     assert exir_ops.edge.aten.sigmoid.default in AnnotateQuantAttrs(None).skip_requant_allowlist
+
+
+def test_the_qnn_llm_model_still_loads_without_its_package_and_takes_what_edgeq_passes():
+    """edgeq imports ExecuTorch's QNN static Llama without its package __init__ (which needs a torchtune
+    that cannot import beside torchao 0.18); the constructor and forward edgeq.llm.htp calls stay as written."""
+    import sys
+
+    static_llama = upstream.qnn_static_llama()
+    assert static_llama.__name__ in sys.modules
+    init = tuple(inspect.signature(static_llama.LlamaModel.__init__).parameters)
+    assert init[:5] == ("self", "config", "ar_len", "output_new_cache_only", "output_cache")
+    forward = tuple(inspect.signature(static_llama.LlamaModel.forward).parameters)
+    assert forward == ("self", "tokens", "atten_mask", "input_pos", "args")

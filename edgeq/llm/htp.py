@@ -1,0 +1,184 @@
+"""Decoders on Qualcomm's HTP: the model of ExecuTorch's QNN LLM flow, quantized per layer and scored
+on Qualcomm's HTP simulator.
+
+ExecuTorch's Qualcomm LLM flow (``executorch.examples.qualcomm.oss_scripts.llama``) lowers its own
+static Llama (``static_llama.LlamaModel``: fixed shapes, the attention mask an input, KV caches as
+plain inputs and outputs) with ``QnnQuantizer`` at 16-bit activations and 4- or 8-bit weights. edgeq
+takes that model, loads the Hugging Face decoder's weights into it (the same conversion as the
+XNNPACK program's, :func:`edgeq.llm.convert.executorch_state_dict`), gives each linear the HTP
+precision of its place in the plan (:data:`HTP_PRECISION`: a 4-bit linear 16a4w, an 8-bit one
+16a8w), calibrates on training text, lowers with the QNN backend, and runs the program on the host's
+HTP simulator, teacher-forced, against the float model.
+
+What this is and is not: the graph is the flow's batch-prefill mode (one call scores ``seq_len``
+tokens; no KV-cache inputs), which is what teacher-forced perplexity needs and what the simulator
+runs in seconds. Generation on a phone goes through ExecuTorch's ``qnn_llama_runner``, a C++ binary
+built from ExecuTorch's source against a QAIRT SDK, with the flow's KV-cache decode graph beside
+this one; neither is built here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from edgeq.llm.convert import executorch_params, executorch_state_dict
+from edgeq.llm.evaluate import TokenScores, _scores, compare
+from edgeq.llm.export import LLMPlan
+
+__all__ = ["HTP_PRECISION", "HtpResult", "build_htp", "static_decoder"]
+
+#: the HTP precision (a QnnQuantizer QuantDtype of the target's menu) of each LLM precision: the HTP
+#: runs integer activations only, at 16 bits in ExecuTorch's LLM recipes
+HTP_PRECISION = {"w4g32": "16a4w", "w4g64": "16a4w", "w4g128": "16a4w", "w8dyn": "16a8w", "fp16": "16a8w"}
+#: what the rest of the graph (attention, norms, embedding gather) takes
+HTP_DEFAULT = "16a8w"
+
+
+@dataclass
+class HtpResult:
+    """What the HTP program measured against the float model, and how it was made."""
+
+    program_bytes: int
+    #: edgeq.llm.evaluate.compare's dict: perplexities, their ratio with its interval, agreement
+    accuracy: dict[str, Any]
+    #: linear -> HTP precision
+    precisions: dict[str, str]
+    seq_len: int
+    calibration_windows: int
+    timings: dict[str, float] = field(default_factory=dict)
+    #: the QNN libraries that compiled and ran it
+    qnn: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "program_bytes": self.program_bytes,
+            "accuracy": self.accuracy,
+            "precisions": dict(self.precisions),
+            "seq_len": self.seq_len,
+            "calibration_windows": self.calibration_windows,
+            "timings": dict(self.timings),
+            "qnn": self.qnn,
+        }
+
+
+def static_decoder(model: Any, seq_len: int) -> torch.nn.Module:
+    """The QNN flow's static Llama in batch-prefill mode (``seq_len`` tokens a call) holding the Hugging
+    Face decoder's weights: ``forward(tokens int32 [1, seq_len], mask [1, seq_len, seq_len])`` returns
+    the logits at every position."""
+    from edgeq import upstream
+
+    static_llama = upstream.qnn_static_llama()
+    from executorch.examples.models.llama.model_args import ModelArgs
+
+    params = executorch_params(model, seq_len)
+    args = ModelArgs(**params, max_batch_size=1, max_seq_len=seq_len, max_context_len=seq_len, use_kv_cache=False)
+    decoder = static_llama.LlamaModel(args, ar_len=seq_len, output_new_cache_only=False, output_cache=False)
+    decoder.load_state_dict(executorch_state_dict(model), strict=True)
+    return decoder.eval()
+
+
+def causal_mask(seq_len: int) -> torch.Tensor:
+    """The additive mask the static Llama takes: 0 where a position may attend, -255 where not (the
+    value ExecuTorch's flow uses, finite so that 16-bit activations can hold it)."""
+    return torch.full((1, seq_len, seq_len), -255.0).triu(1)
+
+
+def _padded(window: list[int], seq_len: int) -> torch.Tensor:
+    # padding after the window's last token changes no earlier position under the causal mask
+    ids = window[:seq_len] + [0] * (seq_len - min(len(window), seq_len))
+    return torch.tensor([ids], dtype=torch.int32)
+
+
+def _quantizer(plan: LLMPlan) -> Any:
+    from executorch.backends.qualcomm.quantizer.quantizer import (
+        ModuleQConfig,
+        QnnQuantizer,
+        QuantDtype,
+        get_submodule_name_predicate,
+    )
+
+    from edgeq import upstream
+
+    upstream.forbid_qnn_sdk_download()
+
+    def config(name: str) -> Any:
+        return ModuleQConfig(getattr(QuantDtype, f"use_{name}"), is_conv_per_channel=True, is_linear_per_channel=True)
+
+    quantizer = QnnQuantizer()
+    quantizer.default_quant_config = config(HTP_DEFAULT)
+    made = {name: config(name) for name in set(HTP_PRECISION.values())}
+    rules = [
+        (get_submodule_name_predicate(linear), made[HTP_PRECISION[p]])
+        for linear, p in plan.linears.items()
+        if p in HTP_PRECISION
+    ]
+    quantizer.set_submodule_qconfig_list(rules)
+    return quantizer
+
+
+def quantize_static(decoder: torch.nn.Module, plan: LLMPlan, calibration: list[list[int]], seq_len: int) -> Any:
+    """``decoder`` exported, quantized by ``plan`` with QnnQuantizer and calibrated on the windows."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    mask = causal_mask(seq_len)
+    graph = torch.export.export(decoder, (_padded(calibration[0], seq_len), mask), strict=False).module()
+    prepared = prepare_pt2e(graph, _quantizer(plan))  # type: ignore[arg-type]
+    with torch.no_grad():
+        for window in calibration:
+            prepared(_padded(window, seq_len), mask)
+    return convert_pt2e(prepared)
+
+
+def score_static(forward: Any, windows: list[list[int]], seq_len: int) -> TokenScores:
+    """Teacher-forced scores of a batch-prefill forward (the static model, or the HTP program's)."""
+    nll, predictions = [], []
+    mask = causal_mask(seq_len)
+    for window in windows:
+        window = window[:seq_len]
+        logits = forward(_padded(window, seq_len), mask)[0, : len(window) - 1]
+        n, p = _scores(logits, torch.tensor(window[1:]))
+        nll.append(n)
+        predictions.append(p)
+    return TokenScores(torch.cat(nll), torch.cat(predictions))
+
+
+def build_htp(
+    model: Any,
+    plan: LLMPlan,
+    calibration: list[list[int]],
+    windows: list[list[int]],
+    seq_len: int,
+    target: str = "qualcomm-sm8650",
+) -> tuple[bytes, HtpResult]:
+    """The HTP program of ``model`` (a Hugging Face decoder) at ``plan``'s precisions, calibrated on
+    ``calibration`` (training text) and scored on the HTP simulator on ``windows`` (held-out text)
+    against the float model. Needs Qualcomm's QNN libraries (``edgeq.backends.qnn.ensure_sdk``)."""
+    from edgeq.backends.qnn import QnnBackend, ensure_sdk
+    from edgeq.llm.evaluate import score_float
+    from edgeq.runtime import ProgramRunner
+    from edgeq.targets import read_target
+
+    libraries = ensure_sdk()
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    quantized = quantize_static(static_decoder(model, seq_len), plan, calibration, seq_len)
+    timings["quantize"] = time.perf_counter() - start
+    start = time.perf_counter()
+    mask = causal_mask(seq_len)
+    edge = QnnBackend().to_edge(quantized, (_padded(calibration[0], seq_len), mask), read_target(target))
+    program = edge.to_executorch().buffer
+    timings["lower"] = time.perf_counter() - start
+    start = time.perf_counter()
+    runner = ProgramRunner(program)
+    scored = score_static(lambda ids, m: runner.execute(ids, m)[0], windows, seq_len)
+    runner.close()
+    timings["simulate"] = time.perf_counter() - start
+    reference = score_float(model, [w[:seq_len] for w in windows])
+    precisions = {linear: HTP_PRECISION.get(p, HTP_DEFAULT) for linear, p in plan.linears.items()}
+    result = HtpResult(len(program), compare(reference, scored), precisions, seq_len, len(calibration), timings)
+    result.qnn = f"{libraries.source} {libraries.version}"
+    return program, result

@@ -1,0 +1,85 @@
+"""Decoders on Qualcomm's HTP (edgeq.llm.htp): ExecuTorch's QNN LLM model holding a Hugging Face decoder's
+weights, quantized per layer with QnnQuantizer, lowered with the QNN backend and run on the host's HTP
+simulator. The bundled tiny LM (real BPE tokenizer, real text) is the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+SEQ = 64
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from edgeq.examples import tiny_lm
+    from edgeq.llm.evaluate import encode_windows
+    from edgeq.llm.recipe import llm_recipe_from_module
+
+    recipe = llm_recipe_from_module(tiny_lm, "edgeq.examples.tiny_lm")
+    texts, eval_texts, _ = recipe.split_texts()
+    tokenizer = recipe.tokenizer_file()
+    calibration = encode_windows(tokenizer, texts, SEQ, 16 * SEQ)
+    windows = encode_windows(tokenizer, eval_texts, SEQ, 4 * SEQ)
+    return recipe.model().eval(), calibration, windows
+
+
+def _plan(model, wide: tuple[str, ...]):
+    from edgeq.llm.convert import executorch_params
+    from edgeq.llm.export import LLMPlan, linear_names
+
+    names = linear_names(executorch_params(model, SEQ))
+    return LLMPlan({name: "w8dyn" if name.endswith(wide) else "w4g32" for name in names}, "e8")
+
+
+def test_the_qnn_flows_static_llama_computes_the_hugging_face_models_scores(tiny):
+    from edgeq.llm.evaluate import score_float
+    from edgeq.llm.htp import score_static, static_decoder
+
+    model, _, windows = tiny
+    decoder = static_decoder(model, SEQ)
+    with torch.no_grad():
+        static = score_static(decoder, windows, SEQ)
+    reference = score_float(model, windows)
+    assert static.tokens == reference.tokens > 200
+    assert torch.allclose(static.nll, reference.nll, atol=1e-4)
+    assert torch.equal(static.predictions, reference.predictions)
+
+
+def test_each_linear_gets_the_htp_weight_width_of_its_place_in_the_plan(tiny):
+    """4-bit linears quantize to [-7, 7] per channel and 8-bit ones to [-127, 127]: the plan reaches
+    QnnQuantizer by module name."""
+    from edgeq.llm.htp import quantize_static, static_decoder
+
+    model, calibration, _ = tiny
+    plan = _plan(model, ("feed_forward.w2",))
+    quantized = quantize_static(static_decoder(model, SEQ), plan, calibration[:2], SEQ)
+    ranges = [
+        tuple(node.args[4:6])
+        for node in quantized.graph.nodes
+        if node.op == "call_function" and "dequantize_per_channel" in str(node.target)
+    ]
+    wide = sum(1 for p in plan.linears.values() if p == "w8dyn")
+    assert ranges.count((-127, 127)) == wide > 0
+    assert ranges.count((-7, 7)) == len(plan.linears) - wide
+
+
+@pytest.mark.slow
+def test_an_htp_program_of_a_planned_decoder_runs_on_the_simulator_near_float(tiny):
+    """Real QNN lowering and Qualcomm's HTP simulator: the program's teacher-forced perplexity on held-out
+    text is within 10% of the float model's and it agrees on most next tokens."""
+    from test_qnn import REASON
+
+    if REASON is not None:
+        pytest.skip(REASON)
+    from edgeq.llm.htp import build_htp
+
+    model, calibration, windows = tiny
+    program, result = build_htp(model, _plan(model, ("feed_forward.w2", "output")), calibration, windows, SEQ)
+    accuracy = result.accuracy
+    assert result.program_bytes == len(program) and result.qnn
+    assert accuracy["tokens"] == sum(len(w[:SEQ]) - 1 for w in windows)
+    assert accuracy["perplexity_ratio"] < 1.1 and accuracy["agreement"] > 80.0, accuracy
+    low, high = accuracy["perplexity_ratio_interval"]
+    assert low <= accuracy["perplexity_ratio"] <= high
+    assert set(result.precisions.values()) == {"16a4w", "16a8w"} and result.precisions["output"] == "16a8w"
