@@ -166,7 +166,11 @@ def _build_llm(module: Any, source: str, config: Any, given: set[str], qat: dict
     from edgeq.llm.recipe import llm_recipe_from_module
 
     if config.target != "android":
-        raise EdgeqError(f"LLM recipes build for android only so far, not {config.target}", "pass --target android")
+        raise EdgeqError(
+            f"LLM recipes build for android only so far, not {config.target}",
+            "pass --target android (edgeq.llm.htp.build_htp lowers a decoder for the HTP and scores it on the "
+            "simulator, without a runner to generate with)",
+        )
     if config.precision is not None and config.precision not in LINEAR:
         raise EdgeqError(
             f"--precision {config.precision} is not an LLM linear precision", f"use one of: {', '.join(LINEAR)}"

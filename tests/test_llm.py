@@ -84,6 +84,18 @@ def test_bad_llm_recipes_are_one_line(tmp_path, case, message):
     assert not out.exists()
 
 
+def test_an_llm_recipe_for_a_qualcomm_target_is_one_line_naming_what_exists(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgeq.cli import app
+
+    out = tmp_path / "llm"
+    args = ["build", "--recipe", "edgeq.examples.tiny_lm", "--target", "qualcomm-sm8650", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "android only so far" in result.output and "edgeq.llm.htp" in result.output
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_a_small_causal_lm_builds_a_program_the_llm_runner_generates_from(tmp_path):
     """`edgeq build` on the bundled tiny LM (real BPE tokenizer, real text): the program carries the
