@@ -34,7 +34,7 @@ def _plans(model, seq_len: int) -> dict[str, LLMPlan]:
     names = linear_names(executorch_params(model, seq_len))
     plans = {
         "16a8w everywhere": LLMPlan.uniform(names, "w8dyn", "e8"),
-        "16a4w everywhere": LLMPlan.uniform(names, "w4g32", "e8"),
+        "16a4w_block (groups of 32) everywhere": LLMPlan.uniform(names, "w4g32", "e8"),
     }
     saved = json.loads(Path(__file__).with_name("bench_llm.json").read_text()).get(PLANNED_FROM)
     if saved:
@@ -45,10 +45,10 @@ def _plans(model, seq_len: int) -> dict[str, LLMPlan]:
 def _row(name: str, result: dict) -> list[str]:
     acc = result["accuracy"]
     low, high = acc["perplexity_ratio_interval"]
-    narrow = sum(1 for p in result["precisions"].values() if p == "16a4w")
+    narrow = sum(1 for p in result["precisions"].values() if p == "16a4w_block")
     t = result["timings"]
     return [
-        f"{name}: {narrow} of {len(result['precisions'])} linears 16a4w",
+        f"{name}: {narrow} of {len(result['precisions'])} linears 16a4w_block",
         f"{result['program_bytes'] / 1e6:.1f} MB",
         f"{acc['float_perplexity']:.2f}",
         f"{acc['program_perplexity']:.2f} ({acc['perplexity_ratio']:.3f}x [{low:.3f}, {high:.3f}])",
@@ -92,8 +92,9 @@ def main() -> None:
         "(the host HTP runtime, README: Qualcomm HTP).\n\n"
         "The model of ExecuTorch's Qualcomm LLM flow (its static Llama, batch-prefill mode: one call scores "
         f"{seq} tokens) holding the same weights as the android rows, quantized per layer by QnnQuantizer "
-        "(16-bit activations; per-channel 4-bit weights for 16a4w, 8-bit for 16a8w; attention, norms and the "
-        f"embedding gather at 16a8w), calibrated on {args.calibration_windows} windows of training text, "
+        "(16-bit activations; 4-bit weights in blocks of 32 input channels for 16a4w_block, the plan's w4g32, "
+        "8-bit per channel for 16a8w; attention, norms and the embedding gather at 16a8w; linears as the flow's "
+        f"1x1 convolutions), calibrated on {args.calibration_windows} windows of training text, "
         "lowered for SM8650 by ExecuTorch's QNN backend, and run on Qualcomm's HTP simulator; teacher-forced "
         f"on {args.eval_tokens} held-out WikiText-2 tokens in windows of {seq} against the float model on the "
         "same tokens (perplexity ratio with its paired bootstrap interval, agreement with its Wilson "

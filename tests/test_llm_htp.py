@@ -47,21 +47,23 @@ def test_the_qnn_flows_static_llama_computes_the_hugging_face_models_scores(tiny
 
 
 def test_each_linear_gets_the_htp_weight_width_of_its_place_in_the_plan(tiny):
-    """4-bit linears quantize to [-7, 7] per channel and 8-bit ones to [-127, 127]: the plan reaches
-    QnnQuantizer by module name."""
+    """4-bit linears quantize in blocks of 32 input channels to [-7, 7] (QnnQuantizer's 16a4w_block, as
+    the plan's w4g32 groups) and 8-bit ones per channel to [-127, 127]: the plan reaches QnnQuantizer by
+    module name."""
     from edgeq.llm.htp import quantize_static, static_decoder
 
     model, calibration, _ = tiny
     plan = _plan(model, ("feed_forward.w2",))
     quantized = quantize_static(static_decoder(model, SEQ), plan, calibration[:2], SEQ)
-    ranges = [
-        tuple(node.args[4:6])
+    weights = [
+        tuple(a for a in node.args[1:] if not isinstance(a, torch.fx.Node))
         for node in quantized.graph.nodes
-        if node.op == "call_function" and "dequantize_per_channel" in str(node.target)
+        if node.op == "call_function"
+        and str(node.target).startswith(("torchao.dequantize_affine", "quantized_decomposed.dequantize_per_channel"))
     ]
     wide = sum(1 for p in plan.linears.values() if p == "w8dyn")
-    assert ranges.count((-127, 127)) == wide > 0
-    assert ranges.count((-7, 7)) == len(plan.linears) - wide
+    assert sum(1 for w in weights if w[1:3] == (-127, 127)) == wide > 0
+    assert sum(1 for w in weights if w[0] == (1, 32, 1, 1) and w[2:4] == (-7, 7)) == len(plan.linears) - wide
 
 
 @pytest.mark.slow
@@ -82,4 +84,4 @@ def test_an_htp_program_of_a_planned_decoder_runs_on_the_simulator_near_float(ti
     assert accuracy["perplexity_ratio"] < 1.1 and accuracy["agreement"] > 80.0, accuracy
     low, high = accuracy["perplexity_ratio_interval"]
     assert low <= accuracy["perplexity_ratio"] <= high
-    assert set(result.precisions.values()) == {"16a4w", "16a8w"} and result.precisions["output"] == "16a8w"
+    assert set(result.precisions.values()) == {"16a4w_block", "16a8w"} and result.precisions["output"] == "16a8w"

@@ -31,9 +31,11 @@ from edgeq.llm.export import LLMPlan
 
 __all__ = ["HTP_PRECISION", "HtpResult", "build_htp", "static_decoder"]
 
-#: the HTP precision (a QnnQuantizer QuantDtype of the target's menu) of each LLM precision: the HTP
-#: runs integer activations only, at 16 bits in ExecuTorch's LLM recipes
-HTP_PRECISION = {"w4g32": "16a4w", "w4g64": "16a4w", "w4g128": "16a4w", "w8dyn": "16a8w", "fp16": "16a8w"}
+#: the HTP precision of each LLM precision, as ExecuTorch's Qualcomm LLM recipes quantize (the HTP runs
+#: integer activations only, at 16 bits there): 4-bit weights in blocks of the same size along the input
+#: channels (QnnQuantizer's 16a4w_block, the HTP's block quantization), 8-bit weights per channel
+HTP_PRECISION = {"w4g32": "16a4w_block", "w4g64": "16a4w_block", "w4g128": "16a4w_block", "w8dyn": "16a8w",
+                 "fp16": "16a8w"}  # fmt: skip
 #: what the rest of the graph (attention, norms, embedding gather) takes
 HTP_DEFAULT = "16a8w"
 
@@ -67,8 +69,9 @@ class HtpResult:
 
 def static_decoder(model: Any, seq_len: int) -> torch.nn.Module:
     """The QNN flow's static Llama in batch-prefill mode (``seq_len`` tokens a call) holding the Hugging
-    Face decoder's weights: ``forward(tokens int32 [1, seq_len], mask [1, seq_len, seq_len])`` returns
-    the logits at every position."""
+    Face decoder's weights, its linears turned into the 1x1 convolutions the flow gives the HTP (named
+    ``<linear>_conv``): ``forward(tokens int32 [1, seq_len], mask [1, seq_len, seq_len])`` returns the
+    logits at every position."""
     from edgeq import upstream
 
     static_llama = upstream.qnn_static_llama()
@@ -78,7 +81,16 @@ def static_decoder(model: Any, seq_len: int) -> torch.nn.Module:
     args = ModelArgs(**params, max_batch_size=1, max_seq_len=seq_len, max_context_len=seq_len, use_kv_cache=False)
     decoder = static_llama.LlamaModel(args, ar_len=seq_len, output_new_cache_only=False, output_cache=False)
     decoder.load_state_dict(executorch_state_dict(model), strict=True)
+    for layer in decoder.layers:
+        layer.attention.prepare_attention_conv()
+        layer.feed_forward.prepare_feedforward_conv()
+    decoder.prepare_output_conv()
     return decoder.eval()
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
 
 
 def causal_mask(seq_len: int) -> torch.Tensor:
@@ -93,7 +105,7 @@ def _padded(window: list[int], seq_len: int) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.int32)
 
 
-def _quantizer(plan: LLMPlan) -> Any:
+def _quantizer(plan: LLMPlan, graph: torch.fx.GraphModule) -> Any:
     from executorch.backends.qualcomm.quantizer.quantizer import (
         ModuleQConfig,
         QnnQuantizer,
@@ -111,12 +123,17 @@ def _quantizer(plan: LLMPlan) -> Any:
     quantizer = QnnQuantizer()
     quantizer.default_quant_config = config(HTP_DEFAULT)
     made = {name: config(name) for name in set(HTP_PRECISION.values())}
-    rules = [
-        (get_submodule_name_predicate(linear), made[HTP_PRECISION[p]])
-        for linear, p in plan.linears.items()
-        if p in HTP_PRECISION
-    ]
+    convs = {_module_path(n): n.name for n in graph.graph.nodes if n.target == torch.ops.aten.conv2d.default}
+    rules, blocks = [], {}
+    for linear, precision in plan.linears.items():
+        if precision not in HTP_PRECISION:
+            continue
+        module = f"{linear}_conv"
+        rules.append((get_submodule_name_predicate(module), made[HTP_PRECISION[precision]]))
+        if precision.startswith("w4g"):  # groups of the weight's input channels, as torchao's PerGroup
+            blocks[convs[module]] = (1, int(precision[3:]), 1, 1)
     quantizer.set_submodule_qconfig_list(rules)
+    quantizer.set_block_size_map(blocks)
     return quantizer
 
 
@@ -126,7 +143,7 @@ def quantize_static(decoder: torch.nn.Module, plan: LLMPlan, calibration: list[l
 
     mask = causal_mask(seq_len)
     graph = torch.export.export(decoder, (_padded(calibration[0], seq_len), mask), strict=False).module()
-    prepared = prepare_pt2e(graph, _quantizer(plan))  # type: ignore[arg-type]
+    prepared = prepare_pt2e(graph, _quantizer(plan, graph))  # type: ignore[arg-type]
     with torch.no_grad():
         for window in calibration:
             prepared(_padded(window, seq_len), mask)
