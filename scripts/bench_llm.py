@@ -60,7 +60,18 @@ READING = """Reading it:
   one checkpoint, whose weights sit on an asymmetric 4-bit grid QAT has to move them off.
   An eager probe (fake-quantized, not the .pte, same 1,024 eval tokens) set the rate: uniform w4g32 with
   min-max scales 1.689x before training, 1.476x after 24 steps at lr 1e-5, 1.296x after 48 at 1e-4.
-- Speed: every quantized program decodes 2.5-3.9x faster than the float one in the runner on this host.
+- At uniform 4-bit's bytes the per-layer plan beats uniform 4-bit: with w4g32's program size (105,045,632
+  bytes) as `--size-budget` and a 4-bit token table (e4g32), the planner kept 32 of 211 linears at 8 bits and
+  wrote 0.150x at 1.263x [1.209, 1.318], 72.5% agreement, against uniform w4g32's 0.161x at 1.368x
+  [1.301, 1.442], 70.0%, both with GPTQ, on the same 1,024 tokens (each interval is against float; the two
+  programs were not paired token by token). It predicted 1.124x: single-layer costs still add up to less than
+  the joint cost. Its build took 32.8 min on cores shared with the HTP benchmark (analysis 8 min, lowering 14
+  and 8 min), decode 2.0x the float program's there. With QAT instead of GPTQ (96 steps, the analysis rounded
+  to nearest, 36 linears kept at 8 bits): 0.150x at 1.191x [1.133, 1.257], 68.1% agreement, against uniform
+  w4g32 with QAT's 1.230x [1.163, 1.301], 68.4% at 0.161x: smaller and no worse, the intervals overlap
+  (37.6 min build, QAT 10.6 min; held-out KL 0.530 at step 0, 0.352 at step 96).
+- Speed: every quantized program decodes 2.0-3.9x faster than the float one in the runner on this host (2.0x in
+  the one row measured while the HTP benchmark shared the cores).
 - Build times are not clean: every build shared the 2 cores with an ImageNet build and test runs (the
   --max-drop row's analysis, 211 single-linear passes each with its GPTQ, took 21 min there, 3.8 min in the
   size-budget row). Most of a build is ExecuTorch's lowering (quantized 11-12 min, float 4-6 min of it).
