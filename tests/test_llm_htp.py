@@ -66,6 +66,17 @@ def test_each_linear_gets_the_htp_weight_width_of_its_place_in_the_plan(tiny):
     assert sum(1 for w in weights if w[0] == (1, 32, 1, 1) and w[2:4] == (-7, 7)) == len(plan.linears) - wide
 
 
+def test_a_plan_naming_a_linear_the_decoder_lacks_is_one_line(tiny):
+    from edgeq.errors import EdgeqError
+    from edgeq.llm.export import LLMPlan
+    from edgeq.llm.htp import quantize_static, static_decoder
+
+    model, calibration, _ = tiny
+    with pytest.raises(EdgeqError) as raised:
+        quantize_static(static_decoder(model, SEQ), LLMPlan({"layers.9.attention.wq": "w4g32"}), calibration[:1], SEQ)
+    assert "layers.9.attention.wq" in str(raised.value) and "\n" not in str(raised.value)
+
+
 @pytest.mark.slow
 def test_an_htp_program_of_a_planned_decoder_runs_on_the_simulator_near_float(tiny):
     """Real QNN lowering and Qualcomm's HTP simulator: the program's teacher-forced perplexity on held-out

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from edgeq.errors import EdgeqError
 from edgeq.llm.convert import executorch_params, executorch_state_dict
 from edgeq.llm.evaluate import TokenScores, _scores, compare
 from edgeq.llm.export import LLMPlan
@@ -129,6 +130,8 @@ def _quantizer(plan: LLMPlan, graph: torch.fx.GraphModule) -> Any:
         if precision not in HTP_PRECISION:
             continue
         module = f"{linear}_conv"
+        if module not in convs:
+            raise EdgeqError(f"the plan names a linear {linear} the decoder lacks", "plan this model's own linears")
         rules.append((get_submodule_name_predicate(module), made[HTP_PRECISION[precision]]))
         if precision.startswith("w4g"):  # groups of the weight's input channels, as torchao's PerGroup
             blocks[convs[module]] = (1, int(precision[3:]), 1, 1)
