@@ -173,10 +173,12 @@ def build_htp(
     windows: list[list[int]],
     seq_len: int,
     target: str = "qualcomm-sm8650",
+    reference: Any = None,
 ) -> tuple[bytes, HtpResult]:
     """The HTP program of ``model`` (a Hugging Face decoder) at ``plan``'s precisions, calibrated on
     ``calibration`` (training text) and scored on the HTP simulator on ``windows`` (held-out text)
-    against the float model. Needs Qualcomm's QNN libraries (``edgeq.backends.qnn.ensure_sdk``)."""
+    against the float model (``reference``; unset: ``model`` itself, which is wrong when ``model``
+    holds weights trained for quantization). Needs Qualcomm's QNN libraries (``ensure_sdk``)."""
     from edgeq.backends.qnn import QnnBackend, ensure_sdk
     from edgeq.llm.evaluate import score_float
     from edgeq.runtime import ProgramRunner
@@ -197,8 +199,8 @@ def build_htp(
     scored = score_static(lambda ids, m: runner.execute(ids, m)[0], windows, seq_len)
     runner.close()
     timings["simulate"] = time.perf_counter() - start
-    reference = score_float(model, [w[:seq_len] for w in windows])
+    float_scores = score_float(model if reference is None else reference, [w[:seq_len] for w in windows])
     precisions = {linear: HTP_PRECISION.get(p, HTP_DEFAULT) for linear, p in plan.linears.items()}
-    result = HtpResult(len(program), compare(reference, scored), precisions, seq_len, len(calibration), timings)
+    result = HtpResult(len(program), compare(float_scores, scored), precisions, seq_len, len(calibration), timings)
     result.qnn = f"{libraries.source} {libraries.version}"
     return program, result
