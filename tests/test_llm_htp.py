@@ -85,11 +85,22 @@ def test_an_htp_program_of_a_planned_decoder_runs_on_the_simulator_near_float(ti
 
     if REASON is not None:
         pytest.skip(REASON)
+    import copy
+
+    from edgeq.llm.evaluate import score_float
     from edgeq.llm.htp import build_htp
 
     model, calibration, windows = tiny
-    program, result = build_htp(model, _plan(model, ("feed_forward.w2", "output")), calibration, windows, SEQ)
+    # the float reference is the model given as reference (the float one when the lowered weights were trained)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.model.norm.weight.mul_(1.01)
+    plan = _plan(model, ("feed_forward.w2", "output"))
+    program, result = build_htp(model, plan, calibration, windows, SEQ, reference=reference)
     accuracy = result.accuracy
+    own = score_float(model, [w[:SEQ] for w in windows]).perplexity
+    assert accuracy["float_perplexity"] == pytest.approx(score_float(reference, [w[:SEQ] for w in windows]).perplexity)
+    assert accuracy["float_perplexity"] != pytest.approx(own, rel=1e-4)
     assert result.program_bytes == len(program) and result.qnn
     assert accuracy["tokens"] == sum(len(w[:SEQ]) - 1 for w in windows)
     assert accuracy["perplexity_ratio"] < 1.1 and accuracy["agreement"] > 80.0, accuracy
