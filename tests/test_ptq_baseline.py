@@ -35,7 +35,9 @@ def test_a_qat_run_that_hurts_the_model_ships_the_ptq_program_and_says_so(tmp_pa
     }  # fmt: skip
     # The choice is made on the held-out training slice, and it agrees with the evaluation data here.
     assert s.shipped.startswith("ptq")
-    assert min(s.candidates, key=lambda n: s.candidates[n]["holdout_loss"]) == s.shipped
+    # the lowest held-out loss ships, or a simpler candidate the held-out samples cannot tell from it
+    assert min(s.candidates, key=lambda n: s.candidates[n]["holdout_loss"]) == s.lowest
+    assert s.shipped == s.lowest or len(s.shipped.split("+")) < len(s.lowest.split("+")), (s.shipped, s.lowest)
     assert "held-out" in s.selected_on
     assert s.reference == s.candidates[s.shipped]["metric"] and abs(s.program - s.reference) <= 1.0
     assert s.agreement["reference_vs_program"] >= 97.0
