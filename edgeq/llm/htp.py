@@ -6,8 +6,8 @@ static Llama (``static_llama.LlamaModel``: fixed shapes, the attention mask an i
 plain inputs and outputs) with ``QnnQuantizer`` at 16-bit activations and 4- or 8-bit weights. edgeq
 takes that model, loads the Hugging Face decoder's weights into it (the same conversion as the
 XNNPACK program's, :func:`edgeq.llm.convert.executorch_state_dict`), gives each linear the HTP
-precision of its place in the plan (:data:`HTP_PRECISION`: a 4-bit linear 16a4w, an 8-bit one
-16a8w), calibrates on training text, lowers with the QNN backend, and runs the program on the host's
+precision of its place in the plan (:data:`HTP_PRECISION`: a 4-bit linear 16a4w_block, an 8-bit
+one 16a8w), calibrates on training text, lowers with the QNN backend, and runs the program on the host's
 HTP simulator, teacher-forced, against the float model.
 
 What this is and is not: the graph is the flow's batch-prefill mode (one call scores ``seq_len``
@@ -19,8 +19,7 @@ this one; neither is built here.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from edgeq.errors import EdgeqError
 from edgeq.llm.convert import executorch_params, executorch_state_dict
 from edgeq.llm.evaluate import TokenScores, _scores, compare
 from edgeq.llm.export import LLMPlan
+from edgeq.timing import Stages
 
 __all__ = ["HTP_PRECISION", "HtpResult", "build_htp", "static_decoder"]
 
@@ -57,15 +57,7 @@ class HtpResult:
     qnn: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "program_bytes": self.program_bytes,
-            "accuracy": self.accuracy,
-            "precisions": dict(self.precisions),
-            "seq_len": self.seq_len,
-            "calibration_windows": self.calibration_windows,
-            "timings": dict(self.timings),
-            "qnn": self.qnn,
-        }
+        return asdict(self)
 
 
 def static_decoder(model: Any, seq_len: int) -> torch.nn.Module:
@@ -185,22 +177,19 @@ def build_htp(
     from edgeq.targets import read_target
 
     libraries = ensure_sdk()
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    quantized = quantize_static(static_decoder(model, seq_len), plan, calibration, seq_len)
-    timings["quantize"] = time.perf_counter() - start
-    start = time.perf_counter()
-    mask = causal_mask(seq_len)
-    edge = QnnBackend().to_edge(quantized, (_padded(calibration[0], seq_len), mask), read_target(target))
-    program = edge.to_executorch().buffer
-    timings["lower"] = time.perf_counter() - start
-    start = time.perf_counter()
-    runner = ProgramRunner(program)
-    scored = score_static(lambda ids, m: runner.execute(ids, m)[0], windows, seq_len)
-    runner.close()
-    timings["simulate"] = time.perf_counter() - start
+    stages = Stages()
+    with stages("quantize"):
+        quantized = quantize_static(static_decoder(model, seq_len), plan, calibration, seq_len)
+    with stages("lower"):
+        example = (_padded(calibration[0], seq_len), causal_mask(seq_len))
+        program = QnnBackend().to_edge(quantized, example, read_target(target)).to_executorch().buffer
+    with stages("simulate"):
+        runner = ProgramRunner(program)
+        scored = score_static(lambda ids, m: runner.execute(ids, m)[0], windows, seq_len)
+        runner.close()
     float_scores = score_float(model if reference is None else reference, [w[:seq_len] for w in windows])
     precisions = {linear: HTP_PRECISION.get(p, HTP_DEFAULT) for linear, p in plan.linears.items()}
-    result = HtpResult(len(program), compare(float_scores, scored), precisions, seq_len, len(calibration), timings)
-    result.qnn = f"{libraries.source} {libraries.version}"
+    accuracy = compare(float_scores, scored)
+    qnn = f"{libraries.source} {libraries.version}"
+    result = HtpResult(len(program), accuracy, precisions, seq_len, len(calibration), dict(stages.seconds), qnn)
     return program, result
