@@ -11,11 +11,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+#: Intra-op threads every example trains with. A float reduction's order follows the thread count,
+#: so the same seed trained with 1 thread or 2 gives different weights (digits: up to 0.07 apart),
+#: and a build's outcome then hung on which process trained the example first (a test worker with
+#: 1 thread or a CLI subprocess with all cores).
+TRAIN_THREADS = 2
+
 
 def cache_path(name: str, settings: str) -> Path:
     """Where ``name``'s weights live, keyed by everything that determines them."""
     root = Path(os.environ.get("EDGEQ_CACHE", Path.home() / ".cache" / "edgeq"))
-    key = hashlib.sha256(f"{settings}{torch.__version__}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{settings}{torch.__version__}threads={TRAIN_THREADS}".encode()).hexdigest()[:12]
     return root / f"{name}-{key}.pt"
 
 
@@ -28,11 +34,20 @@ def cached_model(path: Path, empty: nn.Module, train: Callable[[], nn.Module]) -
         if path.exists():
             empty.load_state_dict(torch.load(path, weights_only=True))
             return empty.eval()
-        net = train()
+        net = _with_threads(TRAIN_THREADS, train)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save(net.state_dict(), tmp)
         os.replace(tmp, path)
         return net.eval()
+
+
+def _with_threads(threads: int, train: Callable[[], nn.Module]) -> nn.Module:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return train()
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextmanager
