@@ -147,6 +147,8 @@ def build(
         if is_llm_module(module):
             _build_llm(module, source, config, given, qat)
             return
+        if config.zero_points:
+            raise EdgeqError("--zero-points applies to LLM recipes only", "drop --zero-points for this recipe")
         loaded = recipe_from_module(module, source)
         with RichProgress() as progress:
             result = run_build(loaded, config, progress=progress, qat_overrides=qat)
@@ -158,8 +160,9 @@ def build(
 
 def _build_llm(module: Any, source: str, config: Any, given: set[str], qat: dict[str, Any]) -> None:
     """A decoder LLM recipe (edgeq.llm): --out, --target, --precision (every linear), --max-drop (the
-    perplexity increase the per-layer plan may predict, in percent; 5 unless given), --size-budget, and
-    --steps / --lr (QAT by distillation, edgeq.llm.qat: off unless --steps is given) apply."""
+    perplexity increase the per-layer plan may predict, in percent; 5 unless given), --size-budget,
+    --zero-points (asymmetric 4-bit groups, edgeq.llm.zero_points) and --steps / --lr (QAT by
+    distillation, edgeq.llm.qat: off unless --steps is given) apply."""
     from edgeq.llm.build import LLMBuildConfig, build_llm
     from edgeq.llm.export import LINEAR
     from edgeq.llm.qat import LLMQATConfig
@@ -182,6 +185,8 @@ def _build_llm(module: Any, source: str, config: Any, given: set[str], qat: dict
         settings["max_drop"] = config.max_drop
     if config.size_budget is not None:
         settings["size_budget"] = config.size_budget
+    if config.zero_points:
+        settings["zero_points"] = True
     qat_settings = {k: qat[k] for k in ("steps", "lr") if qat.get(k) is not None}
     if qat_settings:
         settings["qat"] = LLMQATConfig(**qat_settings)

@@ -267,6 +267,9 @@ class BuildConfig:
     #: (cortex-a76, neoverse-n1, cortex-a72, cortex-a53; `edgeq setup arm64` first), and compare
     #: every output with the x86 runtime's; unset: x86 only
     arm_cpu: str | None = None
+    #: LLM recipes: 4-bit groups on an asymmetric min-max grid, the zero points XNNPACK's 4-bit
+    #: kernels lack carried by a small 8-bit linear beside each (0.25 bits more per weight)
+    zero_points: bool = False
     #: calibration batches of the plain-PTQ candidate every build also measures; the candidate
     #: with the lowest held-out loss ships (0: QAT only)
     ptq_batches: int = 16

@@ -94,6 +94,14 @@ ROWS = {
     # QAT by distillation (edgeq.llm.qat) instead of GPTQ: 96 windows of 128 training tokens
     "planned --size-budget 0.20, QAT": {"size_budget": 0.20, "gptq_tokens": 0, "qat": LLMQATConfig(steps=96)},
     "w4g32, QAT": {"linear": "w4g32", "gptq_tokens": 0, "qat": LLMQATConfig(steps=96)},
+    # asymmetric 4-bit groups, the zero points as an 8-bit linear beside each (edgeq.llm.zero_points)
+    "w4g32, zero points": {"linear": "w4g32", "zero_points": True},
+    "planned --size-budget 0.20, zero points": {"size_budget": 0.20, "zero_points": True},
+    "planned --size-budget 0.20, zero points, round to nearest": {
+        "size_budget": 0.20,
+        "zero_points": True,
+        "gptq_tokens": 0,
+    },
     "planned at uniform w4g32's bytes, 4-bit token table, QAT": {
         "size_budget": 105_045_632,
         "embedding": "e4g32",
@@ -119,6 +127,8 @@ def _row(name: str, report: dict) -> list[str]:
             )
         else:
             name += f", predicted {planning['predicted_perplexity_ratio']:.3f}x"
+    if report["plan"].get("zero_points"):
+        name += ", zero points" if "zero points" not in name else ""
     if report["plan"]["embedding"] != "e8":
         name += f", token table {report['plan']['embedding']}"
     qat = report.get("qat")

@@ -23,6 +23,7 @@ import torch
 
 from edgeq.llm.convert import executorch_params, executorch_state_dict
 from edgeq.llm.gptq import Hessians, apply_gptq
+from edgeq.llm.zero_points import split_zero_points
 
 __all__ = ["EMBEDDING", "LINEAR", "SCALES", "LLMPlan", "linear_config", "lower_llm", "quantize_layers"]
 
@@ -45,26 +46,43 @@ class LLMPlan:
     #: how 4-bit group scales are chosen (:data:`SCALES`): "hqq" searches each group's scale for
     #: round-to-nearest; "minmax" is the grid QAT trained against (edgeq.llm.qat)
     scales: str = "hqq"
+    #: 4-bit groups on an asymmetric grid (a step and a zero point per group, min-max), the zero
+    #: points carried by a small 8-bit linear beside each (edgeq.llm.zero_points); False: symmetric
+    zero_points: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"linears": dict(self.linears), "embedding": self.embedding, "scales": self.scales}
+        return {
+            "linears": dict(self.linears),
+            "embedding": self.embedding,
+            "scales": "minmax" if self.zero_points else self.scales,
+            "zero_points": self.zero_points,
+        }
 
     @classmethod
-    def uniform(cls, names: list[str], linear: str, embedding: str) -> LLMPlan:
-        return cls({name: linear for name in names}, embedding)
+    def uniform(cls, names: list[str], linear: str, embedding: str, zero_points: bool = False) -> LLMPlan:
+        return cls({name: linear for name in names}, embedding, zero_points=zero_points)
 
 
 #: torch's type stubs lack the sub-byte dtypes
 _INT4: torch.dtype = torch.int4  # type: ignore[attr-defined]
 
 
-def linear_config(precision: str, scales: str = "hqq") -> Any:
-    """The torchao config a linear at ``precision`` is lowered with (and QAT fake-quantizes to)."""
+def linear_config(precision: str, scales: str = "hqq", zero_points: bool = False) -> Any:
+    """The torchao config a linear at ``precision`` is lowered with (and QAT fake-quantizes to);
+    ``zero_points``: 4-bit groups asymmetric, min-max (``scales`` does not apply)."""
     if scales not in SCALES:
         raise ValueError(f"scales {scales!r} is not one of {SCALES}")
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.quant_primitives import MappingType
 
+    if precision.startswith("w4g") and zero_points:
+        return Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=_INT4,
+            weight_granularity=PerGroup(int(precision[3:])),
+            weight_mapping_type=MappingType.ASYMMETRIC,
+            intx_choose_qparams_algorithm="affine",
+        )
     if precision.startswith("w4g"):
         return Int8DynamicActivationIntxWeightConfig(
             weight_dtype=_INT4,
@@ -91,7 +109,8 @@ def _embedding_config(precision: str) -> Any:
 
 def quantize_layers(module: torch.nn.Module, plan: LLMPlan, hessians: Hessians | None = None) -> torch.nn.Module:
     """``module``'s linears and token table quantized in place as ``plan`` says (torchao ``quantize_``);
-    with ``hessians``, each quantized linear then gets GPTQ's integers on torchao's grid."""
+    with ``hessians``, each quantized linear then gets GPTQ's integers on torchao's grid. Returns the
+    module (its replacement when ``module`` is itself a linear split for its zero points)."""
     from torchao.quantization.quant_api import quantize_
 
     if plan.embedding != "float":
@@ -104,13 +123,15 @@ def quantize_layers(module: torch.nn.Module, plan: LLMPlan, hessians: Hessians |
         names = {name for name, p in plan.linears.items() if p == precision}
         quantize_(
             module,
-            linear_config(precision, plan.scales),
+            linear_config(precision, plan.scales, plan.zero_points),
             filter_fn=lambda m, fqn, names=names: isinstance(m, torch.nn.Linear) and fqn in names,
         )
     if hessians is not None:
         for name, precision in plan.linears.items():
             if precision != "float":
                 apply_gptq(module.get_submodule(name), name, hessians)
+    if plan.zero_points:  # after GPTQ: it fits the integers to the asymmetric grid
+        module = split_zero_points(module, linear_config("w8dyn"))
     return module
 
 

@@ -176,6 +176,11 @@ def build_htp(
     from edgeq.runtime import ProgramRunner
     from edgeq.targets import read_target
 
+    if plan.zero_points:
+        raise EdgeqError(
+            "the plan asks for 4-bit zero points, which QnnQuantizer's block grid (symmetric) does not hold",
+            "build the HTP program from a plan without zero_points",
+        )
     libraries = ensure_sdk()
     stages = Stages()
     with stages("quantize"):

@@ -23,6 +23,7 @@ import torch
 from edgeq.llm.convert import executorch_name
 from edgeq.llm.export import LLMPlan
 from edgeq.llm.gptq import Hessians, apply_gptq
+from edgeq.llm.zero_points import split_zero_points, zero_point_bytes
 
 __all__ = ["LayerCost", "LLMAnalysis", "PlanCheck", "analyze_llm", "check_plan", "plan_llm", "weight_bytes"]
 
@@ -30,12 +31,14 @@ __all__ = ["LayerCost", "LLMAnalysis", "PlanCheck", "analyze_llm", "check_plan",
 WIDE, NARROW = "w8dyn", "w4g32"
 
 
-def weight_bytes(params: int, rows: int, precision: str) -> float:
-    """A linear's bytes in the program: integer weights and their float32 scales."""
+def weight_bytes(params: int, rows: int, precision: str, zero_points: bool = False) -> float:
+    """A linear's bytes in the program: integer weights and their float32 scales (and, for 4-bit
+    groups with ``zero_points``, the 8-bit offsets linear beside them)."""
     if precision == "float":
         return 4.0 * params
     if precision.startswith("w4g"):
-        return 0.5 * params + 4.0 * params / int(precision[3:])
+        group = int(precision[3:])
+        return 0.5 * params + 4.0 * params / group + (zero_point_bytes(params, rows, group) if zero_points else 0.0)
     return 1.0 * params + 4.0 * rows
 
 
@@ -54,6 +57,8 @@ class LLMAnalysis:
     tokens: int
     layers: list[LayerCost] = field(default_factory=list)
     seconds: float = 0.0
+    #: NARROW measured (and planned) with asymmetric groups (edgeq.llm.zero_points)
+    zero_points: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +66,7 @@ class LLMAnalysis:
             "tokens": self.tokens,
             "seconds": self.seconds,
             "narrow": NARROW,
+            "zero_points": self.zero_points,
             "layers": [vars(layer) for layer in self.layers],
         }
 
@@ -86,14 +92,22 @@ def linear_modules(model: Any) -> dict[str, str]:
     return names
 
 
-def _quantized_copy(module: torch.nn.Module, target: str, precision: str, hessians: Hessians | None) -> torch.nn.Module:
+def _quantized_copy(
+    module: torch.nn.Module, target: str, precision: str, hessians: Hessians | None, zero_points: bool
+) -> torch.nn.Module:
     """A copy of one linear (``target``: its ExecuTorch name) quantized at ``precision`` as the program
-    will hold it (GPTQ's integers with ``hessians``)."""
-    from edgeq.llm.export import quantize_layers
+    will hold it (GPTQ's integers with ``hessians``, split for its zero points)."""
+    from torchao.quantization.quant_api import quantize_
 
-    quantized = quantize_layers(copy.deepcopy(module), LLMPlan({"": precision}, "float"))
+    from edgeq.llm.export import linear_config
+
+    quantized = copy.deepcopy(module)
+    # quantize_layers' own split would come before GPTQ, which has to fit the asymmetric grid first
+    quantize_(quantized, linear_config(precision, zero_points=zero_points), filter_fn=lambda m, fqn: fqn == "")
     if hessians is not None:
         apply_gptq(quantized, target, hessians)
+    if zero_points:
+        quantized = split_zero_points(quantized, linear_config("w8dyn"))
     return quantized
 
 
@@ -106,15 +120,18 @@ def _swap(model: Any, name: str, module: torch.nn.Module) -> torch.nn.Module:
     return previous
 
 
-def analyze_llm(model: Any, windows: list[list[int]], hessians: Hessians | None = None) -> LLMAnalysis:
+def analyze_llm(
+    model: Any, windows: list[list[int]], hessians: Hessians | None = None, zero_points: bool = False
+) -> LLMAnalysis:
     """Each linear's loss increase at NARROW, one at a time, on ``windows`` (the training text);
-    with ``hessians``, each narrowed the way the program will be (GPTQ integers)."""
+    with ``hessians``, each narrowed the way the program will be (GPTQ integers); ``zero_points``:
+    NARROW on asymmetric groups."""
     start = time.perf_counter()
     base = _loss(model, windows)
-    analysis = LLMAnalysis(base, sum(len(w) - 1 for w in windows))
+    analysis = LLMAnalysis(base, sum(len(w) - 1 for w in windows), zero_points=zero_points)
     for name, target in linear_modules(model).items():
         module = model.get_submodule(name)
-        _swap(model, name, _quantized_copy(module, target, NARROW, hessians))
+        _swap(model, name, _quantized_copy(module, target, NARROW, hessians, zero_points))
         try:
             loss = _loss(model, windows)
         finally:
@@ -132,9 +149,11 @@ def plan_llm(
     saved first, within ``max_increase`` (predicted perplexity ratio - 1) or until the linears fit
     ``size_budget`` bytes."""
     chosen = {layer.name: WIDE for layer in analysis.layers}
+    narrow_bytes = {
+        layer.name: weight_bytes(layer.params, layer.rows, NARROW, analysis.zero_points) for layer in analysis.layers
+    }
     saved = {
-        layer.name: weight_bytes(layer.params, layer.rows, WIDE) - weight_bytes(layer.params, layer.rows, NARROW)
-        for layer in analysis.layers
+        layer.name: weight_bytes(layer.params, layer.rows, WIDE) - narrow_bytes[layer.name] for layer in analysis.layers
     }
     size = sum(weight_bytes(layer.params, layer.rows, WIDE) for layer in analysis.layers)
     increase = 0.0
@@ -162,7 +181,7 @@ def plan_llm(
             else f"linears to {NARROW} while the predicted perplexity stays within {1 + (max_increase or 0):.3f}x"
         ),
     }
-    return LLMPlan(chosen, embedding), prediction
+    return LLMPlan(chosen, embedding, zero_points=analysis.zero_points), prediction
 
 
 @dataclass
@@ -193,10 +212,10 @@ class _Swapper:
     at the plan's precision: quantized modules are made once (GPTQ'd like the program's) and swapped
     in and out, so each measurement is one forward pass over the check text."""
 
-    def __init__(self, model: Any, hessians: Hessians | None, embedding: str) -> None:
+    def __init__(self, model: Any, hessians: Hessians | None, embedding: str, zero_points: bool) -> None:
         from edgeq.llm.export import quantize_layers
 
-        self.model, self.hessians = model, hessians
+        self.model, self.hessians, self.zero_points = model, hessians, zero_points
         self.names = {target: name for name, target in linear_modules(model).items()}
         self.made: dict[tuple[str, str], torch.nn.Module] = {}
         table = model.get_input_embeddings()
@@ -206,7 +225,7 @@ class _Swapper:
         key = (target, precision)
         if key not in self.made:
             original = self.model.get_submodule(self.names[target])
-            self.made[key] = _quantized_copy(original, target, precision, self.hessians)
+            self.made[key] = _quantized_copy(original, target, precision, self.hessians, self.zero_points)
         return self.made[key]
 
     def loss(self, precisions: dict[str, str], windows: list[list[int]]) -> float:
@@ -242,7 +261,7 @@ def check_plan(
     on the whole plan, as measured, not only as predicted."""
     start = time.perf_counter()
     check = PlanCheck(sum(len(w) - 1 for w in windows), _loss(model, windows), planned=len(order))
-    swapper = _Swapper(model, hessians, plan.embedding)
+    swapper = _Swapper(model, hessians, plan.embedding, plan.zero_points)
     base = {name: (WIDE if precision == NARROW else precision) for name, precision in plan.linears.items()}
 
     def ratio(k: int) -> float:
@@ -265,4 +284,4 @@ def check_plan(
         check.kept = low
     kept = {**base, **{name: NARROW for name in order[: check.kept]}}
     check.seconds = time.perf_counter() - start
-    return LLMPlan(kept, plan.embedding), check
+    return LLMPlan(kept, plan.embedding, zero_points=plan.zero_points), check
