@@ -98,6 +98,11 @@ class LLMBuildConfig:
             raise EdgeqError(f"--size-budget {self.size_budget} is not positive", "pass bytes or a share <= 1")
         if self.gptq_tokens < 0:
             raise EdgeqError(f"gptq_tokens {self.gptq_tokens} is negative", "pass 0 to round to nearest")
+        if self.zero_points and self.qat.steps:
+            raise EdgeqError(
+                "QAT trains against torchao's grids, which have no fractional zero points",
+                "drop --zero-points (or --steps): zero points are fitted by GPTQ or rounded to nearest",
+            )
         if self.eval_tokens < 16:
             raise EdgeqError("eval_tokens must be >= 16", "pass the held-out tokens to score, e.g. 512")
 

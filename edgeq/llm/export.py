@@ -23,7 +23,7 @@ import torch
 
 from edgeq.llm.convert import executorch_params, executorch_state_dict
 from edgeq.llm.gptq import Hessians, apply_gptq
-from edgeq.llm.zero_points import split_zero_points
+from edgeq.llm.zero_points import zero_point_linear
 
 __all__ = ["EMBEDDING", "LINEAR", "SCALES", "LLMPlan", "linear_config", "lower_llm", "quantize_layers"]
 
@@ -67,22 +67,13 @@ class LLMPlan:
 _INT4: torch.dtype = torch.int4  # type: ignore[attr-defined]
 
 
-def linear_config(precision: str, scales: str = "hqq", zero_points: bool = False) -> Any:
-    """The torchao config a linear at ``precision`` is lowered with (and QAT fake-quantizes to);
-    ``zero_points``: 4-bit groups asymmetric, min-max (``scales`` does not apply)."""
+def linear_config(precision: str, scales: str = "hqq") -> Any:
+    """The torchao config a linear at ``precision`` is lowered with (and QAT fake-quantizes to)."""
     if scales not in SCALES:
         raise ValueError(f"scales {scales!r} is not one of {SCALES}")
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
-    from torchao.quantization.quant_primitives import MappingType
 
-    if precision.startswith("w4g") and zero_points:
-        return Int8DynamicActivationIntxWeightConfig(
-            weight_dtype=_INT4,
-            weight_granularity=PerGroup(int(precision[3:])),
-            weight_mapping_type=MappingType.ASYMMETRIC,
-            intx_choose_qparams_algorithm="affine",
-        )
     if precision.startswith("w4g"):
         return Int8DynamicActivationIntxWeightConfig(
             weight_dtype=_INT4,
@@ -109,8 +100,8 @@ def _embedding_config(precision: str) -> Any:
 
 def quantize_layers(module: torch.nn.Module, plan: LLMPlan, hessians: Hessians | None = None) -> torch.nn.Module:
     """``module``'s linears and token table quantized in place as ``plan`` says (torchao ``quantize_``);
-    with ``hessians``, each quantized linear then gets GPTQ's integers on torchao's grid. Returns the
-    module (its replacement when ``module`` is itself a linear split for its zero points)."""
+    with ``hessians``, each quantized linear gets GPTQ's integers on its grid. With the plan's
+    ``zero_points``, each 4-bit linear is replaced by its ZeroPointLinear (edgeq.llm.zero_points)."""
     from torchao.quantization.quant_api import quantize_
 
     if plan.embedding != "float":
@@ -119,19 +110,25 @@ def quantize_layers(module: torch.nn.Module, plan: LLMPlan, hessians: Hessians |
             _embedding_config(plan.embedding),
             filter_fn=lambda m, fqn: isinstance(m, torch.nn.Embedding),
         )
+    split = {n for n, p in plan.linears.items() if plan.zero_points and p.startswith("w4g")}
     for precision in sorted(set(plan.linears.values()) - {"float"}):
-        names = {name for name, p in plan.linears.items() if p == precision}
+        names = {name for name, p in plan.linears.items() if p == precision} - split
         quantize_(
             module,
-            linear_config(precision, plan.scales, plan.zero_points),
+            linear_config(precision, plan.scales),
             filter_fn=lambda m, fqn, names=names: isinstance(m, torch.nn.Linear) and fqn in names,
         )
     if hessians is not None:
         for name, precision in plan.linears.items():
-            if precision != "float":
+            if precision != "float" and name not in split:
                 apply_gptq(module.get_submodule(name), name, hessians)
-    if plan.zero_points:  # after GPTQ: it fits the integers to the asymmetric grid
-        module = split_zero_points(module, linear_config("w8dyn"))
+    for name in sorted(split):
+        linear = module.get_submodule(name)
+        replaced = zero_point_linear(linear, int(plan.linears[name][3:]), linear_config("w8dyn"), hessians, name)
+        if not name:
+            return replaced
+        parent, _, attribute = name.rpartition(".")
+        setattr(module.get_submodule(parent), attribute, replaced)
     return module
 
 

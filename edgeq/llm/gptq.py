@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Hessians", "collect_hessians", "gptq_integers", "apply_gptq"]
+__all__ = ["Hessians", "collect_hessians", "fitted_integers", "gptq_integers", "apply_gptq"]
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Hessians:
     seconds: float = 0.0
     #: GPTQ's integers per (linear, scale fingerprint): the analysis and the lowering quantize the
     #: same weights with the same config, so the second asks for what the first computed
-    _cache: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    _cache: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __contains__(self, name: str) -> bool:
         return name in self.matrices
@@ -119,7 +119,7 @@ def gptq_integers(
         for i in range(i2 - i1):
             col = w1[:, i]
             s, z = col_scale[:, i1 + i], col_zero[:, i1 + i]
-            qi = torch.clamp(torch.round(col / s) + z, qmin, qmax)
+            qi = torch.clamp(torch.round(col / s + z), qmin, qmax)  # z may be fractional (edgeq.llm.zero_points)
             q[:, i1 + i] = qi
             err = (col - (qi - z) * s) / inv1[i, i]
             w1[:, i:] -= err.unsqueeze(1) * inv1[i, i:].unsqueeze(0)
@@ -149,15 +149,22 @@ def apply_gptq(linear: torch.nn.Module, name: str, hessians: Hessians) -> bool:
         # the program will hold, not to float32 ones it rounds afterwards
         scale.copy_(scale.to(torch.bfloat16).to(scale.dtype))
     zero = tensor.zero_point.reshape(scale.shape)
-    key = (name, _fingerprint(scale))
+    tensor.qdata.copy_(fitted_integers(hessians, name, scale, zero, _range(tensor)))
+    return True
+
+
+def fitted_integers(
+    hessians: Hessians, name: str, scale: torch.Tensor, zero: torch.Tensor, bounds: tuple[int, int]
+) -> torch.Tensor:
+    """GPTQ's int8-held integers for ``name``'s float weight on the grid ``scale`` / ``zero`` ([out,
+    groups]; ``zero`` may be fractional) within ``bounds``, computed once per grid: the analysis and
+    the lowering ask for the same layer on the same grid."""
+    key = (name, _fingerprint(scale), _fingerprint(zero))
     integers = hessians._cache.get(key)
     if integers is None:
-        qmin, qmax = _range(tensor)
-        integers = gptq_integers(hessians.weights[name], hessians.matrices[name], scale, zero, qmin, qmax)
-        integers = integers.to(tensor.qdata.dtype)
-        hessians._cache[key] = integers
-    tensor.qdata.copy_(integers)
-    return True
+        integers = gptq_integers(hessians.weights[name], hessians.matrices[name], scale, zero, *bounds)
+        hessians._cache[key] = integers = integers.to(torch.int8)
+    return integers
 
 
 def _range(tensor: Any) -> tuple[int, int]:

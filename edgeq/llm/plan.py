@@ -23,7 +23,7 @@ import torch
 from edgeq.llm.convert import executorch_name
 from edgeq.llm.export import LLMPlan
 from edgeq.llm.gptq import Hessians, apply_gptq
-from edgeq.llm.zero_points import split_zero_points, zero_point_bytes
+from edgeq.llm.zero_points import zero_point_bytes, zero_point_linear
 
 __all__ = ["LayerCost", "LLMAnalysis", "PlanCheck", "analyze_llm", "check_plan", "plan_llm", "weight_bytes"]
 
@@ -96,18 +96,14 @@ def _quantized_copy(
     module: torch.nn.Module, target: str, precision: str, hessians: Hessians | None, zero_points: bool
 ) -> torch.nn.Module:
     """A copy of one linear (``target``: its ExecuTorch name) quantized at ``precision`` as the program
-    will hold it (GPTQ's integers with ``hessians``, split for its zero points)."""
-    from torchao.quantization.quant_api import quantize_
+    will hold it (GPTQ's integers with ``hessians``; split for its zero points with ``zero_points``)."""
+    from edgeq.llm.export import linear_config, quantize_layers
 
-    from edgeq.llm.export import linear_config
-
-    quantized = copy.deepcopy(module)
-    # quantize_layers' own split would come before GPTQ, which has to fit the asymmetric grid first
-    quantize_(quantized, linear_config(precision, zero_points=zero_points), filter_fn=lambda m, fqn: fqn == "")
+    if zero_points and precision.startswith("w4g"):
+        return zero_point_linear(module, int(precision[3:]), linear_config("w8dyn"), hessians, target)
+    quantized = quantize_layers(copy.deepcopy(module), LLMPlan({"": precision}, "float"))
     if hessians is not None:
         apply_gptq(quantized, target, hessians)
-    if zero_points:
-        quantized = split_zero_points(quantized, linear_config("w8dyn"))
     return quantized
 
 

@@ -128,7 +128,7 @@ def _fake_quantized(model: Any, plan: LLMPlan) -> tuple[Any, list[torch.nn.Param
         chosen = {hf for hf, target in names.items() if plan.linears.get(target) == precision}
         quantize_(
             student,
-            QATConfig(linear_config(precision, "minmax", plan.zero_points), step="prepare"),
+            QATConfig(linear_config(precision, "minmax"), step="prepare"),
             filter_fn=lambda m, fqn, chosen=chosen: isinstance(m, torch.nn.Linear) and fqn in chosen,
         )
     trained = [student.get_submodule(hf).weight for hf, t in names.items() if plan.linears.get(t, "float") != "float"]

@@ -2,11 +2,12 @@
 
 An asymmetric group grid (a step ``s`` and a zero point ``z`` per group of ``g``
 input columns, ``w = s * (q - z)``; llama.cpp's Q4_1, GPTQ's and AWQ's usual
-grid) uses all 16 levels on a group whose weights are not centred on zero,
-where a symmetric one (``w = s * q``) wastes part of its range. XNNPACK's 4-bit
-kernels (qb4w, ExecuTorch's 8da4w) hold no zero points: its lowering drops
-them. Since ``s * (q - z) = s * q - s * z`` and ``s * z`` is constant over a
-group, the layer splits exactly:
+grid) spends all 16 levels between a group's own minimum and maximum, where a
+symmetric one (``w = s * q``) spans ``[-max|w|, max|w|]`` and wastes part of it
+on a group that is not centred on zero. XNNPACK's 4-bit kernels (qb4w,
+ExecuTorch's 8da4w) hold no zero points: its lowering drops them. Since
+``s * (q - z) = s * q - s * z`` and ``s * z`` is constant over a group, the
+layer splits exactly:
 
     y = x (s q)^T + S(x) O^T,   S(x): the sums of x over each group of g columns,
                                 O[o, k] = -s[o, k] z[o, k]
@@ -14,25 +15,30 @@ group, the layer splits exactly:
 ``s q`` is a symmetric 4-bit group linear XNNPACK runs as it is; ``O`` is a
 small linear (``in / g`` inputs) kept at 8 bits per channel with 8-bit dynamic
 activations: a byte per group and a scale per row, 0.25 bits per weight at
-groups of 32. The only change from the asymmetric grid is the 8-bit rounding
-of ``O`` and of the group sums.
+groups of 32. Because ``z`` is only ever stored inside ``O``, it need not be an
+integer, so the grid is each group's own min-max in 16 levels, as Q4_1's is.
+What differs from that grid is the 8-bit rounding of ``O`` and of the group
+sums, and the steps' bfloat16.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ZeroPointLinear", "split_zero_points", "zero_point_bytes"]
+from edgeq.llm.gptq import Hessians, fitted_integers
+
+__all__ = ["ZeroPointLinear", "asymmetric_grid", "zero_point_bytes", "zero_point_linear"]
 
 
 class ZeroPointLinear(nn.Module):
     """A 4-bit group linear with symmetric integers (``main``) plus its zero points' share of the
     output (``offsets``, applied to the sums of the input over each group of ``group`` columns)."""
 
-    def __init__(self, main: nn.Linear, offsets: nn.Linear, group: int) -> None:
+    def __init__(self, main: nn.Module, offsets: nn.Module, group: int) -> None:
         super().__init__()
         self.main, self.offsets, self.group = main, offsets, group
 
@@ -50,49 +56,50 @@ def zero_point_bytes(params: int, rows: int, group: int) -> float:
     return params / group + 4.0 * rows
 
 
-def _split(linear: nn.Linear, offsets_config: Any) -> nn.Module:
-    """``linear`` (torchao's asymmetric group-quantized weight) as a ZeroPointLinear, or itself when
-    its weight has no zero point to carry."""
-    from torchao.quantization import IntxUnpackedToInt8Tensor
+def asymmetric_grid(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's step and zero point ([out, in / group]) spanning its own minimum to maximum in
+    16 levels (integers -8..7). The zero point is fractional, unlike torchao's asymmetric grids,
+    which put 0.0 exactly on the grid and so cannot hold a group that a GGUF Q4_1 file (a float
+    minimum and a step) holds; here it is never stored as an integer, only as the offsets. Steps
+    are rounded to bfloat16, as XNNPACK holds them."""
+    rows, columns = weight.shape
+    grouped = weight.detach().float().reshape(rows, columns // group, group)
+    low, high = grouped.amin(-1), grouped.amax(-1)
+    step = ((high - low) / 15).clamp(min=1e-8).to(torch.bfloat16).float()
+    return step, -low / step - 8
 
-    weight = linear.weight
-    if not isinstance(weight, IntxUnpackedToInt8Tensor) or weight.target_dtype == torch.int8:
-        return linear
-    rows, columns = weight.qdata.shape
-    scale = weight.scale.reshape(rows, -1)
-    zero = weight.zero_point.reshape(rows, -1).float()
-    if not bool(zero.any()):
-        return linear
-    group = columns // scale.shape[1]
-    offsets = nn.Linear(scale.shape[1], rows, bias=False)
+
+def zero_point_linear(
+    linear: nn.Module, group: int, offsets_config: Any, hessians: Hessians | None = None, name: str = ""
+) -> ZeroPointLinear:
+    """``linear`` on its asymmetric 4-bit grid (:func:`asymmetric_grid`), integers rounded to nearest
+    or, when ``hessians`` has ``name``, fitted by GPTQ; split into XNNPACK's symmetric 8da4w linear
+    (torchao's tensor, its integers and steps replaced) and the 8-bit offsets (``offsets_config``,
+    the program's 8-bit dynamic linear config)."""
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, quantize_
+
+    weight = torch.as_tensor(linear.weight).detach().float()
+    step, zero = asymmetric_grid(weight, group)
+    if hessians is not None and name in hessians:
+        integers = fitted_integers(hessians, name, step, zero, (-8, 7))
+    else:
+        columns = weight.reshape(weight.shape[0], -1, group)
+        integers = torch.round(columns / step.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(-8, 7).reshape(weight.shape)
+    main = copy.deepcopy(linear)
+    symmetric = Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int4,  # type: ignore[attr-defined]
+        weight_granularity=PerGroup(group),
+        intx_choose_qparams_algorithm="affine",
+    )
+    quantize_(main, symmetric, filter_fn=lambda m, fqn: fqn == "")
+    held: Any = main.weight  # torchao's IntxUnpackedToInt8Tensor
     with torch.no_grad():
-        # XNNPACK keeps group scales in bfloat16: the offsets use the steps the main part will run
-        held = weight.scale.to(torch.bfloat16).to(weight.scale.dtype)
-        weight.scale.copy_(held)
-        offsets.weight.copy_(-held.reshape(rows, -1).float() * zero * group)
-        weight.zero_point.zero_()
-    from torchao.quantization.quant_api import quantize_
-
-    quantize_(offsets, offsets_config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
-    return ZeroPointLinear(linear, offsets, group)
-
-
-def split_zero_points(module: nn.Module, offsets_config: Any) -> nn.Module:
-    """``module`` with every asymmetric 4-bit group linear split into a ZeroPointLinear whose offsets
-    are quantized with ``offsets_config`` (a torchao config: the program's 8-bit dynamic linear),
-    in place; returns the module, or its replacement when ``module`` itself is such a linear. Run
-    it after GPTQ, which fits the integers to the asymmetric grid."""
-    if isinstance(module, nn.Linear):
-        return _split(module, offsets_config)
-    for name, child in list(module.named_children()):
-        if isinstance(child, ZeroPointLinear):
-            continue
-        replaced = split_zero_points(child, offsets_config)
-        if replaced is not child:
-            setattr(module, name, replaced)
-    return module
-
-
-def has_zero_points(module: Any) -> bool:
-    """Whether ``module`` holds a ZeroPointLinear (for tests and reports)."""
-    return any(isinstance(m, ZeroPointLinear) for m in module.modules())
+        held.qdata.copy_(integers.to(held.qdata.dtype))
+        held.scale.copy_(step.reshape(held.scale.shape).to(held.scale.dtype))
+        held.zero_point.zero_()
+    offsets = nn.Linear(step.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        offsets.weight.copy_(-step * zero * group)  # the group mean times group is the group sum
+    quantize_(offsets, offsets_config, filter_fn=lambda m, fqn: fqn == "")
+    return ZeroPointLinear(main, offsets, group)
