@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -99,3 +100,46 @@ def test_the_lowered_program_runs_the_split_in_one_xnnpack_delegate_as_eager_doe
     finally:
         runner.close()
     torch.testing.assert_close(got, wrapped(x), atol=1e-4, rtol=1e-4)
+
+
+def test_a_decoder_with_zero_points_lowers_to_the_program_its_eager_twin_computes(tmp_path):
+    from test_llm import _tiny_llama, _tokenizer
+
+    from edgeq.llm.evaluate import load_llm_program
+    from edgeq.llm.export import linear_names, lower_llm
+    from edgeq.llm.plan import _quantized_copy, _swap, linear_modules
+
+    model = _tiny_llama()
+    names = linear_modules(model)
+    plan = LLMPlan.uniform(linear_names({"n_layers": 2}), "w4g32", "float", zero_points=True)
+    program = lower_llm(model, _tokenizer(tmp_path, 256), 32, plan, {"get_bos_id": 0, "get_eos_ids": [0]})
+    for name, target in names.items():  # the HF model with the very modules the program was made from
+        _swap(model, name, _quantized_copy(model.get_submodule(name), target, "w4g32", None, True))
+    assert sum(isinstance(m, ZeroPointLinear) for m in model.modules()) == len(names)
+    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        eager = model(tokens).logits[0]
+    method = load_llm_program(program)
+    tolerance = {"atol": 2e-3 * float(eager.abs().max()), "rtol": 0}
+    prefill = method.execute([tokens[:, :8], torch.tensor([0])])[0]
+    torch.testing.assert_close(prefill.reshape(-1, 256)[-1], eager[7], **tolerance)
+    for position in range(8, 12):  # decode steps through the static KV cache
+        step = method.execute([tokens[:, position : position + 1], torch.tensor([position])])[0]
+        torch.testing.assert_close(step.reshape(-1, 256)[-1], eager[position], **tolerance)
+
+
+def test_zero_points_are_refused_in_one_line_where_they_do_not_apply(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgeq.cli import app
+    from edgeq.errors import EdgeqError
+    from edgeq.llm.build import LLMBuildConfig
+    from edgeq.llm.qat import LLMQATConfig
+
+    with pytest.raises(EdgeqError, match="QAT trains against torchao's grids") as raised:
+        LLMBuildConfig(zero_points=True, qat=LLMQATConfig(steps=8))
+    assert "\n" not in str(raised.value)
+    out = tmp_path / "digits"
+    result = CliRunner().invoke(app, ["build", "--zero-points", "--out", str(out)])  # the bundled digits CNN
+    assert result.exit_code != 0 and "--zero-points applies to LLM recipes only" in result.output
+    assert not out.exists()
