@@ -46,6 +46,23 @@ def test_the_qnn_flows_static_llama_computes_the_hugging_face_models_scores(tiny
     assert torch.equal(static.predictions, reference.predictions)
 
 
+def test_the_static_llama_continues_a_prompt_as_the_hugging_face_model_does(tiny):
+    """Greedy generation by re-running the batch-prefill window (how an HTP program without a KV cache
+    generates) gives the Hugging Face model's own greedy tokens."""
+    from edgeq.errors import EdgeqError
+    from edgeq.llm.htp import generate_static, static_decoder
+
+    model, _, windows = tiny
+    decoder = static_decoder(model, SEQ)
+    prompt = windows[0][:12]
+    with torch.no_grad():
+        ours = generate_static(decoder, prompt, SEQ, 8)
+        theirs = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert ours == theirs[0, len(prompt) :].tolist()
+    with pytest.raises(EdgeqError, match="do not fit the program's 64"):
+        generate_static(decoder, windows[0][:60], SEQ, 8)
+
+
 def test_each_linear_gets_the_htp_weight_width_of_its_place_in_the_plan(tiny):
     """4-bit linears quantize in blocks of 32 input channels to [-7, 7] (QnnQuantizer's 16a4w_block, as
     the plan's w4g32 groups) and 8-bit ones per channel to [-127, 127]: the plan reaches QnnQuantizer by
@@ -88,7 +105,7 @@ def test_an_htp_program_of_a_planned_decoder_runs_on_the_simulator_near_float(ti
     import copy
 
     from edgeq.llm.evaluate import score_float
-    from edgeq.llm.htp import build_htp
+    from edgeq.llm.htp import build_htp, generate_on_htp
 
     model, calibration, windows = tiny
     # the float reference is the model given as reference (the float one when the lowered weights were trained)
@@ -107,3 +124,9 @@ def test_an_htp_program_of_a_planned_decoder_runs_on_the_simulator_near_float(ti
     low, high = accuracy["perplexity_ratio_interval"]
     assert low <= accuracy["perplexity_ratio"] <= high
     assert set(result.precisions.values()) == {"16a4w_block", "16a8w"} and result.precisions["output"] == "16a8w"
+    # the program generates on the simulator; its first greedy tokens are the float model's
+    prompt = windows[1][:12]
+    (generated,) = generate_on_htp(program, [prompt], SEQ, 6)
+    with torch.no_grad():
+        float_tokens = model.generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert len(generated) == 6 and generated[:2] == float_tokens[0, len(prompt) : len(prompt) + 2].tolist()

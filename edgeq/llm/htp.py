@@ -30,7 +30,7 @@ from edgeq.llm.evaluate import TokenScores, _scores, compare
 from edgeq.llm.export import LLMPlan
 from edgeq.timing import Stages
 
-__all__ = ["HTP_PRECISION", "HtpResult", "build_htp", "static_decoder"]
+__all__ = ["HTP_PRECISION", "HtpResult", "build_htp", "generate_on_htp", "generate_static", "static_decoder"]
 
 #: the HTP precision of each LLM precision, as ExecuTorch's Qualcomm LLM recipes quantize (the HTP runs
 #: integer activations only, at 16 bits there): 4-bit weights in blocks of the same size along the input
@@ -156,6 +156,34 @@ def score_static(forward: Any, windows: list[list[int]], seq_len: int) -> TokenS
         nll.append(n)
         predictions.append(p)
     return TokenScores(torch.cat(nll), torch.cat(predictions))
+
+
+def generate_static(forward: Any, prompt: list[int], seq_len: int, new_tokens: int) -> list[int]:
+    """Greedy continuation of ``prompt`` by a batch-prefill forward (the static model, or the HTP
+    program's): each token is the argmax at the last position of the whole window run again, since
+    the program has no KV cache; ``seq_len`` bounds prompt plus continuation."""
+    if len(prompt) + new_tokens > seq_len:
+        raise EdgeqError(
+            f"a prompt of {len(prompt)} tokens and {new_tokens} new ones do not fit the program's {seq_len}",
+            "shorten the prompt or generate fewer tokens",
+        )
+    mask = causal_mask(seq_len)
+    tokens = list(prompt)
+    for _ in range(new_tokens):
+        logits = forward(_padded(tokens, seq_len), mask)
+        tokens.append(int(logits[0, len(tokens) - 1].argmax()))
+    return tokens[len(prompt) :]
+
+
+def generate_on_htp(program: bytes, prompts: list[list[int]], seq_len: int, new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of each prompt by the HTP program on the simulator (:func:`generate_static`)."""
+    from edgeq.runtime import ProgramRunner
+
+    runner = ProgramRunner(program)
+    try:
+        return [generate_static(lambda ids, m: runner.execute(ids, m)[0], p, seq_len, new_tokens) for p in prompts]
+    finally:
+        runner.close()
 
 
 def build_htp(
