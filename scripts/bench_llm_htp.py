@@ -21,9 +21,9 @@ import llm_recipes
 from bench_report import commit, machine, table, write_section
 
 from edgeq.llm.convert import executorch_params
-from edgeq.llm.evaluate import encode_windows
+from edgeq.llm.evaluate import encode_windows, prompts_from
 from edgeq.llm.export import LLMPlan, linear_names
-from edgeq.llm.htp import build_htp
+from edgeq.llm.htp import build_htp, generate_on_htp
 from edgeq.llm.qat import LLMQATConfig, distill
 from edgeq.llm.recipe import llm_recipe_from_module
 
@@ -98,6 +98,46 @@ def _row(name: str, result: dict) -> list[str]:
     ]
 
 
+def _generation(program: bytes, model, prompt: str, seq: int, new_tokens: int) -> dict:
+    """The program's greedy continuation of ``prompt`` on the simulator beside the float model's."""
+    import torch
+
+    tokenizer = llm_recipes.tokenizer()
+    ids = tokenizer(prompt)["input_ids"]
+    start = time.perf_counter()
+    (htp,) = generate_on_htp(program, [ids], seq, new_tokens)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    reference = out[0, len(ids) :].tolist()
+    same = next((i for i, (a, b) in enumerate(zip(htp, reference)) if a != b), len(htp))
+    return {
+        "prompt": prompt,
+        "htp": tokenizer.decode(htp),
+        "float": tokenizer.decode(reference),
+        "tokens": new_tokens,
+        "same_prefix": same,
+        "seconds": seconds,
+    }
+
+
+def _generations(results: dict) -> str:
+    lines = [
+        f'- {name}: prompt "{g["prompt"]}"; HTP program: "{g["htp"]}"; float model: "{g["float"]}" '
+        f"(the first {g['same_prefix']} of {g['tokens']} tokens the same; {g['seconds'] / 60:.1f} min on the simulator)"
+        for name, row in results.items()
+        if (g := row.get("generation"))
+    ]
+    if not lines:
+        return ""
+    return (
+        "Greedy generation on the simulator (`--generate`; `edgeq.llm.htp.generate_on_htp`: the batch-prefill "
+        "program run again on the growing window for each token, as it has no KV cache):\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="*", default=None)
@@ -105,6 +145,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=512)
     parser.add_argument("--calibration-windows", type=int, default=16)
     parser.add_argument("--qat-steps", type=int, default=0, help="also the 4-bit row with QAT'd weights")
+    parser.add_argument("--generate", type=int, default=0, help="greedy tokens each program generates from a prompt")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if not llm_recipes.available():
@@ -124,8 +165,10 @@ def main() -> None:
     for name in list(plans) if args.rows is None else args.rows:  # --rows alone: rewrite the section only
         start = time.perf_counter()
         weights = _qat_weights(model, plans[name], texts, tokenizer, args.qat_steps) if name.endswith("QAT") else model
-        _, result = build_htp(weights, plans[name], calibration, windows, seq, reference=model)
+        program, result = build_htp(weights, plans[name], calibration, windows, seq, reference=model)
         row = result.to_dict() | {"seconds": time.perf_counter() - start, "commit": commit()}
+        if args.generate:
+            row["generation"] = _generation(program, model, prompts_from(eval_texts, 1)[0], seq, args.generate)
         row["measured"] = time.strftime("%Y-%m-%d %H:%M")
         results[name] = row
         print(name, json.dumps({k: row[k] for k in ("accuracy", "timings", "program_bytes")}), flush=True)
@@ -144,8 +187,8 @@ def main() -> None:
         f"on {args.eval_tokens} held-out WikiText-2 tokens in windows of {seq} against the float model on the "
         "same tokens (perplexity ratio with its paired bootstrap interval, agreement with its Wilson "
         "interval). Not run: the flow's KV-cache decode graph and ExecuTorch's `qnn_llama_runner` (a C++ "
-        "binary built from ExecuTorch's source against a QAIRT SDK), so no generation and no tokens/s; the "
-        "simulator's seconds say nothing about a phone's.\n\n"
+        "binary built from ExecuTorch's source against a QAIRT SDK), so generation only by re-running the "
+        "batch-prefill program (below) and no tokens/s; the simulator's seconds say nothing about a phone's.\n\n"
         + table(
             [
                 "linears",
@@ -158,6 +201,7 @@ def main() -> None:
             [_row(name, results[name]) for name in results],
         )  # fmt: skip
         + "\n\n"
+        + _generations(results)
         + READING
     )
     print(body)
