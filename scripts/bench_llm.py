@@ -75,14 +75,15 @@ READING = """Reading it:
   by an 8-bit linear over the input's group sums beside XNNPACK's symmetric 8da4w linear. Uniform w4g32 with
   them (GPTQ): 0.169x at 1.043x [1.022, 1.065], 86.4% agreement, against 1.368x and 70.0% for symmetric
   groups at 0.161x: the first row under 0.20x whose perplexity is within 1.05x (its interval reaches 1.065x).
-  Mind why: these weights already sit on exactly such a grid (an eager probe of the same grid with float activations measured 1.000x, 100% agreement; with 8-bit
-  dynamic activations alone 1.030x), so this measures little more than XNNPACK's 8-bit activations and the
-  4-bit head; on the truly float tiny LM (`scripts/bench_llm_float.py`) the same grid gains far less. The price
-  is speed: the group sums and the second linear per layer cost decode 1.9x the float program's here (90.6 vs
-  48.2 tokens/s) against 2.5-3.4x for the uniform symmetric 4-bit rows; a linears-only stack of SmolLM2's
-  shapes ran 3.9 ms per token symmetric, 6.7 ms with zero points, 4.7 ms of which without the group mean (XNNPACK's
-  global average pool), so sharing one group mean between the linears that read the same input (q/k/v,
-  gate/up) is the next step.
+  Mind why: these weights already sit on exactly such a grid (an eager probe of that grid with float
+  activations measured 1.000x and 100% agreement, with 8-bit dynamic activations 1.030x), so the row measures
+  little more than XNNPACK's 8-bit activations and the 4-bit head. On the truly float tiny LM
+  (`scripts/bench_llm_float.py`) the same grid gains less: rounded, 1.0053x against symmetric groups' 1.0111x;
+  with GPTQ, 1.0030x against 1.0035x. The price is speed: decode 1.9x the float program's here (90.6 vs 48.2
+  tokens/s) against 2.5-3.4x for the uniform symmetric 4-bit rows. A stack of SmolLM2's 210 linears alone
+  ran 3.9 ms per token with symmetric groups, 6.7 ms with zero points and 4.7 ms with the offsets linears
+  but no group mean (XNNPACK's global average pool): one group mean shared by the linears that read the same
+  input (q/k/v, gate/up) is the next step.
 - Speed: every quantized program with symmetric groups decodes 2.0-3.9x faster than the float one in the runner
   on this host (2.0x in the one row measured while the HTP benchmark shared the cores); with zero points 1.9x.
 - Build times are not clean: every build shared the 2 cores with an ImageNet build and test runs (the
