@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import llm_recipes
-from bench_report import commit, machine, table, write_section
+from bench_report import commit, machine, perplexity_cells, table, write_section
 
 from edgeq.llm.build import LLMBuildConfig, build_llm
 from edgeq.llm.qat import LLMQATConfig
@@ -127,7 +127,6 @@ ROWS = {
 
 def _row(name: str, report: dict) -> list[str]:
     acc, size, speed = report["accuracy"], report["size"], report["speed"]
-    low, high = acc["perplexity_ratio_interval"]
     planning = report.get("planning") or {}
     narrow = sum(1 for p in report["plan"]["linears"].values() if p == "w4g32")
     if planning.get("predicted_perplexity_ratio"):
@@ -153,9 +152,7 @@ def _row(name: str, report: dict) -> list[str]:
     return [
         name,
         f"{size['program_bytes'] / 1e6:.1f} MB ({size['ratio']:.3f}x)",
-        f"{acc['float_perplexity']:.2f}",
-        f"{acc['program_perplexity']:.2f} ({acc['perplexity_ratio']:.3f}x [{low:.3f}, {high:.3f}])",
-        f"{acc['agreement']:.1f} [{acc['agreement_interval'][0]:.1f}, {acc['agreement_interval'][1]:.1f}]",
+        *perplexity_cells(acc),
         f"{speed['decode_tokens_per_s']:.1f} / {speed['float_decode_tokens_per_s']:.1f}",
         f"{speed['prefill_tokens_per_s']:.0f} / {speed['float_prefill_tokens_per_s']:.0f}",
         f"{report['wall_seconds'] / 60:.1f} min",

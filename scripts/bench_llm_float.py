@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_report import commit, machine, table, write_section
+from bench_report import commit, machine, perplexity_cells, table, write_section
 
 from edgeq.llm.build import LLMBuildConfig, build_llm
 
@@ -45,13 +45,10 @@ ROWS = {
 
 def _row(name: str, report: dict) -> list[str]:
     acc, size = report["accuracy"], report["size"]
-    low, high = acc["perplexity_ratio_interval"]
     return [
         name,
         f"{size['program_bytes'] / 1e3:.0f} kB ({size['ratio']:.3f}x)",
-        f"{acc['float_perplexity']:.3f}",
-        f"{acc['program_perplexity']:.3f} ({acc['perplexity_ratio']:.4f}x [{low:.4f}, {high:.4f}])",
-        f"{acc['agreement']:.1f} [{acc['agreement_interval'][0]:.1f}, {acc['agreement_interval'][1]:.1f}]",
+        *perplexity_cells(acc, ppl_digits=3, ratio_digits=4),
     ]
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import llm_recipes
-from bench_report import commit, machine, table, write_section
+from bench_report import commit, machine, perplexity_cells, table, write_section
 
 from edgeq.llm.convert import executorch_params
 from edgeq.llm.evaluate import encode_windows, prompts_from
@@ -85,15 +85,12 @@ def _qat_weights(model, plan: LLMPlan, texts: list[str], tokenizer: Path, steps:
 
 def _row(name: str, result: dict) -> list[str]:
     acc = result["accuracy"]
-    low, high = acc["perplexity_ratio_interval"]
     narrow = sum(1 for p in result["precisions"].values() if p == "16a4w_block")
     t = result["timings"]
     return [
         f"{name}: {narrow} of {len(result['precisions'])} linears 16a4w_block",
         f"{result['program_bytes'] / 1e6:.1f} MB",
-        f"{acc['float_perplexity']:.2f}",
-        f"{acc['program_perplexity']:.2f} ({acc['perplexity_ratio']:.3f}x [{low:.3f}, {high:.3f}])",
-        f"{acc['agreement']:.1f} [{acc['agreement_interval'][0]:.1f}, {acc['agreement_interval'][1]:.1f}]",
+        *perplexity_cells(acc),
         f"{t['quantize']:.0f} / {t['lower']:.0f} / {t['simulate']:.0f} s",
     ]
 

@@ -166,3 +166,16 @@ def timed_build(recipe, out: Path, **settings) -> dict:
     report = json.loads((out / "report.json").read_text())
     report["wall_seconds"] = time.perf_counter() - start
     return report
+
+
+def perplexity_cells(acc: dict, ppl_digits: int = 2, ratio_digits: int = 3) -> list[str]:
+    """An LLM row's float perplexity, the program's (ratio with its 95% interval) and next-token agreement
+    (with its interval), from edgeq.llm.evaluate.compare's dict."""
+    low, high = acc["perplexity_ratio_interval"]
+    agree_low, agree_high = acc["agreement_interval"]
+    r = ratio_digits
+    return [
+        f"{acc['float_perplexity']:.{ppl_digits}f}",
+        f"{acc['program_perplexity']:.{ppl_digits}f} ({acc['perplexity_ratio']:.{r}f}x [{low:.{r}f}, {high:.{r}f}])",
+        f"{acc['agreement']:.1f} [{agree_low:.1f}, {agree_high:.1f}]",
+    ]
