@@ -124,12 +124,21 @@ def quantize_layers(module: torch.nn.Module, plan: LLMPlan, hessians: Hessians |
                 apply_gptq(module.get_submodule(name), name, hessians)
     for name in sorted(split):
         linear = module.get_submodule(name)
-        replaced = zero_point_linear(linear, int(plan.linears[name][3:]), linear_config("w8dyn"), hessians, name)
+        replaced = zero_point_layer(linear, plan.linears[name], hessians, name)
         if not name:
             return replaced
         parent, _, attribute = name.rpartition(".")
         setattr(module.get_submodule(parent), attribute, replaced)
     return module
+
+
+def zero_point_layer(
+    linear: torch.nn.Module, precision: str, hessians: Hessians | None = None, name: str = ""
+) -> torch.nn.Module:
+    """``linear`` at the 4-bit ``precision`` with zero points (edgeq.llm.zero_points), its two parts
+    quantized with the program's own configs: the symmetric groups min-max, the offsets w8dyn."""
+    configs = (linear_config(precision, "minmax"), linear_config("w8dyn"))
+    return zero_point_linear(linear, int(precision[3:]), configs, hessians, name)
 
 
 def linear_names(params: dict[str, Any]) -> list[str]:

@@ -23,7 +23,7 @@ import torch
 from edgeq.llm.convert import executorch_name
 from edgeq.llm.export import LLMPlan
 from edgeq.llm.gptq import Hessians, apply_gptq
-from edgeq.llm.zero_points import zero_point_bytes, zero_point_linear
+from edgeq.llm.zero_points import zero_point_bytes
 
 __all__ = ["LayerCost", "LLMAnalysis", "PlanCheck", "analyze_llm", "check_plan", "plan_llm", "weight_bytes"]
 
@@ -97,10 +97,10 @@ def _quantized_copy(
 ) -> torch.nn.Module:
     """A copy of one linear (``target``: its ExecuTorch name) quantized at ``precision`` as the program
     will hold it (GPTQ's integers with ``hessians``; split for its zero points with ``zero_points``)."""
-    from edgeq.llm.export import linear_config, quantize_layers
+    from edgeq.llm.export import quantize_layers, zero_point_layer
 
     if zero_points and precision.startswith("w4g"):
-        return zero_point_linear(module, int(precision[3:]), linear_config("w8dyn"), hessians, target)
+        return zero_point_layer(module, precision, hessians, target)
     quantized = quantize_layers(copy.deepcopy(module), LLMPlan({"": precision}, "float"))
     if hessians is not None:
         apply_gptq(quantized, target, hessians)

@@ -70,14 +70,17 @@ def asymmetric_grid(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
 
 
 def zero_point_linear(
-    linear: nn.Module, group: int, offsets_config: Any, hessians: Hessians | None = None, name: str = ""
+    linear: nn.Module,
+    group: int,
+    configs: tuple[Any, Any],
+    hessians: Hessians | None = None,
+    name: str = "",
 ) -> ZeroPointLinear:
     """``linear`` on its asymmetric 4-bit grid (:func:`asymmetric_grid`), integers rounded to nearest
     or, when ``hessians`` has ``name``, fitted by GPTQ; split into XNNPACK's symmetric 8da4w linear
-    (torchao's tensor, its integers and steps replaced) and the 8-bit offsets (``offsets_config``,
-    the program's 8-bit dynamic linear config)."""
-    from torchao.quantization.granularity import PerGroup
-    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, quantize_
+    (torchao's tensor made with ``configs[0]``, its integers and steps replaced) and the 8-bit
+    offsets (``configs[1]``): the program's own torchao configs (edgeq.llm.export.linear_config)."""
+    from torchao.quantization.quant_api import quantize_
 
     weight = torch.as_tensor(linear.weight).detach().float()
     step, zero = asymmetric_grid(weight, group)
@@ -87,12 +90,7 @@ def zero_point_linear(
         columns = weight.reshape(weight.shape[0], -1, group)
         integers = torch.round(columns / step.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(-8, 7).reshape(weight.shape)
     main = copy.deepcopy(linear)
-    symmetric = Int8DynamicActivationIntxWeightConfig(
-        weight_dtype=torch.int4,  # type: ignore[attr-defined]
-        weight_granularity=PerGroup(group),
-        intx_choose_qparams_algorithm="affine",
-    )
-    quantize_(main, symmetric, filter_fn=lambda m, fqn: fqn == "")
+    quantize_(main, configs[0], filter_fn=lambda m, fqn: fqn == "")
     held: Any = main.weight  # torchao's IntxUnpackedToInt8Tensor
     with torch.no_grad():
         held.qdata.copy_(integers.to(held.qdata.dtype))
@@ -101,5 +99,5 @@ def zero_point_linear(
     offsets = nn.Linear(step.shape[1], weight.shape[0], bias=False)
     with torch.no_grad():
         offsets.weight.copy_(-step * zero * group)  # the group mean times group is the group sum
-    quantize_(offsets, offsets_config, filter_fn=lambda m, fqn: fqn == "")
+    quantize_(offsets, configs[1], filter_fn=lambda m, fqn: fqn == "")
     return ZeroPointLinear(main, offsets, group)
