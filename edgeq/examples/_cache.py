@@ -14,8 +14,10 @@ from torch import nn
 #: Intra-op threads every example trains with. A float reduction's order follows the thread count,
 #: so the same seed trained with 1 thread or 2 gives different weights (digits: up to 0.07 apart),
 #: and a build's outcome then hung on which process trained the example first (a test worker with
-#: 1 thread or a CLI subprocess with all cores).
-TRAIN_THREADS = 2
+#: 1 thread or a CLI subprocess with all cores). One thread, not two: parallel test workers hold
+#: one core each, and a worker training with two oversubscribed the cores (the detector's training
+#: set up in 366 s in a CI run against 52 s alone); one thread costs 10-30% (digits 11.6 s against 9.0 s).
+TRAIN_THREADS = 1
 
 
 def cache_path(name: str, settings: str) -> Path:
