@@ -12,12 +12,12 @@ import torch
 from edgeq.errors import EdgeqError
 
 
-def _tiny_llama(vocab: int = 256):
+def _tiny_llama(vocab: int = 256, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
         rope_theta=100000.0,  # SmolLM2's base; transformers 5 files it under rope_parameters
     )  # fmt: skip
