@@ -147,8 +147,9 @@ def build(
         if is_llm_module(module):
             _build_llm(module, source, config, given, qat)
             return
-        if config.zero_points:
-            raise EdgeqError("--zero-points applies to LLM recipes only", "drop --zero-points for this recipe")
+        if config.zero_points or config.head:
+            flag = "--zero-points" if config.zero_points else "--head"
+            raise EdgeqError(f"{flag} applies to LLM recipes only", f"drop {flag} for this recipe")
         loaded = recipe_from_module(module, source)
         with RichProgress() as progress:
             result = run_build(loaded, config, progress=progress, qat_overrides=qat)
@@ -161,8 +162,9 @@ def build(
 def _build_llm(module: Any, source: str, config: Any, given: set[str], qat: dict[str, Any]) -> None:
     """A decoder LLM recipe (edgeq.llm): --out, --target, --precision (every linear), --max-drop (the
     perplexity increase the per-layer plan may predict, in percent; 5 unless given), --size-budget,
-    --zero-points (asymmetric 4-bit groups, edgeq.llm.zero_points) and --steps / --lr (QAT by
-    distillation, edgeq.llm.qat: off unless --steps is given) apply."""
+    --zero-points (asymmetric 4-bit groups, edgeq.llm.zero_points), --head (the output head's own
+    precision) and --steps / --lr (QAT by distillation, edgeq.llm.qat: off unless --steps is given)
+    apply."""
     from edgeq.llm.build import LLMBuildConfig, build_llm
     from edgeq.llm.export import LINEAR
     from edgeq.llm.qat import LLMQATConfig
@@ -187,6 +189,8 @@ def _build_llm(module: Any, source: str, config: Any, given: set[str], qat: dict
         settings["size_budget"] = config.size_budget
     if config.zero_points:
         settings["zero_points"] = True
+    if config.head:
+        settings["head"] = config.head
     qat_settings = {k: qat[k] for k in ("steps", "lr") if qat.get(k) is not None}
     if qat_settings:
         settings["qat"] = LLMQATConfig(**qat_settings)

@@ -79,3 +79,51 @@ def test_the_plan_check_backs_off_to_the_longest_prefix_within_the_limit():
     assert [kept.linears[n] for n in names] == ["w4g32"] * check.kept + ["w8dyn"] * (len(names) - check.kept)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert abs(_loss(model, windows) - check.float_loss) < 1e-6
+
+
+def test_head_keeps_the_users_precision_in_uniform_and_planned_plans(tmp_path):
+    """--head: the output head at its own precision whatever --precision says, and out of the
+    per-layer plan: not narrowed, not in the planner's order, its bytes counted in the budget."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from edgeq.errors import EdgeqError
+    from edgeq.llm.build import LLMBuildConfig, _plan
+    from edgeq.llm.convert import executorch_params, executorch_state_dict
+    from edgeq.llm.export import HEAD
+    from edgeq.llm.plan import linear_modules, weight_bytes
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    g = torch.Generator().manual_seed(1)
+    texts = [" ".join(f"w{i}" for i in torch.randint(0, 256, (200,), generator=g).tolist()) for _ in range(4)]
+    params = executorch_params(model, 64)
+
+    def plan(**settings):
+        build = LLMBuildConfig(gptq_tokens=0, analysis_tokens=64, check_tokens=64, **settings)
+        return _plan(model, tmp_path / "tokenizer.json", texts, params, 64, build, None)
+
+    uniform, _ = plan(linear="w4g32", head="w8dyn")
+    assert uniform.linears[HEAD] == "w8dyn" and {p for n, p in uniform.linears.items() if n != HEAD} == {"w4g32"}
+    without, _ = plan(linear="w4g32")
+    assert without.linears[HEAD] == "w4g32"
+    # a budget the other linears meet only with most of them at 4 bits (the float token table is 0.23x)
+    planned, planning = plan(size_budget=0.4, head="w8dyn", embedding="float")
+    assert planned.linears[HEAD] == "w8dyn" and HEAD not in planning["order"]
+    assert HEAD not in {layer["name"] for layer in planning["analysis"]["layers"]}
+    # the program as priced: planned linears + the head at 8 bits + everything else at float, within 0.4x
+    float_bytes = 4.0 * sum(v.numel() for v in executorch_state_dict(model).values())
+    linear_params = sum(model.get_submodule(n).weight.numel() for n in linear_modules(model))
+    head = model.lm_head.weight
+    priced = planning["linear_bytes"] + weight_bytes(head.numel(), head.shape[0], "w8dyn")
+    assert priced + float_bytes - 4.0 * linear_params <= 0.4 * float_bytes
+    assert planning["narrow_layers"] >= 4
+    with pytest.raises(EdgeqError, match="unknown head precision 'w3'"):
+        LLMBuildConfig(head="w3")

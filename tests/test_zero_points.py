@@ -142,4 +142,6 @@ def test_zero_points_are_refused_in_one_line_where_they_do_not_apply(tmp_path):
     out = tmp_path / "digits"
     result = CliRunner().invoke(app, ["build", "--zero-points", "--out", str(out)])  # the bundled digits CNN
     assert result.exit_code != 0 and "--zero-points applies to LLM recipes only" in result.output
+    result = CliRunner().invoke(app, ["build", "--head", "w8dyn", "--out", str(out)])
+    assert result.exit_code != 0 and "--head applies to LLM recipes only" in result.output
     assert not out.exists()

@@ -33,7 +33,7 @@ from edgeq.llm.evaluate import (
     score_float,
     score_program,
 )  # fmt: skip
-from edgeq.llm.export import EMBEDDING, LINEAR, LLMPlan, linear_names, lower_llm
+from edgeq.llm.export import EMBEDDING, HEAD, LINEAR, LLMPlan, linear_names, lower_llm
 from edgeq.llm.gptq import Hessians, collect_hessians
 from edgeq.llm.memory import runner_memory
 from edgeq.llm.plan import analyze_llm, check_plan, linear_modules, plan_llm, weight_bytes
@@ -75,6 +75,9 @@ class LLMBuildConfig:
     #: 4-bit groups on an asymmetric min-max grid, their zero points carried by a small 8-bit linear
     #: beside each (edgeq.llm.zero_points): 0.25 bits more per weight at groups of 32
     zero_points: bool = False
+    #: the output head's precision (edgeq.llm.export.LINEAR) whatever the other linears get, kept
+    #: out of the plan (llama.cpp's --output-tensor-type); unset: as the others, or planned
+    head: str | None = None
     #: held-out tokens the perplexity and agreement are measured on
     eval_tokens: int = 512
     #: greedy generations shown side by side (prompts cut from the eval text)
@@ -90,6 +93,8 @@ class LLMBuildConfig:
     def __post_init__(self) -> None:
         if self.linear is not None and self.linear not in LINEAR:
             raise EdgeqError(f"unknown linear precision {self.linear!r}", f"use one of: {', '.join(LINEAR)}")
+        if self.head is not None and self.head not in LINEAR:
+            raise EdgeqError(f"unknown head precision {self.head!r}", f"use one of: {', '.join(LINEAR)}")
         if self.embedding not in EMBEDDING:
             raise EdgeqError(f"unknown embedding precision {self.embedding!r}", f"use one of: {', '.join(EMBEDDING)}")
         if self.max_drop < 0:
@@ -136,17 +141,24 @@ def _plan(
     """``--precision`` everywhere, or the per-layer plan (edgeq.llm.plan) under --max-drop / --size-budget."""
     if config.linear is not None:
         plan = LLMPlan.uniform(linear_names(params), config.linear, config.embedding, config.zero_points)
-        return plan, {"rule": "uniform"}
+        if config.head is not None:
+            plan.linears[HEAD] = config.head
+        return plan, {"rule": "uniform", "head": config.head}
     # the analysis reads the first analysis_tokens of the training text, the plan check the next ones
     windows = encode_windows(tokenizer, texts, max_seq_len, config.analysis_tokens + config.check_tokens)
     windows, check_windows = _split_windows(windows, config.analysis_tokens)
     analysis = analyze_llm(model, windows, hessians if config.gptq_analysis else None, config.zero_points)
+    head = next((layer for layer in analysis.layers if layer.name == HEAD), None) if config.head else None
+    if head is not None:  # --head: the user's precision, out of the plan (and of its prediction)
+        analysis.layers.remove(head)
     budget = None
     if config.size_budget is not None:
         float_bytes = 4.0 * sum(v.numel() for v in executorch_state_dict(model).values())
         budget = config.size_budget if config.size_budget > 1 else config.size_budget * float_bytes
         linear_params = sum(layer.params for layer in analysis.layers)
         other = float_bytes - 4.0 * linear_params  # the token table, norms: priced at float, an upper bound
+        if head is not None and config.head is not None:
+            other -= 4.0 * head.params - weight_bytes(head.params, head.rows, config.head, config.zero_points)
         if config.embedding != "float":
             table = model.get_input_embeddings().weight
             # e8: a byte per weight and a float scale per row; e4g32: half a byte and a scale per 32
@@ -154,7 +166,9 @@ def _plan(
             other -= 4.0 * table.numel() - kept
         budget -= other
     plan, prediction = plan_llm(analysis, config.embedding, config.max_drop / 100.0, budget)
-    planning = {**prediction, "analysis": analysis.to_dict()}
+    if head is not None and config.head is not None:
+        plan.linears[HEAD] = config.head
+    planning = {**prediction, "analysis": analysis.to_dict(), "head": config.head}
     if budget is None and config.check and check_windows:
         plan, check = check_plan(model, plan, prediction["order"], check_windows, config.max_drop / 100.0, hessians)
         planning["check"] = check.to_dict()

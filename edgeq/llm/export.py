@@ -25,7 +25,7 @@ from edgeq.llm.convert import executorch_params, executorch_state_dict
 from edgeq.llm.gptq import Hessians, apply_gptq
 from edgeq.llm.zero_points import zero_point_linear
 
-__all__ = ["EMBEDDING", "LINEAR", "SCALES", "LLMPlan", "linear_config", "lower_llm", "quantize_layers"]
+__all__ = ["EMBEDDING", "HEAD", "LINEAR", "SCALES", "LLMPlan", "linear_config", "lower_llm", "quantize_layers"]
 
 #: linear precisions: 8-bit dynamic activations with 4-bit weights in groups (XNNPACK's 8da4w),
 #: or 8-bit per-channel weights (8da8w), or float
@@ -141,11 +141,15 @@ def zero_point_layer(
     return zero_point_linear(linear, int(precision[3:]), configs, hessians, name)
 
 
+#: the output head's name in ExecuTorch's transformer
+HEAD = "output"
+
+
 def linear_names(params: dict[str, Any]) -> list[str]:
     """The linears of ExecuTorch's transformer for ``params``, in order (the output head last)."""
     per_layer = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
                  "feed_forward.w3", "feed_forward.w2")  # fmt: skip
-    return [f"layers.{i}.{name}" for i in range(params["n_layers"]) for name in per_layer] + ["output"]
+    return [f"layers.{i}.{name}" for i in range(params["n_layers"]) for name in per_layer] + [HEAD]
 
 
 def lower_llm(

@@ -258,7 +258,8 @@ def check_plan(
     start = time.perf_counter()
     check = PlanCheck(sum(len(w) - 1 for w in windows), _loss(model, windows), planned=len(order))
     swapper = _Swapper(model, hessians, plan.embedding, plan.zero_points)
-    base = {name: (WIDE if precision == NARROW else precision) for name, precision in plan.linears.items()}
+    planned = set(order)  # a layer the planner did not narrow (the user's --head) keeps its precision
+    base = {name: (WIDE if name in planned else precision) for name, precision in plan.linears.items()}
 
     def ratio(k: int) -> float:
         if k not in check.measured:
