@@ -116,6 +116,8 @@ ROWS = {
     "w4g32, QAT": {"linear": "w4g32", "gptq_tokens": 0, "qat": LLMQATConfig(steps=96)},
     # asymmetric 4-bit groups, the zero points as an 8-bit linear beside each (edgeq.llm.zero_points)
     "w4g32, zero points": {"linear": "w4g32", "zero_points": True},
+    # the output head at 8 bits (--head): at 4 bits it decides most of the lost next-token agreement
+    "w4g32, zero points, 8-bit head": {"linear": "w4g32", "zero_points": True, "head": "w8dyn"},
     "planned --size-budget 0.20, zero points": {"size_budget": 0.20, "zero_points": True},
     "planned --size-budget 0.20, zero points, round to nearest": {
         "size_budget": 0.20,
