@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgeq.examples._cache import TRAIN_THREADS, cached_model
+from edgeq.examples._cache import TRAIN_THREADS, _with_threads, cached_model
 
 
 def _train() -> nn.Module:
@@ -18,19 +18,10 @@ def _train() -> nn.Module:
     return net
 
 
-def _at(threads: int, fn):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(previous)
-
-
 def test_an_example_trains_the_same_weights_whatever_threads_the_caller_runs_with(tmp_path) -> None:
     # the stand-in does depend on the threads, so the cache's fixed count is what the test sees
     other = 2 if TRAIN_THREADS != 2 else 1
-    assert _at(other, _train).bias.item() != _at(TRAIN_THREADS, _train).bias.item()
+    assert _with_threads(other, _train).bias.item() != _with_threads(TRAIN_THREADS, _train).bias.item()
     trained = []
     for threads in (other, 3):
 
@@ -39,5 +30,5 @@ def test_an_example_trains_the_same_weights_whatever_threads_the_caller_runs_wit
             assert torch.get_num_threads() == threads  # the caller's setting comes back
             return net
 
-        trained.append(_at(threads, load).bias.item())
-    assert trained == [_at(TRAIN_THREADS, _train).bias.item()] * 2
+        trained.append(_with_threads(threads, load).bias.item())
+    assert trained == [_with_threads(TRAIN_THREADS, _train).bias.item()] * 2

@@ -147,18 +147,18 @@ def _plan(
     # the analysis reads the first analysis_tokens of the training text, the plan check the next ones
     windows = encode_windows(tokenizer, texts, max_seq_len, config.analysis_tokens + config.check_tokens)
     windows, check_windows = _split_windows(windows, config.analysis_tokens)
-    analysis = analyze_llm(model, windows, hessians if config.gptq_analysis else None, config.zero_points)
-    head = next((layer for layer in analysis.layers if layer.name == HEAD), None) if config.head else None
-    if head is not None:  # --head: the user's precision, out of the plan (and of its prediction)
-        analysis.layers.remove(head)
+    # --head: the user's precision, out of the analysis, the plan and its prediction
+    skip = frozenset({HEAD} if config.head else ())
+    analysis = analyze_llm(model, windows, hessians if config.gptq_analysis else None, config.zero_points, skip)
     budget = None
     if config.size_budget is not None:
         float_bytes = 4.0 * sum(v.numel() for v in executorch_state_dict(model).values())
         budget = config.size_budget if config.size_budget > 1 else config.size_budget * float_bytes
         linear_params = sum(layer.params for layer in analysis.layers)
         other = float_bytes - 4.0 * linear_params  # the token table, norms: priced at float, an upper bound
-        if head is not None and config.head is not None:
-            other -= 4.0 * head.params - weight_bytes(head.params, head.rows, config.head, config.zero_points)
+        if config.head is not None:  # left in `other` at float by the analysis; priced at its precision
+            head = model.get_output_embeddings().weight
+            other -= 4.0 * head.numel() - weight_bytes(head.numel(), head.shape[0], config.head, config.zero_points)
         if config.embedding != "float":
             table = model.get_input_embeddings().weight
             # e8: a byte per weight and a float scale per row; e4g32: half a byte and a scale per 32
@@ -166,7 +166,7 @@ def _plan(
             other -= 4.0 * table.numel() - kept
         budget -= other
     plan, prediction = plan_llm(analysis, config.embedding, config.max_drop / 100.0, budget)
-    if head is not None and config.head is not None:
+    if config.head is not None:
         plan.linears[HEAD] = config.head
     planning = {**prediction, "analysis": analysis.to_dict(), "head": config.head}
     if budget is None and config.check and check_windows:

@@ -117,15 +117,22 @@ def _swap(model: Any, name: str, module: torch.nn.Module) -> torch.nn.Module:
 
 
 def analyze_llm(
-    model: Any, windows: list[list[int]], hessians: Hessians | None = None, zero_points: bool = False
+    model: Any,
+    windows: list[list[int]],
+    hessians: Hessians | None = None,
+    zero_points: bool = False,
+    skip: frozenset[str] = frozenset(),
 ) -> LLMAnalysis:
     """Each linear's loss increase at NARROW, one at a time, on ``windows`` (the training text);
     with ``hessians``, each narrowed the way the program will be (GPTQ integers); ``zero_points``:
-    NARROW on asymmetric groups."""
+    NARROW on asymmetric groups; ``skip``: ExecuTorch names of linears the plan does not choose for
+    (not scored)."""
     start = time.perf_counter()
     base = _loss(model, windows)
     analysis = LLMAnalysis(base, sum(len(w) - 1 for w in windows), zero_points=zero_points)
     for name, target in linear_modules(model).items():
+        if target in skip:
+            continue
         module = model.get_submodule(name)
         _swap(model, name, _quantized_copy(module, target, NARROW, hessians, zero_points))
         try:
