@@ -120,11 +120,17 @@ def score_float(model: Any, windows: list[list[int]]) -> TokenScores:
 
 def load_llm_program(program: bytes) -> Any:
     """The program's ``forward`` in ExecuTorch's Python runtime, with the LLM and quantized kernels."""
-    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401 - registers custom SDPA / update_cache
-    import executorch.kernels.quantized  # noqa: F401 - the quantized embedding kernels
     from executorch.runtime import Runtime
 
+    _load_kernels()
+
     return Runtime.get().load_program(program).load_method("forward")
+
+
+def _load_kernels() -> None:
+    """Registers the kernels an LLM program calls outside its delegate with ExecuTorch's runtime."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401 - custom SDPA / update_cache
+    import executorch.kernels.quantized  # noqa: F401 - the quantized embedding kernels
 
 
 def score_program(program: bytes, windows: list[list[int]]) -> TokenScores:
@@ -164,6 +170,7 @@ def generate(program: bytes | Path, tokenizer: Path, prompts: list[str], max_new
 
     from edgeq.logs import native_stderr
 
+    _load_kernels()  # the runner resolves them when it loads the program
     # the runner prints its stats and load lines from C++; the report carries them (--verbose keeps them)
     with tempfile.TemporaryDirectory(prefix="edgeq-llm-run-") as scratch, native_stderr(stdout=True):
         path = program if isinstance(program, Path) else Path(scratch) / "model.pte"

@@ -31,24 +31,35 @@ from torch import nn
 
 from edgeq.llm.gptq import Hessians, fitted_integers
 
-__all__ = ["ZeroPointLinear", "asymmetric_grid", "zero_point_bytes", "zero_point_linear"]
+__all__ = ["ZeroPointLinear", "asymmetric_grid", "group_means", "zero_point_bytes", "zero_point_linear"]
 
 
 class ZeroPointLinear(nn.Module):
     """A 4-bit group linear with symmetric integers (``main``) plus its zero points' share of the
     output (``offsets``, applied to the sums of the input over each group of ``group`` columns)."""
 
+    main: nn.Module
+    offsets: nn.Module
+    group: int
+
     def __init__(self, main: nn.Module, offsets: nn.Module, group: int) -> None:
         super().__init__()
         self.main, self.offsets, self.group = main, offsets, group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the group sums as a mean over the innermost dims of a 4-D view (the offsets' weights carry
-        # the factor ``group``): XNNPACK runs that as a global average pool, inside the delegate,
-        # where a sum would fall back to a portable kernel between two delegate calls
-        groups = x.shape[-1] // self.group
-        means = x.reshape(-1, groups, self.group, 1).mean(dim=(2, 3), keepdim=True)
-        return self.main(x) + self.offsets(means.reshape(*x.shape[:-1], groups))
+        return self.main(x) + self.offsets(group_means(x, self.group))
+
+
+def group_means(x: torch.Tensor, group: int) -> torch.Tensor:
+    """The means of ``x`` over each group of ``group`` columns ([..., in] -> [..., in / group]).
+
+    Shaped for XNNPACK, so the whole layer stays in one delegate call: a mean over the inner dims
+    of a 4-D view with one channel (its global average pooling, whose NHWC layout is then the
+    tensor's own, no transpose), and reshapes whose sizes are integers with at most one -1
+    (XNNPACK takes no reshape to a symbolic size, such as a dynamic prompt length)."""
+    groups = x.shape[-1] // group
+    means = x.reshape(-1, 1, group, 1).mean(dim=(2, 3), keepdim=True)
+    return means.reshape(*x.shape[:-2], -1, groups)
 
 
 def zero_point_bytes(params: int, rows: int, group: int) -> float:
