@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 __all__ = [
-    "Generation", "TokenScores", "compare", "encode_windows", "generate", "median_rate", "prompts_from",
+    "Generation", "TokenScores", "compare", "encode_windows", "generate", "load_kernels", "median_rate", "prompts_from",
     "score_program", "score_float",
 ]  # fmt: skip
 
@@ -122,12 +122,12 @@ def load_llm_program(program: bytes) -> Any:
     """The program's ``forward`` in ExecuTorch's Python runtime, with the LLM and quantized kernels."""
     from executorch.runtime import Runtime
 
-    _load_kernels()
+    load_kernels()
 
     return Runtime.get().load_program(program).load_method("forward")
 
 
-def _load_kernels() -> None:
+def load_kernels() -> None:
     """Registers the kernels an LLM program calls outside its delegate with ExecuTorch's runtime."""
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401 - custom SDPA / update_cache
     import executorch.kernels.quantized  # noqa: F401 - the quantized embedding kernels
@@ -170,7 +170,7 @@ def generate(program: bytes | Path, tokenizer: Path, prompts: list[str], max_new
 
     from edgeq.logs import native_stderr
 
-    _load_kernels()  # the runner resolves them when it loads the program
+    load_kernels()  # the runner resolves them when it loads the program
     # the runner prints its stats and load lines from C++; the report carries them (--verbose keeps them)
     with tempfile.TemporaryDirectory(prefix="edgeq-llm-run-") as scratch, native_stderr(stdout=True):
         path = program if isinstance(program, Path) else Path(scratch) / "model.pte"

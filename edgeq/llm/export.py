@@ -132,8 +132,7 @@ def quantize_layers(module: torch.nn.Module, plan: LLMPlan, hessians: Hessians |
         replaced = zero_point_layer(linear, plan.linears[name], hessians, name)
         if not name:
             return replaced
-        parent, _, attribute = name.rpartition(".")
-        setattr(module.get_submodule(parent), attribute, replaced)
+        module.set_submodule(name, replaced)
     return module
 
 

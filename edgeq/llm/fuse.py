@@ -91,14 +91,13 @@ def fuse_projections(module: nn.Module, precisions: dict[str, str], layers: int)
             names = [f"layers.{layer}.{name}" for name in group]
             if len({precisions.get(name, "float") for name in names}) != 1:
                 continue
-            shared = _stack([module.get_submodule(name) for name in names])
+            siblings = [module.get_submodule(name) for name in names]
+            shared = _stack(siblings)
             start = 0
-            for name in names:
-                parent, _, attribute = name.rpartition(".")
-                sibling = module.get_submodule(name)
+            for name, sibling in zip(names, siblings, strict=True):
                 linear = sibling.main if isinstance(sibling, ZeroPointLinear) else sibling
                 width = int(torch.as_tensor(linear.weight).shape[0])
-                setattr(module.get_submodule(parent), attribute, Slice(shared, start, start + width))
+                module.set_submodule(name, Slice(shared, start, start + width))
                 start += width
             fused.append(names[0])
     return fused

@@ -42,9 +42,11 @@ def runner_memory(program: Path, tokenizer: Path, prompt: str, max_new_tokens: i
 
 
 def _main(program: str, tokenizer: str, prompt: str, max_new_tokens: str) -> None:
-    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
-    import executorch.kernels.quantized  # noqa: F401
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    from edgeq.llm.evaluate import load_kernels
+
+    load_kernels()
 
     baseline = _status("VmRSS")
     runner = TextLLMRunner(program, tokenizer)

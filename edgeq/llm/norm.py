@@ -31,8 +31,8 @@ class LinearMeanRMSNorm(nn.Module):
         self.register_buffer("averaging", torch.full((1, dim), 1.0 / dim), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        squares = x.float() * x.float()
-        normed = (x.float() * torch.rsqrt(nn.functional.linear(squares, self.averaging) + self.eps)).type_as(x)
+        wide = x.float()
+        normed = (wide * torch.rsqrt(nn.functional.linear(wide * wide, self.averaging) + self.eps)).type_as(x)
         scale = (1.0 + self.weight.float()) if self.unit_offset else self.weight
         return normed * scale.type_as(x)
 
@@ -44,7 +44,6 @@ def replace_rms_norms(module: nn.Module) -> int:
 
     swaps = [(name, m) for name, m in module.named_modules() if type(m) is RMSNorm]
     for name, norm in swaps:
-        parent, _, attribute = name.rpartition(".")
-        replacement = LinearMeanRMSNorm(norm.weight, norm.eps, bool(getattr(norm, "add_unit_offset", False)))
-        setattr(module.get_submodule(parent) if parent else module, attribute, replacement)
+        unit_offset = bool(getattr(norm, "add_unit_offset", False))
+        module.set_submodule(name, LinearMeanRMSNorm(norm.weight, norm.eps, unit_offset))
     return len(swaps)

@@ -109,10 +109,8 @@ def _quantized_copy(
 
 def _swap(model: Any, name: str, module: torch.nn.Module) -> torch.nn.Module:
     """Put ``module`` at ``name`` in ``model``; returns what was there."""
-    parent_name, _, attribute = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    previous = getattr(parent, attribute)
-    setattr(parent, attribute, module)
+    previous = model.get_submodule(name)
+    model.set_submodule(name, module)
     return previous
 
 
