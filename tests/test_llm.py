@@ -110,7 +110,8 @@ def test_a_small_causal_lm_builds_a_program_the_llm_runner_generates_from(tmp_pa
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     # a half-hour build says which stage it is in, and times each
-    stages = ["load", "gptq statistics", "analyze", "qat", "lower", "lower float", "perplexity", "generate", "memory"]
+    stages = ["load", "gptq statistics", "analyze", "smooth", "qat", "lower", "lower float", "perplexity", "generate",
+              "memory"]  # fmt: skip
     assert list(report["timings"]) == stages
     assert all(f"edgeq: {stage}" in result.output for stage in stages), result.output
     acc, size = report["accuracy"], report["size"]
@@ -140,6 +141,9 @@ def test_a_small_causal_lm_builds_a_program_the_llm_runner_generates_from(tmp_pa
     memory = report["memory"]["program"]
     assert memory["peak_bytes"] > memory["baseline_bytes"] > 0
     assert report["gptq"]["tokens"] > 1000 and report["planning"]["check"]["kept"] <= len(report["plan"]["linears"])
+    smoothing = report["smoothing"]  # every block's three inputs and the head's, searched on training text
+    assert smoothing["inputs"] == 3 * 2 + 1 and smoothing["error_after"] <= smoothing["error_before"]
+    assert "Activations smoothed" in html
 
     # `edgeq validate` re-measures the shipped file: the same held-out tokens give the build's numbers
     validate = ["validate", str(out / "model.pte"), "--recipe", "edgeq.examples.tiny_lm"]

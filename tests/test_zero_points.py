@@ -116,7 +116,7 @@ def test_a_decoder_with_zero_points_lowers_to_the_program_its_eager_twin_compute
 
     from edgeq.llm.evaluate import load_llm_program
     from edgeq.llm.export import linear_names, lower_llm
-    from edgeq.llm.plan import _quantized_copy, _swap, linear_modules
+    from edgeq.llm.plan import _swap, linear_modules, quantized_copy
 
     model = _tiny_llama(layers=1)  # one block: every kind of linear, at half the lowering time
     names = linear_modules(model)
@@ -126,7 +126,7 @@ def test_a_decoder_with_zero_points_lowers_to_the_program_its_eager_twin_compute
     # delegate calls between the ops XNNPACK lacks (rope's slices, the cache, SDPA), not a dozen
     assert xnnpack_calls(program) <= 5
     for name, target in names.items():  # the HF model with the very modules the program was made from
-        _swap(model, name, _quantized_copy(model.get_submodule(name), target, "w4g32", None, True))
+        _swap(model, name, quantized_copy(model.get_submodule(name), target, "w4g32", None, True))
     assert sum(isinstance(m, ZeroPointLinear) for m in model.modules()) == len(names)
     tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

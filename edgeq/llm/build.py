@@ -1,6 +1,7 @@
 """`edgeq build` for a decoder LLM: convert, quantize per layer, lower, validate the program, ship.
 
     LLM recipe -> ExecuTorch's Llama transformer (edgeq.llm.convert)
+               -> per-layer plan (edgeq.llm.plan), inputs smoothed for 8-bit activations (edgeq.llm.smooth)
                -> per-layer torchao quantization + ExecuTorch's LLM export (edgeq.llm.export)
                -> perplexity / next-token agreement / generations / tokens/s of the .pte (edgeq.llm.evaluate)
                -> model.pte, tokenizer.json, generation.json, report, app bundle
@@ -12,6 +13,7 @@ staging directory that becomes ``--out`` only when the build succeeds.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import tempfile
 import time
@@ -39,6 +41,7 @@ from edgeq.llm.memory import runner_memory
 from edgeq.llm.plan import analyze_llm, check_plan, linear_modules, plan_llm, weight_bytes
 from edgeq.llm.qat import LLMQATConfig, LLMQATResult, distill
 from edgeq.llm.recipe import LLMRecipe, load_llm_recipe
+from edgeq.llm.smooth import Smoothing, smooth_activations
 from edgeq.ship.package import OutputDir, sha256, versions, write_bytes_atomic, write_json_atomic
 from edgeq.ship.templating import render
 from edgeq.timing import Stages
@@ -78,6 +81,9 @@ class LLMBuildConfig:
     #: the output head's precision (edgeq.llm.export.LINEAR) whatever the other linears get, kept
     #: out of the plan (llama.cpp's --output-tensor-type); unset: as the others, or planned
     head: str | None = None
+    #: training-text tokens activation smoothing (edgeq.llm.smooth) searches its scales on, for the
+    #: plan's 8-bit dynamic activations (0: none)
+    smooth_tokens: int = 2048
     #: held-out tokens the perplexity and agreement are measured on
     eval_tokens: int = 512
     #: greedy generations shown side by side (prompts cut from the eval text)
@@ -101,6 +107,8 @@ class LLMBuildConfig:
             raise EdgeqError(f"--max-drop {self.max_drop} is negative", "pass the perplexity increase allowed, in %")
         if self.size_budget is not None and self.size_budget <= 0:
             raise EdgeqError(f"--size-budget {self.size_budget} is not positive", "pass bytes or a share <= 1")
+        if self.smooth_tokens < 0:
+            raise EdgeqError(f"smooth_tokens {self.smooth_tokens} is negative", "pass 0 to leave activations alone")
         if self.gptq_tokens < 0:
             raise EdgeqError(f"gptq_tokens {self.gptq_tokens} is negative", "pass 0 to round to nearest")
         if self.zero_points and self.qat.steps:
@@ -173,6 +181,28 @@ def _plan(
         plan, check = check_plan(model, plan, prediction["order"], check_windows, config.max_drop / 100.0, hessians)
         planning["check"] = check.to_dict()
     return plan, planning
+
+
+def _smooth(
+    model: Any,
+    tokenizer: Path,
+    texts: list[str],
+    max_seq_len: int,
+    plan: LLMPlan,
+    config: LLMBuildConfig,
+    hessians: Hessians | None,
+) -> tuple[Any, Smoothing | None, Hessians | None]:
+    """The model the program is made from: a copy of ``model`` whose inputs to quantized linears are
+    smoothed for their 8-bit dynamic activations (edgeq.llm.smooth), with GPTQ's statistics rescaled
+    to it; ``model`` itself with smooth_tokens 0 or a float plan. ``model`` stays the float reference."""
+    if not config.smooth_tokens or all(p == "float" for p in plan.linears.values()):
+        return model, None, hessians
+    smoothed = copy.deepcopy(model)
+    smoothing = smooth_activations(smoothed, encode_windows(tokenizer, texts, max_seq_len, config.smooth_tokens), plan)
+    if hessians is not None:
+        weights = {t: smoothed.get_submodule(n).weight.detach() for n, t in linear_modules(smoothed).items()}
+        hessians = hessians.rescaled(smoothing.scales, weights)
+    return smoothed, smoothing, hessians
 
 
 def _qat(
@@ -252,8 +282,11 @@ def build_llm(
             hessians = _hessians(model, tokenizer, texts, recipe.max_seq_len, config)
         with stages("analyze"):
             plan, planning = _plan(model, tokenizer, texts, params, recipe.max_seq_len, config, hessians)
+        with stages("smooth"):
+            smoothed, smoothing, hessians = _smooth(model, tokenizer, texts, recipe.max_seq_len, plan, config, hessians)
         with stages("qat"):
-            trained, qat = _qat(model, tokenizer, texts, plan, config)
+            trained, qat = _qat(smoothed, tokenizer, texts, plan, config)
+            del smoothed
         with stages("lower"):
             if qat is not None and qat.best_step:  # QAT's weights on its own grid; GPTQ would re-round them
                 plan, hessians = dataclasses.replace(plan, scales="minmax"), None
@@ -275,6 +308,7 @@ def build_llm(
         report["planning"] = planning
         report["memory"] = memory
         report["gptq"] = {"tokens": hessians.tokens, "seconds": hessians.seconds} if hessians else None
+        report["smoothing"] = smoothing.to_dict() if smoothing else None
         report["qat"] = qat.to_dict() if qat else None
         report["timings"] = dict(stages.seconds)
         report["wall_seconds"] = time.perf_counter() - begin

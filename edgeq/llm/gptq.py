@@ -49,6 +49,15 @@ class Hessians:
     def __contains__(self, name: str) -> bool:
         return name in self.matrices
 
+    def rescaled(self, scales: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> Hessians:
+        """The statistics after edgeq.llm.smooth divided some linears' inputs by ``scales`` (X / s has
+        the second moment H / s s^T), with ``weights``: each linear's weight now."""
+        matrices = {
+            name: matrix / torch.outer(scales[name], scales[name]) if name in scales else matrix
+            for name, matrix in self.matrices.items()
+        }
+        return Hessians(matrices, {name: weights[name] for name in self.weights}, self.tokens, self.seconds)
+
 
 def collect_hessians(model: Any, windows: list[list[int]], names: dict[str, str]) -> Hessians:
     """Each linear's input second moment on ``windows`` (token ids of the training text), one

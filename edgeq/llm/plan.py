@@ -25,7 +25,9 @@ from edgeq.llm.export import LLMPlan
 from edgeq.llm.gptq import Hessians, apply_gptq
 from edgeq.llm.zero_points import zero_point_bytes
 
-__all__ = ["LayerCost", "LLMAnalysis", "PlanCheck", "analyze_llm", "check_plan", "plan_llm", "weight_bytes"]
+__all__ = [
+    "LayerCost", "LLMAnalysis", "PlanCheck", "analyze_llm", "check_plan", "plan_llm", "quantized_copy", "weight_bytes"
+]  # fmt: skip
 
 #: precisions the planner chooses between, narrowest last
 WIDE, NARROW = "w8dyn", "w4g32"
@@ -92,7 +94,7 @@ def linear_modules(model: Any) -> dict[str, str]:
     return names
 
 
-def _quantized_copy(
+def quantized_copy(
     module: torch.nn.Module, target: str, precision: str, hessians: Hessians | None, zero_points: bool
 ) -> torch.nn.Module:
     """A copy of one linear (``target``: its ExecuTorch name) quantized at ``precision`` as the program
@@ -132,7 +134,7 @@ def analyze_llm(
         if target in skip:
             continue
         module = model.get_submodule(name)
-        _swap(model, name, _quantized_copy(module, target, NARROW, hessians, zero_points))
+        _swap(model, name, quantized_copy(module, target, NARROW, hessians, zero_points))
         try:
             loss = _loss(model, windows)
         finally:
@@ -226,7 +228,7 @@ class _Swapper:
         key = (target, precision)
         if key not in self.made:
             original = self.model.get_submodule(self.names[target])
-            self.made[key] = _quantized_copy(original, target, precision, self.hessians, self.zero_points)
+            self.made[key] = quantized_copy(original, target, precision, self.hessians, self.zero_points)
         return self.made[key]
 
     def loss(self, precisions: dict[str, str], windows: list[list[int]]) -> float:
