@@ -16,14 +16,9 @@ from edgeq.llm.smooth import GROUP, smooth_activations
 def _loud_llama():
     """A tiny tied Llama whose norms make a channel 30x louder than the rest and whose linears read it
     with 30x smaller weights, as trained LLMs' residual streams have (a random model has none)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from test_llm import _tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
+    model = _tiny_llama()
     with torch.no_grad():
         for layer in model.model.layers:
             layer.input_layernorm.weight[5] = 30.0
