@@ -147,8 +147,8 @@ def build(
         if is_llm_module(module):
             _build_llm(module, source, config, given, qat)
             return
-        if config.zero_points or config.head:
-            flag = "--zero-points" if config.zero_points else "--head"
+        if config.zero_points or config.head or config.group_sizes:
+            flag = "--zero-points" if config.zero_points else "--head" if config.head else "--group-sizes"
             raise EdgeqError(f"{flag} applies to LLM recipes only", f"drop {flag} for this recipe")
         loaded = recipe_from_module(module, source)
         with RichProgress() as progress:
@@ -159,11 +159,21 @@ def build(
         _fail(exc)
 
 
+def _group_sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise EdgeqError(
+            f"--group-sizes {text!r} is not a list of integers", "pass e.g. --group-sizes 32,64,128"
+        ) from None
+
+
 def _build_llm(module: Any, source: str, config: Any, given: set[str], qat: dict[str, Any]) -> None:
     """A decoder LLM recipe (edgeq.llm): --out, --target, --precision (every linear), --max-drop (the
     perplexity increase the per-layer plan may predict, in percent; 5 unless given), --size-budget,
     --zero-points (asymmetric 4-bit groups, edgeq.llm.zero_points), --head (the output head's own
-    precision) and --steps / --lr (QAT by distillation, edgeq.llm.qat: off unless --steps is given)
+    precision), --group-sizes (the 4-bit groups the plan may choose) and --steps / --lr (QAT by
+    distillation, edgeq.llm.qat: off unless --steps is given)
     apply."""
     from edgeq.llm.build import LLMBuildConfig, build_llm
     from edgeq.llm.export import LINEAR
@@ -191,6 +201,8 @@ def _build_llm(module: Any, source: str, config: Any, given: set[str], qat: dict
         settings["zero_points"] = True
     if config.head:
         settings["head"] = config.head
+    if config.group_sizes:
+        settings["group_sizes"] = _group_sizes(config.group_sizes)
     qat_settings = {k: qat[k] for k in ("steps", "lr") if qat.get(k) is not None}
     if qat_settings:
         settings["qat"] = LLMQATConfig(**qat_settings)

@@ -274,6 +274,10 @@ class BuildConfig:
     #: --precision or the plan gives the other linears, as llama.cpp's --output-tensor-type: the head
     #: decides the next token, and at 4 bits it cost SmolLM2 most of its next-token agreement
     head: str | None = None
+    #: LLM recipes: the 4-bit group sizes the per-layer plan may give a linear, comma-separated (e.g.
+    #: 32,64,128: larger groups hold fewer scales and lose more; each is measured per linear, which
+    #: multiplies the analysis's time); unset: 32
+    group_sizes: str | None = None
     #: calibration batches of the plain-PTQ candidate every build also measures; the candidate
     #: with the lowest held-out loss ships (0: QAT only)
     ptq_batches: int = 16

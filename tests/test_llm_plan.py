@@ -3,6 +3,8 @@ linear's output, on the grid torchao chose) and the whole-plan check that makes 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -127,3 +129,71 @@ def test_head_keeps_the_users_precision_in_uniform_and_planned_plans(tmp_path):
     assert planning["narrow_layers"] >= 4
     with pytest.raises(EdgeqError, match="unknown head precision 'w3'"):
         LLMBuildConfig(head="w3")
+
+
+def test_the_planner_steps_each_linear_down_its_convex_hull_of_group_sizes():
+    """Several 4-bit group sizes: a linear moves w8dyn -> w4g32 -> ... only along the lower convex hull
+    of its (bytes, loss) points, the cheapest loss per byte first across all linears; a budget takes the
+    moves until it fits, --max-drop the ones that keep the prediction within it."""
+    from edgeq.llm.plan import LayerCost, LLMAnalysis, _moves, plan_llm, weight_bytes
+
+    params, rows = 64 * 64, 64
+    bytes_at = {p: weight_bytes(params, rows, p) for p in ("w8dyn", "w4g32", "w4g64", "w4g128")}
+    # "bent": w4g64 costs more per byte saved than going on to w4g128, so the hull skips it
+    bent = LayerCost("bent", params, rows, 0.010, {"w4g32": 0.010, "w4g64": 0.030, "w4g128": 0.031})
+    straight = LayerCost("straight", params, rows, 0.001, {"w4g32": 0.001, "w4g64": 0.002, "w4g128": 0.004})
+    assert [m[0] for m in _moves(bent, False)] == ["w4g32", "w4g128"]
+    assert [m[0] for m in _moves(straight, False)] == ["w4g32", "w4g64", "w4g128"]
+    for layer in (bent, straight):  # each step costs at least as much per byte as the one before
+        ratios = [added / saved for _, saved, added in _moves(layer, False)]
+        assert ratios == sorted(ratios) and all(saved > 0 for _, saved, _ in _moves(layer, False))
+    analysis = LLMAnalysis(0.0, 100, [bent, straight])
+
+    everything, prediction = plan_llm(analysis, "e8", None, 0.0)  # a budget nothing meets: every move
+    assert everything.linears == {"bent": "w4g128", "straight": "w4g128"}
+    assert prediction["order"] == ["straight", "straight", "bent", "straight", "bent"]  # cheapest per byte first
+    assert prediction["steps"] == ["w4g32", "w4g64", "w4g32", "w4g128", "w4g128"]
+    assert abs(prediction["predicted_perplexity_ratio"] - math.exp(0.004 + 0.031)) < 1e-9
+    assert prediction["linear_bytes"] == 2 * bytes_at["w4g128"]
+    # just below w4g32 everywhere: both linears at w4g32, then the cheapest next move (straight's w4g64)
+    fits, _ = plan_llm(analysis, "e8", None, 2 * bytes_at["w4g32"] - 1)
+    assert fits.linears == {"bent": "w4g32", "straight": "w4g64"}
+    # --max-drop 1.2%: straight all the way (0.4%), bent's first step (1.0%) does not fit after it
+    within, prediction = plan_llm(analysis, "e8", 0.012, None)
+    assert within.linears == {"bent": "w8dyn", "straight": "w4g128"}
+    assert prediction["narrow_layers"] == 1
+    # one group size (the default): the same plan as moving each linear w8dyn -> w4g32 by loss per byte
+    single = LLMAnalysis(0.0, 100, [LayerCost(n.name, params, rows, n.narrow_loss) for n in (bent, straight)])
+    one, prediction = plan_llm(single, "e8", 0.005, None)
+    assert one.linears == {"bent": "w8dyn", "straight": "w4g32"} and prediction["steps"] == ["w4g32"]
+
+
+def test_group_sizes_are_measured_planned_and_checked_on_a_real_decoder(tmp_path):
+    """--group-sizes 32,64,128 on a tiny Llama: the analysis scores each linear at each size, the plan
+    uses them, and the plan check backs off through the same moves; bad sizes are one-line errors."""
+    from test_llm import _tiny_llama
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from edgeq.errors import EdgeqError
+    from edgeq.llm.build import LLMBuildConfig, _plan
+    from edgeq.llm.convert import executorch_params
+
+    model = _tiny_llama(layers=1)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    g = torch.Generator().manual_seed(1)
+    texts = [" ".join(f"w{i}" for i in torch.randint(0, 256, (200,), generator=g).tolist()) for _ in range(4)]
+    build = LLMBuildConfig(gptq_tokens=0, analysis_tokens=64, check_tokens=64, max_drop=1.0, group_sizes=(32, 64, 128))
+    plan, planning = _plan(model, tmp_path / "tokenizer.json", texts, executorch_params(model, 64), 64, build, None)
+    layers = planning["analysis"]["layers"]
+    # groups of 128 only where they divide the input (down_proj's 128; the others read 64)
+    assert layers and all({"w4g32", "w4g64"} <= set(layer["losses"]) for layer in layers)
+    assert {layer["name"] for layer in layers if "w4g128" in layer["losses"]} == {"layers.0.feed_forward.w2"}
+    assert len(planning["order"]) == len(planning["steps"]) >= 1
+    assert set(plan.linears.values()) <= {"w8dyn", "w4g32", "w4g64", "w4g128"}
+    check = planning["check"]
+    assert check["planned"] == len(planning["order"]) and check["kept"] <= check["planned"]
+    for bad in [(64, 128), (32, 16)]:
+        with pytest.raises(EdgeqError, match="group sizes"):
+            LLMBuildConfig(group_sizes=bad)

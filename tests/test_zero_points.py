@@ -143,7 +143,7 @@ def test_a_decoder_with_zero_points_lowers_to_the_program_its_eager_twin_compute
 def test_zero_points_are_refused_in_one_line_where_they_do_not_apply(tmp_path):
     from typer.testing import CliRunner
 
-    from edgeq.cli import app
+    from edgeq.cli import _group_sizes, app
     from edgeq.errors import EdgeqError
     from edgeq.llm.build import LLMBuildConfig
     from edgeq.llm.qat import LLMQATConfig
@@ -156,4 +156,8 @@ def test_zero_points_are_refused_in_one_line_where_they_do_not_apply(tmp_path):
     assert result.exit_code != 0 and "--zero-points applies to LLM recipes only" in result.output
     result = CliRunner().invoke(app, ["build", "--head", "w8dyn", "--out", str(out)])
     assert result.exit_code != 0 and "--head applies to LLM recipes only" in result.output
+    result = CliRunner().invoke(app, ["build", "--group-sizes", "32,64", "--out", str(out)])
+    assert result.exit_code != 0 and "--group-sizes applies to LLM recipes only" in result.output
     assert not out.exists()
+    with pytest.raises(EdgeqError, match="is not a list of integers"):
+        _group_sizes("32,big")

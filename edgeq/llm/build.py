@@ -81,6 +81,9 @@ class LLMBuildConfig:
     #: the output head's precision (edgeq.llm.export.LINEAR) whatever the other linears get, kept
     #: out of the plan (llama.cpp's --output-tensor-type); unset: as the others, or planned
     head: str | None = None
+    #: the 4-bit group sizes the per-layer plan may give a linear (each measured per linear in the
+    #: analysis); 32 must be among them
+    group_sizes: tuple[int, ...] = (32,)
     #: training-text tokens activation smoothing (edgeq.llm.smooth) searches its scales on, for the
     #: plan's 8-bit dynamic activations (0: none)
     smooth_tokens: int = 2048
@@ -107,6 +110,8 @@ class LLMBuildConfig:
             raise EdgeqError(f"--max-drop {self.max_drop} is negative", "pass the perplexity increase allowed, in %")
         if self.size_budget is not None and self.size_budget <= 0:
             raise EdgeqError(f"--size-budget {self.size_budget} is not positive", "pass bytes or a share <= 1")
+        if 32 not in self.group_sizes or not set(self.group_sizes) <= {32, 64, 128}:
+            raise EdgeqError(f"group sizes {self.group_sizes} are not among 32, 64, 128 with 32", "pass e.g. 32,64,128")
         if self.smooth_tokens < 0:
             raise EdgeqError(f"smooth_tokens {self.smooth_tokens} is negative", "pass 0 to leave activations alone")
         if self.gptq_tokens < 0:
@@ -157,7 +162,8 @@ def _plan(
     windows, check_windows = _split_windows(windows, config.analysis_tokens)
     # --head: the user's precision, out of the analysis, the plan and its prediction
     skip = frozenset({HEAD} if config.head else ())
-    analysis = analyze_llm(model, windows, hessians if config.gptq_analysis else None, config.zero_points, skip)
+    narrow = tuple(f"w4g{size}" for size in sorted(set(config.group_sizes)))
+    analysis = analyze_llm(model, windows, hessians if config.gptq_analysis else None, config.zero_points, skip, narrow)
     budget = None
     if config.size_budget is not None:
         float_bytes = 4.0 * sum(v.numel() for v in executorch_state_dict(model).values())
@@ -178,7 +184,8 @@ def _plan(
         plan.linears[HEAD] = config.head
     planning = {**prediction, "analysis": analysis.to_dict(), "head": config.head}
     if budget is None and config.check and check_windows:
-        plan, check = check_plan(model, plan, prediction["order"], check_windows, config.max_drop / 100.0, hessians)
+        order, steps = prediction["order"], prediction["steps"]
+        plan, check = check_plan(model, plan, order, check_windows, config.max_drop / 100.0, hessians, steps)
         planning["check"] = check.to_dict()
     return plan, planning
 

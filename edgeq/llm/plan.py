@@ -2,12 +2,15 @@
 
 The analysis quantizes one linear at a time (a copy, with the very torchao
 config the program will use, so activations are quantized dynamically as
-XNNPACK runs them) and measures the mean next-token loss on windows of
-the recipe's *training* text (never ``eval_text()``, which only reports). The
-planner starts from 8-bit weights everywhere and moves to 4-bit groups the
-linears whose loss increase per byte saved is smallest, while the summed
-increase keeps the predicted perplexity within ``max_increase`` (a share:
-0.05 is 5% above float) or until the program fits ``size_budget`` bytes.
+XNNPACK runs them) to each 4-bit precision the planner may choose (w4g32 by
+default; ``narrow`` adds larger groups: fewer scales, more loss) and measures
+the mean next-token loss on windows of the recipe's *training* text (never
+``eval_text()``, which only reports). The planner starts from 8-bit weights
+everywhere and takes moves (a linear from its precision to the next smaller
+one on its lower convex hull of bytes against loss) in order of loss increase
+per byte saved, while the summed increase keeps the predicted perplexity
+within ``max_increase`` (a share: 0.05 is 5% above float) or until the program
+fits ``size_budget`` bytes.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ class LayerCost:
     rows: int
     #: mean next-token loss increase (nats) with this linear alone at NARROW
     narrow_loss: float
+    #: the same at each 4-bit precision the analysis measured (NARROW among them)
+    losses: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,11 +127,15 @@ def analyze_llm(
     hessians: Hessians | None = None,
     zero_points: bool = False,
     skip: frozenset[str] = frozenset(),
+    narrow: tuple[str, ...] = (NARROW,),
 ) -> LLMAnalysis:
-    """Each linear's loss increase at NARROW, one at a time, on ``windows`` (the training text);
-    with ``hessians``, each narrowed the way the program will be (GPTQ integers); ``zero_points``:
-    NARROW on asymmetric groups; ``skip``: ExecuTorch names of linears the plan does not choose for
-    (not scored)."""
+    """Each linear's loss increase at each of ``narrow`` (4-bit precisions, NARROW among them) whose
+    group size divides its input width, one linear at a time, on ``windows`` (the training text);
+    with ``hessians``, each narrowed the way the program will be (GPTQ integers); ``zero_points``: on
+    asymmetric groups; ``skip``: ExecuTorch names of linears the plan does not choose for (not
+    scored). A linear no group size divides stays at WIDE (no moves, an infinite NARROW loss)."""
+    if NARROW not in narrow or not all(p.startswith("w4g") for p in narrow):
+        raise ValueError(f"narrow {narrow} must be 4-bit precisions including {NARROW}")
     start = time.perf_counter()
     base = _loss(model, windows)
     analysis = LLMAnalysis(base, sum(len(w) - 1 for w in windows), zero_points=zero_points)
@@ -134,54 +143,81 @@ def analyze_llm(
         if target in skip:
             continue
         module = model.get_submodule(name)
-        _swap(model, name, quantized_copy(module, target, NARROW, hessians, zero_points))
-        try:
-            loss = _loss(model, windows)
-        finally:
-            _swap(model, name, module)
+        losses = {}
+        for precision in (p for p in narrow if module.in_features % int(p[3:]) == 0):  # a group spans whole rows
+            _swap(model, name, quantized_copy(module, target, precision, hessians, zero_points))
+            try:
+                losses[precision] = _loss(model, windows) - base
+            finally:
+                _swap(model, name, module)
         weight = module.weight
-        analysis.layers.append(LayerCost(target, weight.numel(), weight.shape[0], loss - base))
+        narrow_loss = losses.get(NARROW, math.inf)
+        analysis.layers.append(LayerCost(target, weight.numel(), weight.shape[0], narrow_loss, losses))
     analysis.seconds = time.perf_counter() - start
     return analysis
+
+
+def _moves(layer: LayerCost, zero_points: bool) -> list[tuple[str, float, float]]:
+    """(precision, bytes saved, loss added) for each step of ``layer`` from WIDE down the lower convex
+    hull of its (bytes, loss) points: a precision that costs more loss per byte than a smaller one
+    is skipped, so each step's loss per byte is at least the one before it."""
+    points = [(weight_bytes(layer.params, layer.rows, WIDE), 0.0, WIDE)]
+    # an analysis of one precision (older reports, tests) fills only narrow_loss
+    losses = layer.losses or ({NARROW: layer.narrow_loss} if math.isfinite(layer.narrow_loss) else {})
+    for precision, loss in sorted(losses.items(), key=lambda item: -weight_bytes(layer.params, layer.rows,
+                                                                               item[0], zero_points)):  # fmt: skip
+        point = (weight_bytes(layer.params, layer.rows, precision, zero_points), max(loss, points[-1][1]), precision)
+        while len(points) > 1 and _slope(points[-2], points[-1]) >= _slope(points[-1], point):
+            points.pop()  # the middle point sits above the line from its neighbours
+        points.append(point)
+    return [(b[2], a[0] - b[0], b[1] - a[1]) for a, b in zip(points, points[1:])]
+
+
+def _slope(a: tuple[float, float, str], b: tuple[float, float, str]) -> float:
+    return (b[1] - a[1]) / max(a[0] - b[0], 1e-9)
 
 
 def plan_llm(
     analysis: LLMAnalysis, embedding: str, max_increase: float | None, size_budget: float | None
 ) -> tuple[LLMPlan, dict[str, Any]]:
-    """The plan, and the planner's prediction: layers move WIDE -> NARROW, cheapest loss per byte
-    saved first, within ``max_increase`` (predicted perplexity ratio - 1) or until the linears fit
-    ``size_budget`` bytes."""
+    """The plan, and the planner's prediction: layers move from WIDE down their precisions (see
+    :func:`_moves`), cheapest loss per byte saved first, within ``max_increase`` (predicted perplexity
+    ratio - 1) or until the linears fit ``size_budget`` bytes."""
     chosen = {layer.name: WIDE for layer in analysis.layers}
-    narrow_bytes = {
-        layer.name: weight_bytes(layer.params, layer.rows, NARROW, analysis.zero_points) for layer in analysis.layers
-    }
-    saved = {
-        layer.name: weight_bytes(layer.params, layer.rows, WIDE) - narrow_bytes[layer.name] for layer in analysis.layers
-    }
+    moves = [
+        (added / max(saved, 1e-9), step, layer.name, precision, saved, added)
+        for layer in analysis.layers
+        for step, (precision, saved, added) in enumerate(_moves(layer, analysis.zero_points))
+    ]
     size = sum(weight_bytes(layer.params, layer.rows, WIDE) for layer in analysis.layers)
     increase = 0.0
-    order = sorted(analysis.layers, key=lambda layer: max(layer.narrow_loss, 0.0) / saved[layer.name])
-    narrowed: list[str] = []
-    for layer in order:
+    taken: list[tuple[str, str]] = []
+    blocked: set[str] = set()  # a layer whose move was refused takes none of its later ones
+    for _, _, name, precision, saved, added in sorted(moves, key=lambda move: move[:2]):
         if size_budget is not None:
             if size <= size_budget:
                 break
-        elif max_increase is None or math.exp(increase + max(layer.narrow_loss, 0.0)) - 1.0 > max_increase:
+        elif name in blocked or max_increase is None or math.exp(increase + added) - 1.0 > max_increase:
+            blocked.add(name)
             continue
-        chosen[layer.name] = NARROW
-        narrowed.append(layer.name)
-        size -= saved[layer.name]
-        increase += max(layer.narrow_loss, 0.0)
+        chosen[name] = precision
+        taken.append((name, precision))
+        size -= saved
+        increase += added
+    narrow = sorted({p for layer in analysis.layers for p in (layer.losses or {NARROW: 0.0})})
     prediction = {
         "predicted_perplexity_ratio": math.exp(increase),
         "linear_bytes": size,
-        "narrow_layers": sum(1 for p in chosen.values() if p == NARROW),
-        #: the layers narrowed, in the planner's order (the plan check backs off from the end)
-        "order": narrowed,
+        "narrow_layers": sum(1 for p in chosen.values() if p != WIDE),
+        #: the moves taken, in the planner's order (the plan check backs off from the end): the layer,
+        #: and the precision it moved to
+        "order": [name for name, _ in taken],
+        "steps": [precision for _, precision in taken],
         "rule": (
-            f"linears to {NARROW} until they fit {size_budget:,.0f} bytes"
+            f"linears to {'/'.join(narrow)} until they fit {size_budget:,.0f} bytes"
             if size_budget is not None
-            else f"linears to {NARROW} while the predicted perplexity stays within {1 + (max_increase or 0):.3f}x"
+            else f"linears to {'/'.join(narrow)} while the predicted perplexity stays within "
+            f"{1 + (max_increase or 0):.3f}x"
         ),
     }
     return LLMPlan(chosen, embedding, zero_points=analysis.zero_points), prediction
@@ -256,13 +292,16 @@ def check_plan(
     windows: list[list[int]],
     max_increase: float,
     hessians: Hessians | None = None,
+    steps: list[str] | None = None,
 ) -> tuple[LLMPlan, PlanCheck]:
     """Measure the whole plan on ``windows`` (training text the analysis did not read) and, when its
-    perplexity ratio is above ``1 + max_increase``, keep the longest prefix of ``order`` (the
-    narrowed layers, cheapest first) that measures within it (bisection: the loss of a prefix
-    grows with its length). Per-layer increases do not add up exactly; this makes --max-drop hold
-    on the whole plan, as measured, not only as predicted."""
+    perplexity ratio is above ``1 + max_increase``, keep the longest prefix of the planner's moves
+    (``order``: each move's layer, cheapest first; ``steps``: the precision it moved to, NARROW when
+    not given) that measures within it (bisection: the loss of a prefix grows with its length).
+    Per-layer increases do not add up exactly; this makes --max-drop hold on the whole plan, as
+    measured, not only as predicted."""
     start = time.perf_counter()
+    moves = list(zip(order, steps or [NARROW] * len(order)))
     check = PlanCheck(sum(len(w) - 1 for w in windows), _loss(model, windows), planned=len(order))
     swapper = _Swapper(model, hessians, plan.embedding, plan.zero_points)
     planned = set(order)  # a layer the planner did not narrow (the user's --head) keeps its precision
@@ -270,7 +309,7 @@ def check_plan(
 
     def ratio(k: int) -> float:
         if k not in check.measured:
-            precisions = {**base, **{name: NARROW for name in order[:k]}}
+            precisions = {**base, **dict(moves[:k])}  # a layer's later move overrides its earlier one
             check.measured[k] = math.exp(swapper.loss(precisions, windows) - check.float_loss)
         return check.measured[k]
 
@@ -286,6 +325,6 @@ def check_plan(
             else:
                 high = middle
         check.kept = low
-    kept = {**base, **{name: NARROW for name in order[: check.kept]}}
+    kept = {**base, **dict(moves[: check.kept])}
     check.seconds = time.perf_counter() - start
     return LLMPlan(kept, plan.embedding, zero_points=plan.zero_points), check
