@@ -191,14 +191,22 @@ for _settings in ROWS.values():
     _settings.setdefault("smooth_tokens", 0)
 # smoothing on (the default): the inputs' scales searched on 2,048 training tokens
 ROWS["w4g32, zero points, 8-bit head, smoothed"] = {"linear": "w4g32", "zero_points": True, "head": "w8dyn"}
+# the per-layer plan with larger 4-bit groups at that row's program bytes (121,545,216)
+ROWS["planned at the smoothed row's bytes, zero points, 8-bit head, group sizes 32/64/128"] = {
+    "size_budget": 121_545_216,
+    "zero_points": True,
+    "head": "w8dyn",
+    "group_sizes": (32, 64, 128),
+}
 
 
 def _row(name: str, report: dict) -> list[str]:
     acc, size, speed = report["accuracy"], report["size"], report["speed"]
     planning = report.get("planning") or {}
-    narrow = sum(1 for p in report["plan"]["linears"].values() if p == "w4g32")
+    linears = list(report["plan"]["linears"].values())
     if planning.get("predicted_perplexity_ratio"):
-        name += f": {narrow} of {len(report['plan']['linears'])} linears w4g32"
+        counts = ", ".join(f"{linears.count(p)} {p}" for p in ("w4g32", "w4g64", "w4g128") if linears.count(p))
+        name += f": {counts} of {len(linears)} linears"
         check = planning.get("check")
         if check and check["kept"] != check["planned"]:
             measured = check["measured"][str(check["planned"])]
