@@ -143,6 +143,15 @@ READING = """Reading it:
   tens of percent between builds of the same program size, so read speed ratios, not rates), build 22.7 min
   (smoothing 29 s, lowering 15.2 min). The .pte gains less than the eager probe (+0.6 points against +2.6 on
   the eval tokens), the same gap as above. The Q4_1 caveat applies here too.
+- Larger 4-bit groups as planner choices (`--group-sizes 32,64,128`, commit e91fab1) lose on this checkpoint. At
+  the smoothed zero-point row's bytes (121,545,216 as `--size-budget`, 8-bit head, zero points, smoothing), the
+  planner (analysis 8.6 min: each linear scored at w4g32, w4g64 and, where 128 divides its input, w4g128) kept 14
+  linears at 8 bits and paid for them with 122 at w4g64 and 15 at w4g128: predicted 1.064x, measured 0.182x at
+  1.151x [1.112, 1.189] and 80.6% [78.0, 82.9] agreement, against uniform w4g32's 0.186x at 1.018x and 90.4%
+  (34.6-min build, lowering 18.8 min: q/k/v and gate/up of different precisions are not stacked). Groups of 64
+  leave the checkpoint's Q4_1 grid (groups of 32), which zero points hold exactly, and single-linear costs
+  underestimate the joint cost (as above). The option stays off by default; it has not been measured on a truly
+  float model of this size.
 - Speed: every quantized program with symmetric groups decodes 2.0-3.9x faster than the float one in the runner
   on this host (2.0x in the one row measured while the HTP benchmark shared the cores); with zero points 1.7-1.9x
   lowered the old way, 2.09x with the new lowering (the 8-bit-head row, the only one re-run).
