@@ -115,13 +115,13 @@ def _record_inputs(model: Any, windows: list[list[int]], names: list[str]) -> di
     return {name: torch.cat(parts) for name, parts in seen.items()}
 
 
-def _error(model: Any, x: torch.Tensor, readers: list[str], precisions: dict[str, str], scales: torch.Tensor,
-           zero_points: bool) -> float:  # fmt: skip
-    """The quantized readers' relative squared output error with their input divided by ``scales``."""
+def _error(model: Any, x: torch.Tensor, references: dict[str, torch.Tensor], precisions: dict[str, str],
+           scales: torch.Tensor, zero_points: bool) -> float:  # fmt: skip
+    """The quantized readers' relative squared output error, against their float outputs ``references``,
+    with their input divided by ``scales``."""
     total = 0.0
-    for name in readers:
+    for name, reference in references.items():
         linear = model.get_submodule(name)
-        reference = torch.nn.functional.linear(x, linear.weight)
         scaled = torch.nn.Linear(linear.in_features, linear.out_features, bias=False)
         scaled.weight = torch.nn.Parameter(linear.weight.detach() * scales, requires_grad=False)
         quantized = quantized_copy(scaled, "", precisions[name], None, zero_points)
@@ -135,13 +135,15 @@ def _search(model: Any, x: torch.Tensor, readers: list[str], precisions: dict[st
     """(alpha, scales, error at alpha 0, error at alpha) for one input, the scales one per GROUP channels
     and of geometric mean 1 (so the weights' magnitude stays where it was)."""
     loudness = x.abs().amax(0).clamp(min=1e-5).view(-1, GROUP).amax(1)
+    # the float outputs do not depend on alpha: computed once, not once per candidate
+    references = {name: torch.nn.functional.linear(x, model.get_submodule(name).weight) for name in readers}
     best: tuple[float, torch.Tensor, float] | None = None
     unchanged = 0.0
     for alpha in ALPHAS:
         per_group = loudness.pow(alpha)
         per_group = per_group / per_group.log().mean().exp()
         scales = per_group.repeat_interleave(GROUP)
-        error = _error(model, x, readers, precisions, scales, zero_points)
+        error = _error(model, x, references, precisions, scales, zero_points)
         unchanged = error if alpha == 0 else unchanged
         if best is None or error < best[2]:
             best = (alpha, scales, error)
