@@ -207,6 +207,9 @@ ROWS["planned at the smoothed row's bytes, zero points, 8-bit head, group sizes 
     "head": "w8dyn",
     "group_sizes": (32, 64, 128),
 }
+# the default build (no flags): the planner from float down through fp16, w8dyn and w4g32, each measured
+# per linear, within --max-drop 5; symmetric groups, smoothing on
+ROWS["planned --max-drop 5 from float (the default build)"] = {}
 
 
 def _row(name: str, report: dict) -> list[str]:
@@ -214,14 +217,16 @@ def _row(name: str, report: dict) -> list[str]:
     planning = report.get("planning") or {}
     linears = list(report["plan"]["linears"].values())
     if planning.get("predicted_perplexity_ratio"):
-        counts = ", ".join(f"{linears.count(p)} {p}" for p in ("w4g32", "w4g64", "w4g128") if linears.count(p))
+        shown = ("float", "fp16", "w8dyn", "w4g32", "w4g64", "w4g128")
+        counts = ", ".join(f"{linears.count(p)} {p}" for p in shown if linears.count(p))
         name += f": {counts} of {len(linears)} linears"
         check = planning.get("check")
         if check and check["kept"] != check["planned"]:
             measured = check["measured"][str(check["planned"])]
             name += (
-                f" (planned {check['planned']}, predicted {planning['predicted_perplexity_ratio']:.3f}x, measured "
-                f"{measured:.3f}x on {check['tokens']} training tokens: backed off to {check['kept']})"
+                f" ({check['planned']} moves planned, predicted {planning['predicted_perplexity_ratio']:.3f}x, measured "
+                f"{measured:.3f}x on {check['tokens']} training tokens: backed off to the first {check['kept']} "
+                "moves)"
             )
         else:
             name += f", predicted {planning['predicted_perplexity_ratio']:.3f}x"

@@ -140,7 +140,10 @@ def test_a_small_causal_lm_builds_a_program_the_llm_runner_generates_from(tmp_pa
     assert "Greedy generations" in html and "next-token agreement" in html and "Peak resident memory" in html
     memory = report["memory"]["program"]
     assert memory["peak_bytes"] > memory["baseline_bytes"] > 0
-    assert report["gptq"]["tokens"] > 1000 and report["planning"]["check"]["kept"] <= len(report["plan"]["linears"])
+    planning = report["planning"]  # moves from float, each linear's precisions measured, the whole plan checked
+    assert report["gptq"]["tokens"] > 1000 and planning["check"]["kept"] <= planning["check"]["planned"]
+    assert planning["check"]["planned"] == len(planning["order"]) == len(planning["steps"])
+    assert all({"fp16", "w8dyn", "w4g32"} <= set(layer["losses"]) for layer in planning["analysis"]["layers"])
     smoothing = report["smoothing"]  # every block's three inputs and the head's, searched on training text
     assert smoothing["inputs"] == 3 * 2 + 1 and smoothing["error_after"] <= smoothing["error_before"]
     assert "Activations smoothed" in html

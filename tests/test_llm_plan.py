@@ -53,9 +53,10 @@ def test_gptq_is_round_to_nearest_when_the_inputs_are_uncorrelated():
 
 
 def test_the_plan_check_backs_off_to_the_longest_prefix_within_the_limit():
-    """Narrowing every linear of a random tiny Llama costs far more than a 0.2% limit allows: the
-    check keeps the longest prefix of the planner's order that measures within it, and the
-    layers after it go back to 8 bits; the model is left as it was."""
+    """Moving every linear of a random tiny Llama to 8 bits and then 4 costs far more than a 0.2%
+    limit allows: the check keeps the longest prefix of the planner's moves that measures within it,
+    and undoes the moves after it (a linear goes back to its last kept precision, or float); the
+    model is left as it was."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from edgeq.llm.export import linear_names
@@ -73,12 +74,14 @@ def test_the_plan_check_backs_off_to_the_longest_prefix_within_the_limit():
     windows = [torch.randint(0, 256, (48,), generator=g).tolist() for _ in range(4)]
     names = [name for name in linear_names({"n_layers": 2}) if name in linear_modules(model).values()]
     plan = LLMPlan({name: "w4g32" for name in names}, "e8")
-    kept, check = check_plan(model, plan, names, windows, max_increase=0.002)
-    assert check.planned == len(names) and check.measured[len(names)] > 1.002
-    assert 0 <= check.kept < len(names)
+    order, steps = names + names, ["w8dyn"] * len(names) + ["w4g32"] * len(names)
+    kept, check = check_plan(model, plan, order, windows, 0.002, steps)
+    assert check.planned == len(order) and check.measured[len(order)] > 1.002
+    assert 0 <= check.kept < len(order)
     assert check.measured.get(check.kept, 1.0) <= 1.002
     assert check.measured[check.kept + 1] > 1.002  # the bisection's boundary was measured
-    assert [kept.linears[n] for n in names] == ["w4g32"] * check.kept + ["w8dyn"] * (len(names) - check.kept)
+    expected = {name: "float" for name in names} | dict(zip(order[: check.kept], steps[: check.kept]))
+    assert kept.linears == expected
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert abs(_loss(model, windows) - check.float_loss) < 1e-6
 
@@ -132,9 +135,10 @@ def test_head_keeps_the_users_precision_in_uniform_and_planned_plans(tmp_path):
 
 
 def test_the_planner_steps_each_linear_down_its_convex_hull_of_group_sizes():
-    """Several 4-bit group sizes: a linear moves w8dyn -> w4g32 -> ... only along the lower convex hull
-    of its (bytes, loss) points, the cheapest loss per byte first across all linears; a budget takes the
-    moves until it fits, --max-drop the ones that keep the prediction within it."""
+    """Several 4-bit group sizes: a linear moves float -> w8dyn -> w4g32 -> ... only along the lower
+    convex hull of its (bytes, loss) points, the cheapest loss per byte first across all linears; a
+    budget takes the moves until it fits, --max-drop the ones that keep the prediction within it. An
+    analysis that did not measure w8dyn prices it at no loss (as the planner once assumed)."""
     from edgeq.llm.plan import LayerCost, LLMAnalysis, _moves, plan_llm, weight_bytes
 
     params, rows = 64 * 64, 64
@@ -142,8 +146,8 @@ def test_the_planner_steps_each_linear_down_its_convex_hull_of_group_sizes():
     # "bent": w4g64 costs more per byte saved than going on to w4g128, so the hull skips it
     bent = LayerCost("bent", params, rows, 0.010, {"w4g32": 0.010, "w4g64": 0.030, "w4g128": 0.031})
     straight = LayerCost("straight", params, rows, 0.001, {"w4g32": 0.001, "w4g64": 0.002, "w4g128": 0.004})
-    assert [m[0] for m in _moves(bent, False)] == ["w4g32", "w4g128"]
-    assert [m[0] for m in _moves(straight, False)] == ["w4g32", "w4g64", "w4g128"]
+    assert [m[0] for m in _moves(bent, False)] == ["w8dyn", "w4g32", "w4g128"]
+    assert [m[0] for m in _moves(straight, False)] == ["w8dyn", "w4g32", "w4g64", "w4g128"]
     for layer in (bent, straight):  # each step costs at least as much per byte as the one before
         ratios = [added / saved for _, saved, added in _moves(layer, False)]
         assert ratios == sorted(ratios) and all(saved > 0 for _, saved, _ in _moves(layer, False))
@@ -151,8 +155,9 @@ def test_the_planner_steps_each_linear_down_its_convex_hull_of_group_sizes():
 
     everything, prediction = plan_llm(analysis, "e8", None, 0.0)  # a budget nothing meets: every move
     assert everything.linears == {"bent": "w4g128", "straight": "w4g128"}
-    assert prediction["order"] == ["straight", "straight", "bent", "straight", "bent"]  # cheapest per byte first
-    assert prediction["steps"] == ["w4g32", "w4g64", "w4g32", "w4g128", "w4g128"]
+    # cheapest per byte first (the free moves to w8dyn before any other)
+    assert prediction["order"] == ["bent", "straight", "straight", "straight", "bent", "straight", "bent"]
+    assert prediction["steps"] == ["w8dyn", "w8dyn", "w4g32", "w4g64", "w4g32", "w4g128", "w4g128"]
     assert abs(prediction["predicted_perplexity_ratio"] - math.exp(0.004 + 0.031)) < 1e-9
     assert prediction["linear_bytes"] == 2 * bytes_at["w4g128"]
     # just below w4g32 everywhere: both linears at w4g32, then the cheapest next move (straight's w4g64)
@@ -165,7 +170,32 @@ def test_the_planner_steps_each_linear_down_its_convex_hull_of_group_sizes():
     # one group size (the default): the same plan as moving each linear w8dyn -> w4g32 by loss per byte
     single = LLMAnalysis(0.0, 100, [LayerCost(n.name, params, rows, n.narrow_loss) for n in (bent, straight)])
     one, prediction = plan_llm(single, "e8", 0.005, None)
-    assert one.linears == {"bent": "w8dyn", "straight": "w4g32"} and prediction["steps"] == ["w4g32"]
+    assert one.linears == {"bent": "w8dyn", "straight": "w4g32"}
+    assert prediction["steps"] == ["w8dyn", "w8dyn", "w4g32"]
+
+
+def test_the_planner_keeps_float_or_fp16_where_8_bit_activations_cost_more_than_the_budget():
+    """Every precision measured: a linear whose w8dyn costs more loss than --max-drop allows stays at
+    fp16 (when fp16 is nearly free) or float; fp16 is priced at 2 bytes a weight, and a size budget
+    moves every linear down through fp16 first when fp16 costs least per byte."""
+    from edgeq.llm.plan import LayerCost, LLMAnalysis, plan_llm, weight_bytes
+
+    params, rows = 64 * 64, 64
+    assert weight_bytes(params, rows, "fp16") == 2 * params == weight_bytes(params, rows, "float") / 2
+    quiet = LayerCost("quiet", params, rows, 0.002, {"fp16": 0.0, "w8dyn": 0.0005, "w4g32": 0.002})
+    loud = LayerCost("loud", params, rows, 0.08, {"fp16": 0.00001, "w8dyn": 0.03, "w4g32": 0.08})
+    rough = LayerCost("rough", params, rows, 0.09, {"fp16": 0.03, "w8dyn": 0.031, "w4g32": 0.09})
+    analysis = LLMAnalysis(0.0, 100, [quiet, loud, rough])
+    plan, prediction = plan_llm(analysis, "e8", 0.02, None)
+    assert plan.linears == {"quiet": "w4g32", "loud": "fp16", "rough": "float"}
+    assert prediction["precisions"] == {"float": 1, "fp16": 1, "w4g32": 1} and prediction["narrow_layers"] == 1
+    assert abs(prediction["predicted_perplexity_ratio"] - math.exp(0.002 + 0.00001)) < 1e-12
+    assert prediction["linear_bytes"] == sum(weight_bytes(params, rows, p) for p in ("w4g32", "fp16", "float"))
+    assert "float down through fp16/w8dyn/w4g32" in prediction["rule"]
+    # a budget two fp16 moves meet: the nearly free ones come first ("rough" skips fp16 on its hull:
+    # w8dyn costs little more for twice the saving)
+    halves, _ = plan_llm(analysis, "e8", None, 2 * weight_bytes(params, rows, "fp16") + 4 * params)
+    assert halves.linears == {"quiet": "fp16", "loud": "fp16", "rough": "float"}
 
 
 def test_group_sizes_are_measured_planned_and_checked_on_a_real_decoder(tmp_path):

@@ -35,7 +35,7 @@ from edgeq.llm.evaluate import (
     score_float,
     score_program,
 )  # fmt: skip
-from edgeq.llm.export import EMBEDDING, HEAD, LINEAR, LLMPlan, linear_names, lower_llm
+from edgeq.llm.export import EMBEDDING, FLOATS, HEAD, LINEAR, LLMPlan, linear_names, lower_llm
 from edgeq.llm.gptq import Hessians, collect_hessians
 from edgeq.llm.memory import runner_memory
 from edgeq.llm.plan import analyze_llm, check_plan, linear_modules, plan_llm, weight_bytes
@@ -185,7 +185,7 @@ def _plan(
     planning = {**prediction, "analysis": analysis.to_dict(), "head": config.head}
     if budget is None and config.check and check_windows:
         order, steps = prediction["order"], prediction["steps"]
-        plan, check = check_plan(model, plan, order, check_windows, config.max_drop / 100.0, hessians, steps)
+        plan, check = check_plan(model, plan, order, check_windows, config.max_drop / 100.0, steps, hessians)
         planning["check"] = check.to_dict()
     return plan, planning
 
@@ -202,7 +202,7 @@ def _smooth(
     """The model the program is made from: a copy of ``model`` whose inputs to quantized linears are
     smoothed for their 8-bit dynamic activations (edgeq.llm.smooth), with GPTQ's statistics rescaled
     to it; ``model`` itself with smooth_tokens 0 or a float plan. ``model`` stays the float reference."""
-    if not config.smooth_tokens or all(p == "float" for p in plan.linears.values()):
+    if not config.smooth_tokens or all(p in FLOATS for p in plan.linears.values()):
         return model, None, hessians
     smoothed = copy.deepcopy(model)
     smoothing = smooth_activations(smoothed, encode_windows(tokenizer, texts, max_seq_len, config.smooth_tokens), plan)
@@ -219,7 +219,7 @@ def _qat(
     with its record. The first windows of the training text are held out of QAT's training and
     decide which check ships."""
     qat = config.qat
-    if not qat.steps or all(p == "float" for p in plan.linears.values()):
+    if not qat.steps or all(p in FLOATS for p in plan.linears.values()):
         return model, None
     tokens = (qat.steps + qat.held_out_windows) * qat.window
     windows = encode_windows(tokenizer, texts, qat.window, tokens)

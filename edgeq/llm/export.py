@@ -30,11 +30,16 @@ from edgeq.llm.gptq import Hessians, apply_gptq
 from edgeq.llm.norm import replace_rms_norms
 from edgeq.llm.zero_points import zero_point_linear
 
-__all__ = ["EMBEDDING", "HEAD", "LINEAR", "SCALES", "LLMPlan", "linear_config", "lower_llm", "quantize_layers"]
+__all__ = [
+    "EMBEDDING", "FLOATS", "HEAD", "LINEAR", "SCALES", "LLMPlan", "linear_config", "lower_llm", "quantize_layers"
+]  # fmt: skip
 
 #: linear precisions: 8-bit dynamic activations with 4-bit weights in groups (XNNPACK's 8da4w),
-#: or 8-bit per-channel weights (8da8w), or float
-LINEAR = ("w4g32", "w4g64", "w4g128", "w8dyn", "float")
+#: or 8-bit per-channel weights (8da8w), or float16 weights and arithmetic (XNNPACK's fp16 kernels
+#: between casts, edgeq.quant.half.HalfLinear), or float
+LINEAR = ("w4g32", "w4g64", "w4g128", "w8dyn", "fp16", "float")
+#: the linear precisions that keep float activations: no integers, nothing to smooth, GPTQ or train
+FLOATS = ("fp16", "float")
 #: 4-bit group scale choices: torchao's HQQ scale search, or min-max (what torchao's QAT fake-quantizes to)
 SCALES = ("hqq", "minmax")
 #: token-table precisions: 8-bit per row, 4-bit in groups of 32, float
@@ -106,8 +111,20 @@ def _embedding_config(precision: str) -> Any:
 def quantize_layers(module: torch.nn.Module, plan: LLMPlan, hessians: Hessians | None = None) -> torch.nn.Module:
     """``module``'s linears and token table quantized in place as ``plan`` says (torchao ``quantize_``);
     with ``hessians``, each quantized linear gets GPTQ's integers on its grid. With the plan's
-    ``zero_points``, each 4-bit linear is replaced by its ZeroPointLinear (edgeq.llm.zero_points)."""
+    ``zero_points``, each 4-bit linear is replaced by its ZeroPointLinear (edgeq.llm.zero_points);
+    each fp16 linear by its HalfLinear (edgeq.quant.half)."""
     from torchao.quantization.quant_api import quantize_
+
+    from edgeq.quant.half import HalfLinear
+
+    for name in sorted(n for n, p in plan.linears.items() if p == "fp16"):
+        linear = module.get_submodule(name)
+        if not isinstance(linear, torch.nn.Linear):
+            raise ValueError(f"{name or 'the module'} is not a linear: it cannot be fp16")
+        half = HalfLinear(linear)
+        if not name:
+            return half
+        module.set_submodule(name, half)
 
     if plan.embedding != "float":
         quantize_(
@@ -116,7 +133,7 @@ def quantize_layers(module: torch.nn.Module, plan: LLMPlan, hessians: Hessians |
             filter_fn=lambda m, fqn: isinstance(m, torch.nn.Embedding),
         )
     split = {n for n, p in plan.linears.items() if plan.zero_points and p.startswith("w4g")}
-    for precision in sorted(set(plan.linears.values()) - {"float"}):
+    for precision in sorted(set(plan.linears.values()) - set(FLOATS)):
         names = {name for name, p in plan.linears.items() if p == precision} - split
         quantize_(
             module,
@@ -125,7 +142,7 @@ def quantize_layers(module: torch.nn.Module, plan: LLMPlan, hessians: Hessians |
         )
     if hessians is not None:
         for name, precision in plan.linears.items():
-            if precision != "float" and name not in split:
+            if precision not in FLOATS and name not in split:
                 apply_gptq(module.get_submodule(name), name, hessians)
     for name in sorted(split):
         linear = module.get_submodule(name)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from edgeq.llm.zero_points import ZeroPointLinear
+from edgeq.quant.half import HalfLinear
 
 __all__ = ["SIBLINGS", "Slice", "fuse_projections", "merge_duplicates"]
 
@@ -69,8 +70,9 @@ def _stack(modules: list[nn.Module]) -> nn.Module:
         if len(groups) != 1:
             raise ValueError("siblings differ in group size")
         return ZeroPointLinear(_stack([m.main for m in splits]), _stack([m.offsets for m in splits]), groups.pop())
-    if not all(type(m) is nn.Linear for m in modules):
-        raise ValueError("siblings are not all linears")
+    kinds = {type(m) for m in modules}
+    if kinds not in ({nn.Linear}, {HalfLinear}):
+        raise ValueError("siblings are not all linears of one kind")
     linears: list[nn.Linear] = modules  # type: ignore[assignment]
     has_bias = {m.bias is not None for m in linears}
     if len(has_bias) != 1:
@@ -79,7 +81,7 @@ def _stack(modules: list[nn.Module]) -> nn.Module:
     stacked.weight = nn.Parameter(_stack_weights([m.weight for m in linears]), requires_grad=False)
     if stacked.bias is not None:
         stacked.bias = nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)  # type: ignore[union-attr]
-    return stacked
+    return HalfLinear(stacked) if kinds == {HalfLinear} else stacked
 
 
 def fuse_projections(module: nn.Module, precisions: dict[str, str], layers: int) -> list[str]:

@@ -1,16 +1,19 @@
-"""Per-layer precision for decoders: each linear scored by what 4 bits cost the next-token loss.
+"""Per-layer precision for decoders: each linear scored by what each precision costs the next-token loss.
 
-The analysis quantizes one linear at a time (a copy, with the very torchao
-config the program will use, so activations are quantized dynamically as
-XNNPACK runs them) to each 4-bit precision the planner may choose (w4g32 by
-default; ``narrow`` adds larger groups: fewer scales, more loss) and measures
-the mean next-token loss on windows of the recipe's *training* text (never
-``eval_text()``, which only reports). The planner starts from 8-bit weights
+The analysis puts one linear at a time at each precision the planner may
+choose (a copy made as the program will hold it: the very torchao config, so
+activations are quantized dynamically as XNNPACK runs them; float16 as
+XNNPACK's fp16 kernels run it) and measures the mean next-token loss on
+windows of the recipe's *training* text (never ``eval_text()``, which only
+reports): fp16 and 8-bit dynamic (``wide``), 4-bit in groups of 32 (``narrow``
+adds larger groups: fewer scales, more loss). The planner starts from float
 everywhere and takes moves (a linear from its precision to the next smaller
-one on its lower convex hull of bytes against loss) in order of loss increase
-per byte saved, while the summed increase keeps the predicted perplexity
-within ``max_increase`` (a share: 0.05 is 5% above float) or until the program
-fits ``size_budget`` bytes.
+one on its lower convex hull of bytes against loss: float -> fp16 -> w8dyn ->
+w4g32 -> ...) in order of loss increase per byte saved, while the summed
+increase keeps the predicted perplexity within ``max_increase`` (a share: 0.05
+is 5% above float) or until the program fits ``size_budget`` bytes. A linear
+whose 8-bit dynamic activations cost more than the budget allows stays at fp16
+or float.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 
 from edgeq.llm.convert import executorch_name
-from edgeq.llm.export import LLMPlan
+from edgeq.llm.export import LINEAR, LLMPlan
 from edgeq.llm.gptq import Hessians, apply_gptq
 from edgeq.llm.zero_points import zero_point_bytes
 
@@ -32,8 +35,9 @@ __all__ = [
     "LayerCost", "LLMAnalysis", "PlanCheck", "analyze_llm", "check_plan", "plan_llm", "quantized_copy", "weight_bytes"
 ]  # fmt: skip
 
-#: precisions the planner chooses between, narrowest last
-WIDE, NARROW = "w8dyn", "w4g32"
+#: precisions the planner chooses between, widest first: every linear starts at START; an analysis
+#: that did not measure WIDE (older reports) prices it at no loss, as the planner once assumed
+START, HALF, WIDE, NARROW = "float", "fp16", "w8dyn", "w4g32"
 
 
 def weight_bytes(params: int, rows: int, precision: str, zero_points: bool = False) -> float:
@@ -41,6 +45,8 @@ def weight_bytes(params: int, rows: int, precision: str, zero_points: bool = Fal
     groups with ``zero_points``, the 8-bit offsets linear beside them)."""
     if precision == "float":
         return 4.0 * params
+    if precision == HALF:
+        return 2.0 * params
     if precision.startswith("w4g"):
         group = int(precision[3:])
         return 0.5 * params + 4.0 * params / group + (zero_point_bytes(params, rows, group) if zero_points else 0.0)
@@ -54,7 +60,7 @@ class LayerCost:
     rows: int
     #: mean next-token loss increase (nats) with this linear alone at NARROW
     narrow_loss: float
-    #: the same at each 4-bit precision the analysis measured (NARROW among them)
+    #: the same at each precision the analysis measured (HALF, WIDE and the 4-bit ones, NARROW among them)
     losses: dict[str, float] = field(default_factory=dict)
 
 
@@ -128,14 +134,18 @@ def analyze_llm(
     zero_points: bool = False,
     skip: frozenset[str] = frozenset(),
     narrow: tuple[str, ...] = (NARROW,),
+    wide: tuple[str, ...] = (HALF, WIDE),
 ) -> LLMAnalysis:
-    """Each linear's loss increase at each of ``narrow`` (4-bit precisions, NARROW among them) whose
-    group size divides its input width, one linear at a time, on ``windows`` (the training text);
-    with ``hessians``, each narrowed the way the program will be (GPTQ integers); ``zero_points``: on
-    asymmetric groups; ``skip``: ExecuTorch names of linears the plan does not choose for (not
-    scored). A linear no group size divides stays at WIDE (no moves, an infinite NARROW loss)."""
+    """Each linear's loss increase at each of ``wide`` and of ``narrow`` (4-bit precisions, NARROW among
+    them) whose group size divides its input width, one linear at a time, on ``windows`` (the training
+    text); with ``hessians``, each quantized the way the program will be (GPTQ integers);
+    ``zero_points``: on asymmetric groups; ``skip``: ExecuTorch names of linears the plan does not
+    choose for (not scored). A linear no group size divides gets no 4-bit moves (an infinite NARROW
+    loss)."""
     if NARROW not in narrow or not all(p.startswith("w4g") for p in narrow):
         raise ValueError(f"narrow {narrow} must be 4-bit precisions including {NARROW}")
+    if not set(wide) <= {HALF, WIDE}:
+        raise ValueError(f"wide {wide} must be among {HALF}, {WIDE}")
     start = time.perf_counter()
     base = _loss(model, windows)
     analysis = LLMAnalysis(base, sum(len(w) - 1 for w in windows), zero_points=zero_points)
@@ -144,7 +154,8 @@ def analyze_llm(
             continue
         module = model.get_submodule(name)
         losses = {}
-        for precision in (p for p in narrow if module.in_features % int(p[3:]) == 0):  # a group spans whole rows
+        fits = [p for p in narrow if module.in_features % int(p[3:]) == 0]  # a group spans whole rows
+        for precision in [*wide, *fits]:
             _swap(model, name, quantized_copy(module, target, precision, hessians, zero_points))
             try:
                 losses[precision] = _loss(model, windows) - base
@@ -158,12 +169,13 @@ def analyze_llm(
 
 
 def _moves(layer: LayerCost, zero_points: bool) -> list[tuple[str, float, float]]:
-    """(precision, bytes saved, loss added) for each step of ``layer`` from WIDE down the lower convex
+    """(precision, bytes saved, loss added) for each step of ``layer`` from START down the lower convex
     hull of its (bytes, loss) points: a precision that costs more loss per byte than a smaller one
     is skipped, so each step's loss per byte is at least the one before it."""
-    points = [(weight_bytes(layer.params, layer.rows, WIDE), 0.0, WIDE)]
+    points = [(weight_bytes(layer.params, layer.rows, START), 0.0, START)]
     # an analysis of one precision (older reports, tests) fills only narrow_loss
-    losses = layer.losses or ({NARROW: layer.narrow_loss} if math.isfinite(layer.narrow_loss) else {})
+    losses = dict(layer.losses or ({NARROW: layer.narrow_loss} if math.isfinite(layer.narrow_loss) else {}))
+    losses.setdefault(WIDE, 0.0)
     for precision, loss in sorted(losses.items(), key=lambda item: -weight_bytes(layer.params, layer.rows,
                                                                                item[0], zero_points)):  # fmt: skip
         point = (weight_bytes(layer.params, layer.rows, precision, zero_points), max(loss, points[-1][1]), precision)
@@ -180,16 +192,16 @@ def _slope(a: tuple[float, float, str], b: tuple[float, float, str]) -> float:
 def plan_llm(
     analysis: LLMAnalysis, embedding: str, max_increase: float | None, size_budget: float | None
 ) -> tuple[LLMPlan, dict[str, Any]]:
-    """The plan, and the planner's prediction: layers move from WIDE down their precisions (see
+    """The plan, and the planner's prediction: layers move from START down their precisions (see
     :func:`_moves`), cheapest loss per byte saved first, within ``max_increase`` (predicted perplexity
     ratio - 1) or until the linears fit ``size_budget`` bytes."""
-    chosen = {layer.name: WIDE for layer in analysis.layers}
+    chosen = {layer.name: START for layer in analysis.layers}
     moves = [
         (added / max(saved, 1e-9), step, layer.name, precision, saved, added)
         for layer in analysis.layers
         for step, (precision, saved, added) in enumerate(_moves(layer, analysis.zero_points))
     ]
-    size = sum(weight_bytes(layer.params, layer.rows, WIDE) for layer in analysis.layers)
+    size = sum(weight_bytes(layer.params, layer.rows, START) for layer in analysis.layers)
     increase = 0.0
     taken: list[tuple[str, str]] = []
     blocked: set[str] = set()  # a layer whose move was refused takes none of its later ones
@@ -204,19 +216,22 @@ def plan_llm(
         taken.append((name, precision))
         size -= saved
         increase += added
-    narrow = sorted({p for layer in analysis.layers for p in (layer.losses or {NARROW: 0.0})})
+    offered = {WIDE} | {p for layer in analysis.layers for p in (layer.losses or {NARROW: 0.0})}
+    menu = "/".join(p for p in reversed(LINEAR) if p in offered)
     prediction = {
         "predicted_perplexity_ratio": math.exp(increase),
         "linear_bytes": size,
-        "narrow_layers": sum(1 for p in chosen.values() if p != WIDE),
+        #: linears at a 4-bit precision, and how many at each precision
+        "narrow_layers": sum(1 for p in chosen.values() if p.startswith("w4g")),
+        "precisions": {p: n for p in reversed(LINEAR) if (n := sum(1 for c in chosen.values() if c == p))},
         #: the moves taken, in the planner's order (the plan check backs off from the end): the layer,
         #: and the precision it moved to
         "order": [name for name, _ in taken],
         "steps": [precision for _, precision in taken],
         "rule": (
-            f"linears to {'/'.join(narrow)} until they fit {size_budget:,.0f} bytes"
+            f"linears from float down through {menu} until they fit {size_budget:,.0f} bytes"
             if size_budget is not None
-            else f"linears to {'/'.join(narrow)} while the predicted perplexity stays within "
+            else f"linears from float down through {menu} while the predicted perplexity stays within "
             f"{1 + (max_increase or 0):.3f}x"
         ),
     }
@@ -229,7 +244,7 @@ class PlanCheck:
 
     tokens: int
     float_loss: float
-    #: narrowed layers kept (a prefix of the planner's order) -> measured perplexity ratio
+    #: moves kept (a prefix of the planner's order) -> measured perplexity ratio
     measured: dict[int, float] = field(default_factory=dict)
     kept: int = 0
     planned: int = 0
@@ -247,7 +262,7 @@ class PlanCheck:
 
 
 class _Swapper:
-    """The HF model with any prefix of the planner's order narrowed, the rest at WIDE, the token table
+    """The HF model with any prefix of the planner's moves taken, the rest at START, the token table
     at the plan's precision: quantized modules are made once (GPTQ'd like the program's) and swapped
     in and out, so each measurement is one forward pass over the check text."""
 
@@ -274,7 +289,7 @@ class _Swapper:
         try:
             table.weight = self.table.weight
             for target, precision in precisions.items():
-                if precision != "float":
+                if precision != START:
                     originals[self.names[target]] = _swap(
                         self.model, self.names[target], self.module(target, precision)
                     )
@@ -291,21 +306,24 @@ def check_plan(
     order: list[str],
     windows: list[list[int]],
     max_increase: float,
+    steps: list[str],
     hessians: Hessians | None = None,
-    steps: list[str] | None = None,
 ) -> tuple[LLMPlan, PlanCheck]:
     """Measure the whole plan on ``windows`` (training text the analysis did not read) and, when its
     perplexity ratio is above ``1 + max_increase``, keep the longest prefix of the planner's moves
-    (``order``: each move's layer, cheapest first; ``steps``: the precision it moved to, NARROW when
-    not given) that measures within it (bisection: the loss of a prefix grows with its length).
-    Per-layer increases do not add up exactly; this makes --max-drop hold on the whole plan, as
-    measured, not only as predicted."""
+    (``order``: each move's layer, cheapest first; ``steps``: the precision it moved to) that
+    measures within it (bisection: the loss of a prefix grows with its length); a layer's moves
+    after the prefix are undone, back to its last kept precision (START when none). Per-layer
+    increases do not add up exactly; this makes --max-drop hold on the whole plan, as measured,
+    not only as predicted."""
     start = time.perf_counter()
-    moves = list(zip(order, steps or [NARROW] * len(order)))
+    if len(steps) != len(order):
+        raise ValueError(f"{len(order)} moves but {len(steps)} steps")
+    moves = list(zip(order, steps))
     check = PlanCheck(sum(len(w) - 1 for w in windows), _loss(model, windows), planned=len(order))
     swapper = _Swapper(model, hessians, plan.embedding, plan.zero_points)
-    planned = set(order)  # a layer the planner did not narrow (the user's --head) keeps its precision
-    base = {name: (WIDE if name in planned else precision) for name, precision in plan.linears.items()}
+    planned = set(order)  # a layer the planner did not move (the user's --head) keeps its precision
+    base = {name: (START if name in planned else precision) for name, precision in plan.linears.items()}
 
     def ratio(k: int) -> float:
         if k not in check.measured:

@@ -15,7 +15,9 @@ rounded model, so a run that does not help is visible.
 
 The scales the fake quantizers train against are min-max (torchao's "affine"
 choice), so the lowering uses that choice too for a QAT'd plan
-(:attr:`LLMPlan.scales`), not the HQQ search round-to-nearest uses.
+(:attr:`LLMPlan.scales`), not the HQQ search round-to-nearest uses. Linears the
+plan keeps at fp16 or float are not trained: their weights stay the float
+model's (an fp16 linear rounds them to float16 when it is lowered).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 import torch
 
 from edgeq.errors import EdgeqError
-from edgeq.llm.export import LLMPlan, linear_config
+from edgeq.llm.export import FLOATS, LLMPlan, linear_config
 from edgeq.llm.plan import linear_modules
 
 __all__ = ["HeldOutKL", "LLMQATConfig", "LLMQATResult", "distill"]
@@ -124,14 +126,16 @@ def _fake_quantized(model: Any, plan: LLMPlan) -> tuple[Any, list[torch.nn.Param
     names = linear_modules(student)
     for p in student.parameters():
         p.requires_grad_(False)
-    for precision in sorted(set(plan.linears.values()) - {"float"}):
+    for precision in sorted(set(plan.linears.values()) - set(FLOATS)):
         chosen = {hf for hf, target in names.items() if plan.linears.get(target) == precision}
         quantize_(
             student,
             QATConfig(linear_config(precision, "minmax"), step="prepare"),
             filter_fn=lambda m, fqn, chosen=chosen: isinstance(m, torch.nn.Linear) and fqn in chosen,
         )
-    trained = [student.get_submodule(hf).weight for hf, t in names.items() if plan.linears.get(t, "float") != "float"]
+    trained = [
+        student.get_submodule(hf).weight for hf, t in names.items() if plan.linears.get(t, "float") not in FLOATS
+    ]
     for weight in trained:
         weight.requires_grad_(True)
     return student, trained

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from edgeq.llm.export import LLMPlan
+from edgeq.llm.export import FLOATS, LLMPlan
 from edgeq.llm.plan import linear_modules, quantized_copy
 
 __all__ = ["ALPHAS", "GROUP", "Smoothing", "smooth_activations"]
@@ -174,7 +174,7 @@ def smooth_activations(model: Any, windows: list[list[int]], plan: LLMPlan) -> S
     inputs = [
         found
         for found in _inputs(model)
-        if any(precisions.get(name, "float") != "float" for name in found.readers)
+        if any(precisions.get(name, "float") not in FLOATS for name in found.readers)
         and model.get_submodule(found.readers[0]).in_features % GROUP == 0
     ]
     result = Smoothing(tokens=sum(len(w) for w in windows))
@@ -184,7 +184,7 @@ def smooth_activations(model: Any, windows: list[list[int]], plan: LLMPlan) -> S
         _untie_head(model)  # before any fold: a tied head's columns are the token table's
     recorded = _record_inputs(model, windows, [found.readers[0] for found in inputs])
     for found in inputs:
-        readers = [name for name in found.readers if precisions[name] != "float"]
+        readers = [name for name in found.readers if precisions[name] not in FLOATS]
         x = recorded.pop(found.readers[0])
         alpha, scales, before, after = _search(model, x, readers, precisions, plan.zero_points)
         result.alphas[names[found.readers[0]]] = alpha

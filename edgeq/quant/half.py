@@ -15,6 +15,10 @@ takes no dtype conversions). edgeq, not PT2E, handles these layers:
 2. :func:`lower_casts`, on the converted reference, replaces each weight's cast
    with a float16 copy of the weight, so that the program stores 2 bytes per
    weight and no float32 copy.
+
+Decoder LLMs are quantized as modules before export (edgeq.llm.export), not
+as a PT2E graph: there an ``fp16`` linear is a :class:`HalfLinear`, the same
+casts written as a module whose weight already is float16.
 """
 
 from __future__ import annotations
@@ -22,6 +26,23 @@ from __future__ import annotations
 import torch
 
 from edgeq.graph import attr_tensor, drop_unused_attributes, layer_owners
+
+
+class HalfLinear(torch.nn.Module):
+    """``linear`` stored in float16 (2 bytes a weight) and run in float16 between casts of its input and
+    output, as XNNPACK runs it; a module (not a subclass of Linear, so no quantizer's filter takes it
+    for a float linear) with the weight, bias and widths code reading linears expects."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = torch.nn.Parameter(linear.weight.detach().to(torch.float16), requires_grad=False)
+        bias = linear.bias
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(torch.float16), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.to(torch.float16), self.weight, self.bias).to(x.dtype)
+
 
 #: graph.meta key: the layers run in float16
 HALF = "edgeq_half"
