@@ -227,3 +227,39 @@ def test_group_sizes_are_measured_planned_and_checked_on_a_real_decoder(tmp_path
     for bad in [(64, 128), (32, 16)]:
         with pytest.raises(EdgeqError, match="group sizes"):
             LLMBuildConfig(group_sizes=bad)
+
+
+def test_the_analysis_and_the_plan_check_read_training_text_gptq_did_not(tmp_path):
+    """GPTQ fits its integers to the first gptq_tokens of text(); the analysis scores the tokens after
+    them and the plan check the ones after those (on GPTQ's own tokens its linears look better than
+    anywhere else); text that ends within GPTQ's tokens is a one-line error."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from edgeq.errors import EdgeqError
+    from edgeq.llm.build import LLMBuildConfig, _planning_windows
+    from edgeq.llm.evaluate import encode_windows
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    path = tmp_path / "tokenizer.json"
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"w{i}" for i in torch.randint(0, 256, (300,), generator=g).tolist()) for _ in range(4)]
+    config = LLMBuildConfig(gptq_tokens=200, analysis_tokens=100, check_tokens=150)
+    gptq = encode_windows(path, texts, 64, 200)
+    analysis, check = _planning_windows(path, texts, 64, config, after_gptq=True)
+    assert sum(len(w) - 1 for w in analysis) == 100 and 145 <= sum(len(w) - 1 for w in check) <= 150
+    # in order and disjoint: GPTQ's windows, then the analysis's, then the check's (each split drops
+    # the one token its cut would have scored twice)
+    text = [t for w in encode_windows(path, texts, 64, 10_000) for t in w]
+
+    def at(window: list[int]) -> int:
+        return next(i for i in range(len(text)) if text[i : i + len(window)] == window)
+
+    assert at(gptq[-1]) + len(gptq[-1]) <= at(analysis[0]) + 1
+    assert at(analysis[-1]) + len(analysis[-1]) <= at(check[0]) + 1
+    without, _ = _planning_windows(path, texts, 64, config, after_gptq=False)
+    assert without[0] == encode_windows(path, texts, 64, 100)[0]  # no GPTQ: from the start
+    short = LLMBuildConfig(gptq_tokens=5_000)
+    with pytest.raises(EdgeqError, match="ends within the 5,000 tokens GPTQ reads"):
+        _planning_windows(path, texts, 64, short, after_gptq=True)
