@@ -99,7 +99,7 @@ def test_a_qat_plan_lowers_to_the_grid_it_trained_against(tmp_path):
     from edgeq.llm.export import linear_config, lower_llm
     from edgeq.llm.plan import linear_modules
 
-    model = _tiny_llama()
+    model = _tiny_llama(layers=1)  # every kind of linear, at half the lowering time
     plan = LLMPlan.uniform(linear_names(executorch_params(model, 32)), "w4g32", "float")
     gen = torch.Generator().manual_seed(0)
     windows = torch.randint(0, 256, (10, 24), generator=gen).tolist()

@@ -41,8 +41,15 @@ def _config(out, **kw):
     return BuildConfig(out=out, precision="int8", qat=QATConfig(steps=STEPS, checkpoint_every=10, patience=0), **kw)
 
 
-def test_a_killed_build_resumes_to_the_same_program_and_ranges(tmp_path, digits_build):
-    straight = build(None, _config(tmp_path / "straight"))
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """One uninterrupted build of the bundled example, what the resumed and the repeated builds must equal."""
+    out = tmp_path_factory.mktemp("straight") / "out"
+    return build(None, _config(out)), out
+
+
+def test_a_killed_build_resumes_to_the_same_program_and_ranges(tmp_path, straight):
+    straight, straight_out = straight
     out = tmp_path / "resumed"
     with pytest.raises(Interrupt):
         build(None, _config(out), progress=KillAt(25))
@@ -51,18 +58,18 @@ def test_a_killed_build_resumes_to_the_same_program_and_ranges(tmp_path, digits_
     assert ckpt.is_file()
     assert torch.load(ckpt, weights_only=True)["step"] == 20
     resumed = build(None, _config(out, resume=True))
-    assert (out / "model.pte").read_bytes() == (tmp_path / "straight" / "model.pte").read_bytes()
+    assert (out / "model.pte").read_bytes() == (straight_out / "model.pte").read_bytes()
     assert resumed.qat.commits == straight.qat.commits
     assert resumed.plan.to_dict() == straight.plan.to_dict()
     assert not ckpt.parent.exists()  # cleaned up after success
 
 
-def test_same_recipe_seed_and_target_give_byte_identical_programs(tmp_path):
-    a = build(None, _config(tmp_path / "a"))
+def test_same_recipe_seed_and_target_give_byte_identical_programs(tmp_path, straight):
+    a, a_out = straight
     b = build(None, _config(tmp_path / "b"))
-    pa, pb = (tmp_path / "a" / "model.pte").read_bytes(), (tmp_path / "b" / "model.pte").read_bytes()
+    pa, pb = (a_out / "model.pte").read_bytes(), (tmp_path / "b" / "model.pte").read_bytes()
     assert pa == pb
-    man = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    man = json.loads((a_out / "manifest.json").read_text())
     assert man["sha256"] == hashlib.sha256(pa).hexdigest()
     assert man["build"]["seed"] == 0 and man["build"]["qat"]["steps"] == STEPS and man["recipe"]["sha256"]
     assert a.scores.program == b.scores.program
