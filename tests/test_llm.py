@@ -33,6 +33,24 @@ def _tokenizer(tmp_path, vocab: int):
     return path
 
 
+def assert_program_computes(program: bytes, model, tolerance: float) -> None:
+    """The program's logits are ``model``'s (a tiny Llama of 256 tokens, the HF model with the modules the
+    program was made from) within ``tolerance`` of their largest, through a prefill of 8 tokens and 4
+    decode steps through the static KV cache."""
+    from edgeq.llm.evaluate import load_llm_program
+
+    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        eager = model(tokens).logits[0]
+    method = load_llm_program(program)
+    close = {"atol": tolerance * float(eager.abs().max()), "rtol": 0}
+    prefill = method.execute([tokens[:, :8], torch.tensor([0])])[0]
+    torch.testing.assert_close(prefill.reshape(-1, 256)[-1], eager[7], **close)
+    for position in range(8, 12):
+        step = method.execute([tokens[:, position : position + 1], torch.tensor([position])])[0]
+        torch.testing.assert_close(step.reshape(-1, 256)[-1], eager[position], **close)
+
+
 def test_the_unquantized_program_computes_the_hugging_face_models_logits(tmp_path):
     from edgeq.llm.evaluate import load_llm_program
     from edgeq.llm.export import lower_llm

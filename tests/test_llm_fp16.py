@@ -40,9 +40,8 @@ def test_a_decoder_with_fp16_linears_lowers_to_the_program_its_eager_twin_comput
     """q/k/v and down_proj at fp16 (q/k/v stacked), the others quantized or float: the program holds the
     fp16 weights' float16 bytes and no float32 copy of them, and computes what the HF model with the
     same modules computes, through prefill and KV-cache decode steps."""
-    from test_llm import _tiny_llama, _tokenizer
+    from test_llm import _tiny_llama, _tokenizer, assert_program_computes
 
-    from edgeq.llm.evaluate import load_llm_program
     from edgeq.llm.export import linear_names, lower_llm
     from edgeq.llm.plan import _swap, linear_modules, quantized_copy
 
@@ -65,13 +64,4 @@ def test_a_decoder_with_fp16_linears_lowers_to_the_program_its_eager_twin_comput
         if plan.linears[target] != "float":
             _swap(model, name, quantized_copy(modules[target], target, plan.linears[target], None, False))
     assert sum(isinstance(m, HalfLinear) for m in model.modules()) == 4
-    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        eager = model(tokens).logits[0]
-    method = load_llm_program(program)
-    tolerance = {"atol": 5e-3 * float(eager.abs().max()), "rtol": 0}
-    prefill = method.execute([tokens[:, :8], torch.tensor([0])])[0]
-    torch.testing.assert_close(prefill.reshape(-1, 256)[-1], eager[7], **tolerance)
-    for position in range(8, 12):  # decode steps through the static KV cache
-        step = method.execute([tokens[:, position : position + 1], torch.tensor([position])])[0]
-        torch.testing.assert_close(step.reshape(-1, 256)[-1], eager[position], **tolerance)
+    assert_program_computes(program, model, tolerance=5e-3)

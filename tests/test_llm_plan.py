@@ -149,8 +149,8 @@ def test_the_planner_steps_each_linear_down_its_convex_hull_of_group_sizes():
     assert [m[0] for m in _moves(bent, False)] == ["w8dyn", "w4g32", "w4g128"]
     assert [m[0] for m in _moves(straight, False)] == ["w8dyn", "w4g32", "w4g64", "w4g128"]
     for layer in (bent, straight):  # each step costs at least as much per byte as the one before
-        ratios = [added / saved for _, saved, added in _moves(layer, False)]
-        assert ratios == sorted(ratios) and all(saved > 0 for _, saved, _ in _moves(layer, False))
+        ratios = [bound / saved for _, saved, _, bound in _moves(layer, False)]
+        assert ratios == sorted(ratios) and all(saved > 0 for _, saved, _, _ in _moves(layer, False))
     analysis = LLMAnalysis(0.0, 100, [bent, straight])
 
     everything, prediction = plan_llm(analysis, "e8", None, 0.0)  # a budget nothing meets: every move
@@ -196,6 +196,30 @@ def test_the_planner_keeps_float_or_fp16_where_8_bit_activations_cost_more_than_
     # w8dyn costs little more for twice the saving)
     halves, _ = plan_llm(analysis, "e8", None, 2 * weight_bytes(params, rows, "fp16") + 4 * params)
     assert halves.linears == {"quiet": "fp16", "loud": "fp16", "rough": "float"}
+
+
+def test_moves_measured_below_their_noise_are_not_taken_ahead_of_small_sure_ones():
+    """On a few hundred tokens a 4-bit move can measure a negative loss change: priced by its mean it
+    is free and goes before fp16's small sure cost; priced by mean + standard error it goes after."""
+    from edgeq.llm.plan import LayerCost, LLMAnalysis, plan_llm
+
+    params, rows = 64 * 64, 64
+    losses = {"noisy": {"fp16": 0.0, "w8dyn": -0.001, "w4g32": -0.002}, "sure": {"fp16": 1e-5, "w8dyn": 0.01}}
+    errors = {"noisy": {"fp16": 0.0, "w8dyn": 0.002, "w4g32": 0.004}, "sure": {"fp16": 1e-6, "w8dyn": 1e-3}}
+
+    def order(with_errors: bool) -> list[tuple[str, str]]:
+        layers = [LayerCost(n, params, rows, losses[n].get("w4g32", math.inf), losses[n],
+                            errors[n] if with_errors else {}) for n in losses]  # fmt: skip
+        _, prediction = plan_llm(LLMAnalysis(0.0, 256, layers), "e8", None, 0.0)
+        return list(zip(prediction["order"], prediction["steps"]))
+
+    assert order(False)[:2] == [("noisy", "w4g32"), ("sure", "fp16")]  # straight to 4 bits, "free"
+    assert order(True) == [("noisy", "fp16"), ("sure", "fp16"), ("noisy", "w8dyn"), ("noisy", "w4g32"),
+                           ("sure", "w8dyn")]  # fmt: skip
+    layers = [LayerCost(n, params, rows, losses[n].get("w4g32", math.inf), losses[n], errors[n]) for n in losses]
+    _, prediction = plan_llm(LLMAnalysis(0.0, 256, layers), "e8", 0.05, None)
+    # the prediction sums the means (each never below a wider precision's): noisy's moves add nothing
+    assert abs(prediction["predicted_perplexity_ratio"] - math.exp(0.01)) < 1e-12  # sure at w8dyn
 
 
 def test_group_sizes_are_measured_planned_and_checked_on_a_real_decoder(tmp_path):

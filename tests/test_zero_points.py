@@ -112,9 +112,8 @@ def xnnpack_calls(program: bytes) -> int:
 
 
 def test_a_decoder_with_zero_points_lowers_to_the_program_its_eager_twin_computes(tmp_path):
-    from test_llm import _tiny_llama, _tokenizer
+    from test_llm import _tiny_llama, _tokenizer, assert_program_computes
 
-    from edgeq.llm.evaluate import load_llm_program
     from edgeq.llm.export import linear_names, lower_llm
     from edgeq.llm.plan import _swap, linear_modules, quantized_copy
 
@@ -128,16 +127,7 @@ def test_a_decoder_with_zero_points_lowers_to_the_program_its_eager_twin_compute
     for name, target in names.items():  # the HF model with the very modules the program was made from
         _swap(model, name, quantized_copy(model.get_submodule(name), target, "w4g32", None, True))
     assert sum(isinstance(m, ZeroPointLinear) for m in model.modules()) == len(names)
-    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        eager = model(tokens).logits[0]
-    method = load_llm_program(program)
-    tolerance = {"atol": 2e-3 * float(eager.abs().max()), "rtol": 0}
-    prefill = method.execute([tokens[:, :8], torch.tensor([0])])[0]
-    torch.testing.assert_close(prefill.reshape(-1, 256)[-1], eager[7], **tolerance)
-    for position in range(8, 12):  # decode steps through the static KV cache
-        step = method.execute([tokens[:, position : position + 1], torch.tensor([position])])[0]
-        torch.testing.assert_close(step.reshape(-1, 256)[-1], eager[position], **tolerance)
+    assert_program_computes(program, model, tolerance=2e-3)
 
 
 def test_zero_points_are_refused_in_one_line_where_they_do_not_apply(tmp_path):

@@ -62,6 +62,8 @@ class LayerCost:
     narrow_loss: float
     #: the same at each precision the analysis measured (HALF, WIDE and the 4-bit ones, NARROW among them)
     losses: dict[str, float] = field(default_factory=dict)
+    #: each loss's standard error: of the per-token differences from float on the same tokens
+    errors: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -84,15 +86,20 @@ class LLMAnalysis:
         }
 
 
-def _loss(model: Any, windows: list[list[int]]) -> float:
-    total, count = 0.0, 0
+def _token_losses(model: Any, windows: list[list[int]]) -> torch.Tensor:
+    """The next-token loss of every scored token of ``windows``, in order."""
+    losses = []
     with torch.no_grad():
         for window in windows:
             ids = torch.tensor([window])
             logits = model(input_ids=ids).logits[0, :-1].float()
-            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-            count += len(window) - 1
-    return total / max(count, 1)
+            losses.append(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none"))
+    return torch.cat(losses) if losses else torch.zeros(0)
+
+
+def _loss(model: Any, windows: list[list[int]]) -> float:
+    losses = _token_losses(model, windows)
+    return float(losses.double().mean()) if len(losses) else 0.0
 
 
 def linear_modules(model: Any) -> dict[str, str]:
@@ -147,42 +154,54 @@ def analyze_llm(
     if not set(wide) <= {HALF, WIDE}:
         raise ValueError(f"wide {wide} must be among {HALF}, {WIDE}")
     start = time.perf_counter()
-    base = _loss(model, windows)
-    analysis = LLMAnalysis(base, sum(len(w) - 1 for w in windows), zero_points=zero_points)
+    base = _token_losses(model, windows).double()
+    analysis = LLMAnalysis(float(base.mean()), len(base), zero_points=zero_points)
     for name, target in linear_modules(model).items():
         if target in skip:
             continue
         module = model.get_submodule(name)
-        losses = {}
+        losses, errors = {}, {}
         fits = [p for p in narrow if module.in_features % int(p[3:]) == 0]  # a group spans whole rows
         for precision in [*wide, *fits]:
             _swap(model, name, quantized_copy(module, target, precision, hessians, zero_points))
             try:
-                losses[precision] = _loss(model, windows) - base
+                change = _token_losses(model, windows).double() - base  # paired: the same tokens
             finally:
                 _swap(model, name, module)
+            losses[precision] = float(change.mean())
+            errors[precision] = float(change.std() / math.sqrt(len(change))) if len(change) > 1 else 0.0
         weight = module.weight
         narrow_loss = losses.get(NARROW, math.inf)
-        analysis.layers.append(LayerCost(target, weight.numel(), weight.shape[0], narrow_loss, losses))
+        analysis.layers.append(LayerCost(target, weight.numel(), weight.shape[0], narrow_loss, losses, errors))
     analysis.seconds = time.perf_counter() - start
     return analysis
 
 
-def _moves(layer: LayerCost, zero_points: bool) -> list[tuple[str, float, float]]:
-    """(precision, bytes saved, loss added) for each step of ``layer`` from START down the lower convex
-    hull of its (bytes, loss) points: a precision that costs more loss per byte than a smaller one
-    is skipped, so each step's loss per byte is at least the one before it."""
-    points = [(weight_bytes(layer.params, layer.rows, START), 0.0, START)]
+def _moves(layer: LayerCost, zero_points: bool) -> list[tuple[str, float, float, float]]:
+    """(precision, bytes saved, loss added, its bound) for each step of ``layer`` from START down the
+    lower convex hull of its (bytes, bound) points, a precision's bound being its measured loss plus
+    one standard error (never below a wider precision's): a precision that costs more per byte than a
+    smaller one is skipped, so each step's bound per byte is at least the one before it. Bounds, not
+    means, so that on a few hundred tokens a move measured below its noise (a negative mean) is not
+    priced free ahead of one measured small and sure (fp16's); the loss added is the difference of the
+    measured means (each never below a wider precision's), what the prediction sums."""
+    start = weight_bytes(layer.params, layer.rows, START)
+    points = [(start, 0.0, START)]
     # an analysis of one precision (older reports, tests) fills only narrow_loss
     losses = dict(layer.losses or ({NARROW: layer.narrow_loss} if math.isfinite(layer.narrow_loss) else {}))
     losses.setdefault(WIDE, 0.0)
     for precision, loss in sorted(losses.items(), key=lambda item: -weight_bytes(layer.params, layer.rows,
                                                                                item[0], zero_points)):  # fmt: skip
-        point = (weight_bytes(layer.params, layer.rows, precision, zero_points), max(loss, points[-1][1]), precision)
+        bound = max(loss + layer.errors.get(precision, 0.0), points[-1][1])
+        point = (weight_bytes(layer.params, layer.rows, precision, zero_points), bound, precision)
         while len(points) > 1 and _slope(points[-2], points[-1]) >= _slope(points[-1], point):
             points.pop()  # the middle point sits above the line from its neighbours
         points.append(point)
-    return [(b[2], a[0] - b[0], b[1] - a[1]) for a, b in zip(points, points[1:])]
+    means = [0.0]
+    for point in points[1:]:
+        means.append(max(losses[point[2]], means[-1]))
+    steps = zip(points, points[1:], means, means[1:])
+    return [(b[2], a[0] - b[0], mean_b - mean_a, b[1] - a[1]) for a, b, mean_a, mean_b in steps]
 
 
 def _slope(a: tuple[float, float, str], b: tuple[float, float, str]) -> float:
@@ -197,9 +216,9 @@ def plan_llm(
     ratio - 1) or until the linears fit ``size_budget`` bytes."""
     chosen = {layer.name: START for layer in analysis.layers}
     moves = [
-        (added / max(saved, 1e-9), step, layer.name, precision, saved, added)
+        (bound / max(saved, 1e-9), step, layer.name, precision, saved, added)
         for layer in analysis.layers
-        for step, (precision, saved, added) in enumerate(_moves(layer, analysis.zero_points))
+        for step, (precision, saved, added, bound) in enumerate(_moves(layer, analysis.zero_points))
     ]
     size = sum(weight_bytes(layer.params, layer.rows, START) for layer in analysis.layers)
     increase = 0.0
