@@ -25,6 +25,12 @@ def _pyplot():
     return plt
 
 
+def _legend(ax: Any) -> None:
+    # beside the axes, never over the bars: matplotlib's default "best" searches for a free corner,
+    # which is slow on many points and warns when it takes over a second (an error under pytest)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
 def ranges_figure(layers: list[dict[str, Any]]) -> str:
     plt = _pyplot()
     names = [l["name"] for l in layers]
@@ -38,7 +44,7 @@ def ranges_figure(layers: list[dict[str, Any]]) -> str:
     ax.set_xticks(list(x), names, rotation=45, ha="right")
     ax.set_ylabel("range")
     ax.set_title("Range per layer")
-    ax.legend(fontsize=8)
+    _legend(ax)
     return _png(fig)
 
 
@@ -58,7 +64,7 @@ def sensitivity_figure(layers: list[dict[str, Any]]) -> str:
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_ylabel("Δ task loss, layer alone quantized")
     ax.set_title("Sensitivity per layer")
-    ax.legend(fontsize=8)
+    _legend(ax)
     return _png(fig)
 
 
@@ -79,5 +85,5 @@ def tradeoff_figure(
     ax.set_xlabel("program bytes (estimated; measured for model.pte)")
     ax.set_ylabel("metric")
     ax.set_title("Predicted and measured accuracy against size")
-    ax.legend(fontsize=8)
+    _legend(ax)
     return _png(fig)
