@@ -147,8 +147,9 @@ def build(
         if is_llm_module(module):
             _build_llm(module, source, config, given, qat)
             return
-        if config.zero_points or config.head or config.group_sizes:
-            flag = "--zero-points" if config.zero_points else "--head" if config.head else "--group-sizes"
+        if config.zero_points is not None or config.head or config.group_sizes:
+            grid = "--zero-points" if config.zero_points else "--no-zero-points"
+            flag = grid if config.zero_points is not None else "--head" if config.head else "--group-sizes"
             raise EdgeqError(f"{flag} applies to LLM recipes only", f"drop {flag} for this recipe")
         loaded = recipe_from_module(module, source)
         with RichProgress() as progress:
@@ -171,7 +172,8 @@ def _group_sizes(text: str) -> tuple[int, ...]:
 def _build_llm(module: Any, source: str, config: Any, given: set[str], qat: dict[str, Any]) -> None:
     """A decoder LLM recipe (edgeq.llm): --out, --target, --precision (every linear), --max-drop (the
     perplexity increase the per-layer plan may predict, in percent; 5 unless given), --size-budget,
-    --zero-points (asymmetric 4-bit groups, edgeq.llm.zero_points), --head (the output head's own
+    --[no-]zero-points (asymmetric or symmetric 4-bit groups, edgeq.llm.zero_points; unset: the plan
+    measures both), --head (the output head's own
     precision), --group-sizes (the 4-bit groups the plan may choose) and --steps / --lr (QAT by
     distillation, edgeq.llm.qat: off unless --steps is given)
     apply."""
@@ -197,8 +199,8 @@ def _build_llm(module: Any, source: str, config: Any, given: set[str], qat: dict
         settings["max_drop"] = config.max_drop
     if config.size_budget is not None:
         settings["size_budget"] = config.size_budget
-    if config.zero_points:
-        settings["zero_points"] = True
+    if config.zero_points is not None:
+        settings["zero_points"] = config.zero_points
     if config.head:
         settings["head"] = config.head
     if config.group_sizes:

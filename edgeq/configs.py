@@ -268,8 +268,10 @@ class BuildConfig:
     #: every output with the x86 runtime's; unset: x86 only
     arm_cpu: str | None = None
     #: LLM recipes: 4-bit groups on an asymmetric min-max grid, the zero points XNNPACK's 4-bit
-    #: kernels lack carried by a small 8-bit linear beside each (0.25 bits more per weight)
-    zero_points: bool = False
+    #: kernels lack carried by a small 8-bit linear beside each (0.25 bits more per weight);
+    #: --no-zero-points: symmetric groups; unset: the per-layer plan measures both grids on
+    #: training text and keeps the better (symmetric with --precision or --steps)
+    zero_points: bool | None = None
     #: LLM recipes: the output head's precision (w4g32, w4g64, w4g128, w8dyn, fp16, float), whatever
     #: --precision or the plan gives the other linears, as llama.cpp's --output-tensor-type: the head
     #: decides the next token, and at 4 bits it cost SmolLM2 most of its next-token agreement

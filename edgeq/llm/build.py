@@ -38,7 +38,7 @@ from edgeq.llm.evaluate import (
 from edgeq.llm.export import EMBEDDING, FLOATS, HEAD, LINEAR, LLMPlan, linear_names, lower_llm
 from edgeq.llm.gptq import Hessians, collect_hessians
 from edgeq.llm.memory import runner_memory
-from edgeq.llm.plan import analyze_llm, check_plan, linear_modules, plan_llm, weight_bytes
+from edgeq.llm.plan import LLMAnalysis, analyze_llm, check_plan, linear_modules, measure_plan, plan_llm, weight_bytes
 from edgeq.llm.qat import LLMQATConfig, LLMQATResult, distill
 from edgeq.llm.recipe import LLMRecipe, load_llm_recipe
 from edgeq.llm.smooth import Smoothing, smooth_activations
@@ -76,8 +76,10 @@ class LLMBuildConfig:
     #: the token table's precision (edgeq.llm.export.EMBEDDING)
     embedding: str = "e8"
     #: 4-bit groups on an asymmetric min-max grid, their zero points carried by a small 8-bit linear
-    #: beside each (edgeq.llm.zero_points): 0.25 bits more per weight at groups of 32
-    zero_points: bool = False
+    #: beside each (edgeq.llm.zero_points): 0.25 bits more per weight at groups of 32; False:
+    #: symmetric; None: the per-layer plan measures both and keeps the better (symmetric with
+    #: --precision or QAT)
+    zero_points: bool | None = None
     #: the output head's precision (edgeq.llm.export.LINEAR) whatever the other linears get, kept
     #: out of the plan (llama.cpp's --output-tensor-type); unset: as the others, or planned
     head: str | None = None
@@ -151,9 +153,10 @@ def _plan(
     config: LLMBuildConfig,
     hessians: Hessians | None,
 ) -> tuple[LLMPlan, dict[str, Any]]:
-    """``--precision`` everywhere, or the per-layer plan (edgeq.llm.plan) under --max-drop / --size-budget."""
+    """``--precision`` everywhere, or the per-layer plan (edgeq.llm.plan) under --max-drop / --size-budget,
+    on the 4-bit grid that measured better (see :func:`_pick`) unless --zero-points says which."""
     if config.linear is not None:
-        plan = LLMPlan.uniform(linear_names(params), config.linear, config.embedding, config.zero_points)
+        plan = LLMPlan.uniform(linear_names(params), config.linear, config.embedding, bool(config.zero_points))
         if config.head is not None:
             plan.linears[HEAD] = config.head
         return plan, {"rule": "uniform", "head": config.head}
@@ -161,31 +164,82 @@ def _plan(
     # --head: the user's precision, out of the analysis, the plan and its prediction
     skip = frozenset({HEAD} if config.head else ())
     narrow = tuple(f"w4g{size}" for size in sorted(set(config.group_sizes)))
-    analysis = analyze_llm(model, windows, hessians if config.gptq_analysis else None, config.zero_points, skip, narrow)
-    budget = None
-    if config.size_budget is not None:
-        float_bytes = 4.0 * sum(v.numel() for v in executorch_state_dict(model).values())
-        budget = config.size_budget if config.size_budget > 1 else config.size_budget * float_bytes
-        linear_params = sum(layer.params for layer in analysis.layers)
-        other = float_bytes - 4.0 * linear_params  # the token table, norms: priced at float, an upper bound
-        if config.head is not None:  # left in `other` at float by the analysis; priced at its precision
-            head = model.get_output_embeddings().weight
-            other -= 4.0 * head.numel() - weight_bytes(head.numel(), head.shape[0], config.head, config.zero_points)
-        if config.embedding != "float":
-            table = model.get_input_embeddings().weight
-            # e8: a byte per weight and a float scale per row; e4g32: half a byte and a scale per 32
-            kept = weight_bytes(table.numel(), table.shape[0], "w8dyn" if config.embedding == "e8" else "w4g32")
-            other -= 4.0 * table.numel() - kept
-        budget -= other
+    grids = (False, True) if config.zero_points is None and not config.qat.steps else (bool(config.zero_points),)
+    measured = None if len(grids) > 1 else grids[0]
+    analysis = analyze_llm(model, windows, hessians if config.gptq_analysis else None, measured, skip, narrow)
+    candidates = [_plan_on(model, analysis.on(grid), config, check_windows, hessians) for grid in grids]
+    by_size = config.size_budget is None
+    plan, planning = _pick(model, candidates, check_windows, hessians, by_size) if len(grids) > 1 else candidates[0]
+    return plan, {**planning, "analysis": analysis.to_dict()}
+
+
+def _plan_on(
+    model: Any, analysis: LLMAnalysis, config: LLMBuildConfig, check_windows: list[list[int]], hessians: Hessians | None
+) -> tuple[LLMPlan, dict[str, Any]]:
+    """The plan on ``analysis``'s 4-bit grid, checked on ``check_windows`` under --max-drop."""
+    budget = _budget(model, analysis, config)
     plan, prediction = plan_llm(analysis, config.embedding, config.max_drop / 100.0, budget)
     if config.head is not None:
         plan.linears[HEAD] = config.head
-    planning = {**prediction, "analysis": analysis.to_dict(), "head": config.head}
+    planning = {**prediction, "head": config.head, "zero_points": analysis.zero_points}
     if budget is None and config.check and check_windows:
         order, steps = prediction["order"], prediction["steps"]
         plan, check = check_plan(model, plan, order, check_windows, config.max_drop / 100.0, steps, hessians)
         planning["check"] = check.to_dict()
+    sizes = {layer.name: (layer.params, layer.rows) for layer in analysis.layers}
+    planned = [(sizes[name], precision) for name, precision in plan.linears.items() if name in sizes]
+    planning["planned_linear_bytes"] = sum(weight_bytes(*size, p, plan.zero_points) for size, p in planned)
     return plan, planning
+
+
+def _budget(model: Any, analysis: LLMAnalysis, config: LLMBuildConfig) -> float | None:
+    """--size-budget as bytes of the planned linears: the program's budget less what the rest takes."""
+    if config.size_budget is None:
+        return None
+    float_bytes = 4.0 * sum(v.numel() for v in executorch_state_dict(model).values())
+    budget = config.size_budget if config.size_budget > 1 else config.size_budget * float_bytes
+    linear_params = sum(layer.params for layer in analysis.layers)
+    other = float_bytes - 4.0 * linear_params  # the token table, norms: priced at float, an upper bound
+    if config.head is not None:  # left in `other` at float by the analysis; priced at its precision
+        head = model.get_output_embeddings().weight
+        other -= 4.0 * head.numel() - weight_bytes(head.numel(), head.shape[0], config.head, bool(analysis.zero_points))
+    if config.embedding != "float":
+        table = model.get_input_embeddings().weight
+        # e8: a byte per weight and a float scale per row; e4g32: half a byte and a scale per 32
+        kept = weight_bytes(table.numel(), table.shape[0], "w8dyn" if config.embedding == "e8" else "w4g32")
+        other -= 4.0 * table.numel() - kept
+    return budget - other
+
+
+def _pick(
+    model: Any,
+    candidates: list[tuple[LLMPlan, dict[str, Any]]],
+    check_windows: list[list[int]],
+    hessians: Hessians | None,
+    by_size: bool,
+) -> tuple[LLMPlan, dict[str, Any]]:
+    """The plan on the 4-bit grid that measured better on training text (never eval_text()): under
+    --max-drop (``by_size``; each plan checked) the smaller one, the lower measured perplexity when
+    their sizes are within 1%; under --size-budget (both fit) the one of lower perplexity on the check
+    text (predicted without it). Symmetric groups are smaller and decode faster; zero points win where a model's
+    weights sit on an asymmetric grid (llama.cpp's Q4_1 checkpoints) or lose much on a symmetric one."""
+    scores = []
+    for plan, planning in candidates:
+        check = planning.get("check")
+        if check is not None:
+            ratio = check["measured"].get(str(check["kept"]), 1.0)
+        elif check_windows:
+            ratio = planning["measured_perplexity_ratio"] = measure_plan(model, plan, check_windows, hessians)
+        else:
+            ratio = planning["predicted_perplexity_ratio"]
+        size = planning["planned_linear_bytes"] if by_size else 0.0
+        scores.append((size, ratio))
+    smallest = min(size for size, _ in scores)
+    best = min(range(len(scores)), key=lambda i: (scores[i][0] > 1.01 * smallest, scores[i][1]))
+    plan, planning = candidates[best]
+    grids = {("zero points" if c[0].zero_points else "symmetric"): {"linear_bytes": s, "perplexity_ratio": r}
+             for c, (s, r) in zip(candidates, scores)}  # fmt: skip
+    return plan, {**planning, "grids": grids}
 
 
 def _smooth(

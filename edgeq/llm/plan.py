@@ -29,10 +29,12 @@ import torch
 from edgeq.llm.convert import executorch_name
 from edgeq.llm.export import LINEAR, LLMPlan
 from edgeq.llm.gptq import Hessians, apply_gptq
+from edgeq.llm.suffix import BlockInputs, token_losses
 from edgeq.llm.zero_points import zero_point_bytes
 
 __all__ = [
-    "LayerCost", "LLMAnalysis", "PlanCheck", "analyze_llm", "check_plan", "plan_llm", "quantized_copy", "weight_bytes"
+    "LayerCost", "LLMAnalysis", "PlanCheck", "analyze_llm", "check_plan", "measure_plan", "plan_llm", "quantized_copy",
+    "weight_bytes",
 ]  # fmt: skip
 
 #: precisions the planner chooses between, widest first: every linear starts at START; an analysis
@@ -64,6 +66,10 @@ class LayerCost:
     losses: dict[str, float] = field(default_factory=dict)
     #: each loss's standard error: of the per-token differences from float on the same tokens
     errors: dict[str, float] = field(default_factory=dict)
+    #: the 4-bit precisions' losses and errors on asymmetric groups, when the analysis measured both
+    #: grids (LLMAnalysis.zero_points None); ``losses`` then holds the symmetric ones
+    zero_point_losses: dict[str, float] = field(default_factory=dict)
+    zero_point_errors: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,8 +78,25 @@ class LLMAnalysis:
     tokens: int
     layers: list[LayerCost] = field(default_factory=list)
     seconds: float = 0.0
-    #: NARROW measured (and planned) with asymmetric groups (edgeq.llm.zero_points)
-    zero_points: bool = False
+    #: NARROW measured (and planned) with asymmetric groups (edgeq.llm.zero_points); None: both
+    #: grids measured, :meth:`on` picks one to plan with
+    zero_points: bool | None = False
+    #: whether each measurement ran only the changed linear's block and the ones after it
+    #: (edgeq.llm.suffix)
+    from_block: bool = False
+
+    def on(self, zero_points: bool) -> LLMAnalysis:
+        """This analysis with the 4-bit losses of one grid (both measured: ``zero_points`` None)."""
+        if self.zero_points is not None:
+            if self.zero_points != zero_points:
+                raise ValueError(f"the analysis measured zero_points={self.zero_points} only")
+            return self
+        layers = []
+        for layer in self.layers:
+            losses = _grid(layer.losses, layer.zero_point_losses) if zero_points else dict(layer.losses)
+            errors = _grid(layer.errors, layer.zero_point_errors) if zero_points else dict(layer.errors)
+            layers.append(LayerCost(layer.name, layer.params, layer.rows, losses.get(NARROW, math.inf), losses, errors))
+        return LLMAnalysis(self.float_loss, self.tokens, layers, self.seconds, zero_points, self.from_block)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,23 +105,18 @@ class LLMAnalysis:
             "seconds": self.seconds,
             "narrow": NARROW,
             "zero_points": self.zero_points,
+            "from_block": self.from_block,
             "layers": [vars(layer) for layer in self.layers],
         }
 
 
-def _token_losses(model: Any, windows: list[list[int]]) -> torch.Tensor:
-    """The next-token loss of every scored token of ``windows``, in order."""
-    losses = []
-    with torch.no_grad():
-        for window in windows:
-            ids = torch.tensor([window])
-            logits = model(input_ids=ids).logits[0, :-1].float()
-            losses.append(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none"))
-    return torch.cat(losses) if losses else torch.zeros(0)
+def _grid(measured: dict[str, float], zero_points: dict[str, float]) -> dict[str, float]:
+    """``measured`` with its 4-bit entries those of ``zero_points`` (none where it has none)."""
+    return {**{k: v for k, v in measured.items() if not k.startswith("w4g")}, **zero_points}
 
 
 def _loss(model: Any, windows: list[list[int]]) -> float:
-    losses = _token_losses(model, windows)
+    losses = token_losses(model, windows)
     return float(losses.double().mean()) if len(losses) else 0.0
 
 
@@ -138,7 +156,7 @@ def analyze_llm(
     model: Any,
     windows: list[list[int]],
     hessians: Hessians | None = None,
-    zero_points: bool = False,
+    zero_points: bool | None = False,
     skip: frozenset[str] = frozenset(),
     narrow: tuple[str, ...] = (NARROW,),
     wide: tuple[str, ...] = (HALF, WIDE),
@@ -146,33 +164,41 @@ def analyze_llm(
     """Each linear's loss increase at each of ``wide`` and of ``narrow`` (4-bit precisions, NARROW among
     them) whose group size divides its input width, one linear at a time, on ``windows`` (the training
     text); with ``hessians``, each quantized the way the program will be (GPTQ integers);
-    ``zero_points``: on asymmetric groups; ``skip``: ExecuTorch names of linears the plan does not
-    choose for (not scored). A linear no group size divides gets no 4-bit moves (an infinite NARROW
-    loss)."""
+    ``zero_points``: on asymmetric groups (None: on both grids, the symmetric one in ``losses``);
+    ``skip``: ExecuTorch names of linears the plan does not choose for (not scored). A linear no
+    group size divides gets no 4-bit moves (an infinite NARROW loss). Each measurement runs the
+    changed linear's block and the ones after it (edgeq.llm.suffix)."""
     if NARROW not in narrow or not all(p.startswith("w4g") for p in narrow):
         raise ValueError(f"narrow {narrow} must be 4-bit precisions including {NARROW}")
     if not set(wide) <= {HALF, WIDE}:
         raise ValueError(f"wide {wide} must be among {HALF}, {WIDE}")
     start = time.perf_counter()
-    base = _token_losses(model, windows).double()
-    analysis = LLMAnalysis(float(base.mean()), len(base), zero_points=zero_points)
+    inputs = BlockInputs(model, windows)
+    base = inputs.base.double()
+    analysis = LLMAnalysis(float(base.mean()), len(base), zero_points=zero_points, from_block=inputs.enabled)
+    grids = (False, True) if zero_points is None else (zero_points,)
     for name, target in linear_modules(model).items():
         if target in skip:
             continue
         module = model.get_submodule(name)
-        losses, errors = {}, {}
+        block = inputs.block_of(module)
         fits = [p for p in narrow if module.in_features % int(p[3:]) == 0]  # a group spans whole rows
-        for precision in [*wide, *fits]:
-            _swap(model, name, quantized_copy(module, target, precision, hessians, zero_points))
+        layer = LayerCost(target, module.weight.numel(), module.weight.shape[0], math.inf)
+        for precision, grid in [*((p, grids[0]) for p in wide), *((p, g) for p in fits for g in grids)]:
+            if grid and precision.startswith("w4g") and module.in_features // int(precision[3:]) < 2:
+                continue  # one group per row: the offsets linear would read one input, which torchao refuses
+            _swap(model, name, quantized_copy(module, target, precision, hessians, grid))
             try:
-                change = _token_losses(model, windows).double() - base  # paired: the same tokens
+                change = inputs.losses(block).double() - base  # paired: the same tokens
             finally:
                 _swap(model, name, module)
+            second = zero_points is None and grid  # the zero points of an analysis of both grids
+            losses = layer.zero_point_losses if second else layer.losses
+            errors = layer.zero_point_errors if second else layer.errors
             losses[precision] = float(change.mean())
             errors[precision] = float(change.std() / math.sqrt(len(change))) if len(change) > 1 else 0.0
-        weight = module.weight
-        narrow_loss = losses.get(NARROW, math.inf)
-        analysis.layers.append(LayerCost(target, weight.numel(), weight.shape[0], narrow_loss, losses, errors))
+        layer.narrow_loss = layer.losses.get(NARROW, math.inf)
+        analysis.layers.append(layer)
     analysis.seconds = time.perf_counter() - start
     return analysis
 
@@ -214,6 +240,8 @@ def plan_llm(
     """The plan, and the planner's prediction: layers move from START down their precisions (see
     :func:`_moves`), cheapest loss per byte saved first, within ``max_increase`` (predicted perplexity
     ratio - 1) or until the linears fit ``size_budget`` bytes."""
+    if analysis.zero_points is None:
+        raise ValueError("the analysis measured both 4-bit grids: plan on analysis.on(zero_points)")
     chosen = {layer.name: START for layer in analysis.layers}
     moves = [
         (bound / max(saved, 1e-9), step, layer.name, precision, saved, added)
@@ -317,6 +345,13 @@ class _Swapper:
             table.weight = float_weight
             for name, module in originals.items():
                 _swap(self.model, name, module)
+
+
+def measure_plan(model: Any, plan: LLMPlan, windows: list[list[int]], hessians: Hessians | None = None) -> float:
+    """``plan``'s perplexity ratio against float on ``windows``: its linears and token table as the
+    program will hold them, in the HF model."""
+    swapper = _Swapper(model, hessians, plan.embedding, plan.zero_points)
+    return math.exp(swapper.loss(plan.linears, windows) - _loss(model, windows))
 
 
 def check_plan(
