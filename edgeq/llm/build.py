@@ -232,14 +232,15 @@ def _pick(
             ratio = planning["measured_perplexity_ratio"] = measure_plan(model, plan, check_windows, hessians)
         else:
             ratio = planning["predicted_perplexity_ratio"]
-        size = planning["planned_linear_bytes"] if by_size else 0.0
-        scores.append((size, ratio))
+        scores.append((planning["planned_linear_bytes"], ratio))
     smallest = min(size for size, _ in scores)
-    best = min(range(len(scores)), key=lambda i: (scores[i][0] > 1.01 * smallest, scores[i][1]))
+    best = min(range(len(scores)), key=lambda i: (by_size and scores[i][0] > 1.01 * smallest, scores[i][1]))
     plan, planning = candidates[best]
     grids = {("zero points" if c[0].zero_points else "symmetric"): {"linear_bytes": s, "perplexity_ratio": r}
              for c, (s, r) in zip(candidates, scores)}  # fmt: skip
-    return plan, {**planning, "grids": grids}
+    lower = f"the lower {'measured' if check_windows else 'predicted'} perplexity"
+    rule = f"the smaller (within 1%, {lower})" if by_size else lower
+    return plan, {**planning, "grids": grids, "grid_rule": rule}
 
 
 def _smooth(
