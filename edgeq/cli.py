@@ -147,9 +147,14 @@ def build(
         if is_llm_module(module):
             _build_llm(module, source, config, given, qat)
             return
-        if config.zero_points is not None or config.head or config.group_sizes:
-            grid = "--zero-points" if config.zero_points else "--no-zero-points"
-            flag = grid if config.zero_points is not None else "--head" if config.head else "--group-sizes"
+        grid = "--zero-points" if config.zero_points else "--no-zero-points"
+        llm_only = {
+            grid: config.zero_points is not None,
+            "--head": bool(config.head),
+            "--group-sizes": bool(config.group_sizes),
+            "--min-agreement": config.min_agreement is not None,
+        }
+        for flag in [flag for flag, given_flag in llm_only.items() if given_flag][:1]:
             raise EdgeqError(f"{flag} applies to LLM recipes only", f"drop {flag} for this recipe")
         loaded = recipe_from_module(module, source)
         with RichProgress() as progress:
@@ -173,10 +178,9 @@ def _build_llm(module: Any, source: str, config: Any, given: set[str], qat: dict
     """A decoder LLM recipe (edgeq.llm): --out, --target, --precision (every linear), --max-drop (the
     perplexity increase the per-layer plan may predict, in percent; 5 unless given), --size-budget,
     --[no-]zero-points (asymmetric or symmetric 4-bit groups, edgeq.llm.zero_points; unset: the plan
-    measures both), --head (the output head's own
-    precision), --group-sizes (the 4-bit groups the plan may choose) and --steps / --lr (QAT by
-    distillation, edgeq.llm.qat: off unless --steps is given)
-    apply."""
+    measures both), --head (the output head's own precision), --group-sizes (the 4-bit groups the plan
+    may choose), --min-agreement (next-token agreement the plan check and the program must reach) and
+    --steps / --lr (QAT by distillation, edgeq.llm.qat: off unless --steps is given) apply."""
     from edgeq.llm.build import LLMBuildConfig, build_llm
     from edgeq.llm.export import LINEAR
     from edgeq.llm.qat import LLMQATConfig
@@ -205,6 +209,8 @@ def _build_llm(module: Any, source: str, config: Any, given: set[str], qat: dict
         settings["head"] = config.head
     if config.group_sizes:
         settings["group_sizes"] = _group_sizes(config.group_sizes)
+    if config.min_agreement is not None:
+        settings["min_agreement"] = config.min_agreement
     qat_settings = {k: qat[k] for k in ("steps", "lr") if qat.get(k) is not None}
     if qat_settings:
         settings["qat"] = LLMQATConfig(**qat_settings)

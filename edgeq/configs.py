@@ -276,6 +276,10 @@ class BuildConfig:
     #: --precision or the plan gives the other linears, as llama.cpp's --output-tensor-type: the head
     #: decides the next token, and at 4 bits it cost SmolLM2 most of its next-token agreement
     head: str | None = None
+    #: LLM recipes: the program's teacher-forced next-token agreement with the float model (%) it
+    #: must reach: the --max-drop plan check backs off until the plan agrees this well on training
+    #: text, and the build fails (exit 3) when the program does not on eval_text(); unset: reported
+    min_agreement: float | None = None
     #: LLM recipes: the 4-bit group sizes the per-layer plan may give a linear, comma-separated (e.g.
     #: 32,64,128: larger groups hold fewer scales and lose more; each is measured per linear, which
     #: multiplies the analysis's time); unset: 32

@@ -56,6 +56,7 @@ OPTIONS: tuple[Option, ...] = (
         ("fallback_layers", int), ("analysis_flops", float), ("allow_sdk_download", bool), ("resume", bool),
         ("debug_program", Optional[bool]), ("debug_samples", int), ("arm_cpu", Optional[str]),
         ("zero_points", Optional[bool]), ("head", Optional[str]), ("group_sizes", Optional[str]),
+        ("min_agreement", Optional[float]),
     )),
     *(Option(QATConfig, name, kind, panel=_QAT) for name, kind in (
         ("steps", Optional[int]), ("epochs", float), ("holdout", float), ("min_holdout_samples", int),

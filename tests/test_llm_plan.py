@@ -52,29 +52,36 @@ def test_gptq_is_round_to_nearest_when_the_inputs_are_uncorrelated():
     assert torch.equal(integers, nearest)
 
 
+def _every_linear_moved(layers: int = 2):
+    """A random tiny Llama, windows of random tokens, and a plan moving every linear to 8 bits and then 4."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from edgeq.llm.export import linear_names
+    from edgeq.llm.plan import linear_modules
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+        rope_theta=100000.0,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(0)
+    windows = [torch.randint(0, 256, (48,), generator=g).tolist() for _ in range(4)]
+    names = [name for name in linear_names({"n_layers": layers}) if name in linear_modules(model).values()]
+    plan = LLMPlan({name: "w4g32" for name in names}, "e8")
+    return model, windows, names, plan, names + names, ["w8dyn"] * len(names) + ["w4g32"] * len(names)
+
+
 def test_the_plan_check_backs_off_to_the_longest_prefix_within_the_limit():
     """Moving every linear of a random tiny Llama to 8 bits and then 4 costs far more than a 0.2%
     limit allows: the check keeps the longest prefix of the planner's moves that measures within it,
     and undoes the moves after it (a linear goes back to its last kept precision, or float); the
     model is left as it was."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from edgeq.llm.plan import _loss, check_plan
 
-    from edgeq.llm.export import linear_names
-    from edgeq.llm.plan import _loss, check_plan, linear_modules
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
-        rope_theta=100000.0,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
+    model, windows, names, plan, order, steps = _every_linear_moved()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(0)
-    windows = [torch.randint(0, 256, (48,), generator=g).tolist() for _ in range(4)]
-    names = [name for name in linear_names({"n_layers": 2}) if name in linear_modules(model).values()]
-    plan = LLMPlan({name: "w4g32" for name in names}, "e8")
-    order, steps = names + names, ["w8dyn"] * len(names) + ["w4g32"] * len(names)
     kept, check = check_plan(model, plan, order, windows, 0.002, steps)
     assert check.planned == len(order) and check.measured[len(order)] > 1.002
     assert 0 <= check.kept < len(order)
@@ -84,6 +91,21 @@ def test_the_plan_check_backs_off_to_the_longest_prefix_within_the_limit():
     assert kept.linears == expected
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert abs(_loss(model, windows) - check.float_loss) < 1e-6
+
+
+def test_the_plan_check_also_backs_off_to_the_agreement_asked_for():
+    """--min-agreement: a prefix must also agree with the float model's next tokens that well on the
+    check's text; with a perplexity limit nothing reaches, agreement alone decides the back-off."""
+    from edgeq.llm.plan import check_plan
+
+    model, windows, _, plan, order, steps = _every_linear_moved()
+    _, loose = check_plan(model, plan, order, windows, 10.0, steps)
+    assert loose.kept == len(order) and loose.agreement[len(order)] < 99.0
+    target = (100.0 + loose.agreement[len(order)]) / 2
+    _, check = check_plan(model, plan, order, windows, 10.0, steps, min_agreement=target)
+    assert check.kept < len(order) and check.agreement.get(check.kept, 100.0) >= target
+    assert check.agreement[check.kept + 1] < target and check.measured[check.kept + 1] < 11.0
+    assert check.to_dict()["min_agreement"] == target and str(check.kept + 1) in check.to_dict()["agreement"]
 
 
 def test_head_keeps_the_users_precision_in_uniform_and_planned_plans(tmp_path):

@@ -109,9 +109,11 @@ def test_the_plan_takes_the_4_bit_grid_that_checked_better(tmp_path):
     budgeted, planning = plan(size_budget=0.5)
     grids = planning["grids"]
     mine = grids["zero points" if budgeted.zero_points else "symmetric"]
-    assert mine["perplexity_ratio"] == min(g["perplexity_ratio"] for g in grids.values()) == planning[
-        "measured_perplexity_ratio"
-    ]
+    assert (
+        mine["perplexity_ratio"]
+        == min(g["perplexity_ratio"] for g in grids.values())
+        == planning["measured_perplexity_ratio"]
+    )
     assert all(g["linear_bytes"] > 0 for g in grids.values()) and "lower measured perplexity" in planning["grid_rule"]
     qat = LLMQATConfig(steps=4, window=64)  # QAT: symmetric, the grid torchao trains against
     for settings, grid in [({"zero_points": False}, False), ({"zero_points": True}, True), ({"qat": qat}, False)]:

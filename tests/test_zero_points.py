@@ -148,6 +148,9 @@ def test_zero_points_are_refused_in_one_line_where_they_do_not_apply(tmp_path):
     assert result.exit_code != 0 and "--head applies to LLM recipes only" in result.output
     result = CliRunner().invoke(app, ["build", "--group-sizes", "32,64", "--out", str(out)])
     assert result.exit_code != 0 and "--group-sizes applies to LLM recipes only" in result.output
+    for flags, flag in [(["--no-zero-points"], "--no-zero-points"), (["--min-agreement", "90"], "--min-agreement")]:
+        result = CliRunner().invoke(app, ["build", *flags, "--out", str(out)])
+        assert result.exit_code != 0 and f"{flag} applies to LLM recipes only" in result.output
     assert not out.exists()
     with pytest.raises(EdgeqError, match="is not a list of integers"):
         _group_sizes("32,big")

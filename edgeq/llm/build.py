@@ -98,7 +98,8 @@ class LLMBuildConfig:
     #: default): none, the program is rounded, GPTQ'd when gptq_tokens > 0
     qat: LLMQATConfig = field(default_factory=LLMQATConfig)
     #: fail (exit 3) when the program's teacher-forced next-token agreement with the float model
-    #: is below this percentage (unset: report only)
+    #: is below this percentage (unset: report only); the --max-drop plan check also backs off
+    #: until the plan agrees this well on its training text
     min_agreement: float | None = None
 
     def __post_init__(self) -> None:
@@ -184,7 +185,8 @@ def _plan_on(
     planning = {**prediction, "head": config.head, "zero_points": analysis.zero_points}
     if budget is None and config.check and check_windows:
         order, steps = prediction["order"], prediction["steps"]
-        plan, check = check_plan(model, plan, order, check_windows, config.max_drop / 100.0, steps, hessians)
+        limit = config.max_drop / 100.0
+        plan, check = check_plan(model, plan, order, check_windows, limit, steps, hessians, config.min_agreement)
         planning["check"] = check.to_dict()
     sizes = {layer.name: (layer.params, layer.rows) for layer in analysis.layers}
     planned = [(sizes[name], precision) for name, precision in plan.linears.items() if name in sizes]

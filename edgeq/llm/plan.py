@@ -115,8 +115,8 @@ def _grid(measured: dict[str, float], zero_points: dict[str, float]) -> dict[str
     return {**{k: v for k, v in measured.items() if not k.startswith("w4g")}, **zero_points}
 
 
-def _loss(model: Any, windows: list[list[int]]) -> float:
-    losses = token_losses(model, windows)
+def _loss(model: Any, windows: list[list[int]], predictions: list[torch.Tensor] | None = None) -> float:
+    losses = token_losses(model, windows, predictions)
     return float(losses.double().mean()) if len(losses) else 0.0
 
 
@@ -293,6 +293,9 @@ class PlanCheck:
     float_loss: float
     #: moves kept (a prefix of the planner's order) -> measured perplexity ratio
     measured: dict[int, float] = field(default_factory=dict)
+    #: the same prefixes' next-token agreement with the float model (%), with a min_agreement
+    agreement: dict[int, float] = field(default_factory=dict)
+    min_agreement: float | None = None
     kept: int = 0
     planned: int = 0
     seconds: float = 0.0
@@ -302,6 +305,8 @@ class PlanCheck:
             "tokens": self.tokens,
             "float_loss": self.float_loss,
             "measured": {str(k): v for k, v in sorted(self.measured.items())},
+            "agreement": {str(k): v for k, v in sorted(self.agreement.items())},
+            "min_agreement": self.min_agreement,
             "kept": self.kept,
             "planned": self.planned,
             "seconds": self.seconds,
@@ -329,7 +334,9 @@ class _Swapper:
             self.made[key] = quantized_copy(original, target, precision, self.hessians, self.zero_points)
         return self.made[key]
 
-    def loss(self, precisions: dict[str, str], windows: list[list[int]]) -> float:
+    def loss(
+        self, precisions: dict[str, str], windows: list[list[int]], predictions: list[torch.Tensor] | None = None
+    ) -> float:
         table = self.model.get_input_embeddings()
         float_weight = table.weight
         originals: dict[str, torch.nn.Module] = {}
@@ -340,7 +347,7 @@ class _Swapper:
                     originals[self.names[target]] = _swap(
                         self.model, self.names[target], self.module(target, precision)
                     )
-            return _loss(self.model, windows)
+            return _loss(self.model, windows, predictions)
         finally:
             table.weight = float_weight
             for name, module in originals.items():
@@ -362,37 +369,45 @@ def check_plan(
     max_increase: float,
     steps: list[str],
     hessians: Hessians | None = None,
+    min_agreement: float | None = None,
 ) -> tuple[LLMPlan, PlanCheck]:
     """Measure the whole plan on ``windows`` (training text the analysis did not read) and, when its
-    perplexity ratio is above ``1 + max_increase``, keep the longest prefix of the planner's moves
-    (``order``: each move's layer, cheapest first; ``steps``: the precision it moved to) that
-    measures within it (bisection: the loss of a prefix grows with its length); a layer's moves
-    after the prefix are undone, back to its last kept precision (START when none). Per-layer
-    increases do not add up exactly; this makes --max-drop hold on the whole plan, as measured,
-    not only as predicted."""
+    perplexity ratio is above ``1 + max_increase`` (or, with ``min_agreement``, its next-token
+    agreement with the float model below that many percent), keep the longest prefix of the
+    planner's moves (``order``: each move's layer, cheapest first; ``steps``: the precision it moved
+    to) that measures within both (bisection: the loss of a prefix grows with its length, its
+    agreement falls); a layer's moves after the prefix are undone, back to its last kept precision
+    (START when none). Per-layer increases do not add up exactly; this makes --max-drop (and
+    --min-agreement) hold on the whole plan, as measured, not only as predicted."""
     start = time.perf_counter()
     if len(steps) != len(order):
         raise ValueError(f"{len(order)} moves but {len(steps)} steps")
     moves = list(zip(order, steps))
-    check = PlanCheck(sum(len(w) - 1 for w in windows), _loss(model, windows), planned=len(order))
+    reference: list[torch.Tensor] = []
+    check = PlanCheck(sum(len(w) - 1 for w in windows), _loss(model, windows, reference), planned=len(order))
+    check.min_agreement = min_agreement
     swapper = _Swapper(model, hessians, plan.embedding, plan.zero_points)
     planned = set(order)  # a layer the planner did not move (the user's --head) keeps its precision
     base = {name: (START if name in planned else precision) for name, precision in plan.linears.items()}
+    expected = torch.cat(reference) if reference else torch.zeros(0, dtype=torch.long)
 
-    def ratio(k: int) -> float:
+    def fits(k: int) -> bool:
         if k not in check.measured:
             precisions = {**base, **dict(moves[:k])}  # a layer's later move overrides its earlier one
-            check.measured[k] = math.exp(swapper.loss(precisions, windows) - check.float_loss)
-        return check.measured[k]
+            predictions: list[torch.Tensor] = []
+            check.measured[k] = math.exp(swapper.loss(precisions, windows, predictions) - check.float_loss)
+            same = (torch.cat(predictions) == expected).double().mean() if predictions else torch.tensor(1.0)
+            check.agreement[k] = 100.0 * float(same)
+        agrees = min_agreement is None or check.agreement[k] >= min_agreement
+        return check.measured[k] <= 1.0 + max_increase and agrees
 
-    limit = 1.0 + max_increase
-    if ratio(len(order)) <= limit:
+    if fits(len(order)):
         check.kept = len(order)
     else:
-        low, high = 0, len(order)  # ratio(high) > limit; ratio(low) is taken to fit (0: nothing narrowed)
+        low, high = 0, len(order)  # fits(high) is False; fits(low) is taken to (0: nothing narrowed)
         while high - low > 1:
             middle = (low + high) // 2
-            if ratio(middle) <= limit:
+            if fits(middle):
                 low = middle
             else:
                 high = middle

@@ -32,14 +32,17 @@ def _decoder(model: Any) -> Any | None:
     return decoder if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
 
 
-def token_losses(model: Any, windows: list[list[int]]) -> torch.Tensor:
-    """The next-token loss of every scored token of ``windows``, in order (full forward passes)."""
+def token_losses(model: Any, windows: list[list[int]], predictions: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The next-token loss of every scored token of ``windows``, in order (full forward passes); the
+    most likely next token at each is appended to ``predictions`` when given."""
     losses = []
     with torch.no_grad():
         for window in windows:
             ids = torch.tensor([window])
             logits = model(input_ids=ids).logits[0, :-1].float()
             losses.append(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none"))
+            if predictions is not None:
+                predictions.append(logits.argmax(-1))
     return torch.cat(losses) if losses else torch.zeros(0)
 
 
