@@ -22,6 +22,9 @@ class AccuracyError(EdgeqError):
     """The shipped program missed an accuracy threshold."""
 
     exit_code = 3
+    #: the build's report (what was measured), where the build that missed made one; its artifacts
+    #: are not written
+    report: dict | None = None
 
 
 class SdkMissingError(EdgeqError):

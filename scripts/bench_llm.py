@@ -21,6 +21,7 @@ from pathlib import Path
 import llm_recipes
 from bench_report import commit, machine, perplexity_cells, table, write_section
 
+from edgeq.errors import AccuracyError
 from edgeq.llm.build import LLMBuildConfig, build_llm
 from edgeq.llm.qat import LLMQATConfig
 from edgeq.llm.recipe import llm_recipe_from_module
@@ -232,17 +233,20 @@ ROWS["planned --max-drop 5 from float, moves by mean + standard error per byte"]
 # from 2026-12-02 the analysis measures each linear's 4-bit moves on both grids and the build keeps
 # the plan that checked smaller (edgeq.llm.build._pick); each measurement runs from the linear's block
 ROWS["planned --max-drop 5 from float, 4-bit grid chosen by measurement (the default build)"] = {}
+# the same with --min-agreement 90: the plan check also backs off until the plan agrees with float's next
+# token on 90% of its training text (the build fails, exit 3, if the program then misses 90% on eval text)
+ROWS["planned --max-drop 5 --min-agreement 90, 4-bit grid chosen by measurement"] = {"min_agreement": 90.0}
 
 
 def _row(name: str, report: dict) -> list[str]:
     acc, size, speed = report["accuracy"], report["size"], report["speed"]
     planning = report.get("planning") or {}
     linears = list(report["plan"]["linears"].values())
+    check = planning.get("check")
     if planning.get("predicted_perplexity_ratio"):
         shown = ("float", "fp16", "w8dyn", "w4g32", "w4g64", "w4g128")
         counts = ", ".join(f"{linears.count(p)} {p}" for p in shown if linears.count(p))
         name += f": {counts} of {len(linears)} linears"
-        check = planning.get("check")
         if check and check["kept"] != check["planned"]:
             measured = check["measured"][str(check["planned"])]
             name += (
@@ -252,7 +256,18 @@ def _row(name: str, report: dict) -> list[str]:
             )
         else:
             name += f", predicted {planning['predicted_perplexity_ratio']:.3f}x"
-    if report["plan"].get("zero_points"):
+    if planning.get("grids"):
+        name += "; plans checked on training text: " + ", ".join(
+            f"{g} {v['linear_bytes'] / 1e6:.1f} MB of linears at {v['perplexity_ratio']:.3f}x"
+            for g, v in planning["grids"].items()
+        )
+        name += f"; {'zero points' if report['plan'].get('zero_points') else 'symmetric'} shipped"
+    if check and check.get("min_agreement") is not None:
+        agreement = check["agreement"].get(str(check["kept"]))
+        name += f"; check agreement {agreement:.1f}%" if agreement is not None else ""
+    if report.get("missed"):
+        name += f" (MISSED on eval text: {report['missed']})"
+    if report["plan"].get("zero_points") and not planning.get("grids"):
         name += ", zero points" if "zero points" not in name else ""
     if report["plan"]["embedding"] != "e8":
         name += f", token table {report['plan']['embedding']}"
@@ -288,7 +303,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             config = LLMBuildConfig(out=Path(tmp) / "out", eval_tokens=args.eval_tokens, **ROWS[row])
-            report = build_llm(recipe, config).report
+            try:
+                report = build_llm(recipe, config).report
+            except AccuracyError as missed:  # a row with --min-agreement that the program missed: still a row
+                assert missed.report is not None
+                report = missed.report
+                report["missed"] = str(missed)
             report["bench_seconds"] = time.perf_counter() - start
         report["measured"] = time.strftime("%Y-%m-%d %H:%M")
         report["commit"] = commit()

@@ -417,11 +417,13 @@ def _require_agreement(report: dict[str, Any], config: LLMBuildConfig) -> None:
     if config.min_agreement is not None and agreement < config.min_agreement:
         from edgeq.errors import AccuracyError
 
-        raise AccuracyError(
+        error = AccuracyError(
             f"the program's next-token agreement with the float model is {agreement:.2f}%, "
             f"below --min-agreement {config.min_agreement}",
-            "use a wider --linear precision (w4g64 -> w4g32 -> w8dyn) or lower --min-agreement",
+            "pass a lower --max-drop, a wider --precision (w4g32 -> w8dyn) or --head w8dyn, or lower --min-agreement",
         )
+        error.report = report
+        raise error
 
 
 def _run_programs(
