@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
+from test_llm import _tiny_llama
 
 from edgeq.llm.plan import linear_modules
 from edgeq.llm.suffix import BlockInputs, token_losses
-from tests.test_llm import _tiny_llama
 
 
 def _windows(count: int = 2, length: int = 24, vocab: int = 256) -> list[list[int]]:
