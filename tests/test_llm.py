@@ -33,6 +33,20 @@ def _tokenizer(tmp_path, vocab: int):
     return path
 
 
+def word_texts(tmp_path, seed: int = 1, words: int = 200):
+    """A whitespace word-level tokenizer over w0..w255 saved under ``tmp_path``, and four texts of
+    ``words`` random words from it (a seeded generator): (tokenizer path, texts)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    g = torch.Generator().manual_seed(seed)
+    texts = [" ".join(f"w{i}" for i in torch.randint(0, 256, (words,), generator=g).tolist()) for _ in range(4)]
+    return path, texts
+
+
 def assert_program_computes(program: bytes, model, tolerance: float) -> None:
     """The program's logits are ``model``'s (a tiny Llama of 256 tokens, the HF model with the modules the
     program was made from) within ``tolerance`` of their largest, through a prefill of 8 tokens and 4

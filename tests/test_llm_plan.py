@@ -111,7 +111,7 @@ def test_the_plan_check_also_backs_off_to_the_agreement_asked_for():
 def test_head_keeps_the_users_precision_in_uniform_and_planned_plans(tmp_path):
     """--head: the output head at its own precision whatever --precision says, and out of the
     per-layer plan: not narrowed, not in the planner's order, its bytes counted in the budget."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from test_llm import word_texts
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from edgeq.errors import EdgeqError
@@ -126,11 +126,7 @@ def test_head_keeps_the_users_precision_in_uniform_and_planned_plans(tmp_path):
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
     model = LlamaForCausalLM(config).eval()
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
-    g = torch.Generator().manual_seed(1)
-    texts = [" ".join(f"w{i}" for i in torch.randint(0, 256, (200,), generator=g).tolist()) for _ in range(4)]
+    _, texts = word_texts(tmp_path)
     params = executorch_params(model, 64)
 
     def plan(**settings):
@@ -247,19 +243,14 @@ def test_moves_measured_below_their_noise_are_not_taken_ahead_of_small_sure_ones
 def test_group_sizes_are_measured_planned_and_checked_on_a_real_decoder(tmp_path):
     """--group-sizes 32,64,128 on a tiny Llama: the analysis scores each linear at each size, the plan
     uses them, and the plan check backs off through the same moves; bad sizes are one-line errors."""
-    from test_llm import _tiny_llama
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from test_llm import _tiny_llama, word_texts
 
     from edgeq.errors import EdgeqError
     from edgeq.llm.build import LLMBuildConfig, _plan
     from edgeq.llm.convert import executorch_params
 
     model = _tiny_llama(layers=1)
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
-    g = torch.Generator().manual_seed(1)
-    texts = [" ".join(f"w{i}" for i in torch.randint(0, 256, (200,), generator=g).tolist()) for _ in range(4)]
+    _, texts = word_texts(tmp_path)
     build = LLMBuildConfig(gptq_tokens=0, analysis_tokens=64, check_tokens=64, max_drop=1.0, group_sizes=(32, 64, 128))
     plan, planning = _plan(model, tmp_path / "tokenizer.json", texts, executorch_params(model, 64), 64, build, None)
     layers = planning["analysis"]["layers"]
@@ -279,18 +270,13 @@ def test_the_analysis_and_the_plan_check_read_training_text_gptq_did_not(tmp_pat
     """GPTQ fits its integers to the first gptq_tokens of text(); the analysis scores the tokens after
     them and the plan check the ones after those (on GPTQ's own tokens its linears look better than
     anywhere else); text that ends within GPTQ's tokens is a one-line error."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from test_llm import word_texts
 
     from edgeq.errors import EdgeqError
     from edgeq.llm.build import LLMBuildConfig, _planning_windows
     from edgeq.llm.evaluate import encode_windows
 
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
-    path = tmp_path / "tokenizer.json"
-    g = torch.Generator().manual_seed(0)
-    texts = [" ".join(f"w{i}" for i in torch.randint(0, 256, (300,), generator=g).tolist()) for _ in range(4)]
+    path, texts = word_texts(tmp_path, seed=0, words=300)
     config = LLMBuildConfig(gptq_tokens=200, analysis_tokens=100, check_tokens=150)
     gptq = encode_windows(path, texts, 64, 200)
     analysis, check = _planning_windows(path, texts, 64, config, after_gptq=True)

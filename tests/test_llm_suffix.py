@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from test_llm import _tiny_llama
+from test_llm import _tiny_llama, word_texts
 
 from edgeq.llm.plan import linear_modules
 from edgeq.llm.suffix import BlockInputs, token_losses
@@ -65,17 +65,6 @@ def test_a_model_whose_forward_does_more_to_its_embeddings_is_scored_whole():
     assert torch.allclose(inputs.losses(1), token_losses(model, windows), atol=1e-6)
 
 
-def _texts_and_tokenizer(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
-    g = torch.Generator().manual_seed(1)
-    texts = [" ".join(f"w{i}" for i in torch.randint(0, 256, (200,), generator=g).tolist()) for _ in range(4)]
-    return texts, tmp_path / "tokenizer.json"
-
-
 def test_the_plan_takes_the_4_bit_grid_that_checked_better(tmp_path):
     """Unless --[no-]zero-points says which, every linear's 4-bit moves are measured on both grids, a
     plan is made and checked on each, and the smaller one ships (the lower measured perplexity when
@@ -85,7 +74,7 @@ def test_the_plan_takes_the_4_bit_grid_that_checked_better(tmp_path):
     from edgeq.llm.qat import LLMQATConfig
 
     model = _tiny_llama(layers=1)
-    texts, tokenizer = _texts_and_tokenizer(tmp_path)
+    tokenizer, texts = word_texts(tmp_path)
     params = executorch_params(model, 64)
 
     def plan(**settings):
