@@ -154,7 +154,8 @@ def build(
             "--group-sizes": bool(config.group_sizes),
             "--min-agreement": config.min_agreement is not None,
         }
-        for flag in [flag for flag, given_flag in llm_only.items() if given_flag][:1]:
+        flag = next((flag for flag, given_flag in llm_only.items() if given_flag), None)
+        if flag is not None:
             raise EdgeqError(f"{flag} applies to LLM recipes only", f"drop {flag} for this recipe")
         loaded = recipe_from_module(module, source)
         with RichProgress() as progress:

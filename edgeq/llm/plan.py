@@ -30,7 +30,7 @@ from edgeq.llm.convert import executorch_name
 from edgeq.llm.export import LINEAR, LLMPlan
 from edgeq.llm.gptq import Hessians, apply_gptq
 from edgeq.llm.suffix import BlockInputs, token_losses
-from edgeq.llm.zero_points import zero_point_bytes
+from edgeq.llm.zero_points import zero_point_bytes, zero_points_fit
 
 __all__ = [
     "LayerCost", "LLMAnalysis", "PlanCheck", "analyze_llm", "check_plan", "measure_plan", "plan_llm", "quantized_copy",
@@ -185,8 +185,8 @@ def analyze_llm(
         fits = [p for p in narrow if module.in_features % int(p[3:]) == 0]  # a group spans whole rows
         layer = LayerCost(target, module.weight.numel(), module.weight.shape[0], math.inf)
         for precision, grid in [*((p, grids[0]) for p in wide), *((p, g) for p in fits for g in grids)]:
-            if grid and precision.startswith("w4g") and module.in_features // int(precision[3:]) < 2:
-                continue  # one group per row: the offsets linear would read one input, which torchao refuses
+            if grid and precision.startswith("w4g") and not zero_points_fit(module.in_features, int(precision[3:])):
+                continue
             _swap(model, name, quantized_copy(module, target, precision, hessians, grid))
             try:
                 change = inputs.losses(block).double() - base  # paired: the same tokens

@@ -9,9 +9,10 @@ is about 60% of a full forward pass on average.
 The suffix runs through the Hugging Face model's own forward: its decoder's ``layers`` are swapped
 for the blocks from the changed one on, and the recorded hidden states go in as ``inputs_embeds``
 (positions, the causal mask and rotary embeddings depend on positions only, and are made as before).
-A model whose forward does more to ``inputs_embeds`` than pass them to its first block (Gemma scales
-them) would compute something else: the recording is checked against the full forward once, and a
-model that does not match is scored with full forward passes, as before.
+A model whose forward does more to ``inputs_embeds`` than pass them to its first block (Gemma's scaled
+them until transformers moved that into its embedding) would compute something else: the recording is
+checked against the full forward once, and a model that does not match is scored with full forward
+passes, as before.
 """
 
 from __future__ import annotations

@@ -31,7 +31,9 @@ from torch import nn
 
 from edgeq.llm.gptq import Hessians, fitted_integers
 
-__all__ = ["ZeroPointLinear", "asymmetric_grid", "group_means", "zero_point_bytes", "zero_point_linear"]
+__all__ = [
+    "ZeroPointLinear", "asymmetric_grid", "group_means", "zero_point_bytes", "zero_point_linear", "zero_points_fit"
+]  # fmt: skip
 
 
 class ZeroPointLinear(nn.Module):
@@ -60,6 +62,13 @@ def group_means(x: torch.Tensor, group: int) -> torch.Tensor:
     groups = x.shape[-1] // group
     means = x.reshape(-1, 1, group, 1).mean(dim=(2, 3), keepdim=True)
     return means.reshape(*x.shape[:-2], -1, groups)
+
+
+def zero_points_fit(in_features: int, group: int) -> bool:
+    """Whether a linear reading ``in_features`` takes zero points in groups of ``group``: at least two
+    groups a row (with one, the offsets linear would read a single input, which torchao's 8-bit
+    dynamic config refuses)."""
+    return in_features % group == 0 and in_features // group >= 2
 
 
 def zero_point_bytes(params: int, rows: int, group: int) -> float:
