@@ -142,8 +142,8 @@ def test_a_small_causal_lm_builds_a_program_the_llm_runner_generates_from(tmp_pa
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     # a half-hour build says which stage it is in, and times each
-    stages = ["load", "gptq statistics", "analyze", "smooth", "qat", "lower", "lower float", "perplexity", "generate",
-              "memory"]  # fmt: skip
+    stages = ["load", "float checkpoint", "gptq statistics", "analyze", "smooth", "qat", "lower", "lower float",
+              "perplexity", "generate", "memory"]  # fmt: skip
     assert list(report["timings"]) == stages
     assert all(f"edgeq: {stage}" in result.output for stage in stages), result.output
     acc, size = report["accuracy"], report["size"]

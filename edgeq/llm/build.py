@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeq.errors import EdgeqError
+from edgeq.llm.background import FloatLowering
 from edgeq.llm.convert import check_causal_lm, executorch_params, executorch_state_dict
 from edgeq.llm.evaluate import (
     Generation,
@@ -359,7 +360,10 @@ def build_llm(
         texts, eval_texts, measured_on = recipe.split_texts()
 
     out = OutputDir(config.out)
+    float_lowering = FloatLowering()
     try:
+        with stages("float checkpoint"):  # lowered in a second process (edgeq.llm.background) from here on
+            float_lowering.start(model, tokenizer, recipe.max_seq_len, metadata)
         with stages("gptq statistics"):
             hessians = _hessians(model, tokenizer, texts, recipe.max_seq_len, config)
         with stages("analyze"):
@@ -374,8 +378,8 @@ def build_llm(
                 plan, hessians = dataclasses.replace(plan, scales="minmax"), None
             program = lower_llm(trained, tokenizer, recipe.max_seq_len, plan, metadata, hessians)
             del trained
-        with stages("lower float"):
-            float_program = lower_llm(model, tokenizer, recipe.max_seq_len, None, metadata)
+        with stages("lower float"):  # what is left of it
+            float_program = float_lowering.result()
         with stages("perplexity"):
             windows = encode_windows(tokenizer, eval_texts, recipe.max_seq_len, config.eval_tokens)
             reference = score_float(model, windows)
@@ -392,6 +396,7 @@ def build_llm(
         report["gptq"] = {"tokens": hessians.tokens, "seconds": hessians.seconds} if hessians else None
         report["smoothing"] = smoothing.to_dict() if smoothing else None
         report["qat"] = qat.to_dict() if qat else None
+        report["float_lowering"] = float_lowering.record
         report["timings"] = dict(stages.seconds)
         report["wall_seconds"] = time.perf_counter() - begin
         _write(out, report, plan, program, tokenizer)
@@ -400,6 +405,8 @@ def build_llm(
     except BaseException:
         out.abort()
         raise
+    finally:
+        float_lowering.close()
     return LLMBuildResult(final, report, dict(stages.seconds))
 
 

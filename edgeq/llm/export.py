@@ -31,7 +31,8 @@ from edgeq.llm.norm import replace_rms_norms
 from edgeq.llm.zero_points import zero_point_linear
 
 __all__ = [
-    "EMBEDDING", "FLOATS", "HEAD", "LINEAR", "SCALES", "LLMPlan", "linear_config", "lower_llm", "quantize_layers"
+    "EMBEDDING", "FLOATS", "HEAD", "LINEAR", "SCALES", "LLMPlan", "linear_config", "lower_checkpoint", "lower_llm",
+    "quantize_layers", "write_checkpoint"
 ]  # fmt: skip
 
 #: linear precisions: 8-bit dynamic activations with 4-bit weights in groups (XNNPACK's 8da4w),
@@ -186,6 +187,14 @@ def _quantize_and_fuse(
     return module
 
 
+def write_checkpoint(model: Any, max_seq_len: int, root: Path) -> None:
+    """``model``'s weights and params as ExecuTorch's Llama transformer reads them, into ``root``
+    (``checkpoint.pth``, ``params.json``): what :func:`lower_checkpoint` lowers, here or in another
+    process (edgeq.llm.background)."""
+    torch.save(executorch_state_dict(model), root / "checkpoint.pth")
+    (root / "params.json").write_text(json.dumps(executorch_params(model, max_seq_len)))
+
+
 def lower_llm(
     model: Any,
     tokenizer: Path,
@@ -198,38 +207,50 @@ def lower_llm(
     lowered with XNNPACK, static KV cache of ``max_seq_len`` positions; ``metadata``: the
     runner's ``get_bos_id`` / ``get_eos_ids``; ``hessians``: GPTQ the quantized linears
     (edgeq.llm.gptq)."""
+    with tempfile.TemporaryDirectory(prefix="edgeq-llm-") as scratch:
+        write_checkpoint(model, max_seq_len, Path(scratch))
+        return lower_checkpoint(Path(scratch), tokenizer, max_seq_len, plan, metadata, hessians)
+
+
+def lower_checkpoint(
+    root: Path,
+    tokenizer: Path,
+    max_seq_len: int,
+    plan: LLMPlan | None,
+    metadata: dict[str, Any],
+    hessians: Hessians | None = None,
+) -> bytes:
+    """:func:`lower_llm` of the checkpoint :func:`write_checkpoint` wrote into ``root``."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.examples.models.llama.export_llama_lib import _prepare_for_llama_export
     from executorch.extension.llm.export.config.llm_config import LlmConfig, ModelType
 
-    params = executorch_params(model, max_seq_len)
-    with tempfile.TemporaryDirectory(prefix="edgeq-llm-") as scratch:
-        root = Path(scratch)
-        torch.save(executorch_state_dict(model), root / "checkpoint.pth")
-        (root / "params.json").write_text(json.dumps(params))
-        config = LlmConfig()
-        config.base.model_class = ModelType.llama3
-        config.base.checkpoint = str(root / "checkpoint.pth")
-        config.base.params = str(root / "params.json")
-        config.base.tokenizer_path = str(tokenizer)
-        config.base.metadata = json.dumps(metadata)
-        config.model.use_kv_cache = True
-        config.model.use_sdpa_with_kv_cache = True
-        config.model.enable_dynamic_shape = True
-        config.export.max_seq_length = max_seq_len
-        config.export.max_context_length = max_seq_len
-        config.export.output_dir = str(root)
-        config.backend.xnnpack.enabled = True
-        # float and fp16 layers run in XNNPACK too, not only the dynamically quantized ones
-        config.backend.xnnpack.extended_ops = True
-        builder = _prepare_for_llama_export(config)
-        builder = builder.source_transform([lambda module: _quantize_and_fuse(module, plan, hessians, params)])
-        exported = builder.export()
-        exported.run_canonical_optimizations()
-        merge_duplicates(exported.pre_autograd_graph_module)
-        # one greedy partitioner, where export_llama runs a dynamic-quantization-only one first and
-        # a second for the rest: that splits every block into a dozen delegate calls, each lowered
-        # on its own (most of the lowering time) and entered on its own at each token
-        lowered = exported.to_edge_transform_and_lower([XnnpackPartitioner()]).to_executorch(passes=[])
-        lowered.save_to_pte("model.pte")
-        return Path(lowered.get_saved_pte_filename() or root / "model.pte").read_bytes()
+    params = json.loads((root / "params.json").read_text())
+    config = LlmConfig()
+    config.base.model_class = ModelType.llama3
+    config.base.checkpoint = str(root / "checkpoint.pth")
+    config.base.params = str(root / "params.json")
+    config.base.tokenizer_path = str(tokenizer)
+    config.base.metadata = json.dumps(metadata)
+    config.model.use_kv_cache = True
+    config.model.use_sdpa_with_kv_cache = True
+    config.model.enable_dynamic_shape = True
+    config.export.max_seq_length = max_seq_len
+    config.export.max_context_length = max_seq_len
+    config.export.output_dir = str(root)
+    config.backend.xnnpack.enabled = True
+    # float and fp16 layers run in XNNPACK too, not only the dynamically quantized ones
+    config.backend.xnnpack.extended_ops = True
+    builder = _prepare_for_llama_export(config)
+    builder = builder.source_transform([lambda module: _quantize_and_fuse(module, plan, hessians, params)])
+    exported = builder.export()
+    exported.run_canonical_optimizations()
+    merge_duplicates(exported.pre_autograd_graph_module)
+    # one greedy partitioner, where export_llama runs a dynamic-quantization-only one first and
+    # a second for the rest: that splits every block into a dozen delegate calls, each lowered
+    # on its own (most of the lowering time) and entered on its own at each token
+    lowered = exported.to_edge_transform_and_lower([XnnpackPartitioner()]).to_executorch(passes=[])
+    # the bytes, not save_to_pte: it writes a name ending in .pte into the working directory
+    # (clobbering a user's model.pte there, and racing the float program's lowering beside it)
+    assert lowered.export_program is not None
+    return bytes(lowered.export_program.buffer)
