@@ -261,6 +261,11 @@ ROWS["planned --max-drop 5 from float, 4-bit grid chosen by measurement (the def
 # the same with --min-agreement 90: the plan check also backs off until the plan agrees with float's next
 # token on 90% of its training text (the build fails, exit 3, if the program then misses 90% on eval text)
 ROWS["planned --max-drop 5 --min-agreement 90, 4-bit grid chosen by measurement"] = {"min_agreement": 90.0}
+# planner against uniform at equal size: --size-budget at the bytes of uniform zero-point w4g32 with an 8-bit head
+# (121,545,216, smoothed, the best uniform row), the 4-bit grid chosen by measurement as in the default build
+ROWS["planned at uniform zero-point w4g32 + 8-bit head's bytes, 4-bit grid chosen by measurement"] = {
+    "size_budget": 121_545_216
+}
 
 
 def _row(name: str, report: dict) -> list[str]:

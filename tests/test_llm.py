@@ -179,6 +179,13 @@ def test_a_small_causal_lm_builds_a_program_the_llm_runner_generates_from(tmp_pa
     smoothing = report["smoothing"]  # every block's three inputs and the head's, searched on training text
     assert smoothing["inputs"] == 3 * 2 + 1 and smoothing["error_after"] <= smoothing["error_before"]
     assert "Activations smoothed" in html
+    # the float program came from the second process (edgeq.llm.background), and the report says so, or why not
+    assert report["float_lowering"]["where"] == "a second process (nice 19)" and report["float_lowering"]["seconds"] > 0
+    assert "The float program was lowered in a second process" in html
+    from edgeq.ship.templating import render
+
+    failed = {**report, "float_lowering": {"where": "this process, after the second one failed", "failed": "exit 1: x"}}
+    assert "the second process failed (exit 1: x)" in render("llm_report.html.j2", report=failed)
 
     # `edgeq validate` re-measures the shipped file: the same held-out tokens give the build's numbers
     validate = ["validate", str(out / "model.pte"), "--recipe", "edgeq.examples.tiny_lm"]
