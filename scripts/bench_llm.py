@@ -190,7 +190,12 @@ READING = """Reading it:
   the grid that won is the checkpoint's own (on the truly float tiny LM the same rule ships symmetric groups,
   `scripts/bench_llm_float.py`), and agreement's interval still reaches below 90%. Against uniform zero-point
   w4g32 with an 8-bit head (0.186x at 1.018x [1.004, 1.030], 90.4%): 4% larger, lower perplexity, intervals
-  overlapping; the row below at that row's bytes is the comparison at equal size.
+  overlapping. Given that row's bytes as `--size-budget` (121,545,216; commit 1282056, 25.8-min build), the
+  planner wrote a smaller program than asked, 114.2 MB (0.175x: the budget prices the bytes outside the linears
+  from float upward, so it undershoots), zero points chosen (symmetric measured 1.127x at its bytes, zero points
+  1.050x), 22 fp16, 15 w8dyn, 174 w4g32: 1.028x [1.009, 1.046] and 86.8% [84.6, 88.8], against the uniform row's
+  1.018x [1.004, 1.030] and 90.4% at 0.186x. Not a win at (nearly) equal size on this checkpoint, whose every
+  linear already sits on the zero-point grid: uniform w4g32 there loses only the 8-bit activations' share.
 - The same with `--min-agreement 90` (nothing else on the cores): the plan check now measures each prefix's
   next-token agreement with the float model too, and the zero-point plan agreed on 91.4% of the 1,022 check
   tokens at 1.025x, so nothing was backed off (the symmetric plan was, to 214.6 MB of linears at 1.019x). The
