@@ -24,27 +24,17 @@ from bench_report import commit, machine, perplexity_cells, table, write_section
 from edgeq.llm.build import LLMBuildConfig, _hessians, _planning_windows, _smooth
 from edgeq.llm.evaluate import compare, encode_windows, score_float
 from edgeq.llm.export import LLMPlan
-from edgeq.llm.plan import _swap, _Swapper
+from edgeq.llm.plan import _Swapper
 from edgeq.llm.recipe import load_llm_recipe
 
 DEFAULT_ROW = "planned --max-drop 5 from float, 4-bit grid chosen by measurement (the default build)"
 
 
 def _eager(model: Any, hessians: Any, plan: LLMPlan, windows: list[list[int]]) -> Any:
-    """The float model's and the plan's scores on ``windows``: the plan's linears and token table as
-    the program holds them (GPTQ's integers, zero points), swapped into ``model``."""
-    swapper = _Swapper(model, hessians, plan.embedding, plan.zero_points)
-    table_module = model.get_input_embeddings()
-    float_weight, originals = table_module.weight, {}
-    try:
-        table_module.weight = swapper.table.weight
-        for target, precision in plan.linears.items():
-            originals[swapper.names[target]] = _swap(model, swapper.names[target], swapper.module(target, precision))
-        return score_float(model, windows)
-    finally:
-        table_module.weight = float_weight
-        for name, module in originals.items():
-            _swap(model, name, module)
+    """The plan's scores on ``windows``: its linears and token table as the program holds them (GPTQ's
+    integers, zero points), swapped into ``model`` the way the plan check does."""
+    with _Swapper(model, hessians, plan.embedding, plan.zero_points).applied(plan.linears) as swapped:
+        return score_float(swapped, windows)
 
 
 def main() -> None:

@@ -18,9 +18,11 @@ or float.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -334,9 +336,9 @@ class _Swapper:
             self.made[key] = quantized_copy(original, target, precision, self.hessians, self.zero_points)
         return self.made[key]
 
-    def loss(
-        self, precisions: dict[str, str], windows: list[list[int]], predictions: list[torch.Tensor] | None = None
-    ) -> float:
+    @contextlib.contextmanager
+    def applied(self, precisions: dict[str, str]) -> Iterator[Any]:
+        """The model with ``precisions`` (and the token table) swapped in, restored on exit."""
         table = self.model.get_input_embeddings()
         float_weight = table.weight
         originals: dict[str, torch.nn.Module] = {}
@@ -347,11 +349,17 @@ class _Swapper:
                     originals[self.names[target]] = _swap(
                         self.model, self.names[target], self.module(target, precision)
                     )
-            return _loss(self.model, windows, predictions)
+            yield self.model
         finally:
             table.weight = float_weight
             for name, module in originals.items():
                 _swap(self.model, name, module)
+
+    def loss(
+        self, precisions: dict[str, str], windows: list[list[int]], predictions: list[torch.Tensor] | None = None
+    ) -> float:
+        with self.applied(precisions) as model:
+            return _loss(model, windows, predictions)
 
 
 def measure_plan(model: Any, plan: LLMPlan, windows: list[list[int]], hessians: Hessians | None = None) -> float:
